@@ -1,0 +1,62 @@
+"""Value checks that need to read tensor contents (slot indices, ranks), and the debug switch.
+
+Shape/dtype/device checks are free and always on (see ``ops/api.py``). Checks of *values*
+need the data on the host: on CPU tensors that costs nothing and they always run; on GPU
+tensors they force a host synchronisation, so they only run when debug checks are on::
+
+    import openlora_kernels as olk
+    olk.set_debug_checks(True)          # or OPENLORA_DEBUG_CHECKS=1 in the environment
+
+With checks off, GPU kernels still never read or write out of bounds: out-of-range slot
+indices are treated as "no adapter" (-1) and ranks are clamped to [0, R].
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_debug_checks = os.environ.get("OPENLORA_DEBUG_CHECKS", "0").lower() in ("1", "true", "yes", "on")
+
+
+def set_debug_checks(enabled: bool) -> bool:
+    """Turn value checks on GPU tensors on or off; returns the previous setting."""
+    global _debug_checks
+    previous, _debug_checks = _debug_checks, bool(enabled)
+    return previous
+
+
+def debug_checks_enabled() -> bool:
+    return _debug_checks
+
+
+def _must_check(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" or _debug_checks
+
+
+def check_slot_indices(indices: torch.Tensor, num_slots: int, name: str = "indices") -> None:
+    """Raise IndexError if any index is outside [-1, num_slots)."""
+    if indices.numel() == 0 or not _must_check(indices):
+        return
+    bad = (indices < -1) | (indices >= num_slots)
+    if bool(bad.any()):
+        pos = int(torch.argmax(bad.to(torch.int8)))
+        val = int(indices[pos])
+        raise IndexError(
+            f"{name}: value {val} at position {pos} is out of range for {num_slots} adapter slots "
+            f"(valid values are -1 for 'no adapter' and 0..{num_slots - 1})"
+        )
+
+
+def check_ranks(ranks: torch.Tensor, max_rank: int, name: str = "ranks") -> None:
+    """Raise ValueError if any rank is negative or above the stacked rank R."""
+    if ranks.numel() == 0 or not _must_check(ranks):
+        return
+    lo, hi = int(ranks.min()), int(ranks.max())
+    if lo < 0:
+        raise ValueError(f"{name}: ranks must be >= 0, got {lo}")
+    if hi > max_rank:
+        raise ValueError(
+            f"{name}: rank {hi} exceeds the stacked rank R={max_rank} of lora_a/lora_b "
+            f"(ranks above R are rejected)"
+        )

@@ -1,0 +1,207 @@
+"""Batch metadata: built once per forward from the per-token slot indices, shared by every layer.
+
+Design
+------
+A multi-LoRA batch assigns each of its T rows (tokens) a slot s in [0, S) of the stacked
+adapter weights, or -1 for "no adapter". The kernels want the rows grouped by slot so that a
+program can load one adapter's weights once and apply them to a tile of rows. This module turns
+the index vector into that grouping, on the device, with fixed-size outputs and no host
+synchronisation, so the whole forward (metadata included) can be captured in a CUDA graph:
+
+    token_slots   [T]     int32  the sanitised slot of each row: out-of-range values become -1
+    sorted_tokens [T]     int32  row ids stably sorted by slot; rows without adapter come last
+    seg_info      [2, S]  int32  (start, length) of each slot's segment inside sorted_tokens
+    tile_info     [3, G]  int32  (slot or -1, start, end) of each tile of at most ``block_m``
+                                 rows of one segment; G = max tiles any batch of T rows over S
+                                 slots can need, so the kernels launch a fixed grid of G programs
+                                 and the unused ones exit at once.
+
+``block_m`` (rows per tile) is a property of the batch, not of a layer: 1, 2 or 4 for
+decode-like batches (the kernels then use CUDA-core dot products and never waste a 16-row
+tensor-core tile on a one-token segment), 16 to 64 for prefill-like batches (tensor cores).
+:func:`choose_block_m` picks it from T and S alone (no data inspection, so no sync).
+
+Example::
+
+    >>> import torch, openlora_kernels as olk
+    >>> meta = olk.build_batch_meta(torch.tensor([2, -1, 0, 2]), num_slots=3, block_m=1)
+    >>> meta.sorted_tokens.tolist(), meta.seg_len.tolist()
+    ([2, 0, 3, 1], [1, 0, 2])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .checks import check_slot_indices
+
+# Rows per tile the kernels are written for. Values < TENSOR_CORE_MIN_M use CUDA-core
+# dot products (a tensor-core MMA needs 16 rows); larger values use tl.dot / mma.
+BLOCK_M_CHOICES = (1, 2, 4, 16, 32, 64)
+TENSOR_CORE_MIN_M = 16
+
+
+def choose_block_m(num_tokens: int, num_slots: int) -> int:
+    """Rows per tile for a batch of ``num_tokens`` rows over ``num_slots`` slots.
+
+    Uses only the two sizes, never the index values, so it needs no host sync. The expected
+    segment length T / min(T, S) decides: decode batches (about one row per adapter) get 1-row
+    tiles, prefill batches get tensor-core tiles.
+    """
+    active = max(1, min(num_slots, num_tokens))
+    per_slot = num_tokens / active
+    if per_slot < 1.5:
+        return 1
+    if per_slot < 3:
+        return 2
+    if per_slot < 8:
+        return 4
+    if per_slot < 48:
+        return 16
+    if per_slot < 128:
+        return 32
+    return 64
+
+
+def max_tiles(num_tokens, num_slots, block_m: int):
+    """Upper bound G on the number of tiles: sum_s ceil(len_s / bm) <= (T + U*(bm-1)) / bm,
+    U = min(S, T) segments at most. Works with SymInts (torch.compile dynamic shapes)."""
+    if block_m == 1:
+        return num_tokens
+    active = torch.sym_min(num_slots, num_tokens)
+    return (num_tokens + active * (block_m - 1)) // block_m
+
+
+@dataclass(frozen=True)
+class LoRABatchMeta:
+    """Per-forward grouping of rows by adapter slot (see the module docstring for the layout).
+
+    Build it with :func:`build_batch_meta`; pass it wherever an op takes ``indices``.
+    """
+
+    token_slots: torch.Tensor
+    sorted_tokens: torch.Tensor
+    seg_info: torch.Tensor
+    tile_info: torch.Tensor
+    num_slots: int
+    block_m: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_slots.shape[0]
+
+    @property
+    def num_tiles(self) -> int:
+        return self.tile_info.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_slots.device
+
+    @property
+    def seg_start(self) -> torch.Tensor:
+        return self.seg_info[0]
+
+    @property
+    def seg_len(self) -> torch.Tensor:
+        return self.seg_info[1]
+
+    @property
+    def tile_slot(self) -> torch.Tensor:
+        return self.tile_info[0]
+
+    @property
+    def tile_start(self) -> torch.Tensor:
+        return self.tile_info[1]
+
+    @property
+    def tile_end(self) -> torch.Tensor:
+        return self.tile_info[2]
+
+    def tensors(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The four device tensors, in the order the custom ops take them."""
+        return self.token_slots, self.sorted_tokens, self.seg_info, self.tile_info
+
+
+def build_batch_meta(indices: torch.Tensor, num_slots: int, *, block_m: Optional[int] = None) -> LoRABatchMeta:
+    """Build the batch metadata from per-row slot indices ([T] int32/int64, -1 = no adapter).
+
+    Runs on ``indices.device`` with no host synchronisation (safe inside CUDA-graph capture and
+    torch.compile). On CPU tensors, indices outside [-1, num_slots) raise IndexError; on GPU
+    that check needs a sync and only runs with :func:`openlora_kernels.set_debug_checks`; without
+    it such rows are treated as -1.
+    """
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices: expected a torch.Tensor, got {type(indices).__name__}")
+    if indices.dim() != 1:
+        raise ValueError(f"indices: expected a 1-D tensor [T], got shape {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices: expected dtype int32 or int64, got {indices.dtype}")
+    if not isinstance(num_slots, int) or isinstance(num_slots, bool) or num_slots < 0:
+        raise ValueError(f"num_slots: expected a non-negative int, got {num_slots!r}")
+    if block_m is None:
+        block_m = choose_block_m(indices.shape[0], num_slots)
+    elif block_m not in BLOCK_M_CHOICES:
+        raise ValueError(f"block_m: expected one of {BLOCK_M_CHOICES}, got {block_m!r}")
+    parts = torch.ops.openlora.build_batch_meta(indices, num_slots, block_m)
+    return LoRABatchMeta(*parts, num_slots=num_slots, block_m=block_m)
+
+
+# --------------------------------------------------------------------------------------------
+# The build, registered as a custom op: opaque to torch.compile (the CPU range check is
+# data-dependent and would otherwise break fullgraph tracing), with a fake implementation that
+# gives the fixed output shapes.
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("openlora::build_batch_meta", mutates_args=())
+def _build_batch_meta_op(
+    indices: torch.Tensor, num_slots: int, block_m: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_slot_indices(indices, num_slots)
+    return _build_impl(indices, num_slots, block_m)
+
+
+@_build_batch_meta_op.register_fake
+def _(indices, num_slots, block_m):
+    T = indices.shape[0]
+    G = max_tiles(T, num_slots, block_m)
+    new = indices.new_empty
+    i32 = torch.int32
+    return new((T,), dtype=i32), new((T,), dtype=i32), new((2, num_slots), dtype=i32), new((3, G), dtype=i32)
+
+
+def _build_impl(indices: torch.Tensor, num_slots: int, block_m: int):
+    dev = indices.device
+    T, S, bm = indices.shape[0], num_slots, block_m
+    G = max_tiles(T, S, bm)
+    i32, i64 = torch.int32, torch.int64
+    idx = indices.to(i64)
+    valid = (idx >= 0) & (idx < S)
+    token_slots = torch.where(valid, idx, -1).to(i32)
+    if S == 0:
+        tile_info = torch.zeros((3, G), dtype=i32, device=dev)
+        tile_info[0].fill_(-1)
+        return token_slots, torch.arange(T, dtype=i32, device=dev), torch.zeros((2, 0), dtype=i32, device=dev), tile_info
+    # Rows without adapter go to bucket S, which sorts last and is not a segment.
+    key = torch.where(valid, idx, S)
+    order = torch.sort(key, stable=True).indices
+    counts = torch.zeros(S + 1, dtype=i64, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    seg_len = counts[:S]
+    seg_end = torch.cumsum(seg_len, 0)
+    seg_start = seg_end - seg_len
+    tiles = (seg_len + (bm - 1)) // bm
+    tiles_end = torch.cumsum(tiles, 0)                        # tiles of slots 0..s
+    p = torch.arange(G, dtype=i64, device=dev)
+    tslot = torch.searchsorted(tiles_end, p, right=True)      # slot owning tile p (S = none)
+    has = tslot < S
+    ts = tslot.clamp(max=S - 1)
+    start = seg_start[ts] + (p - (tiles_end[ts] - tiles[ts])) * bm
+    end = torch.minimum(start + bm, seg_end[ts])
+    tile_info = torch.stack(
+        (torch.where(has, tslot, -1), torch.where(has, start, 0), torch.where(has, end, 0))
+    ).to(i32)
+    seg_info = torch.stack((seg_start, seg_len)).to(i32)
+    return token_slots, order.to(i32), seg_info, tile_info

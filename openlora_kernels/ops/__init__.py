@@ -1,0 +1,14 @@
+"""Multi-LoRA kernels behind one dispatch.
+
+  api.py          public ops (validation, metadata, backend resolution)
+  custom_ops.py   torch.library registrations (torch.compile / CUDA-graph friendly)
+  backends.py     which backends are usable here and what "auto" picks
+  torch_ref.py    backend "torch": PyTorch reference and CPU path
+  triton_sgmv.py  backend "triton": Triton kernels and launchers
+  cuda_ext.py     backend "cuda": bridge to the csrc/ extension
+  configs.py      launch configurations (tuned tables in configs/*.json, heuristics)
+"""
+from .api import add_lora, lora_expand, lora_shrink
+from .backends import BackendInfo, BackendUnavailableError, available_backends
+
+__all__ = ["add_lora", "lora_shrink", "lora_expand", "available_backends", "BackendInfo", "BackendUnavailableError"]

@@ -1,0 +1,247 @@
+"""Public multi-LoRA ops: ``add_lora``, ``lora_shrink``, ``lora_expand``.
+
+These functions validate every argument (shape, dtype, device; a bad one raises ValueError or
+TypeError naming it), build the batch metadata when given raw indices, resolve the backend and
+call the registered custom op (``custom_ops.py``). They are plain Python over static tensor
+properties, so torch.compile(fullgraph=True) traces straight through them.
+
+Inference only: the ops have no autograd formula.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..metadata import LoRABatchMeta, build_batch_meta
+from . import custom_ops  # noqa: F401  (registers torch.ops.openlora.*)
+from .backends import resolve_backend
+
+TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
+Indices = Union[torch.Tensor, LoRABatchMeta]
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def _tensor(v, name: str, dims: int) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(v).__name__}")
+    if v.dim() != dims:
+        raise ValueError(f"{name}: expected a {dims}-D tensor, got shape {tuple(v.shape)}")
+    return v
+
+
+def _float(v: torch.Tensor, name: str) -> None:
+    if v.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {v.dtype}")
+
+
+def _same_device(v: torch.Tensor, name: str, device: torch.device) -> None:
+    if v.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {v.device}")
+
+
+def _as_list(v: TensorOrList, name: str) -> Tuple[List[torch.Tensor], bool]:
+    """(tensors, given_as_list)."""
+    if isinstance(v, torch.Tensor):
+        return [v], False
+    if isinstance(v, (list, tuple)):
+        if len(v) == 0:
+            raise ValueError(f"{name}: expected a tensor or a non-empty list of tensors, got an empty list")
+        for i, t in enumerate(v):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+        return list(v), True
+    raise TypeError(f"{name}: expected a tensor or a list of tensors, got {type(v).__name__}")
+
+
+def _check_a(lora_a: TensorOrList, x: torch.Tensor) -> List[torch.Tensor]:
+    a_list, is_list = _as_list(lora_a, "lora_a")
+    shape = None
+    for i, A in enumerate(a_list):
+        nm = f"lora_a[{i}]" if is_list else "lora_a"
+        _tensor(A, nm, 3)
+        _same_device(A, nm, x.device)
+        if A.dtype != x.dtype:
+            raise TypeError(f"{nm}: dtype {A.dtype} does not match x's dtype {x.dtype}")
+        if A.shape[2] != x.shape[1]:
+            raise ValueError(f"{nm}: shape {tuple(A.shape)} is [S, R, K] with K={A.shape[2]}, but x has K={x.shape[1]}")
+        if shape is None:
+            shape = A.shape
+        elif A.shape != shape:
+            raise ValueError(f"{nm}: shape {tuple(A.shape)} differs from lora_a[0]'s {tuple(shape)}; "
+                             "all slices share [S, R, K]")
+    return a_list
+
+
+def _check_b(lora_b: TensorOrList, y: torch.Tensor, S: int, R: int, n_slices: int, a_is_list: Optional[bool]) -> List[torch.Tensor]:
+    b_list, is_list = _as_list(lora_b, "lora_b")
+    if a_is_list is not None and is_list != a_is_list:
+        raise ValueError("lora_b: give lora_a and lora_b both as tensors or both as lists of per-slice tensors")
+    if len(b_list) != n_slices:
+        raise ValueError(f"lora_b: {len(b_list)} slices given, but lora_a has {n_slices}")
+    for i, B in enumerate(b_list):
+        nm = f"lora_b[{i}]" if is_list else "lora_b"
+        _tensor(B, nm, 3)
+        _same_device(B, nm, y.device)
+        if B.dtype != y.dtype:
+            raise TypeError(f"{nm}: dtype {B.dtype} does not match y's dtype {y.dtype}")
+        if B.shape[0] != S:
+            raise ValueError(f"{nm}: shape {tuple(B.shape)} is [S, N, R] with S={B.shape[0]}, but there are {S} slots")
+        if B.shape[2] != R:
+            raise ValueError(f"{nm}: shape {tuple(B.shape)} is [S, N, R] with R={B.shape[2]}, but the rank dimension is {R}")
+    N = sum(B.shape[1] for B in b_list)
+    if N != y.shape[1]:
+        widths = " + ".join(str(B.shape[1]) for B in b_list)
+        raise ValueError(f"y: has {y.shape[1]} columns, but lora_b's output widths sum to {N} ({widths})")
+    return b_list
+
+
+def _check_scalings(scalings, S: int, device: torch.device) -> torch.Tensor:
+    _tensor(scalings, "scalings", 1)
+    if scalings.shape[0] != S:
+        raise ValueError(f"scalings: expected shape [{S}] (one per slot), got {tuple(scalings.shape)}")
+    if scalings.dtype != torch.float32:
+        raise TypeError(f"scalings: expected dtype float32, got {scalings.dtype}")
+    _same_device(scalings, "scalings", device)
+    return scalings
+
+
+def _check_ranks(ranks, S: int, n_slices: int, device: torch.device) -> Optional[torch.Tensor]:
+    if ranks is None:
+        return None
+    if not isinstance(ranks, torch.Tensor):
+        raise TypeError(f"ranks: expected a torch.Tensor or None, got {type(ranks).__name__}")
+    if ranks.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"ranks: expected dtype int32 or int64, got {ranks.dtype}")
+    if tuple(ranks.shape) not in ((S,), (n_slices, S)):
+        raise ValueError(f"ranks: expected shape [{S}] or [{n_slices}, {S}] (per slot, or per slice and slot), "
+                         f"got {tuple(ranks.shape)}")
+    _same_device(ranks, "ranks", device)
+    return ranks
+
+
+def _meta_for(indices: Indices, T: int, S: int, device: torch.device) -> LoRABatchMeta:
+    if isinstance(indices, LoRABatchMeta):
+        if indices.num_tokens != T:
+            raise ValueError(f"indices: the batch metadata covers {indices.num_tokens} rows, but x/y have {T}")
+        if indices.num_slots != S:
+            raise ValueError(f"indices: the batch metadata was built for {indices.num_slots} slots, but the weights have {S}")
+        _same_device(indices.token_slots, "indices", device)
+        return indices
+    if not isinstance(indices, torch.Tensor):
+        raise TypeError(f"indices: expected a tensor of slot ids or a LoRABatchMeta, got {type(indices).__name__}")
+    if indices.dim() != 1 or indices.shape[0] != T:
+        raise ValueError(f"indices: expected shape [{T}] (one slot id per row), got {tuple(indices.shape)}")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices: expected dtype int32 or int64, got {indices.dtype}")
+    _same_device(indices, "indices", device)
+    return build_batch_meta(indices, S)
+
+
+def _x_y(x, y) -> None:
+    _tensor(x, "x", 2)
+    _tensor(y, "y", 2)
+    _float(x, "x")
+    if y.dtype != x.dtype:
+        raise TypeError(f"y: dtype {y.dtype} does not match x's dtype {x.dtype}")
+    _same_device(y, "y", x.device)
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y: has {y.shape[0]} rows, but x has {x.shape[0]}")
+
+
+# ---------------------------------------------------------------------------------- the ops
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: TensorOrList, indices: Indices,
+             scalings: torch.Tensor, ranks: Optional[torch.Tensor] = None, *, backend: str = "auto") -> torch.Tensor:
+    """Add each row's LoRA delta into ``y`` in place and return ``y``.
+
+    ``y[t, cols_i] += scalings[s] * (x[t] @ A_i[s, :r_s].T) @ B_i[s, :, :r_s].T`` for every row t
+    whose slot ``s = indices[t]`` is not -1 (r_s = ``ranks[s]``, or R when ``ranks`` is None).
+
+    Args:
+        y: [T, N] output, same dtype as x, updated in place (rows may be strided).
+        x: [T, K] float16 / bfloat16 / float32 (rows may be strided).
+        lora_a: [S, R, K] stacked ``lora_A.weight`` of S slots (zero beyond each slot's rank), or a
+            list of n such tensors, one per output slice (fused QKV, gate_up).
+        lora_b: [S, N, R] stacked ``lora_B.weight``, or a list of n [S, N_i, R] with N = sum N_i.
+        indices: [T] int32/int64 slot per row (-1 = no adapter), or a :class:`LoRABatchMeta`.
+        scalings: [S] float32 (alpha / r, or alpha / sqrt(r) for rsLoRA).
+        ranks: [S] (or [n, S], per slice) int32/int64 rank of each slot, or None for R everywhere.
+        backend: "auto", "torch", "triton" or "cuda" (see :func:`available_backends`).
+
+    Example::
+
+        >>> import torch, openlora_kernels as olk
+        >>> T, K, N, S, R = 4, 8, 6, 2, 4
+        >>> x, y = torch.randn(T, K), torch.zeros(T, N)
+        >>> A, B = torch.randn(S, R, K), torch.randn(S, N, R)
+        >>> idx = torch.tensor([1, -1, 0, 1])
+        >>> out = olk.add_lora(y, x, A, B, idx, torch.tensor([0.5, 2.0]))
+        >>> torch.allclose(out[0], 2.0 * (x[0] @ A[1].T) @ B[1].T, atol=1e-5), bool(out[1].eq(0).all())
+        (True, True)
+    """
+    _x_y(x, y)
+    a_list = _check_a(lora_a, x)
+    S, R, K = a_list[0].shape
+    b_list = _check_b(lora_b, y, S, R, len(a_list), isinstance(lora_a, (list, tuple)))
+    _check_scalings(scalings, S, x.device)
+    ranks = _check_ranks(ranks, S, len(a_list), x.device)
+    meta = _meta_for(indices, x.shape[0], S, x.device)
+    name = resolve_backend(backend, x.device)
+    if x.shape[0] == 0 or y.shape[1] == 0:
+        return y
+    torch.ops.openlora.add_lora(y, x, a_list, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
+    return y
+
+
+def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: Optional[torch.Tensor] = None,
+                *, backend: str = "auto") -> torch.Tensor:
+    """First half of :func:`add_lora`: ``h[i, t, :r_s] = x[t] @ A_i[s, :r_s].T``.
+
+    Returns a new [n_slices, T, R] float32 tensor; rows with slot -1 and columns at or beyond a
+    slot's rank are 0. No scaling is applied (``lora_expand`` applies it).
+    """
+    _tensor(x, "x", 2)
+    _float(x, "x")
+    a_list = _check_a(lora_a, x)
+    S, R, K = a_list[0].shape
+    ranks = _check_ranks(ranks, S, len(a_list), x.device)
+    meta = _meta_for(indices, x.shape[0], S, x.device)
+    name = resolve_backend(backend, x.device)
+    if x.shape[0] == 0:
+        return x.new_zeros((len(a_list), 0, R), dtype=torch.float32)
+    return torch.ops.openlora.lora_shrink(x, a_list, ranks, *meta.tensors(), meta.block_m, name)
+
+
+def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices: Indices, scalings: torch.Tensor,
+                ranks: Optional[torch.Tensor] = None, *, backend: str = "auto") -> torch.Tensor:
+    """Second half of :func:`add_lora`: ``y[t, cols_i] += scalings[s] * h[i, t, :r_s] @ B_i[s, :, :r_s].T``.
+
+    ``h`` is [n_slices, T, R] (float32 from :func:`lora_shrink`, or float16/bfloat16). Returns ``y``.
+    """
+    _tensor(y, "y", 2)
+    _float(y, "y")
+    _tensor(h, "h", 3)
+    _float(h, "h")
+    _same_device(h, "h", y.device)
+    b_list, _ = _as_list(lora_b, "lora_b")
+    if h.shape[1] != y.shape[0]:
+        raise ValueError(f"h: has {h.shape[1]} rows (shape [n_slices, T, R] = {tuple(h.shape)}), but y has {y.shape[0]}")
+    if h.shape[0] != len(b_list):
+        raise ValueError(f"h: has {h.shape[0]} slices (shape {tuple(h.shape)}), but lora_b has {len(b_list)}")
+    if not isinstance(b_list[0], torch.Tensor) or b_list[0].dim() != 3:
+        _tensor(b_list[0], "lora_b[0]" if isinstance(lora_b, (list, tuple)) else "lora_b", 3)
+    S = b_list[0].shape[0]
+    b_list = _check_b(lora_b, y, S, h.shape[2], h.shape[0], None)
+    _check_scalings(scalings, S, y.device)
+    ranks = _check_ranks(ranks, S, len(b_list), y.device)
+    meta = _meta_for(indices, y.shape[0], S, y.device)
+    name = resolve_backend(backend, y.device)
+    if y.shape[0] == 0 or y.shape[1] == 0:
+        return y
+    torch.ops.openlora.lora_expand(y, h, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
+    return y

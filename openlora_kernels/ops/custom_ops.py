@@ -1,0 +1,81 @@
+"""torch.library custom ops: ``openlora::add_lora``, ``openlora::lora_shrink``, ``openlora::lora_expand``.
+
+They take already-validated arguments (see ``api.py``) and a concrete backend name, so
+torch.compile sees one opaque op per call (fake implementations give output shapes; the mutated
+``y`` is declared) and CUDA-graph capture records whatever the backend launches. Value checks
+that read tensor contents (ranks <= R) run inside the real implementations: always on CPU,
+with debug checks on GPU (``checks.py``).
+
+Backends are imported on first use, so importing the package never imports triton or touches a GPU.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import List, Optional
+
+import torch
+
+from ..checks import check_ranks
+from ..metadata import LoRABatchMeta
+
+_BACKEND_MODULES = {"torch": "torch_ref", "triton": "triton_sgmv", "cuda": "cuda_ext"}
+
+
+def backend_module(name: str):
+    return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[name]}")
+
+
+def _meta(token_slots, sorted_tokens, seg_info, tile_info, num_slots: int, block_m: int) -> LoRABatchMeta:
+    return LoRABatchMeta(token_slots, sorted_tokens, seg_info, tile_info, num_slots=num_slots, block_m=block_m)
+
+
+@torch.library.custom_op("openlora::add_lora", mutates_args=("y",))
+def add_lora_op(
+    y: torch.Tensor, x: torch.Tensor, lora_a: List[torch.Tensor], lora_b: List[torch.Tensor],
+    scalings: torch.Tensor, ranks: Optional[torch.Tensor],
+    token_slots: torch.Tensor, sorted_tokens: torch.Tensor, seg_info: torch.Tensor, tile_info: torch.Tensor,
+    block_m: int, backend: str,
+) -> None:
+    if ranks is not None:
+        check_ranks(ranks, lora_a[0].shape[1])
+    meta = _meta(token_slots, sorted_tokens, seg_info, tile_info, lora_a[0].shape[0], block_m)
+    backend_module(backend).add_lora(y, x, lora_a, lora_b, scalings, ranks, meta)
+
+
+@add_lora_op.register_fake
+def _(y, x, lora_a, lora_b, scalings, ranks, token_slots, sorted_tokens, seg_info, tile_info, block_m, backend):
+    return None
+
+
+@torch.library.custom_op("openlora::lora_shrink", mutates_args=())
+def lora_shrink_op(
+    x: torch.Tensor, lora_a: List[torch.Tensor], ranks: Optional[torch.Tensor],
+    token_slots: torch.Tensor, sorted_tokens: torch.Tensor, seg_info: torch.Tensor, tile_info: torch.Tensor,
+    block_m: int, backend: str,
+) -> torch.Tensor:
+    if ranks is not None:
+        check_ranks(ranks, lora_a[0].shape[1])
+    meta = _meta(token_slots, sorted_tokens, seg_info, tile_info, lora_a[0].shape[0], block_m)
+    return backend_module(backend).shrink(x, lora_a, ranks, meta)
+
+
+@lora_shrink_op.register_fake
+def _(x, lora_a, ranks, token_slots, sorted_tokens, seg_info, tile_info, block_m, backend):
+    return x.new_empty((len(lora_a), x.shape[0], lora_a[0].shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("openlora::lora_expand", mutates_args=("y",))
+def lora_expand_op(
+    y: torch.Tensor, h: torch.Tensor, lora_b: List[torch.Tensor], scalings: torch.Tensor, ranks: Optional[torch.Tensor],
+    token_slots: torch.Tensor, sorted_tokens: torch.Tensor, seg_info: torch.Tensor, tile_info: torch.Tensor,
+    block_m: int, backend: str,
+) -> None:
+    if ranks is not None:
+        check_ranks(ranks, lora_b[0].shape[2])
+    meta = _meta(token_slots, sorted_tokens, seg_info, tile_info, lora_b[0].shape[0], block_m)
+    backend_module(backend).expand(y, h, lora_b, scalings, ranks, meta)
+
+
+@lora_expand_op.register_fake
+def _(y, h, lora_b, scalings, ranks, token_slots, sorted_tokens, seg_info, tile_info, block_m, backend):
+    return None

@@ -1,0 +1,459 @@
+"""backend="triton": segmented-gather multi-LoRA kernels (shrink, expand, fused decode).
+
+Design note
+-----------
+Rows are grouped by adapter slot by the batch metadata (``metadata.py``): ``tile_info`` lists
+tiles of at most BLOCK_M rows of one slot, ``sorted_tokens`` maps a tile position back to a row of
+x / y. Every kernel launches a fixed grid whose first axis is the tile list (G programs, the
+unused ones exit at once), so the grid never depends on the data and a forward can be captured in a
+CUDA graph. Rows with slot -1 belong to no tile: they cost nothing and are never touched.
+
+* shrink  grid (G, cdiv(R, BLOCK_R), n_slices * SPLIT_K). Each program computes a
+          [BLOCK_M, BLOCK_R] block of h = x @ A[slot].T over its share of K. A program whose rank
+          chunk starts at or beyond the slot's rank exits: a slot of rank r costs r, not R.
+          SPLIT_K > 1 splits K across programs that add into h with fp32 atomics.
+* expand  grid (G, cdiv(max N_i, BLOCK_N), n_slices). Each program owns a [BLOCK_M, BLOCK_N]
+          block of y (no atomics), loops over rank chunks up to the slot's rank, and adds
+          scale * h @ B[slot].T into y.
+* fused   grid (G, N_CHUNKS, n_slices): shrink over the full K into registers (h never leaves the
+          chip), then expand over this program's share of the slice's output tiles. Rank lanes
+          beyond the slot's rank are masked out of every load (the memory traffic, which is what
+          bounds these kernels, is proportional to the rank); their arithmetic is not skipped.
+          N_CHUNKS > 1 recomputes the small shrink once per chunk (A re-read from L2) to spread a
+          decode batch over the SMs.
+
+BLOCK_M < 16 (decode-like batches) uses CUDA-core dot products (broadcast-multiply + sum), so a
+one-token segment does not waste a 16-row tensor-core tile; BLOCK_M >= 16 uses tl.dot. All
+arithmetic accumulates in fp32. Multi-slice outputs (fused QKV, gate_up) run in one launch for up
+to MAX_SLICES_PER_LAUNCH slices, each with its own A/B tensors selected by program id (plain
+pointer arguments: no device pointer tables, which Triton's interpreter cannot read).
+
+Index safety: slots come from the metadata and are re-checked against S in-kernel; ranks are
+clamped to [0, R]; every load and store is masked; row/slot offsets are computed in int64.
+
+Interpreter (TRITON_INTERPRET=1): its bf16 tl.dot is wrong, so bf16 dots are upcast to fp32 there.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ..metadata import TENSOR_CORE_MIN_M, LoRABatchMeta
+from .backends import triton_interpreter_enabled
+from .configs import device_facts, kernel_config, next_pow2
+
+MAX_SLICES_PER_LAUNCH = 4
+# Per-slice ints are selected by program id (_pick); Triton turns an int argument equal to 1
+# into a constant, and a branch merging a constant with a runtime int does not compile, so
+# these are never specialised.
+_PER_SLICE_INTS = [f"{p}{i}" for p in ("n", "c", "bs") for i in range(MAX_SLICES_PER_LAUNCH)]
+
+
+# ------------------------------------------------------------------------------ jit helpers
+
+
+@triton.jit
+def _pick(sid, v0, v1, v2, v3):
+    """Select the argument of slice ``sid`` (pointers or ints) among four."""
+    if sid == 0:
+        v = v0
+    elif sid == 1:
+        v = v1
+    elif sid == 2:
+        v = v2
+    else:
+        v = v3
+    return v
+
+
+@triton.jit
+def _tile(tile_ptr, G, pid):
+    """(slot, start, end) of tile ``pid`` from tile_info [3, G] int32."""
+    slot = tl.load(tile_ptr + pid)
+    start = tl.load(tile_ptr + G + pid)
+    end = tl.load(tile_ptr + 2 * G + pid)
+    return slot, start, end
+
+
+@triton.jit
+def _rank(ranks_ptr, gsid, slot, stride_rn, stride_rs, R, HAS_RANKS: tl.constexpr):
+    """Rank of ``slot`` for global slice ``gsid``, clamped to [0, R] (R when no ranks given)."""
+    if HAS_RANKS:
+        r = tl.load(ranks_ptr + gsid * stride_rn + slot * stride_rs).to(tl.int32)
+        r = tl.minimum(tl.maximum(r, 0), R)
+    else:
+        r = R
+    return r
+
+
+@triton.jit
+def _mac(a, b, acc, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr):
+    """acc[M, N] += a[M, K] @ b[K, N] in fp32."""
+    if USE_DOT:
+        if FP32_DOT:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    else:
+        acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    return acc
+
+
+# ----------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _sgmv_shrink_kernel(
+    x_ptr,                              # [T, K] fp16/bf16/fp32
+    a0_ptr, a1_ptr, a2_ptr, a3_ptr,     # [S, R, K] per slice, x's dtype, strides shared
+    h_ptr,                              # [n_slices, T, R] fp32, zero-filled by the launcher
+    ranks_ptr,                          # [n_slices, S] int32/int64 via (stride_rn, stride_rs)
+    sorted_ptr,                         # [T] int32: rows sorted by slot
+    tile_ptr,                           # [3, G] int32: (slot, start, end) per tile
+    G, K, R, S,
+    stride_xt, stride_xk,
+    stride_as, stride_ar, stride_ak,
+    stride_hn, stride_ht, stride_hr,
+    stride_rn, stride_rs,
+    slice_base,                         # global index of this launch's slice 0
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, HAS_RANKS: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    sid = pid_z // SPLIT_K
+    kid = pid_z % SPLIT_K
+    slot, start, end = _tile(tile_ptr, G, pid_t)
+    if (slot < 0) | (slot >= S):
+        return
+    gsid = slice_base + sid
+    rank = _rank(ranks_ptr, gsid, slot, stride_rn, stride_rs, R, HAS_RANKS)
+    r0 = pid_r * BLOCK_R
+    if r0 >= rank:
+        return
+    k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_lo = kid * k_span
+    k_hi = tl.minimum(K, k_lo + k_span)
+
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    offs_k0 = tl.arange(0, BLOCK_K)
+    a_ptr = _pick(sid, a0_ptr, a1_ptr, a2_ptr, a3_ptr) + slot.to(tl.int64) * stride_as
+
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + offs_k0
+        k_mask = offs_k < k_hi
+        xt = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)               # [BM, BK]
+        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                     mask=r_mask[None, :] & k_mask[:, None], other=0.0)               # [BK, BR]
+        acc = _mac(xt, at, acc, USE_DOT, FP32_DOT)
+
+    h_ptrs = h_ptr + gsid.to(tl.int64) * stride_hn + rows[:, None] * stride_ht + offs_r[None, :] * stride_hr
+    mask = m_mask[:, None] & r_mask[None, :]
+    if SPLIT_K == 1:
+        tl.store(h_ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(h_ptrs, acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=_PER_SLICE_INTS)
+def _sgmv_expand_kernel(
+    h_ptr,                              # [n_slices, T, R] fp32/fp16/bf16
+    b0_ptr, b1_ptr, b2_ptr, b3_ptr,     # [S, N_i, R] per slice, y's dtype
+    y_ptr,                              # [T, N] updated in place, N = sum N_i
+    scal_ptr,                           # [S] fp32
+    ranks_ptr, sorted_ptr, tile_ptr,    # as in the shrink kernel
+    G, R, S,
+    n0, n1, n2, n3,                     # N_i of each slice
+    c0, c1, c2, c3,                     # first column of each slice in y
+    bs0, bs1, bs2, bs3,                 # slot stride of each B_i
+    stride_bn, stride_br,               # shared by all B_i
+    stride_hn, stride_ht, stride_hr,
+    stride_yt, stride_yn,
+    stride_rn, stride_rs,
+    slice_base,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_RANKS: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    sid = tl.program_id(2)
+    slot, start, end = _tile(tile_ptr, G, pid_t)
+    if (slot < 0) | (slot >= S):
+        return
+    gsid = slice_base + sid
+    rank = _rank(ranks_ptr, gsid, slot, stride_rn, stride_rs, R, HAS_RANKS)
+    n_i = _pick(sid, n0, n1, n2, n3)
+    n_lo = pid_n * BLOCK_N
+    if (rank == 0) | (n_lo >= n_i):
+        return
+
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_n = n_lo + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_i
+    b_ptr = _pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot.to(tl.int64) * _pick(sid, bs0, bs1, bs2, bs3)
+    h_base = h_ptr + gsid.to(tl.int64) * stride_hn + rows[:, None] * stride_ht
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        ht = tl.load(h_base + offs_r[None, :] * stride_hr,
+                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)              # [BM, BR]
+        bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)              # [BR, BN]
+        if USE_DOT and not FP32_DOT:
+            ht = ht.to(bt.dtype)
+        acc = _mac(ht, bt, acc, USE_DOT, FP32_DOT)
+
+    scale = tl.load(scal_ptr + slot)
+    cols = _pick(sid, c0, c1, c2, c3) + offs_n
+    y_ptrs = y_ptr + rows[:, None] * stride_yt + cols[None, :].to(tl.int64) * stride_yn
+    mask = m_mask[:, None] & n_mask[None, :]
+    yv = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (yv.to(tl.float32) + acc * scale).to(yv.dtype), mask=mask)
+
+
+@triton.jit(do_not_specialize=_PER_SLICE_INTS)
+def _sgmv_fused_kernel(
+    x_ptr,                              # [T, K]
+    a0_ptr, a1_ptr, a2_ptr, a3_ptr,     # [S, R, K] per slice
+    b0_ptr, b1_ptr, b2_ptr, b3_ptr,     # [S, N_i, R] per slice
+    y_ptr,                              # [T, N] updated in place
+    scal_ptr,                           # [S] fp32
+    ranks_ptr, sorted_ptr, tile_ptr,
+    G, K, R, S,
+    n0, n1, n2, n3,
+    c0, c1, c2, c3,
+    bs0, bs1, bs2, bs3,
+    stride_xt, stride_xk,
+    stride_as, stride_ar, stride_ak,
+    stride_bn, stride_br,
+    stride_yt, stride_yn,
+    stride_rn, stride_rs,
+    slice_base,
+    tiles_per_chunk,                    # output tiles of BLOCK_N handled by one program
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
+    HAS_RANKS: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    pid_t = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    sid = tl.program_id(2)
+    slot, start, end = _tile(tile_ptr, G, pid_t)
+    if (slot < 0) | (slot >= S):
+        return
+    gsid = slice_base + sid
+    rank = _rank(ranks_ptr, gsid, slot, stride_rn, stride_rs, R, HAS_RANKS)
+    n_i = _pick(sid, n0, n1, n2, n3)
+    nt_lo = pid_c * tiles_per_chunk
+    nt_hi = tl.minimum(nt_lo + tiles_per_chunk, tl.cdiv(n_i, BLOCK_N))
+    if (rank == 0) | (nt_lo >= nt_hi):
+        return
+
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = tl.arange(0, R_PAD)
+    r_mask = offs_r < rank
+    slot64 = slot.to(tl.int64)
+
+    # Shrink: h = x[rows] @ A[slot, :rank].T, kept in registers.
+    a_ptr = _pick(sid, a0_ptr, a1_ptr, a2_ptr, a3_ptr) + slot64 * stride_as
+    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    offs_k0 = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + offs_k0
+        k_mask = offs_k < K
+        xt = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)               # [BM, BK]
+        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                     mask=r_mask[None, :] & k_mask[:, None], other=0.0)               # [BK, R_PAD]
+        h = _mac(xt, at, h, USE_DOT, FP32_DOT)
+    h = h * tl.load(scal_ptr + slot)
+
+    # Expand: y[rows, cols] += h @ B[slot, cols, :rank].T over this program's output tiles.
+    b_ptr = _pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot64 * _pick(sid, bs0, bs1, bs2, bs3)
+    col0 = _pick(sid, c0, c1, c2, c3)
+    if USE_DOT and not FP32_DOT:
+        hd = h.to(b_ptr.dtype.element_ty)
+    else:
+        hd = h
+    for nt in range(nt_lo, nt_hi):
+        offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < n_i
+        bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)              # [R_PAD, BN]
+        out = _mac(hd, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), USE_DOT, FP32_DOT)
+        y_ptrs = y_ptr + rows[:, None] * stride_yt + (col0 + offs_n)[None, :].to(tl.int64) * stride_yn
+        mask = m_mask[:, None] & n_mask[None, :]
+        yv = tl.load(y_ptrs, mask=mask, other=0.0)
+        tl.store(y_ptrs, (yv.to(tl.float32) + out).to(yv.dtype), mask=mask)
+
+
+# ---------------------------------------------------------------------------------- launchers
+
+
+def _fp32_dot(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreter_enabled())
+
+
+def _ranks_args(ranks: Optional[torch.Tensor], like: torch.Tensor):
+    """(pointer tensor, stride over slices, stride over slots, HAS_RANKS)."""
+    if ranks is None:
+        return like, 0, 0, False
+    if ranks.dim() == 1:
+        return ranks, 0, ranks.stride(0), True
+    return ranks, ranks.stride(0), ranks.stride(1), True
+
+
+def _pad4(items: Sequence, fill=None) -> List:
+    items = list(items)
+    return items + [items[0] if fill is None else fill] * (MAX_SLICES_PER_LAUNCH - len(items))
+
+
+def _slice_chunks(n: int):
+    for base in range(0, n, MAX_SLICES_PER_LAUNCH):
+        yield base, min(MAX_SLICES_PER_LAUNCH, n - base)
+
+
+def _check_shared_strides(tensors: Sequence[torch.Tensor], dims: Sequence[int], name: str) -> List[torch.Tensor]:
+    """The kernels take one set of strides for all slices along ``dims``: make it so."""
+    ref = [tensors[0].stride(d) for d in dims]
+    if all([t.stride(d) for d in dims] == ref for t in tensors):
+        return list(tensors)
+    return [t.contiguous() for t in tensors]
+
+
+def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torch.Tensor],
+           meta: LoRABatchMeta) -> torch.Tensor:
+    T, K = x.shape
+    S, R, _ = a_list[0].shape
+    n = len(a_list)
+    h = torch.zeros((n, T, R), dtype=torch.float32, device=x.device)
+    if T == 0 or R == 0 or meta.num_tiles == 0:
+        return h
+    a_list = _check_shared_strides(a_list, (0, 1, 2), "lora_a")
+    cfg = kernel_config("shrink", block_m=meta.block_m, K=K, N=0, R=R, n_slices=n, dtype=x.dtype, device=x.device)
+    rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
+    A0 = a_list[0]
+    for base, cnt in _slice_chunks(n):
+        a = _pad4(a_list[base:base + cnt])
+        grid = (meta.num_tiles, triton.cdiv(R, cfg["BLOCK_R"]), cnt * cfg["SPLIT_K"])
+        _sgmv_shrink_kernel[grid](
+            x, a[0], a[1], a[2], a[3], h, rk, meta.sorted_tokens, meta.tile_info,
+            meta.num_tiles, K, R, S,
+            x.stride(0), x.stride(1),
+            A0.stride(0), A0.stride(1), A0.stride(2),
+            h.stride(0), h.stride(1), h.stride(2),
+            srn, srs, base,
+            BLOCK_M=meta.block_m, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
+            HAS_RANKS=has_r, USE_DOT=meta.block_m >= TENSOR_CORE_MIN_M, FP32_DOT=_fp32_dot(x.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return h
+
+
+def _slice_columns(b_list: Sequence[torch.Tensor]) -> List[int]:
+    cols, c = [], 0
+    for B in b_list:
+        cols.append(c)
+        c += B.shape[1]
+    return cols
+
+
+def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], scalings: torch.Tensor,
+           ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> None:
+    T, N = y.shape
+    S, _, R = b_list[0].shape
+    n = len(b_list)
+    if T == 0 or R == 0 or N == 0 or meta.num_tiles == 0:
+        return
+    b_list = _check_shared_strides(b_list, (1, 2), "lora_b")
+    cfg = kernel_config("expand", block_m=meta.block_m, K=0, N=N, R=R, n_slices=n, dtype=y.dtype, device=y.device)
+    rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
+    cols = _slice_columns(b_list)
+    B0 = b_list[0]
+    for base, cnt in _slice_chunks(n):
+        b = b_list[base:base + cnt]
+        widths = [B.shape[1] for B in b]
+        grid = (meta.num_tiles, triton.cdiv(max(widths), cfg["BLOCK_N"]), cnt)
+        bp, nn, cc, bs = _pad4(b), _pad4(widths, 0), _pad4(cols[base:base + cnt], 0), _pad4([B.stride(0) for B in b], 0)
+        _sgmv_expand_kernel[grid](
+            h, bp[0], bp[1], bp[2], bp[3], y, scalings, rk, meta.sorted_tokens, meta.tile_info,
+            meta.num_tiles, R, S,
+            nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
+            B0.stride(1), B0.stride(2),
+            h.stride(0), h.stride(1), h.stride(2),
+            y.stride(0), y.stride(1),
+            srn, srs, base,
+            BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
+            HAS_RANKS=has_r, USE_DOT=meta.block_m >= TENSOR_CORE_MIN_M, FP32_DOT=_fp32_dot(y.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+
+def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
+          scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> None:
+    T, K = x.shape
+    N = y.shape[1]
+    S, R, _ = a_list[0].shape
+    n = len(a_list)
+    if T == 0 or R == 0 or N == 0 or meta.num_tiles == 0:
+        return
+    a_list = _check_shared_strides(a_list, (0, 1, 2), "lora_a")
+    b_list = _check_shared_strides(b_list, (1, 2), "lora_b")
+    cfg = kernel_config("fused", block_m=meta.block_m, K=K, N=N, R=R, n_slices=n, dtype=x.dtype, device=x.device)
+    use_dot = meta.block_m >= TENSOR_CORE_MIN_M
+    r_pad = max(next_pow2(R), 16) if use_dot else next_pow2(R)
+    rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
+    cols = _slice_columns(b_list)
+    A0, B0 = a_list[0], b_list[0]
+    for base, cnt in _slice_chunks(n):
+        a, b = a_list[base:base + cnt], b_list[base:base + cnt]
+        widths = [B.shape[1] for B in b]
+        n_tiles = triton.cdiv(max(widths), cfg["BLOCK_N"])
+        chunks = cfg["N_CHUNKS"]
+        if chunks <= 0:  # spread the launch over ~4 programs per SM
+            _, sms = device_facts(x.device)
+            chunks = triton.cdiv(4 * sms, meta.num_tiles * cnt)
+        chunks = max(1, min(chunks, n_tiles))
+        per_chunk = triton.cdiv(n_tiles, chunks)
+        chunks = triton.cdiv(n_tiles, per_chunk)
+        ap, bp = _pad4(a), _pad4(b)
+        nn, cc, bs = _pad4(widths, 0), _pad4(cols[base:base + cnt], 0), _pad4([B.stride(0) for B in b], 0)
+        _sgmv_fused_kernel[(meta.num_tiles, chunks, cnt)](
+            x, ap[0], ap[1], ap[2], ap[3], bp[0], bp[1], bp[2], bp[3], y, scalings,
+            rk, meta.sorted_tokens, meta.tile_info,
+            meta.num_tiles, K, R, S,
+            nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
+            x.stride(0), x.stride(1),
+            A0.stride(0), A0.stride(1), A0.stride(2),
+            B0.stride(1), B0.stride(2),
+            y.stride(0), y.stride(1),
+            srn, srs, base, per_chunk,
+            BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], R_PAD=r_pad,
+            HAS_RANKS=has_r, USE_DOT=use_dot, FP32_DOT=_fp32_dot(x.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+
+
+def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
+    T, K = x.shape
+    R = a_list[0].shape[1]
+    route = kernel_config("route", block_m=meta.block_m, K=K, N=y.shape[1], R=R, n_slices=len(a_list),
+                          dtype=x.dtype, device=x.device)
+    if route["FUSED"]:
+        fused(y, x, a_list, b_list, scalings, ranks, meta)
+    else:
+        expand(y, shrink(x, a_list, ranks, meta), b_list, scalings, ranks, meta)

@@ -1,0 +1,170 @@
+"""Compile every Triton launch our launchers make, for real GPU targets, on a machine without a GPU.
+
+Triton's interpreter runs kernels as NumPy and forgives things the compiler rejects (type
+mismatches between branches, constexpr specialisation of ints equal to 1, layouts). This tool
+records the launches that ``triton_sgmv`` makes for a matrix of realistic shapes and options,
+specialises their arguments exactly as ``JITFunction.run`` would, and compiles them to cubin for
+sm_80 and sm_90 with the GPU heuristic configurations, and reads each kernel's resource usage
+(cuobjdump on the cubin): a configuration that spills registers is a failure.
+``--resources`` prints registers / stack / shared memory for every kernel.
+
+Must run WITHOUT TRITON_INTERPRET. Uses Triton internals (tested with Triton 3.9, the CI pin).
+
+    python tests/triton_compile_check.py [--archs 80,90] [--full] [--resources]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    sys.exit("triton_compile_check: unset TRITON_INTERPRET (the interpreter does not compile)")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
+from triton.runtime import jit as tjit  # noqa: E402
+
+import openlora_kernels as olk  # noqa: E402
+from openlora_kernels.ops import configs, triton_sgmv  # noqa: E402
+
+KERNELS = ("_sgmv_shrink_kernel", "_sgmv_expand_kernel", "_sgmv_fused_kernel")
+# Position of the argument whose dtype is the problem's dtype (x, or y for expand).
+DTYPE_ARG = {"_sgmv_shrink_kernel": 0, "_sgmv_expand_kernel": 5, "_sgmv_fused_kernel": 0}
+
+
+class _Recorder:
+    """Stands in for a JITFunction: ``kernel[grid](*args, **kw)`` records instead of launching."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((grid, args, kwargs))
+        return launch
+
+
+def compile_launch(fn, args, kwargs, cap: int):
+    """Compile one recorded launch as JITFunction.run would on an sm_<cap> device."""
+    target = GPUTarget("cuda", cap, 32)
+    backend = CUDABackend(target)
+    binder = tjit.create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    key = (fn.__name__, cap, str(specialization), str(sorted(options.__dict__.items())))
+    src = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
+    return key, lambda: triton.compile(src, target=target, options=options.__dict__)
+
+
+def resources(kernel) -> str:
+    """cuobjdump's resource line for a compiled kernel (REG, STACK, SHARED, ...)."""
+    tool = shutil.which("cuobjdump") or os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+    if not os.path.exists(tool):
+        return "(no cuobjdump)"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    lines = [ln.strip() for ln in out.splitlines() if "REG" in ln]
+    return lines[0] if lines else out.strip()[:200]
+
+
+def cases(full: bool):
+    """(dtype, block_m, ranks kind, slice widths, R) launches to compile.
+
+    Default: a covering set in which every dtype meets every tile mode (block_m 1, 4, 16, 64), and
+    the rank options, slice layouts (one slice; fused QKV; more than 4 slices with N_i = 1) and
+    ranks (R_PAD 8..128) rotate across them. ``full``: their whole product (slow).
+    """
+    dtypes = (torch.float16, torch.bfloat16, torch.float32)
+    block_ms = (1, 2, 4, 16, 32, 64) if full else (1, 4, 16, 64)
+    ranks_opts = ("none", "per_slot", "per_slice")
+    widths_opts = ((512,), (512, 128, 128), (256, 1, 64, 64, 8))
+    R_opts = (8, 16, 64, 128)
+    if full:
+        yield from itertools.product(dtypes, block_ms, ranks_opts, widths_opts, R_opts)
+        return
+    for i, (dt, bm) in enumerate(itertools.product(dtypes, block_ms)):
+        yield dt, bm, ranks_opts[i % 3], widths_opts[(i // 3 + i) % 3], R_opts[i % 4]
+
+
+def run_case(dt, bm, rk, widths, R, split_k: int):
+    T, K, S = 8, 384, 3
+    n = len(widths)
+    x = torch.randn(T, K, dtype=dt)
+    y = torch.randn(T, sum(widths), dtype=dt)
+    a = [torch.randn(S, R, K, dtype=dt) for _ in widths]
+    b = [torch.randn(S, w, R, dtype=dt) for w in widths]
+    sc = torch.rand(S)
+    ranks = {"none": None, "per_slot": torch.tensor([R, 0, R // 2], dtype=torch.int32),
+             "per_slice": torch.full((n, S), R // 2, dtype=torch.int64)}[rk]
+    meta = olk.build_batch_meta(torch.tensor([0, 2, -1, 1, 0, 0, 2, 1]), S, block_m=bm)
+    with configs.override_config("shrink", SPLIT_K=split_k):
+        triton_sgmv.fused(y, x, a, b, sc, ranks, meta)
+        h = triton_sgmv.shrink(x, a, ranks, meta)
+        triton_sgmv.expand(y, h, b, sc, ranks, meta)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--archs", default="80,90")
+    ap.add_argument("--full", action="store_true", help="the whole shape/option product (slow)")
+    ap.add_argument("--resources", action="store_true")
+    opts = ap.parse_args(argv)
+    archs = [int(a) for a in opts.archs.split(",")]
+
+    recorders = {name: _Recorder(getattr(triton_sgmv, name)) for name in KERNELS}
+    for name, rec in recorders.items():
+        setattr(triton_sgmv, name, rec)
+    # GPU heuristics rather than the interpreter's pinned config; an H100-like SM count.
+    triton_sgmv.kernel_config = lambda kind, device, **shape: {
+        **configs.heuristic_config(kind, **shape), **configs._overrides.get(kind, {})}
+    triton_sgmv.device_facts = lambda device: ("offline", 132)
+
+    n_cases = 0
+    for case in cases(opts.full):
+        for split_k in ((1, 4) if case[1] >= 16 else (1,)):
+            run_case(*case, split_k=split_k)
+        n_cases += 1
+
+    seen, failures, t0 = {}, [], time.time()
+    for name, rec in recorders.items():
+        for grid, args, kwargs in rec.calls:
+            for cap in archs:
+                key, build = compile_launch(rec.fn, args, kwargs, cap)
+                if key in seen:
+                    continue
+                cfg = {k: v for k, v in kwargs.items() if k.isupper() or k.startswith("num_")}
+                try:
+                    kernel = build()
+                except Exception as e:  # report every failing specialisation, not just the first
+                    seen[key] = None
+                    failures.append((name, cap, cfg, repr(e).splitlines()[0][:300]))
+                    continue
+                seen[key] = kernel
+                res = resources(kernel)
+                stack = re.search(r"STACK:(\d+)", res)
+                dtype = args[DTYPE_ARG[name]].dtype
+                if stack and int(stack.group(1)) > 0:
+                    failures.append((name, cap, cfg, f"{dtype}: register spills ({res})"))
+                if opts.resources:
+                    print(f"sm_{cap} {name} {dtype} {cfg}: {res}")
+    print(f"triton_compile_check: {n_cases} cases, {len(seen)} distinct compilations for sm_{archs}, "
+          f"{len(failures)} failed, {time.time() - t0:.0f}s")
+    for name, cap, kwargs, err in failures[:20]:
+        print(f"FAILED sm_{cap} {name} {kwargs}: {err}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
