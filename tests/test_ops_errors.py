@@ -1,0 +1,145 @@
+"""Bad input raises a Python exception naming the argument, before anything is written."""
+import pytest
+import torch
+
+import openlora_kernels as olk
+from openlora_kernels.ops.backends import BackendUnavailableError
+
+T, K, N, S, R = 6, 10, 8, 3, 4
+
+
+def good(**over):
+    args = dict(
+        y=torch.zeros(T, N), x=torch.randn(T, K), lora_a=torch.randn(S, R, K), lora_b=torch.randn(S, N, R),
+        indices=torch.tensor([0, 1, -1, 2, 0, 1]), scalings=torch.ones(S), ranks=None,
+    )
+    args.update(over)
+    return args
+
+
+def call(**over):
+    a = good(**over)
+    return olk.add_lora(a["y"], a["x"], a["lora_a"], a["lora_b"], a["indices"], a["scalings"], a["ranks"],
+                        backend=over.get("backend", "torch") if "backend" in over else "torch")
+
+
+META = torch.device("meta")
+
+BAD = {
+    # argument: (overrides, exception, message fragment)
+    "x_dims": (dict(x=torch.randn(T, K, 1)), ValueError, "x: expected a 2-D"),
+    "x_dtype": (dict(x=torch.randn(T, K).double(), y=torch.zeros(T, N).double()), TypeError, "x: expected float16"),
+    "x_int": (dict(x=torch.zeros(T, K, dtype=torch.int32)), TypeError, "x: expected float16"),
+    "x_type": (dict(x=[[0.0] * K] * T), TypeError, "x: expected a torch.Tensor"),
+    "y_dtype": (dict(y=torch.zeros(T, N, dtype=torch.float16)), TypeError, "y: dtype"),
+    "y_rows": (dict(y=torch.zeros(T + 1, N)), ValueError, "y: has 7 rows"),
+    "y_cols": (dict(y=torch.zeros(T, N + 1)), ValueError, "y: has 9 columns"),
+    "y_device": (dict(y=torch.zeros(T, N, device=META)), ValueError, "y: expected a tensor on cpu"),
+    "a_dims": (dict(lora_a=torch.randn(R, K)), ValueError, "lora_a: expected a 3-D"),
+    "a_K": (dict(lora_a=torch.randn(S, R, K + 1)), ValueError, r"lora_a: shape .* K=11, but x has K=10"),
+    "a_dtype": (dict(lora_a=torch.randn(S, R, K, dtype=torch.float16)), TypeError, "lora_a: dtype"),
+    "a_device": (dict(lora_a=torch.randn(S, R, K, device=META)), ValueError, "lora_a: expected a tensor on cpu"),
+    "a_empty_list": (dict(lora_a=[], lora_b=[]), ValueError, "lora_a: .*empty list"),
+    "a_list_item": (dict(lora_a=[torch.randn(S, R, K), "nope"], lora_b=[torch.randn(S, 4, R)] * 2), TypeError,
+                    r"lora_a\[1\]: expected a torch.Tensor"),
+    "a_slices_differ": (dict(lora_a=[torch.randn(S, R, K), torch.randn(S, R + 1, K)],
+                             lora_b=[torch.randn(S, 4, R)] * 2), ValueError, r"lora_a\[1\]: shape"),
+    "b_S": (dict(lora_b=torch.randn(S + 1, N, R)), ValueError, "lora_b: .*S=4, but there are 3 slots"),
+    "b_R": (dict(lora_b=torch.randn(S, N, R + 1)), ValueError, "lora_b: .*R=5"),
+    "b_dtype": (dict(lora_b=torch.randn(S, N, R).half()), TypeError, "lora_b: dtype"),
+    "b_count": (dict(lora_a=[torch.randn(S, R, K)] * 2, lora_b=[torch.randn(S, N, R)]), ValueError,
+                "lora_b: 1 slices given, but lora_a has 2"),
+    "b_list_vs_tensor": (dict(lora_a=[torch.randn(S, R, K)], lora_b=torch.randn(S, N, R)), ValueError,
+                         "both as tensors or both as lists"),
+    "b_widths": (dict(lora_a=[torch.randn(S, R, K)] * 2, lora_b=[torch.randn(S, 3, R), torch.randn(S, 4, R)]),
+                 ValueError, r"y: has 8 columns, but lora_b's output widths sum to 7 \(3 \+ 4\)"),
+    "scal_shape": (dict(scalings=torch.ones(S + 1)), ValueError, r"scalings: expected shape \[3\]"),
+    "scal_dtype": (dict(scalings=torch.ones(S, dtype=torch.float16)), TypeError, "scalings: expected dtype float32"),
+    "scal_dims": (dict(scalings=torch.ones(S, 1)), ValueError, "scalings: expected a 1-D"),
+    "ranks_dtype": (dict(ranks=torch.ones(S)), TypeError, "ranks: expected dtype int32 or int64"),
+    "ranks_shape": (dict(ranks=torch.ones(S + 1, dtype=torch.int32)), ValueError, r"ranks: expected shape \[3\]"),
+    "ranks_type": (dict(ranks=[1, 2, 3]), TypeError, "ranks: expected a torch.Tensor"),
+    "ranks_above_R": (dict(ranks=torch.tensor([1, R + 1, 2], dtype=torch.int32)), ValueError,
+                      "ranks: rank 5 exceeds the stacked rank R=4"),
+    "ranks_negative": (dict(ranks=torch.tensor([1, -1, 2], dtype=torch.int32)), ValueError, "ranks: ranks must be >= 0"),
+    "idx_dtype": (dict(indices=torch.zeros(T)), TypeError, "indices: expected dtype int32 or int64"),
+    "idx_len": (dict(indices=torch.zeros(T + 1, dtype=torch.int64)), ValueError, r"indices: expected shape \[6\]"),
+    "idx_type": (dict(indices=[0] * T), TypeError, "indices: expected a tensor of slot ids or a LoRABatchMeta"),
+    "idx_range": (dict(indices=torch.tensor([0, 1, 3, 2, 0, 1])), IndexError, "indices: value 3 at position 2"),
+    "idx_range_low": (dict(indices=torch.tensor([0, 1, -2, 2, 0, 1])), IndexError, "indices: value -2"),
+    "meta_T": (dict(indices=olk.build_batch_meta(torch.zeros(T + 1, dtype=torch.int64), S)), ValueError,
+               "indices: the batch metadata covers 7 rows"),
+    "meta_S": (dict(indices=olk.build_batch_meta(torch.zeros(T, dtype=torch.int64), S + 2)), ValueError,
+               "indices: the batch metadata was built for 5 slots"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_add_lora_rejects(name):
+    over, exc, msg = BAD[name]
+    y = over.get("y", torch.zeros(T, N))
+    over = {**over, "y": y}
+    before = y.clone() if y.device.type == "cpu" else None
+    with pytest.raises(exc, match=msg):
+        call(**over)
+    if before is not None:
+        assert torch.equal(y, before), "nothing may be written when the input is rejected"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_rejects_before_writing_on_every_backend(backend):
+    if not olk.available_backends("cpu")[backend].usable:
+        pytest.skip("backend not usable here")
+    y = torch.zeros(T, N)
+    with pytest.raises(ValueError, match="ranks: rank 5 exceeds"):
+        olk.add_lora(y, torch.randn(T, K), torch.randn(S, R, K), torch.randn(S, N, R),
+                     torch.tensor([0, 1, -1, 2, 0, 1]), torch.ones(S), torch.tensor([1, 5, 2], dtype=torch.int32),
+                     backend=backend)
+    assert not y.any()
+
+
+def test_unknown_backend_is_a_value_error_naming_it():
+    with pytest.raises(ValueError, match="backend: unknown backend 'cutlass'"):
+        call(backend="cutlass")
+
+
+def test_unavailable_backends_say_why(monkeypatch):
+    with pytest.raises(BackendUnavailableError, match="'cuda' is unavailable for cpu tensors"):
+        call(backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        call(backend="triton")
+    info = olk.available_backends("cpu")
+    assert info["torch"].usable and not info["triton"].usable and not info["cuda"].usable
+    assert "TRITON_INTERPRET" in info["triton"].reason
+
+
+def test_shrink_and_expand_validate_too():
+    x, A, B = torch.randn(T, K), torch.randn(S, R, K), torch.randn(S, N, R)
+    idx = torch.tensor([0, 1, -1, 2, 0, 1])
+    with pytest.raises(ValueError, match="lora_a: shape"):
+        olk.lora_shrink(x, torch.randn(S, R, K + 2), idx, backend="torch")
+    h = olk.lora_shrink(x, A, idx, backend="torch")
+    with pytest.raises(ValueError, match=r"h: has 2 rows"):
+        olk.lora_expand(torch.zeros(T, N), h[:, :2], B, idx, torch.ones(S), backend="torch")
+    with pytest.raises(ValueError, match=r"h: has 1 slices .* but lora_b has 2"):
+        olk.lora_expand(torch.zeros(T, 2 * N), h, [B, B], idx, torch.ones(S), backend="torch")
+    with pytest.raises(ValueError, match=r"lora_b: .*R=4, but the rank dimension is 3"):
+        olk.lora_expand(torch.zeros(T, N), h[:, :, :3], B, idx, torch.ones(S), backend="torch")
+    with pytest.raises(TypeError, match="h: expected float16"):
+        olk.lora_expand(torch.zeros(T, N), h.double(), B, idx, torch.ones(S), backend="torch")
+
+
+def test_empty_batch_is_fine():
+    y = torch.zeros(0, N)
+    assert olk.add_lora(y, torch.randn(0, K), torch.randn(S, R, K), torch.randn(S, N, R),
+                        torch.zeros(0, dtype=torch.int64), torch.ones(S)) is y
+    h = olk.lora_shrink(torch.randn(0, K), torch.randn(S, R, K), torch.zeros(0, dtype=torch.int32))
+    assert h.shape == (1, 0, R)
+
+
+def test_debug_switch_roundtrip():
+    prev = olk.set_debug_checks(True)
+    assert olk.debug_checks_enabled()
+    olk.set_debug_checks(prev)
+    assert olk.debug_checks_enabled() == prev
