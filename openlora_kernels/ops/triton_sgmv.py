@@ -23,7 +23,8 @@ CUDA graph. Rows with slot -1 belong to no tile: they cost nothing and are never
           decode batch over the SMs.
 
 BLOCK_M < 16 (decode-like batches) uses CUDA-core dot products (broadcast-multiply + sum), so a
-one-token segment does not waste a 16-row tensor-core tile; BLOCK_M >= 16 uses tl.dot. All
+one-token segment does not waste a 16-row tensor-core tile (with BLOCK_M == 1 the K loop keeps
+per-lane partial sums and reduces once at the end); BLOCK_M >= 16 uses tl.dot. All
 arithmetic accumulates in fp32. Multi-slice outputs (fused QKV, gate_up) run in one launch for up
 to MAX_SLICES_PER_LAUNCH slices, each with its own A/B tensors selected by program id (plain
 pointer arguments: no device pointer tables, which Triton's interpreter cannot read).
@@ -90,6 +91,13 @@ def _rank(ranks_ptr, gsid, slot, stride_rn, stride_rs, R, HAS_RANKS: tl.constexp
 
 
 @triton.jit
+def _mac_rowvec(a, b, part):
+    """part[K, N] += a[0, K][:, None] * b[K, N]: one row's products, reduced over K after the loop
+    (a GEMV keeps per-lane partial sums instead of a cross-thread reduction per K block)."""
+    return part + tl.trans(a.to(tl.float32)) * b.to(tl.float32)
+
+
+@triton.jit
 def _mac(a, b, acc, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr):
     """acc[M, N] += a[M, K] @ b[K, N] in fp32."""
     if USE_DOT:
@@ -148,6 +156,7 @@ def _sgmv_shrink_kernel(
     a_ptr = _pick(sid, a0_ptr, a1_ptr, a2_ptr, a3_ptr) + slot.to(tl.int64) * stride_as
 
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    part = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)          # used when BLOCK_M == 1
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + offs_k0
         k_mask = offs_k < k_hi
@@ -155,7 +164,12 @@ def _sgmv_shrink_kernel(
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)               # [BM, BK]
         at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                      mask=r_mask[None, :] & k_mask[:, None], other=0.0)               # [BK, BR]
-        acc = _mac(xt, at, acc, USE_DOT, FP32_DOT)
+        if BLOCK_M == 1:
+            part = _mac_rowvec(xt, at, part)
+        else:
+            acc = _mac(xt, at, acc, USE_DOT, FP32_DOT)
+    if BLOCK_M == 1:
+        acc = tl.sum(part, axis=0)[None, :]
 
     h_ptrs = h_ptr + gsid.to(tl.int64) * stride_hn + rows[:, None] * stride_ht + offs_r[None, :] * stride_hr
     mask = m_mask[:, None] & r_mask[None, :]
@@ -271,6 +285,7 @@ def _sgmv_fused_kernel(
     # Shrink: h = x[rows] @ A[slot, :rank].T, kept in registers.
     a_ptr = _pick(sid, a0_ptr, a1_ptr, a2_ptr, a3_ptr) + slot64 * stride_as
     h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    part = tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32)            # used when BLOCK_M == 1
     offs_k0 = tl.arange(0, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + offs_k0
@@ -279,7 +294,12 @@ def _sgmv_fused_kernel(
                      mask=m_mask[:, None] & k_mask[None, :], other=0.0)               # [BM, BK]
         at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                      mask=r_mask[None, :] & k_mask[:, None], other=0.0)               # [BK, R_PAD]
-        h = _mac(xt, at, h, USE_DOT, FP32_DOT)
+        if BLOCK_M == 1:
+            part = _mac_rowvec(xt, at, part)
+        else:
+            h = _mac(xt, at, h, USE_DOT, FP32_DOT)
+    if BLOCK_M == 1:
+        h = tl.sum(part, axis=0)[None, :]
     h = h * tl.load(scal_ptr + slot)
 
     # Expand: y[rows, cols] += h @ B[slot, cols, :rank].T over this program's output tiles.
