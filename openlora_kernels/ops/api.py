@@ -233,8 +233,7 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices:
         raise ValueError(f"h: has {h.shape[1]} rows (shape [n_slices, T, R] = {tuple(h.shape)}), but y has {y.shape[0]}")
     if h.shape[0] != len(b_list):
         raise ValueError(f"h: has {h.shape[0]} slices (shape {tuple(h.shape)}), but lora_b has {len(b_list)}")
-    if not isinstance(b_list[0], torch.Tensor) or b_list[0].dim() != 3:
-        _tensor(b_list[0], "lora_b[0]" if isinstance(lora_b, (list, tuple)) else "lora_b", 3)
+    _tensor(b_list[0], "lora_b[0]" if isinstance(lora_b, (list, tuple)) else "lora_b", 3)
     S = b_list[0].shape[0]
     b_list = _check_b(lora_b, y, S, h.shape[2], h.shape[0], None)
     _check_scalings(scalings, S, y.device)

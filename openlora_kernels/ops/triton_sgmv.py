@@ -347,7 +347,7 @@ def _slice_chunks(n: int):
         yield base, min(MAX_SLICES_PER_LAUNCH, n - base)
 
 
-def _check_shared_strides(tensors: Sequence[torch.Tensor], dims: Sequence[int], name: str) -> List[torch.Tensor]:
+def _shared_strides(tensors: Sequence[torch.Tensor], dims: Sequence[int]) -> List[torch.Tensor]:
     """The kernels take one set of strides for all slices along ``dims``: make it so."""
     ref = [tensors[0].stride(d) for d in dims]
     if all([t.stride(d) for d in dims] == ref for t in tensors):
@@ -363,7 +363,7 @@ def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torc
     h = torch.zeros((n, T, R), dtype=torch.float32, device=x.device)
     if T == 0 or R == 0 or meta.num_tiles == 0:
         return h
-    a_list = _check_shared_strides(a_list, (0, 1, 2), "lora_a")
+    a_list = _shared_strides(a_list, (0, 1, 2))
     cfg = kernel_config("shrink", block_m=meta.block_m, K=K, N=0, R=R, n_slices=n, dtype=x.dtype, device=x.device)
     rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
     A0 = a_list[0]
@@ -399,7 +399,7 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
     n = len(b_list)
     if T == 0 or R == 0 or N == 0 or meta.num_tiles == 0:
         return
-    b_list = _check_shared_strides(b_list, (1, 2), "lora_b")
+    b_list = _shared_strides(b_list, (1, 2))
     cfg = kernel_config("expand", block_m=meta.block_m, K=0, N=N, R=R, n_slices=n, dtype=y.dtype, device=y.device)
     rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
     cols = _slice_columns(b_list)
@@ -431,8 +431,8 @@ def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_li
     n = len(a_list)
     if T == 0 or R == 0 or N == 0 or meta.num_tiles == 0:
         return
-    a_list = _check_shared_strides(a_list, (0, 1, 2), "lora_a")
-    b_list = _check_shared_strides(b_list, (1, 2), "lora_b")
+    a_list = _shared_strides(a_list, (0, 1, 2))
+    b_list = _shared_strides(b_list, (1, 2))
     cfg = kernel_config("fused", block_m=meta.block_m, K=K, N=N, R=R, n_slices=n, dtype=x.dtype, device=x.device)
     use_dot = meta.block_m >= TENSOR_CORE_MIN_M
     r_pad = max(next_pow2(R), 16) if use_dot else next_pow2(R)
