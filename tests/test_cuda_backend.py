@@ -303,6 +303,7 @@ def test_nvcc_commands(tmp_path):
     assert "-gencode=arch=compute_90,code=compute_90" in compiles[0]
     assert '-DOLK_SASS_ARCHS="80,90"' in compiles[1] and '-DOLK_SOURCE_HASH="abcd"' in compiles[1]
     assert link[:4] == ["NVCC", "-shared", "--cudart", "static"] and link[-2].endswith("launchers.cu.o")
+    assert compiles[0][compiles[0].index("-o") + 1] == str(tmp_path / "launchers.cu.o")
 
 
 def test_missing_nvcc_is_a_reason(monkeypatch):

@@ -208,7 +208,7 @@ def nvcc_commands(src: Path, out_file: Path, obj_dir: Path, archs: Sequence[int]
               f"-I{src / 'include'}"]
     compiles = []
     for tu in TRANSLATION_UNITS:
-        cmd = common + [f"-o{obj_dir / (tu + '.o')}", "-c", str(src / tu)]
+        cmd = common + ["-o", str(obj_dir / (tu + ".o")), "-c", str(src / tu)]
         if tu.endswith(".cu"):
             cmd[1:1] = gencode_flags(archs) + (["-Xptxas", "-v"] if verbose_ptxas else [])
         else:
@@ -226,8 +226,11 @@ def _run(cmd: Sequence[str], log) -> None:
     log.write(proc.stdout)
     log.flush()
     if proc.returncode != 0:
-        tail = "\n".join(proc.stdout.strip().splitlines()[-15:])
-        raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd[:2])} ...\n{tail}")
+        lines = proc.stdout.strip().splitlines()
+        last = next((ln.strip() for ln in reversed(lines) if "error" in ln.lower() or "fatal" in ln.lower()),
+                    lines[-1].strip() if lines else "no output")
+        tail = "\n".join(lines[-15:])
+        raise RuntimeError(f"{os.path.basename(cmd[0])} failed ({proc.returncode}): {last[:200]}\n{tail}")
 
 
 def build_with_nvcc(src: Path, out_file: Path, archs: Sequence[int], log, jobs: int = 0,

@@ -26,6 +26,7 @@ Example (on a GPU)::
 """
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -132,19 +133,11 @@ def dtype_code(dtype: torch.dtype, name: str = "x") -> int:
     return code
 
 
-def slice_columns(b_list: Sequence[torch.Tensor]) -> List[int]:
-    cols, c = [], 0
-    for B in b_list:
-        cols.append(c)
-        c += B.shape[1]
-    return cols
-
-
 def pack_slices(a_list: Optional[Sequence[torch.Tensor]], b_list: Optional[Sequence[torch.Tensor]],
                 base: int, count: int) -> List[Tuple[int, ...]]:
     """One (a, a_ss, a_sr, a_sk, b, b_ss, b_sn, b_sr, n, col) tuple per slice base..base+count-1
     (pointers as ints, strides in elements; zeros for the side a launch does not read)."""
-    cols = slice_columns(b_list) if b_list is not None else None
+    cols = [0, *itertools.accumulate(B.shape[1] for B in b_list)] if b_list is not None else None
     out = []
     for i in range(base, base + count):
         a = (a_list[i].data_ptr(), *a_list[i].stride()) if a_list is not None else (0, 0, 0, 0)

@@ -105,6 +105,23 @@ OLK_DEVICE int load_rank(const SgmvParams& p, int gsid, int slot) {
   return static_cast<int>(min(max(r, int64_t(0)), p.R));
 }
 
+// What one CTA works on: a tile of one slot, one slice, that slot's rank for the slice.
+struct CtaTask {
+  Tile t;
+  int gsid;              // global slice index (ranks, h)
+  int rank;              // in [0, R]
+  const SliceArgs* sl;   // this launch's slice `sid`
+};
+
+// False when the CTA has nothing to do (unused / invalid tile, or a rank-0 slot).
+OLK_DEVICE bool load_task(const SgmvParams& p, int64_t tile, int sid, CtaTask& c) {
+  if (!load_tile(p, tile, c.t)) return false;
+  c.gsid = p.slice_base + sid;
+  c.sl = &p.slices[sid];
+  c.rank = load_rank(p, c.gsid, c.t.slot);
+  return c.rank > 0;
+}
+
 // rows_s[m] = row of sorted position t.start + m (-1 past the tile's end or when invalid), for the
 // BM rows of a tensor-core tile. Ends with a barrier.
 template <int BM, int THREADS>

@@ -59,14 +59,13 @@ __global__ void __launch_bounds__(kThreads) sgmv_expand_mma_kernel(const __grid_
   __shared__ __align__(16) T hs[BM * kLds];
   __shared__ __align__(16) T bs[BN * kLds];
   __shared__ int64_t rows_s[BM];
-  Tile t;
-  if (!load_tile(p, blockIdx.x, t)) return;
-  const int sid = blockIdx.z;
-  const int gsid = p.slice_base + sid;
-  const SliceArgs& sl = p.slices[sid];
-  const int rank = load_rank(p, gsid, t.slot);
+  CtaTask c;
+  if (!load_task(p, blockIdx.x, blockIdx.z, c)) return;
+  Tile& t = c.t;
+  const int gsid = c.gsid, rank = c.rank;
+  const SliceArgs& sl = *c.sl;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
-  if (rank == 0 || n0 >= sl.n) return;
+  if (n0 >= sl.n) return;
   t.end = min(t.end, t.start + BM);
   load_tile_rows<BM, kThreads>(p, t, rows_s);
 

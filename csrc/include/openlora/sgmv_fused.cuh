@@ -171,13 +171,11 @@ enum Mode : int { kFused = 0, kShrinkOnly = 1, kExpandOnly = 2 };
 template <typename T, int BM, int MODE>
 __global__ void __launch_bounds__(kThreads, 2) sgmv_simt_kernel(const __grid_constant__ SgmvParams p) {
   extern __shared__ float h_s[];  // [BM][R] fp32
-  Tile t;
-  if (!load_tile(p, blockIdx.x, t)) return;
-  const int sid = blockIdx.z;
-  const int gsid = p.slice_base + sid;
-  const SliceArgs& sl = p.slices[sid];
-  const int rank = load_rank(p, gsid, t.slot);
-  if (rank == 0) return;
+  CtaTask c;
+  if (!load_task(p, blockIdx.x, blockIdx.z, c)) return;
+  const Tile& t = c.t;
+  const int gsid = c.gsid, rank = c.rank;
+  const SliceArgs& sl = *c.sl;
 
   int64_t c_lo = 0, c_hi = 0;
   float scale = 1.f;

@@ -89,13 +89,12 @@ __global__ void __launch_bounds__(kThreads) sgmv_shrink_mma_kernel(const __grid_
   static_assert(BM % 16 == 0 && BM <= 64, "BM must be 16, 32 or 64");
   __shared__ __align__(16) unsigned char smem[Smem<T, BM>::kBytes];
   __shared__ int64_t rows_s[BM];
-  Tile t;
-  if (!load_tile(p, blockIdx.x, t)) return;
-  const int sid = blockIdx.z / p.split_k;
+  CtaTask c;
+  if (!load_task(p, blockIdx.x, blockIdx.z / p.split_k, c)) return;
+  Tile& t = c.t;
+  const int gsid = c.gsid, rank = c.rank;
+  const SliceArgs& sl = *c.sl;
   const int kid = blockIdx.z % p.split_k;
-  const int gsid = p.slice_base + sid;
-  const SliceArgs& sl = p.slices[sid];
-  const int rank = load_rank(p, gsid, t.slot);
   const int r0 = blockIdx.y * BR;
   if (r0 >= rank) return;
   const int64_t k_lo = kid * p.k_per_split;
