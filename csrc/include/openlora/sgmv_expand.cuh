@@ -59,11 +59,11 @@ __global__ void __launch_bounds__(kThreads) sgmv_expand_mma_kernel(const __grid_
   __shared__ __align__(16) T hs[BM * kLds];
   __shared__ __align__(16) T bs[BN * kLds];
   __shared__ int64_t rows_s[BM];
-  CtaTask c;
-  if (!load_task(p, blockIdx.x, blockIdx.z, c)) return;
-  Tile& t = c.t;
-  const int gsid = c.gsid, rank = c.rank;
-  const SliceArgs& sl = *c.sl;
+  CtaTask task;
+  if (!load_task(p, blockIdx.x, blockIdx.z, task)) return;
+  Tile& t = task.t;
+  const int gsid = task.gsid, rank = task.rank;
+  const SliceArgs& sl = *task.sl;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * BN;
   if (n0 >= sl.n) return;
   t.end = min(t.end, t.start + BM);

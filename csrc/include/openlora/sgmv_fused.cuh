@@ -171,11 +171,11 @@ enum Mode : int { kFused = 0, kShrinkOnly = 1, kExpandOnly = 2 };
 template <typename T, int BM, int MODE>
 __global__ void __launch_bounds__(kThreads, 2) sgmv_simt_kernel(const __grid_constant__ SgmvParams p) {
   extern __shared__ float h_s[];  // [BM][R] fp32
-  CtaTask c;
-  if (!load_task(p, blockIdx.x, blockIdx.z, c)) return;
-  const Tile& t = c.t;
-  const int gsid = c.gsid, rank = c.rank;
-  const SliceArgs& sl = *c.sl;
+  CtaTask task;
+  if (!load_task(p, blockIdx.x, blockIdx.z, task)) return;
+  const Tile& t = task.t;
+  const int gsid = task.gsid, rank = task.rank;
+  const SliceArgs& sl = *task.sl;
 
   int64_t c_lo = 0, c_hi = 0;
   float scale = 1.f;

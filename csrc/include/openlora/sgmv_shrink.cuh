@@ -89,11 +89,11 @@ __global__ void __launch_bounds__(kThreads) sgmv_shrink_mma_kernel(const __grid_
   static_assert(BM % 16 == 0 && BM <= 64, "BM must be 16, 32 or 64");
   __shared__ __align__(16) unsigned char smem[Smem<T, BM>::kBytes];
   __shared__ int64_t rows_s[BM];
-  CtaTask c;
-  if (!load_task(p, blockIdx.x, blockIdx.z / p.split_k, c)) return;
-  Tile& t = c.t;
-  const int gsid = c.gsid, rank = c.rank;
-  const SliceArgs& sl = *c.sl;
+  CtaTask task;
+  if (!load_task(p, blockIdx.x, blockIdx.z / p.split_k, task)) return;
+  Tile& t = task.t;
+  const int gsid = task.gsid, rank = task.rank;
+  const SliceArgs& sl = *task.sl;
   const int kid = blockIdx.z % p.split_k;
   const int r0 = blockIdx.y * BR;
   if (r0 >= rank) return;
