@@ -1,5 +1,93 @@
-"""Build script. The pure-Python package installs everywhere; the optional CUDA
-extension (csrc/) is added by the CUDA-backend work and is skipped when nvcc is absent."""
-from setuptools import setup
+"""Build script. The pure-Python package installs everywhere; the optional CUDA extension
+(csrc/ -> openlora_kernels/ops/_cuda_sgmv) is built when nvcc and pybind11 are found.
 
-setup()
+    pip install -e . --no-deps --no-build-isolation     # GPU machines: uses the env's tools
+    pip install -e .                                    # isolated build: pybind11/cmake/ninja from PyPI
+    OPENLORA_CUDA_ARCHS=90 pip install -e .             # machine code for sm_90 only (faster)
+    OPENLORA_SKIP_CUDA=1 pip install -e .               # never build the extension
+
+Without nvcc (or with OPENLORA_SKIP_CUDA=1) nothing is compiled and backend "cuda" reports
+itself unavailable with the reason; if the GPU machine has nvcc it is built on first use instead.
+A failing build only warns unless OPENLORA_CUDA_REQUIRED=1. The CUDA sources are also copied into
+the package (openlora_kernels/ops/_csrc) so that a wheel built without nvcc can build on first use.
+torch is never needed to build: the extension links to no libtorch. See docs/cuda.md.
+"""
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _load_cuda_build():
+    """openlora_kernels/ops/cuda_build.py by path (stdlib only; importing the package needs torch)."""
+    path = ROOT / "openlora_kernels" / "ops" / "cuda_build.py"
+    spec = importlib.util.spec_from_file_location("_openlora_cuda_build", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+cuda_build = _load_cuda_build()
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+class BuildPyWithSources(build_py):
+    """Ship csrc/ inside the package (openlora_kernels/ops/_csrc) for the on-first-use build."""
+
+    def run(self):
+        super().run()
+        src = ROOT / "csrc"
+        if src.is_dir() and not getattr(self, "editable_mode", False):
+            dst = Path(self.build_lib) / "openlora_kernels" / "ops" / "_csrc"
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
+
+
+class BuildCudaExtension(build_ext):
+    """Builds _cuda_sgmv with CMake + Ninja (or nvcc directly), never fatally unless required."""
+
+    def build_extension(self, ext):
+        out = Path(self.get_ext_fullpath(ext.name))
+        archs = cuda_build.install_archs()
+        log_path = Path(self.build_temp) / "openlora_cuda_build.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"openlora_kernels: building the CUDA extension for sm_{archs} (log: {log_path})", flush=True)
+        try:
+            with open(log_path, "w", encoding="utf-8") as log:
+                used = cuda_build.build_extension(out, archs, Path(self.build_temp) / "cmake", log,
+                                                  jobs=self.parallel or 0)
+            print(f"openlora_kernels: built {out.name} with {used}", flush=True)
+        except Exception as e:
+            if _flag("OPENLORA_CUDA_REQUIRED"):
+                raise
+            print(f"openlora_kernels: WARNING: the CUDA extension was not built ({e}); "
+                  "backend 'cuda' will try to build on first use (see docs/cuda.md)", file=sys.stderr, flush=True)
+        if log_path.exists() and _flag("OPENLORA_PTXAS_VERBOSE"):
+            sys.stdout.write(log_path.read_text())
+
+
+def _ext_modules():
+    try:
+        skip = cuda_build.install_skip_reason()
+    except Exception as e:  # never let the optional part break a pure-Python install
+        skip = repr(e)
+    if skip:
+        print(f"openlora_kernels: not building the CUDA extension: {skip}", flush=True)
+        return []
+    return [Extension("openlora_kernels.ops._cuda_sgmv", sources=[])]
+
+
+setup(
+    ext_modules=_ext_modules(),
+    cmdclass={"build_ext": BuildCudaExtension, "build_py": BuildPyWithSources},
+)
