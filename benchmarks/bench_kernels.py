@@ -465,7 +465,7 @@ class Runner:
                     torch.cuda.synchronize(dev)
         self.write(rows)
         big = n_sets * set_bytes > 2**30
-        del sets, ref, b
+        sets.clear()  # the timed closures hold the list: emptying it frees the tensors
         if dev.type == "cuda" and big:  # hand large rotation sets back before the next case
             gc.collect()
             torch.cuda.empty_cache()

@@ -269,7 +269,6 @@ def measure_copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, r
     dst = torch.empty_like(src)
     timing = time_rotating(lambda j: dst.copy_(src), 1, device, budget_ms=0.0, min_reps=reps, max_reps=reps)
     gbps = {k: 2 * nbytes / (timing[k] * 1e-3) / 1e9 for k in ("median", "p20", "p80")}
-    del src, dst
     # a longer time is a lower bandwidth: p20 of bandwidth comes from p80 of time
     return {"median": gbps["median"], "p20": gbps["p80"], "p80": gbps["p20"], "bytes": 2 * nbytes,
             "reps": timing["reps"]}
@@ -288,6 +287,5 @@ def measure_matmul_tflops(device: torch.device, n: Optional[int] = None, dtype: 
     timing = time_rotating(lambda j: torch.mm(a, b), 1, device, budget_ms=0.0, min_reps=reps, max_reps=reps)
     flop = 2.0 * n ** 3
     tf = {k: flop / (timing[k] * 1e-3) / 1e12 for k in ("median", "p20", "p80")}
-    del a, b
     return {"median": tf["median"], "p20": tf["p80"], "p80": tf["p20"], "n": n,
             "dtype": str(dtype).replace("torch.", ""), "reps": timing["reps"]}

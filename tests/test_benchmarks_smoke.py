@@ -285,3 +285,61 @@ def test_report_assesses_the_targets_on_gpu_rows():
     assert "prefill add_lora >= 60% of roofline: 0 of 1 cells met" in text
     table = report.op_table(rows, "add_lora", "4096->4096")
     assert "| 64 | 64 | 16.0 | 20.0 | 80.0% | 17.0 | 94.1% | 300.0 | 50.0 | - | 15.00x | 2.50x | - |" in table
+
+
+class _FakeCuda:
+    """CPU stand-ins for the torch.cuda calls of common.py's GPU timing, to run its logic here."""
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.t = None
+
+        def record(self, stream=None):
+            import time
+
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 1e3
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class CUDAGraph:
+        replays = 0
+
+        def replay(self):
+            _FakeCuda.CUDAGraph.replays += 1
+
+    @staticmethod
+    def install(monkeypatch):
+        import contextlib
+
+        fake = _FakeCuda
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(torch.cuda, "Event", fake.Event)
+        monkeypatch.setattr(torch.cuda, "Stream", fake.Stream)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: fake.Stream())
+        monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", fake.CUDAGraph)
+        monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+
+
+def test_gpu_timing_paths_with_stand_ins(monkeypatch):
+    _FakeCuda.install(monkeypatch)
+    dev = torch.device("cuda")
+    seen = []
+    t = common.time_rotating(seen.append, 5, dev, budget_ms=0.0, min_reps=7, max_reps=7, warmup=2)
+    assert t["reps"] == 7 and len(seen) == 1 + 2 + 7 and set(seen) == set(range(5))
+    assert 0 <= t["p20"] <= t["median"] <= t["p80"]
+    seen.clear()
+    g = common.time_cuda_graph(seen.append, 5, dev, budget_ms=0.0, min_reps=4, max_reps=4, min_calls=12)
+    assert g["calls_per_graph"] == 15 and g["reps"] == 4
+    assert seen == [0, 1, 2] + [c % 5 for c in range(15)]        # warm-up, then one capture
+    assert _FakeCuda.CUDAGraph.replays >= 4 + 2
+    with pytest.raises(RuntimeError, match="CUDA"):
+        common.time_cuda_graph(seen.append, 1, torch.device("cpu"))
