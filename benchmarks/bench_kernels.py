@@ -117,10 +117,17 @@ class Batch:
 
 
 def shape_dims(shape: str, quick: bool) -> Tuple[str, int, Tuple[int, ...]]:
+    """(model and layer, K, widths) of a SHAPES entry; --quick divides the sizes."""
     label, K, widths = SHAPES[shape]
     if quick:
         K, widths = K // QUICK_DIVISOR, tuple(w // QUICK_DIVISOR for w in widths)
+        label += f" (sizes / {QUICK_DIVISOR}: --quick)"
     return label, K, widths
+
+
+def shape_label(K: int, widths: Sequence[int]) -> str:
+    """The shape column of a row: 'K->N', or 'K->N1+N2+N3' for a multi-slice call."""
+    return f"{K}->" + "+".join(str(w) for w in widths)
 
 
 def build_plan(args, preset) -> List[Case]:
@@ -393,6 +400,7 @@ class Runner:
     # ---- one case: every contender
     def run_case(self, case: Case, contenders: Sequence[Contender]) -> None:
         label, K, widths = shape_dims(case.shape, self.args.quick)
+        shape = shape_label(K, widths)  # the sizes actually run (--quick shrinks them)
         dev, dtype = self.device, self.dtype
         elem = torch.finfo(dtype).bits // 8
         torch.manual_seed(self.args.seed)
@@ -417,7 +425,7 @@ class Runner:
         tol_ours, tol_base = (1e-3, 1e-3) if dtype == torch.float32 else (2e-2, 6e-2)
         for c in contenders:
             why = skip_reason(c, case, b, dev, self.args, elem)
-            tag = f"{case.op:11s} {case.shape:20s} r={case.rank:5s} {case.workload:9s} T={case.T:5d} {c.name:11s}"
+            tag = f"{case.op:11s} {shape:20s} r={case.rank:5s} {case.workload:9s} T={case.T:5d} {c.name:11s}"
             if why:
                 print(f"{tag} skipped: {why}")
                 continue
@@ -450,7 +458,7 @@ class Runner:
                     ok = err is None or err <= tol
                     if not ok:
                         self.failures.append(f"{tag}: rel_err {err:.3g} > {tol}")
-                    rows.append({"benchmark": "kernels", "kernel": case.op, "contender": c.name, "shape": case.shape,
+                    rows.append({"benchmark": "kernels", "kernel": case.op, "contender": c.name, "shape": shape,
                                  "metric": metric, "median": t["median"] * 1e3, "p20": t["p20"] * 1e3,
                                  "p80": t["p80"] * 1e3, "unit": "us", **common_extra, **s, "reps": t["reps"],
                                  "rel_err": err, "check": "n/a" if err is None else ("ok" if ok else "FAIL"),

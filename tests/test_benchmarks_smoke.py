@@ -108,7 +108,11 @@ def test_bench_kernels_quick_writes_wellformed_rows(quick_csv):
     timed = [r for r in rows if r["kernel"] in roofline.OPS]
     assert {r["kernel"] for r in rows} == {"ceiling", "build_batch_meta", *roofline.OPS}
     assert {r["contender"] for r in timed} == {"olk-torch", "loop", "gather_bmm", "dense_one"}
-    assert {r["shape"] for r in timed} == set(bench_kernels.SHAPES)
+    quick_shapes = {bench_kernels.shape_label(*bench_kernels.shape_dims(s, True)[1:]) for s in bench_kernels.SHAPES}
+    assert {r["shape"] for r in timed} == quick_shapes == {"64->64", "64->172", "172->64", "64->64+16+16"}
+    assert all(r["extra"]["model"].endswith("--quick)") for r in timed)
+    assert bench_kernels.shape_label(*bench_kernels.shape_dims("4096->4096+1024+1024", False)[1:]) == \
+        "4096->4096+1024+1024"
     assert {r["extra"]["workload"] for r in timed} == set(workloads.WORKLOADS)
     assert {r["extra"]["rank"] for r in timed} == {"16", "mixed"}
     assert {r["extra"]["regime"] for r in timed} == {"decode", "prefill"}
@@ -128,12 +132,12 @@ def test_report_renders_tables_from_the_rows(quick_csv, tmp_path):
     md = tmp_path / "report.md"
     assert report.main([quick_csv, "--out", str(md)]) == 0
     text = md.read_text()
-    for heading in ("#### Ceilings", "#### add_lora, 4096->4096", "#### lora_shrink", "#### lora_expand",
+    for heading in ("#### Ceilings", "#### add_lora, 64->64", "#### lora_shrink", "#### lora_expand",
                     "#### add_lora by rank", "#### add_lora by workload", "#### Batch metadata build", "#### Targets"):
         assert heading in text
     assert "CPU run: the targets are GPU targets" in text
     rows = common.read_rows(quick_csv)
-    t1 = min((r for r in rows if r["kernel"] == "add_lora" and r["shape"] == "4096->4096" and r["extra"]["T"] == 1
+    t1 = min((r for r in rows if r["kernel"] == "add_lora" and r["shape"] == "64->64" and r["extra"]["T"] == 1
               and r["contender"] == "loop"), key=lambda r: r["median"])
     assert f"| {t1['median']:.1f} |" in text           # a number of the table is the file's number
 
