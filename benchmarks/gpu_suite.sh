@@ -8,11 +8,13 @@
 #   install     pip install -e . --no-deps --no-build-isolation (PYTHONPATH=repo root either way)
 #   backends    olk.available_backends() on the GPU
 #   pytest_gpu  pytest -m gpu -q (the GPU-only tests; exit 5 = none collected)
-#   parity      benchmarks/sanitizer_parity.py: every op / backend on awkward indices (fills Triton's cache)
-#   sanitizer   the same (--quick) under compute-sanitizer memcheck, caching allocator off
+#   parity      benchmarks/sanitizer_parity.py --quick: every op / backend on awkward indices
+#               (also fills Triton's cache for the next step)
+#   sanitizer   the same under compute-sanitizer memcheck, caching allocator off
 #   bench       benchmarks/bench_kernels.py at full size, then any other benchmarks/bench_*.py
 #   plots       benchmarks/plot.py for each results CSV (when matplotlib is there)
 #   report      benchmarks/report.py: markdown tables + the issues' targets, per results CSV
+#   parity_full the parity run over every dtype and block_m, if time is left
 #   tests       the rest of the test suite (pytest -m "not gpu") if time is left
 # and always, last: results + logs + plots tarred into $OUT, a summary table printed at the end.
 #
@@ -45,7 +47,7 @@ LOGS=$WORK/logs
 mkdir -p "$LOGS" "$WORK/results" "$WORK/plots"
 SUMMARY=$WORK/summary.tsv
 : > "$SUMMARY"
-STEPS=",${SUITE_STEPS:-env,install,backends,pytest_gpu,parity,sanitizer,bench,plots,report,tests},"
+STEPS=",${SUITE_STEPS:-env,install,backends,pytest_gpu,parity,sanitizer,bench,plots,report,parity_full,tests},"
 QUICK=${SUITE_QUICK:-0}
 POST_RESERVE=45      # seconds kept for plots, report and packaging
 PACK_RESERVE=15      # seconds kept for packaging alone
@@ -173,11 +175,9 @@ if wants pytest_gpu; then
     step pytest_gpu "${PYTEST_GPU_TIMEOUT_S:-150}" $((BENCH_MIN_S + POST_RESERVE)) \
         "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs --junitxml="$LOGS/pytest_gpu.xml"
 fi
-PARITY_ARGS=()
-[[ $QUICK == 1 ]] && PARITY_ARGS+=(--quick)
-if wants parity; then
+if wants parity; then  # the --quick subset: also compiles what the sanitizer run needs
     step parity "${PARITY_TIMEOUT_S:-90}" $((BENCH_MIN_S + POST_RESERVE)) \
-        "$PY" -m benchmarks.sanitizer_parity "${PARITY_ARGS[@]}"
+        "$PY" -m benchmarks.sanitizer_parity --quick
 fi
 if wants sanitizer; then
     if command -v compute-sanitizer > /dev/null 2>&1 && "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -237,7 +237,10 @@ if wants report; then
     done
 fi
 
-# --------------------------------------------------------------------- the rest of the tests
+# ------------------------------------------------------------- full parity, the rest of the tests
+if wants parity_full && [[ $QUICK != 1 ]]; then  # every dtype and block_m: many Triton compiles
+    step parity_full 150 $((PACK_RESERVE + 60)) "$PY" -m benchmarks.sanitizer_parity
+fi
 if wants tests; then
     if (( $(left) - PACK_RESERVE > 60 )); then
         step tests 100000 "$PACK_RESERVE" "$PY" -m pytest -q -p no:cacheprovider -m "not gpu" -rfE

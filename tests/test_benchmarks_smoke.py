@@ -232,7 +232,7 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # keep Triton's slow interpreter out
     env.update(OUT=str(tmp_path / "out"), SUITE_RESULTS_DIR=str(tmp_path / "results"), SUITE_QUICK="1",
                SUITE_STEPS="backends,bench,report", PYTHON=sys.executable,
-               BENCH_ARGS="--ops add_lora --shapes 4096->4096 --sweeps T --baselines loop")
+               BENCH_ARGS="--device cpu --ops add_lora --shapes 4096->4096 --sweeps T --baselines loop")
     committed = os.path.join(ROOT, "benchmarks", "results", "kernels_cpu_quick.csv")
     before = _stamp(committed)
     assert subprocess.run(["bash", "-n", "benchmarks/gpu_suite.sh"], cwd=ROOT).returncode == 0
