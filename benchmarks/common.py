@@ -110,3 +110,182 @@ def read_rows(path: str) -> List[Dict[str, Any]]:
                 r[k] = float(r[k])
         r["extra"] = json.loads(r["extra"]) if r.get("extra") else {}
     return rows
+
+
+# ------------------------------------------------------------------------------------------
+# Device timing, cache rotation and the two ceilings (added for bench_kernels.py; device-neutral:
+# CUDA events on a GPU, perf_counter on the CPU). Times are in milliseconds, like time_cpu.
+# ------------------------------------------------------------------------------------------
+
+
+def device_slug(device: Optional[torch.device] = None) -> str:
+    """A file-name-safe name of the device: 'NVIDIA_H100_80GB_HBM3', or 'cpu'."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_") or "cuda"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cache_bytes(device: torch.device) -> int:
+    """Size of the last cache level repeated calls would hit: the GPU's L2 (50 MB on an H100),
+    the CPU's largest cache from sysfs (32 MB when unknown)."""
+    if device.type == "cuda":
+        size = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+        return int(size) if size else 50 * 2**20
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(base):
+            try:
+                with open(os.path.join(base, entry, "size"), encoding="utf-8") as f:
+                    text = f.read().strip().upper()
+            except OSError:
+                continue
+            mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            digits = text.rstrip("KMG")
+            if digits.isdigit():
+                best = max(best, int(digits) * mult)
+    except OSError:
+        pass
+    return best or 32 * 2**20
+
+
+def rotation_sets(set_bytes: int, cache: int, *, factor: float = 2.0, min_sets: int = 2, max_sets: int = 512,
+                  max_total_bytes: Optional[int] = None) -> int:
+    """How many input sets to cycle through so that a set has left the cache before it is used
+    again: the other n - 1 sets together hold ``factor`` x the cache size. Bounded by
+    ``max_sets`` and by ``max_total_bytes`` of memory (check ``(n - 1) * set_bytes >= cache``
+    to know whether the bound cut the rotation short)."""
+    set_bytes = max(1, int(set_bytes))
+    n = -(-int(factor * cache) // set_bytes) + 1
+    n = max(min_sets, min(max_sets, n))
+    if max_total_bytes is not None:
+        n = min(n, max(1, int(max_total_bytes) // set_bytes))
+    return max(1, n)
+
+
+def _reps_for(est_ms: float, budget_ms: float, min_reps: int, max_reps: int) -> int:
+    if est_ms <= 0:
+        return max_reps
+    return int(max(min_reps, min(max_reps, budget_ms / est_ms)))
+
+
+def time_rotating(fn: Callable[[int], Any], n_sets: int, device: torch.device, *, budget_ms: float = 100.0,
+                  min_reps: int = 10, max_reps: int = 300, warmup: int = 3) -> Dict[str, float]:
+    """Time ``fn(j)`` (j cycles over the ``n_sets`` input sets) call by call, in ms.
+
+    The first call (compilation, first-touch) and ``warmup`` more are not timed; they also give
+    an estimate that sets the number of repetitions (``budget_ms`` of timed calls, between
+    ``min_reps`` and ``max_reps``). On a GPU every call sits between its own pair of CUDA events,
+    so host overhead between the events (Python, launch) is part of the time: this is the eager
+    time a caller sees. Returns median, p20, p80, reps and first_call_ms.
+    """
+    t0 = time.perf_counter()
+    fn(0)
+    synchronize(device)
+    first_ms = (time.perf_counter() - t0) * 1e3
+    n_warm = max(1, warmup)
+    t0 = time.perf_counter()
+    for i in range(n_warm):
+        fn((i + 1) % n_sets)
+    synchronize(device)
+    est = (time.perf_counter() - t0) * 1e3 / n_warm
+    reps = _reps_for(est, budget_ms, min_reps, max_reps)
+    start_at = (n_warm + 1) % n_sets
+    samples: List[float] = []
+    if device.type == "cuda":
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            starts[i].record()
+            fn((start_at + i) % n_sets)
+            ends[i].record()
+        torch.cuda.synchronize(device)
+        samples = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    else:
+        for i in range(reps):
+            t = time.perf_counter()
+            fn((start_at + i) % n_sets)
+            samples.append((time.perf_counter() - t) * 1e3)
+    return {**quantiles(samples), "reps": reps, "first_call_ms": first_ms}
+
+
+def time_cuda_graph(fn: Callable[[int], Any], n_sets: int, device: torch.device, *, budget_ms: float = 100.0,
+                    min_reps: int = 5, max_reps: int = 100, min_calls: int = 32) -> Dict[str, float]:
+    """Time ``fn`` replayed from a CUDA graph, in ms per call: launch gaps and host overhead gone.
+
+    One graph holds ``calls`` >= ``min_calls`` calls cycling over the input sets (so the rotation
+    still defeats the L2); each replay sits between CUDA events and its time / calls is one
+    sample. ``fn`` must be capturable (no host syncs, no CPU tensors created on the fly).
+    """
+    if device.type != "cuda":
+        raise RuntimeError("time_cuda_graph needs a CUDA device")
+    calls = n_sets * max(1, -(-min_calls // n_sets))
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the capturing stream (allocator, lazy init)
+        for j in range(min(n_sets, 3)):
+            fn(j)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in range(calls):
+            fn(c % n_sets)
+    graph.replay()
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    est = (time.perf_counter() - t0) * 1e3
+    reps = _reps_for(est, budget_ms, min_reps, max_reps)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        starts[i].record()
+        graph.replay()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    samples = [s.elapsed_time(e) / calls for s, e in zip(starts, ends)]
+    del graph
+    return {**quantiles(samples), "reps": reps, "calls_per_graph": calls}
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: Optional[int] = None, reps: int = 20) -> Dict[str, float]:
+    """Memory bandwidth in GB/s (1e9 B/s) from a large copy on ``device`` (bytes read + written).
+
+    Default size: 1 GiB on a GPU (far beyond any L2), 64 MiB on the CPU. The source holds random
+    bytes, never zeros. Returns median, p20, p80 GB/s and the bytes copied.
+    """
+    if nbytes is None:
+        nbytes = 2**30 if device.type == "cuda" else 2**26
+    src = torch.randint(0, 256, (int(nbytes),), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    timing = time_rotating(lambda j: dst.copy_(src), 1, device, budget_ms=0.0, min_reps=reps, max_reps=reps)
+    gbps = {k: 2 * nbytes / (timing[k] * 1e-3) / 1e9 for k in ("median", "p20", "p80")}
+    # a longer time is a lower bandwidth: p20 of bandwidth comes from p80 of time
+    return {"median": gbps["median"], "p20": gbps["p80"], "p80": gbps["p20"], "bytes": 2 * nbytes,
+            "reps": timing["reps"]}
+
+
+def measure_matmul_tflops(device: torch.device, n: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                          reps: int = 10) -> Dict[str, Any]:
+    """Dense matmul rate in TFLOP/s on random data: n x n x n in bf16 (8192) on a GPU, float32
+    (512) on the CPU. Returns median, p20, p80 TFLOP/s, n and dtype."""
+    if n is None:
+        n = 8192 if device.type == "cuda" else 512
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    timing = time_rotating(lambda j: torch.mm(a, b), 1, device, budget_ms=0.0, min_reps=reps, max_reps=reps)
+    flop = 2.0 * n ** 3
+    tf = {k: flop / (timing[k] * 1e-3) / 1e12 for k in ("median", "p20", "p80")}
+    return {"median": tf["median"], "p20": tf["p80"], "p80": tf["p20"], "n": n,
+            "dtype": str(dtype).replace("torch.", ""), "reps": timing["reps"]}
