@@ -2,8 +2,9 @@
 
 These functions validate every argument (shape, dtype, device; a bad one raises ValueError or
 TypeError naming it), build the batch metadata when given raw indices, resolve the backend and
-call the registered custom op (``custom_ops.py``). They are plain Python over static tensor
-properties, so torch.compile(fullgraph=True) traces straight through them.
+call the registered custom op (``custom_ops.py``; in eager mode its implementation directly, without
+the dispatch cost). They are plain Python over static tensor properties, so
+torch.compile(fullgraph=True) traces straight through them.
 
 Inference only: the ops have no autograd formula.
 """
@@ -194,7 +195,10 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: Ten
     name = resolve_backend(backend, x.device)
     if x.shape[0] == 0 or y.shape[1] == 0:
         return y
-    torch.ops.openlora.add_lora(y, x, a_list, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
+    if torch.compiler.is_compiling():
+        torch.ops.openlora.add_lora(y, x, a_list, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
+    else:
+        custom_ops.run_add_lora(y, x, a_list, b_list, scalings, ranks, meta, name)
     return y
 
 
@@ -214,7 +218,9 @@ def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: 
     name = resolve_backend(backend, x.device)
     if x.shape[0] == 0:
         return x.new_zeros((len(a_list), 0, R), dtype=torch.float32)
-    return torch.ops.openlora.lora_shrink(x, a_list, ranks, *meta.tensors(), meta.block_m, name)
+    if torch.compiler.is_compiling():
+        return torch.ops.openlora.lora_shrink(x, a_list, ranks, *meta.tensors(), meta.block_m, name)
+    return custom_ops.run_shrink(x, a_list, ranks, meta, name)
 
 
 def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices: Indices, scalings: torch.Tensor,
@@ -243,5 +249,8 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices:
     name = resolve_backend(backend, y.device)
     if y.shape[0] == 0 or y.shape[1] == 0:
         return y
-    torch.ops.openlora.lora_expand(y, h, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
+    if torch.compiler.is_compiling():
+        torch.ops.openlora.lora_expand(y, h, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
+    else:
+        custom_ops.run_expand(y, h, b_list, scalings, ranks, meta, name)
     return y
