@@ -19,7 +19,7 @@ Hugging Face names below are loaded on first use.
 """
 from .checks import debug_checks_enabled, set_debug_checks
 from .metadata import LoRABatchMeta, build_batch_meta, choose_block_m
-from .ops import (BackendInfo, BackendUnavailableError, add_lora, available_backends, lora_expand,
+from .ops import (BackendInfo, BackendUnavailableError, BoundLoRA, add_lora, available_backends, lora_expand,
                   lora_shrink)
 
 __version__ = "0.1.0"
@@ -45,7 +45,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "add_lora", "lora_shrink", "lora_expand",
+    "add_lora", "lora_shrink", "lora_expand", "BoundLoRA",
     "LoRABatchMeta", "build_batch_meta", "choose_block_m",
     "available_backends", "BackendInfo", "BackendUnavailableError",
     "set_debug_checks", "debug_checks_enabled",

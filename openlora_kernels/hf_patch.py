@@ -14,7 +14,9 @@ How the model is patched
   patched is refused with a message naming it.
 * Each patched module gets a forward hook (the module itself, its weights and the model's
   state_dict are untouched): ``y = base(x)`` as before, then
-  ``add_lora(y.view(-1, N), x.reshape(-1, K), A_slots, B_slots, meta, scalings, ranks)``.
+  ``add_lora(y.view(-1, N), x.reshape(-1, K), A_slots, B_slots, meta, scalings, ranks)`` through
+  a :class:`~openlora_kernels.ops.api.BoundLoRA` (the slot weights are checked once per change
+  of the pool, not in every call).
   Fused projections (Phi-3 ``qkv_proj``/``gate_up_proj``, GPT-NeoX ``query_key_value``) are one
   module with one lora_A/lora_B in PEFT's format, so they are a single-slice call like any other.
 * The batch metadata is built ONCE per forward, by a pre-forward hook on the top model, from the
@@ -40,7 +42,6 @@ from torch import nn
 
 from .adapters import AdapterWeights, resolve_source
 from .metadata import LoRABatchMeta, build_batch_meta
-from .ops.api import add_lora
 from .ops.backends import BACKEND_CHOICES, resolve_backend
 from .pool import AdapterPool, HostLoRA, LayerSlots, MemoryReport
 
@@ -170,24 +171,24 @@ def _model_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     return None
 
 
-def _lora_hook(slots: LayerSlots, state: _BatchState, backend: str):
-    name, device = slots.name, slots.device
+def _lora_hook(slots: LayerSlots, state: _BatchState):
+    name, device, dtype = slots.name, slots.device, slots.dtype
 
     def hook(module, args, kwargs, output):
-        meta = state.meta
-        if meta is None or slots.args is None:
+        meta, op = state.meta, slots.op
+        if meta is None or op is None:
             return None
-        a, b, scalings, ranks = slots.args
         x = args[0] if args else next(iter(kwargs.values()))
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] != meta.num_tokens or meta.token_slots.device != device:
+        if x2.shape[0] != meta.num_tokens or meta.device != device:
             meta = state.meta_for(x, device, name)
         y = output if output.is_contiguous() else output.contiguous()
-        if x2.dtype != a.dtype:
-            x2 = x2.to(a.dtype)
-        # inference only: no autograd records for the delta
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        # add_lora(y, x2, A_slots, B_slots, meta, scalings, ranks), weights checked once (BoundLoRA).
+        # Inference only: no autograd records for the delta.
         with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-            add_lora(y.view(-1, y.shape[-1]), x2, a, b, meta, scalings, ranks, backend=backend)
+            op(y.view(-1, y.shape[-1]), x2, meta)
         return y
 
     return hook
@@ -231,7 +232,7 @@ class MultiLoRAModel:
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self.target_modules = target_modules
         self._layers: Dict[str, LayerSlots] = {
-            name: LayerSlots(name, K, N, max_adapters, max_rank, mod.weight.device, mod.weight.dtype)
+            name: LayerSlots(name, K, N, max_adapters, max_rank, mod.weight.device, mod.weight.dtype, backend)
             for name, mod, K, N in picked}
         self._all_modules = {name for name, _ in model.named_modules()}
         self._resolved: Dict[str, str] = {}
@@ -240,7 +241,7 @@ class MultiLoRAModel:
         self._batch_held: List[str] = []
         self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
         for name, mod, _, _ in picked:
-            self._hooks.append(mod.register_forward_hook(_lora_hook(self._layers[name], self._state, backend),
+            self._hooks.append(mod.register_forward_hook(_lora_hook(self._layers[name], self._state),
                                                          with_kwargs=True))
         model._openlora_patched = True
 

@@ -36,6 +36,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .adapters import AdapterSource, AdapterWeights, ModuleLoRA, load_adapter_weights
+from .ops.api import BoundLoRA
 
 
 @dataclass(frozen=True)
@@ -53,20 +54,21 @@ Binder = Callable[[AdapterWeights], Bound]
 
 
 class LayerSlots:
-    """The device slots of one patched layer and the arguments its add_lora call takes."""
+    """The device slots of one patched layer and its add_lora call (``op``) over them."""
 
     def __init__(self, name: str, in_features: int, out_features: int, num_slots: int, max_rank: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, backend: str = "auto"):
         self.name, self.in_features, self.out_features = name, in_features, out_features
         self.num_slots, self.max_rank, self.device, self.dtype = num_slots, max_rank, device, dtype
+        self.backend = backend
         self.a: Optional[torch.Tensor] = None       # [S, R, K]
         self.bt: Optional[torch.Tensor] = None      # [S, R, N]
         self.ranks_host = [0] * num_slots
         self.scal_host = [0.0] * num_slots
         self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
         self.scalings = torch.zeros(num_slots, dtype=torch.float32, device=device)
-        # (lora_a, lora_b, scalings, ranks) for add_lora; None while no slot has weights here.
-        self.args: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
+        # add_lora bound to this layer's slots: op(y, x, meta); None while no slot has weights here.
+        self.op: Optional[BoundLoRA] = None
 
     @property
     def nbytes(self) -> int:
@@ -94,7 +96,7 @@ class LayerSlots:
         self.ranks_host[slot], self.scal_host[slot] = r, float(w.scaling)
 
     def publish(self, keep_alive: List[torch.Tensor]) -> None:
-        """Send the host ranks/scalings to the device and recompute the add_lora arguments."""
+        """Send the host ranks/scalings to the device and rebind the add_lora call."""
         ranks = torch.tensor(self.ranks_host, dtype=torch.int32)
         scal = torch.tensor(self.scal_host, dtype=torch.float32)
         if self.device.type == "cpu":
@@ -106,16 +108,16 @@ class LayerSlots:
             keep_alive += [ranks, scal]
         r_eff = max(self.ranks_host)
         if r_eff == 0:
-            self.args = None
+            self.op = None
         elif self.device.type == "cpu":
             # The CPU path's work grows with R: pass only the ranks in use (views, no copies);
             # ranks=None when every slot has exactly that rank here.
             uniform = all(r == r_eff for r in self.ranks_host)
-            self.args = (self.a[:, :r_eff], self.bt[:, :r_eff].transpose(1, 2), self.scalings,
-                         None if uniform else self.ranks)
+            self.op = BoundLoRA(self.a[:, :r_eff], self.bt[:, :r_eff].transpose(1, 2), self.scalings,
+                                None if uniform else self.ranks, backend=self.backend)
         else:
             # Fixed shapes on a GPU (CUDA-graph friendly); the kernels skip padding given ranks.
-            self.args = (self.a, self.bt.transpose(1, 2), self.scalings, self.ranks)
+            self.op = BoundLoRA(self.a, self.bt.transpose(1, 2), self.scalings, self.ranks, backend=self.backend)
 
 
 @dataclass(frozen=True)

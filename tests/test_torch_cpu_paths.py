@@ -58,6 +58,7 @@ BATCHES = {
     "decode_even": (32, 16, lambda T, S: torch.arange(T) % S),
     "skewed": (23, 5, lambda T, S: torch.tensor([0] * 12 + [1] * 3 + [3] * 5 + [-1] * 3)),
     "few_active": (9, 12, lambda T, S: torch.tensor([7, -1, 2, 7, 7, 2, -1, 11, 2])),
+    "contiguous_subset": (10, 8, lambda T, S: torch.tensor([4, 3, 5, -1, 3, 3, 4, 5, 5, 4])),
     "one_row": (1, 4, lambda T, S: torch.tensor([3])),
 }
 
@@ -75,12 +76,16 @@ def test_add_lora_matches_reference(strategy, batch, ranks, dtype):
     T, S, pattern = BATCHES[batch]
     x, y, a, b, idx, scal, rk = problem(T, 40, [24, 9], S, 8, dtype=dtype, ranks=ranks and ranks.replace("_nan", ""),
                                         idx=pattern(T, S), strided=batch == "skewed", poison=ranks == "mixed_nan")
+    free = idx < 0
+    y[free, 0], y[free, 1] = -0.0, float("nan")        # values an "add zero" would change
     y0 = y.clone()
     olk.add_lora(y, x, a, b, idx, scal, rk, backend="torch")
     want = y0.double() + rows_reference(x, a, b, idx, scal, rk)
     atol, rtol = TOL[dtype]
-    torch.testing.assert_close(y.double(), want, atol=atol, rtol=rtol)
-    assert torch.equal(y[idx < 0], y0[idx < 0]), "rows without adapter must be untouched"
+    torch.testing.assert_close(y[~free].double(), want[~free], atol=atol, rtol=rtol)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(y[free].contiguous().view(bits), y0[free].contiguous().view(bits)), \
+        "rows without adapter must be untouched bit for bit"
 
 
 @pytest.mark.parametrize("batch", list(BATCHES))
@@ -116,3 +121,21 @@ def test_cost_model_picks_padded_for_decode_and_segments_for_one_long_prefill():
     assert torch_ref._cpu_strategy(decode, 16, 256, 256) == "padded"
     prefill = olk.build_batch_meta(torch.tensor([0] * 4000 + list(range(1, 16))), 16)
     assert torch_ref._cpu_strategy(prefill, 16, 256, 256) == "segment"
+
+
+def test_rows_already_grouped_by_slot_skip_the_gather(monkeypatch):
+    """Serving stacks often sort rows by adapter: then the padded layout is the row order."""
+    monkeypatch.setattr(torch_ref, "_cpu_strategy", lambda *a, **k: "padded")
+    idx = torch.tensor([0, 0, 1, 1, 2, 2])
+    x, y, a, b, _, scal, _ = problem(6, 16, [12], 3, 4, idx=idx)
+    meta = olk.build_batch_meta(idx, 3)
+    assert torch_ref._padded_rows(meta).identity
+    y0 = y.clone()
+    olk.add_lora(y, x, a[0], b[0], meta, scal, backend="torch")
+    torch.testing.assert_close(y.double(), y0.double() + rows_reference(x, a, b, idx, scal, None), atol=2e-5, rtol=2e-5)
+    h = olk.lora_shrink(x, a[0], meta, backend="torch")
+    h0 = h.clone()
+    y1 = y0.clone()
+    olk.lora_expand(y1, h, b[0], meta, scal, backend="torch")
+    assert torch.equal(h, h0), "lora_expand must not modify h"
+    torch.testing.assert_close(y1, y)

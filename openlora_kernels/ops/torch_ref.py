@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -165,13 +165,15 @@ _CPU_OP_COST = 1 << 19
 @dataclass(frozen=True)
 class _PaddedRows:
     """Rows of the batch laid out as [U, L] by slot (memoised per batch metadata)."""
-    slots: Optional[torch.Tensor]  # [U] active slots, or None when every slot is active (U == S)
+    slots: Union[None, slice, torch.Tensor]  # active slots: None = all S, a slice when contiguous, else [U]
     index: torch.Tensor            # [U*L] row of x for each padded position
     keep: Optional[torch.Tensor]   # [U*L] positions that are real rows, None when there is no padding
     rows: torch.Tensor             # [n_valid] the real rows, in padded order
-    inverse: Optional[torch.Tensor]  # [T] padded position of each row when rows is a permutation of all T
+    inverse: torch.Tensor          # [T] padded position of each row; rows without slot -> U*L (a -0.0 row)
     U: int
     L: int
+    identity: bool                 # the padded order is the row order (rows already grouped, no padding)
+    zero_row: bool                 # some rows have no slot: results get a -0.0 row at U*L for them
 
 
 def _padded_rows(meta: LoRABatchMeta) -> Optional[_PaddedRows]:
@@ -192,13 +194,19 @@ def _padded_rows(meta: LoRABatchMeta) -> Optional[_PaddedRows]:
         padded = U * L != int(ln.sum())
         keep = real.nonzero().squeeze(1) if padded else None
         rows = index[keep] if padded else index
-        inverse = None
-        if rows.numel() == T:
-            inverse = torch.empty(T, dtype=torch.int64)
-            inverse[rows] = torch.arange(T)
-            if keep is not None:
-                inverse = keep[inverse]
-        return _PaddedRows(None if U == S else act, index, keep, rows, inverse, U, L)
+        # y += out[inverse]: a row without slot reads the extra row of -0.0 (x + -0.0 == x bit for
+        # bit, -0.0 and NaN included), so every row is updated by one index_select + add_.
+        zero_row = rows.numel() < T
+        inverse = torch.full((T,), U * L, dtype=torch.int64)
+        inverse[rows] = keep if keep is not None else torch.arange(U * L)
+        identity = not zero_row and keep is None and bool((index == torch.arange(T)).all())
+        if U == S:
+            slots = None
+        elif active[-1] - active[0] + 1 == U:   # contiguous slots (the usual pool case): views, no copies
+            slots = slice(active[0], active[-1] + 1)
+        else:
+            slots = act
+        return _PaddedRows(slots, index, keep, rows, inverse, U, L, identity, zero_row)
     return meta.memo("torch_ref.padded_rows", build)
 
 
@@ -209,39 +217,63 @@ def _cpu_strategy(meta: LoRABatchMeta, R: int, K: int, N: int) -> str:
     if pr is None:
         return "segment"
     work = R * (K + N)
-    padded = pr.U * pr.L * work + (0 if pr.slots is None else pr.U * work)
+    padded = pr.U * pr.L * work + (pr.U * work if isinstance(pr.slots, torch.Tensor) else 0)
     segment = pr.U * _CPU_OP_COST + meta.num_tokens * work
     return "padded" if padded <= segment else "segment"
 
 
+# Small-batch CPU calls are dominated by per-op cost: the helpers below skip no-op dtype
+# conversions, slicing and gathers rather than dispatching them.
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
 def _active(W: torch.Tensor, pr: _PaddedRows) -> torch.Tensor:
-    return W if pr.slots is None else W.index_select(0, pr.slots)
+    if pr.slots is None:
+        return W
+    return W[pr.slots] if isinstance(pr.slots, slice) else W.index_select(0, pr.slots)
+
+
+_ARANGE: dict = {}
+
+
+def _arange(n: int) -> torch.Tensor:
+    """torch.arange(n) on the CPU, made once per n (read-only)."""
+    t = _ARANGE.get(n)
+    if t is None:
+        t = _ARANGE[n] = torch.arange(n)
+    return t
 
 
 def _slot_coeffs(scalings, ranks_i: Optional[torch.Tensor], R: int, pr: _PaddedRows) -> torch.Tensor:
     """[U, 1, R] (or [U, 1, 1]) float32: each active slot's scaling below its rank, 0 beyond."""
-    c = _active(scalings.to(torch.float32), pr).view(-1, 1)
-    if ranks_i is not None:
-        c = torch.where(torch.arange(R).unsqueeze(0) < _active(ranks_i, pr).view(-1, 1), c, 0.0)
-    return c.unsqueeze(1)
+    c = _active(_f32(scalings), pr)
+    if ranks_i is None:
+        return c.view(-1, 1, 1)
+    return torch.where(_arange(R) < _active(ranks_i, pr).view(-1, 1), c.view(-1, 1), 0.0).unsqueeze(1)
 
 
-def _padded_shrink_slice(x32, A, pr: _PaddedRows) -> torch.Tensor:
+def _padded_x(x, pr: _PaddedRows) -> torch.Tensor:
+    """[U, L, K] float32: the rows of x in padded order."""
+    xp = x if pr.identity else x.index_select(0, pr.index)
+    return _f32(xp).view(pr.U, pr.L, -1)
+
+
+def _padded_shrink_slice(xp, A, pr: _PaddedRows) -> torch.Tensor:
     """[U, L, R] float32 x @ A[slot].T on the padded rows (padding columns not yet masked)."""
-    xp = x32.index_select(0, pr.index).view(pr.U, pr.L, -1)
-    return torch.bmm(xp, _active(A, pr).to(torch.float32).transpose(1, 2))
+    return torch.bmm(xp, _f32(_active(A, pr)).transpose(1, 2))
 
 
-def _padded_scatter(y, cols: slice, out: torch.Tensor, pr: _PaddedRows) -> None:
-    """y[rows, cols] += the real rows of out ([U*L, N_i] float32); other rows untouched."""
-    ys = y[:, cols]
-    if ys.dtype == torch.float32 and pr.inverse is not None:
-        ys.add_(out.index_select(0, pr.inverse))
-        return
-    d = out if pr.keep is None else out.index_select(0, pr.keep)
+def _padded_scatter(y, cols: Optional[slice], out: torch.Tensor, pr: _PaddedRows) -> None:
+    """y[rows, cols] += the real rows of out ([U*L (+1), N_i] float32); other rows unchanged."""
+    ys = y if cols is None else y[:, cols]
     if ys.dtype == torch.float32:
-        ys.index_add_(0, pr.rows, d)
-    else:
+        ys.add_(out if pr.identity else out.index_select(0, pr.inverse))
+    elif not pr.zero_row:   # every row has a slot: round once from fp32
+        ys.copy_((ys.to(torch.float32) + (out if pr.identity else out.index_select(0, pr.inverse))).to(ys.dtype))
+    else:                   # write the rows with a slot only (a NaN's payload would not survive the round trip)
+        d = out.index_select(0, pr.inverse.index_select(0, pr.rows))
         ys.index_copy_(0, pr.rows, (ys.index_select(0, pr.rows).to(torch.float32) + d).to(ys.dtype))
 
 
@@ -253,10 +285,19 @@ def _padded_expand_slices(y, hp_list, b_list, scalings, ranks, pr: _PaddedRows) 
     outs = []
     for i, (hp, B) in enumerate(zip(hp_list, b_list)):
         hp.mul_(_slot_coeffs(scalings, _slice_ranks(ranks, i), R, pr))
-        out = torch.bmm(hp, _active(B, pr).to(torch.float32).transpose(1, 2)).view(pr.U * pr.L, -1)
+        Bt = _f32(_active(B, pr)).transpose(1, 2)
+        if pr.zero_row:
+            out = torch.empty((pr.U * pr.L + 1, Bt.shape[2]), dtype=torch.float32)
+            torch.bmm(hp, Bt, out=out[:-1].view(pr.U, pr.L, -1))
+            out[-1].fill_(-0.0)
+        else:
+            out = torch.bmm(hp, Bt).view(pr.U * pr.L, -1)
         if ranks is not None and not math.isfinite(float(out.sum())):
             return False
         outs.append(out)
+    if len(outs) == 1:
+        _padded_scatter(y, None, outs[0], pr)
+        return True
     off = 0
     for out, B in zip(outs, b_list):
         _padded_scatter(y, slice(off, off + B.shape[1]), out, pr)
@@ -268,12 +309,12 @@ def _shrink_padded(x, a_list, ranks, meta) -> torch.Tensor:
     pr = _padded_rows(meta)
     S, R, K = a_list[0].shape
     h = torch.zeros((len(a_list), x.shape[0], R), dtype=torch.float32)
-    x32 = x.to(torch.float32)
-    slots = (pr.slots if pr.slots is not None else torch.arange(S)).repeat_interleave(pr.L)
+    xp = _padded_x(x, pr)
+    slots = _active(torch.arange(S), pr).repeat_interleave(pr.L)
     if pr.keep is not None:
         slots = slots.index_select(0, pr.keep)
     for i, A in enumerate(a_list):
-        hp = _padded_shrink_slice(x32, A, pr).view(pr.U * pr.L, R)
+        hp = _padded_shrink_slice(xp, A, pr).view(pr.U * pr.L, R)
         if pr.keep is not None:
             hp = hp.index_select(0, pr.keep)
         m = _rank_mask(_slice_ranks(ranks, i), slots, R)
@@ -283,14 +324,15 @@ def _shrink_padded(x, a_list, ranks, meta) -> torch.Tensor:
 
 def _expand_padded(y, h, b_list, scalings, ranks, meta) -> bool:
     pr = _padded_rows(meta)
-    hp = [h[i].index_select(0, pr.index).to(torch.float32).view(pr.U, pr.L, -1) for i in range(len(b_list))]
+    # fresh copies (index_select), since _padded_expand_slices scales them in place
+    hp = [_f32(h[i].index_select(0, pr.index)).view(pr.U, pr.L, -1) for i in range(len(b_list))]
     return _padded_expand_slices(y, hp, b_list, scalings, ranks, pr)
 
 
 def _add_padded(y, x, a_list, b_list, scalings, ranks, meta) -> bool:
     pr = _padded_rows(meta)
-    x32 = x.to(torch.float32)
-    hp = [_padded_shrink_slice(x32, A, pr) for A in a_list]
+    xp = _padded_x(x, pr)
+    hp = [_padded_shrink_slice(xp, A, pr) for A in a_list]
     return _padded_expand_slices(y, hp, b_list, scalings, ranks, pr)
 
 
