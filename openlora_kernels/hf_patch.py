@@ -21,7 +21,8 @@ How the model is patched
   module with one lora_A/lora_B in PEFT's format, so they are a single-slice call like any other.
 * The batch metadata is built ONCE per forward, by a pre-forward hook on the top model, from the
   per-row adapter slots and the input's [batch, seq] shape: one slot per TOKEN, in row-major
-  order. Every layer receives its input flattened to [tokens, K], so models that flatten
+  order (and reused by later forwards with the same slots and shape: every decode step of a
+  generate call, a server repeating a batch layout). Every layer receives its input flattened to [tokens, K], so models that flatten
   [batch, seq] themselves before a linear (OPT's fc1/fc2) get the right adapter per row. A
   layer that sees fewer positions per row than the input (an ``lm_head`` computing only the last
   position during generation) gets the metadata of that layout, built once per forward too.
@@ -111,9 +112,14 @@ def select_modules(model: nn.Module, target_modules: TargetModules) -> List[Tupl
 class _BatchState:
     """What the hooks read during a forward (set by the pre-forward hook, once per forward)."""
 
+    # Metadata of recent (row slots, input shape) pairs: a decode loop or a server repeating a
+    # batch layout reuses it (and what the kernels memoised on it) instead of rebuilding it.
+    CACHE_SIZE = 16
+
     def __init__(self, num_slots: int):
         self.num_slots = num_slots
-        self.row_slots: Optional[torch.Tensor] = None   # [B] per row ("rows" mode: adapter_names)
+        self.row_key: Optional[Tuple[int, ...]] = None  # slot per row ("rows" mode: adapter_names)
+        self.cache: Dict[Tuple[Any, ...], Tuple[LoRABatchMeta, torch.Tensor]] = {}
         self.fixed: Optional[LoRABatchMeta] = None      # per token (serving-stack mode: set_batch)
         self.meta: Optional[LoRABatchMeta] = None       # this forward's metadata
         self.rows_now: Optional[torch.Tensor] = None    # this forward's per-row slots
@@ -124,7 +130,7 @@ class _BatchState:
         if self.fixed is not None:
             self.meta, self.rows_now = self.fixed, None
             return
-        if self.row_slots is None:
+        if self.row_key is None:
             self.meta = self.rows_now = None
             return
         inp = _model_input(args, kwargs)
@@ -132,13 +138,21 @@ class _BatchState:
             raise ValueError("adapter_names: the model was called without input_ids / inputs_embeds of shape "
                              "[batch, seq, ...]; use set_batch() with per-token slots for other inputs")
         B, S = inp.shape[0], inp.shape[1]
-        rows = self.row_slots
+        key = (self.row_key, B, S, inp.device)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.meta, self.rows_now = hit
+            return
+        rows = torch.tensor(self.row_key, dtype=torch.int32)
         if B != rows.shape[0]:
             if B % rows.shape[0]:
                 raise ValueError(f"adapter_names: {rows.shape[0]} names, but the model was called with batch size {B}")
             rows = rows.repeat_interleave(B // rows.shape[0])   # beams / num_return_sequences
-        self.rows_now = rows.to(inp.device)
+        self.rows_now = rows.to(inp.device, non_blocking=True)
         self.meta = build_batch_meta(self.rows_now.repeat_interleave(S) if S != 1 else self.rows_now, self.num_slots)
+        if len(self.cache) >= self.CACHE_SIZE:
+            self.cache.clear()
+        self.cache[key] = (self.meta, self.rows_now)
 
     def meta_for(self, x: torch.Tensor, device: torch.device, layer: str) -> LoRABatchMeta:
         """Metadata for a layer whose input layout or device differs from the forward's."""
@@ -377,28 +391,30 @@ class MultiLoRAModel:
         if inp is not None and inp.dim() >= 2 and len(adapter_names) != inp.shape[0]:
             raise ValueError(f"adapter_names: {len(adapter_names)} names for a batch of {inp.shape[0]} rows "
                              "(one name or None per row)")
+        try:
+            distinct = dict.fromkeys(adapter_names)   # each distinct name once (batches repeat names)
+        except TypeError:
+            raise TypeError("adapter_names: entries must be adapter names (str) or None") from None
         names = []
-        for i, n in enumerate(adapter_names):
+        for n in distinct:
             if n is None or n == BASE:
                 continue
-            _check_name(n, f"adapter_names[{i}]")
             if n not in self.pool:
+                where = f"adapter_names[{list(adapter_names).index(n)}]"
+                _check_name(n, where)
                 known = ", ".join(repr(k) for k in self.pool.names) or "none"
-                raise KeyError(f"adapter_names[{i}]: adapter {n!r} is not loaded (loaded: {known})")
-            names.append(n)
+                raise KeyError(f"{where}: adapter {n!r} is not loaded (loaded: {known})")
+            names.append(n)     # registered names are non-empty strings: checked at load_adapter
         slots = self.pool.prepare(names) if names else {}
-        prev = (self._state.row_slots, self._state.fixed)
-        if slots:
-            device = inp.device if inp is not None else next(iter(self._layers.values())).device
-            row = [-1 if (n is None or n == BASE) else slots[n] for n in adapter_names]
-            self._state.row_slots = torch.tensor(row, dtype=torch.int32).to(device, non_blocking=True)
-        else:
-            self._state.row_slots = None    # every row is the base model
-        self._state.fixed = None
+        st = self._state
+        prev = (st.row_key, st.fixed)
+        # None: every row is the base model (no metadata, the hooks do nothing)
+        st.row_key = tuple(-1 if (n is None or n == BASE) else slots[n] for n in adapter_names) if slots else None
+        st.fixed = None
         try:
             yield
         finally:
-            self._state.row_slots, self._state.fixed = prev
+            st.row_key, st.fixed = prev
             self._state.meta = self._state.rows_now = None
             self._state.layouts = {}
 

@@ -151,3 +151,26 @@ def test_adapter_whose_saved_lm_head_differs_from_the_model(tmp_path):
     lm = olk.patch_model(copy.deepcopy(base), max_adapters=2, max_rank=8, target_modules=["lm_head"])
     with pytest.raises(NotImplementedError, match="lm_head.weight.*different from the model"):
         lm.load_adapter("h", path)
+
+
+def test_metadata_is_built_once_per_layout(tmp_path, monkeypatch):
+    """Once per forward at most, and not again for a forward with the same slots and shape."""
+    from peft import LoraConfig
+    import openlora_kernels.hf_patch as hf_patch
+
+    base = make_model("llama")
+    path = save_adapter(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), str(tmp_path / "a"), 3)
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=2, max_rank=8)
+    lm.load_adapter("a", path)
+    built = []
+    real = hf_patch.build_batch_meta
+    monkeypatch.setattr(hf_patch, "build_batch_meta", lambda *a, **k: built.append(1) or real(*a, **k))
+    ids, mask = left_padded_batch([4, 6], seed=1)
+    first = lm(input_ids=ids, attention_mask=mask, adapter_names=["a", None]).logits
+    again = lm(input_ids=ids, attention_mask=mask, adapter_names=["a", None]).logits
+    assert len(built) == 1 and torch.equal(first, again)
+    lm(input_ids=ids, attention_mask=mask, adapter_names=[None, "a"])
+    assert len(built) == 2
+    lm.generate(input_ids=ids, attention_mask=mask, adapter_names=["a", None], max_new_tokens=6, do_sample=False,
+                pad_token_id=0)
+    assert len(built) == 3       # the prefill shape was cached; the 5 decode steps share one metadata

@@ -187,13 +187,16 @@ def _padded_rows(meta: LoRABatchMeta) -> Optional[_PaddedRows]:
         act = torch.tensor(active, dtype=torch.int64)
         st = torch.tensor(start, dtype=torch.int64)[act]
         ln = torch.tensor(length, dtype=torch.int64)[act]
-        pos = torch.arange(L).unsqueeze(0)
-        real = (pos < ln.unsqueeze(1)).reshape(-1)
-        src = torch.minimum(st.unsqueeze(1) + pos, (st + ln - 1).unsqueeze(1))   # pad: repeat the last row
-        index = meta.sorted_tokens.to(torch.int64)[src.reshape(-1)]
-        padded = U * L != int(ln.sum())
-        keep = real.nonzero().squeeze(1) if padded else None
-        rows = index[keep] if padded else index
+        n_valid = sum(length)
+        if U * L == n_valid:     # equal segments: the sorted rows are the padded layout
+            index, keep = meta.sorted_tokens[:n_valid].to(torch.int64), None
+        else:
+            pos = torch.arange(L).unsqueeze(0)
+            real = (pos < ln.unsqueeze(1)).reshape(-1)
+            src = torch.minimum(st.unsqueeze(1) + pos, (st + ln - 1).unsqueeze(1))   # pad: repeat the last row
+            index = meta.sorted_tokens.to(torch.int64)[src.reshape(-1)]
+            keep = real.nonzero().squeeze(1)
+        rows = index if keep is None else index[keep]
         # y += out[inverse]: a row without slot reads the extra row of -0.0 (x + -0.0 == x bit for
         # bit, -0.0 and NaN included), so every row is updated by one index_select + add_.
         zero_row = rows.numel() < T
