@@ -8,10 +8,18 @@ most 1.5x the base model's time and be at least 6x faster than PEFT's mixed batc
 
 The contenders run in rotating order over several rounds (a shared 2-core machine is noisy); each
 round times every contender with ``common.time_cpu`` and the reported figure is the median of the
-round medians (p20/p80 over rounds). A fourth row, ``floor_base_plus_adapter_read``, is the base
-forward plus one plain read (``sum``) of the adapter slot weights the batch uses: no implementation
-that keeps the adapters in float32 can beat it, which tells how much of the target is reachable
-on this machine. Rows go to benchmarks/results/hf_cpu_decode.csv.
+round medians (p20/p80 over rounds). Diagnostic rows:
+
+    floor_base_plus_adapter_read   the base forward, then one plain read (sum) of the adapter slot
+                                   weights the batch uses: no implementation keeping the adapters
+                                   in float32 can beat it
+    openlora_without_lora_math     our forward with each layer's add_lora replaced by nothing
+                                   (hooks, batch metadata, pool): the fixed cost of the patching
+    openlora_reading_slots_only    each layer's add_lora replaced by a read of its slot weights,
+                                   inside the forward (the weights then compete with the base
+                                   model's for the caches)
+
+Rows go to benchmarks/results/hf_cpu_decode.csv.
 
     python -m benchmarks.bench_hf_cpu_decode            # ~1-2 minutes on 2 cores
 """
@@ -98,11 +106,29 @@ def main(argv=None):
         for t in slot_weights:
             t.sum()
 
+    # Breakdown of our forward: the same patched model with every layer's add_lora replaced by
+    # nothing (hooks, batch metadata and pool only), or by a plain read of that layer's slots.
+    layers = [ls for ls in lm.pool.layers.values() if ls.op is not None]
+    real_ops = [ls.op for ls in layers]
+
+    def with_ops(make):
+        def run():
+            for ls in layers:
+                ls.op = make(ls)
+            try:
+                return lm(input_ids=ids, use_cache=False, adapter_names=row_names)
+            finally:
+                for ls, op in zip(layers, real_ops):
+                    ls.op = op
+        return run
+
     contenders = {
         "base": lambda: base(input_ids=ids, use_cache=False),
         "openlora": lambda: lm(input_ids=ids, use_cache=False, adapter_names=row_names),
         "peft_mixed": lambda: peft_model(input_ids=ids, use_cache=False, adapter_names=row_names),
         "floor_base_plus_adapter_read": floor,
+        "openlora_without_lora_math": with_ops(lambda ls: lambda y, x, meta: y),
+        "openlora_reading_slots_only": with_ops(lambda ls: lambda y, x, meta: (ls.a.sum(), ls.bt.sum())),
     }
     medians = {k: [] for k in contenders}
     order = list(contenders)
