@@ -92,3 +92,22 @@ def test_patching_leaves_weights_and_state_dict_alone():
     assert lm.unpatch() is model
     with pytest.raises(ValueError, match="already patched"):
         olk.patch_model(olk.patch_model(copy.deepcopy(base)).model)
+
+
+def test_beam_search_rows_follow_their_adapter(tmp_path):
+    """generate expands each row into num_beams rows: the adapter must follow (llama)."""
+    base = make_model("llama")
+    paths = save_adapters(base, lora_configs("llama"), str(tmp_path))
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=4, max_rank=16)
+    for n, p in paths.items():
+        lm.load_adapter(n, p)
+    ids, mask = left_padded_batch([5, 3, 4], seed=8)
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2,
+              pad_token_id=0)
+    rows = ["mlp", None, "mix"]
+    got = lm.generate(input_ids=ids, adapter_names=rows, **kw)
+    with torch.no_grad():
+        for i, name in enumerate(rows):
+            ref = base if name is None else peft_model(base, paths[name])
+            want = ref.generate(input_ids=ids, **kw)
+            assert torch.equal(got[2 * i:2 * i + 2], want[2 * i:2 * i + 2]), f"row {i} ({name})"
