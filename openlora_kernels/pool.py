@@ -37,6 +37,7 @@ import torch
 
 from .adapters import AdapterSource, AdapterWeights, ModuleLoRA, load_adapter_weights
 from .ops.api import BoundLoRA
+from .ops.backends import resolve_backend
 
 
 @dataclass(frozen=True)
@@ -109,14 +110,14 @@ class LayerSlots:
         r_eff = max(self.ranks_host)
         if r_eff == 0:
             self.op = None
-        elif self.device.type == "cpu":
-            # The CPU path's work grows with R: pass only the ranks in use (views, no copies);
-            # ranks=None when every slot has exactly that rank here.
+        elif resolve_backend(self.backend, self.device) == "torch":
+            # The PyTorch backend's work grows with R: pass only the ranks in use (views, no
+            # copies); ranks=None when every slot has exactly that rank here.
             uniform = all(r == r_eff for r in self.ranks_host)
             self.op = BoundLoRA(self.a[:, :r_eff], self.bt[:, :r_eff].transpose(1, 2), self.scalings,
                                 None if uniform else self.ranks, backend=self.backend)
         else:
-            # Fixed shapes on a GPU (CUDA-graph friendly); the kernels skip padding given ranks.
+            # Triton / CUDA kernels: fixed shapes (CUDA-graph friendly); they skip padding given ranks.
             self.op = BoundLoRA(self.a, self.bt.transpose(1, 2), self.scalings, self.ranks, backend=self.backend)
 
 

@@ -61,3 +61,20 @@ def test_bad_call_arguments_are_named():
         op(torch.randn(2, 8), torch.randn(2, 10), meta)
     with pytest.raises(ValueError, match="indices: the batch metadata covers 2 rows, but x/y have 3"):
         op(torch.randn(3, 7), torch.randn(3, 10), meta)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_pool_layout_b_stored_transposed(backend):
+    """The adapter pool keeps lora_B as [S, R, N] storage and passes the [S, N, R] view."""
+    if not olk.available_backends("cpu")[backend].usable:
+        pytest.skip(olk.available_backends("cpu")[backend].reason)
+    g = torch.Generator().manual_seed(4)
+    S, R, K, N = 3, 8, 24, 20
+    a, bt = torch.randn(S, R, K, generator=g), torch.randn(S, R, N, generator=g)
+    scal, ranks = torch.rand(S, generator=g), torch.tensor([8, 3, 0], dtype=torch.int32)
+    x, y = torch.randn(7, K, generator=g), torch.randn(7, N, generator=g)
+    idx = torch.tensor([0, 1, 2, -1, 1, 0, 0])
+    op = olk.BoundLoRA(a, bt.transpose(1, 2), scal, ranks, backend=backend)
+    got = op(y.clone(), x, olk.build_batch_meta(idx, S))
+    want = olk.add_lora(y.clone(), x, a, bt.transpose(1, 2).contiguous(), idx, scal, ranks, backend="torch")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

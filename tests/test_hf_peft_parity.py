@@ -111,3 +111,23 @@ def test_beam_search_rows_follow_their_adapter(tmp_path):
             ref = base if name is None else peft_model(base, paths[name])
             want = ref.generate(input_ids=ids, **kw)
             assert torch.equal(got[2 * i:2 * i + 2], want[2 * i:2 * i + 2]), f"row {i} ({name})"
+
+
+def test_triton_backend_path_matches_peft(tmp_path):
+    """The arguments a GPU gets (full max_rank slots, ranks per slot, B stored transposed) through
+    the Triton kernels, here under Triton's interpreter (llama, fp32)."""
+    if not olk.available_backends("cpu")["triton"].usable:
+        pytest.skip(olk.available_backends("cpu")["triton"].reason)
+    base = make_model("llama")
+    paths = save_adapters(base, lora_configs("llama"), str(tmp_path))
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=4, max_rank=16, backend="triton")
+    for n, p in paths.items():
+        lm.load_adapter(n, p)
+    ids, mask = left_padded_batch([5, 3, 4], seed=1)
+    rows = ["attn", None, "mix"]
+    out = lm(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+    assert lm.pool.layers["model.layers.0.self_attn.q_proj"].op.lora_a.shape == (4, 16, 32)   # full max_rank
+    with torch.no_grad():
+        for i, name in enumerate(rows):
+            want = (base if name is None else peft_model(base, paths[name]))(input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(out[i][mask[i].bool()], want[i][mask[i].bool()], atol=ATOL, rtol=RTOL)
