@@ -103,6 +103,12 @@ def select_modules(model: nn.Module, target_modules: TargetModules) -> List[Tupl
             picked.append((name, mod, *dims))
     if not picked:
         raise ValueError(f"target_modules: {target_modules!r} matched no nn.Linear / Conv1D module of the model")
+    for name, mod, _, _ in picked:
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise NotImplementedError(
+                f"module {name!r} ({type(mod).__name__}) has {'no' if w is None else f'a {w.dtype}'} weight: "
+                "quantized base layers are not supported; exclude it with target_modules")
     return picked
 
 

@@ -271,3 +271,12 @@ def test_patch_model_arguments(env):
         olk.patch_model(copy.deepcopy(base), target_modules=r".*input_layernorm")
     with pytest.raises(TypeError, match="target_modules"):
         olk.patch_model(copy.deepcopy(base), target_modules=3)
+
+
+def test_quantized_base_layer_is_refused():
+    lin = torch.nn.Linear(8, 8)
+    lin.weight = torch.nn.Parameter(torch.zeros(8, 8, dtype=torch.uint8), requires_grad=False)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), lin)
+    with pytest.raises(NotImplementedError, match=r"module '1'.*torch.uint8.*quantized"):
+        olk.patch_model(model)
+    olk.patch_model(model, target_modules=["0"])          # the float layer alone is fine
