@@ -8,18 +8,46 @@ Kernel contract (see docs/kernels.md)::
     build_batch_meta(indices, num_slots) -> LoRABatchMeta   (once per forward, reused by every layer)
     available_backends(device=None) -> {name: BackendInfo(usable, reason)}
 
-Importing the package touches no GPU and does not import triton.
+Serving many PEFT adapters through one Hugging Face model (see docs/usage.md)::
+
+    lm = patch_model(model, max_adapters=8, max_rank=64)
+    lm.load_adapter("medical", "path/to/peft-adapter")
+    out = lm(input_ids=..., attention_mask=..., adapter_names=["medical", None])
+
+Importing the package touches no GPU and imports neither triton nor transformers / peft: the
+Hugging Face names below are loaded on first use.
 """
 from .checks import debug_checks_enabled, set_debug_checks
 from .metadata import LoRABatchMeta, build_batch_meta, choose_block_m
-from .ops import (BackendInfo, BackendUnavailableError, add_lora, available_backends, lora_expand,
+from .ops import (BackendInfo, BackendUnavailableError, BoundLoRA, add_lora, available_backends, lora_expand,
                   lora_shrink)
 
 __version__ = "0.1.0"
 
+# Names served lazily from their modules (PEP 562), so `import openlora_kernels` stays light.
+_LAZY = {
+    "patch_model": "hf_patch", "MultiLoRAModel": "hf_patch",
+    "AdapterPool": "pool", "MemoryReport": "pool", "AdapterMemory": "pool",
+    "AdapterSource": "adapters", "LocalSource": "adapters", "HubSource": "adapters",
+    "CallableSource": "adapters", "AdapterFormatError": "adapters",
+}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'openlora_kernels' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
-    "add_lora", "lora_shrink", "lora_expand",
+    "add_lora", "lora_shrink", "lora_expand", "BoundLoRA",
     "LoRABatchMeta", "build_batch_meta", "choose_block_m",
     "available_backends", "BackendInfo", "BackendUnavailableError",
     "set_debug_checks", "debug_checks_enabled",
+    *_LAZY,
 ]

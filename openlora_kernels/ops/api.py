@@ -2,8 +2,9 @@
 
 These functions validate every argument (shape, dtype, device; a bad one raises ValueError or
 TypeError naming it), build the batch metadata when given raw indices, resolve the backend and
-call the registered custom op (``custom_ops.py``). They are plain Python over static tensor
-properties, so torch.compile(fullgraph=True) traces straight through them.
+call the registered custom op (``custom_ops.py``; in eager mode its implementation directly, without
+the dispatch cost). They are plain Python over static tensor properties, so
+torch.compile(fullgraph=True) traces straight through them.
 
 Inference only: the ops have no autograd formula.
 """
@@ -192,10 +193,67 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: Ten
     ranks = _check_ranks(ranks, S, len(a_list), x.device)
     meta = _meta_for(indices, x.shape[0], S, x.device)
     name = resolve_backend(backend, x.device)
+    return _launch_add(y, x, a_list, b_list, scalings, ranks, meta, name)
+
+
+def _launch_add(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, name: str) -> torch.Tensor:
     if x.shape[0] == 0 or y.shape[1] == 0:
         return y
-    torch.ops.openlora.add_lora(y, x, a_list, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
+    if torch.compiler.is_compiling():
+        torch.ops.openlora.add_lora(y, x, a_list, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
+    else:
+        custom_ops.run_add_lora(y, x, a_list, b_list, scalings, ranks, meta, name)
     return y
+
+
+def _like(weights: TensorOrList, dim: int) -> torch.Tensor:
+    """An empty [0, features] tensor with the weights' dtype and device (features: dim 2 of
+    lora_a, the summed dim 1 of lora_b); an empty float32 CPU tensor when they are malformed
+    (the checks then name the problem)."""
+    ws = weights if isinstance(weights, (list, tuple)) else [weights]
+    if not ws or not all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in ws):
+        return torch.empty(0, 0)
+    return ws[0].new_empty((0, sum(w.shape[dim] for w in ws) if dim == 1 else ws[0].shape[dim]))
+
+
+class BoundLoRA:
+    """:func:`add_lora` with the weight arguments checked once, for a layer that applies the same
+    stacked adapters every forward (what a patched model layer does)::
+
+        op = BoundLoRA(lora_a, lora_b, scalings, ranks)     # validated here, backend resolved here
+        op(y, x, meta)                                      # == add_lora(y, x, lora_a, lora_b, meta, ...)
+
+    Per call only x, y and the metadata are checked (a few attribute compares); anything unusual
+    goes through :func:`add_lora`'s full checks, so errors name the argument as usual. The
+    weights' values may change between calls (slot loads), not their shapes, dtype or device.
+    """
+
+    __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend", "_a", "_b", "_name", "_dtype", "_device",
+                 "_S", "_K", "_N")
+
+    def __init__(self, lora_a: TensorOrList, lora_b: TensorOrList, scalings: torch.Tensor,
+                 ranks: Optional[torch.Tensor] = None, *, backend: str = "auto"):
+        # The checks of add_lora, against an empty x / y shaped like the weights.
+        x = _like(lora_a, 2)
+        y = x.new_empty((0, _like(lora_b, 1).shape[1]))
+        _float(x, "lora_a")
+        a_list = _check_a(lora_a, x)
+        S, R, K = a_list[0].shape
+        self._b = _check_b(lora_b, y, S, R, len(a_list), isinstance(lora_a, (list, tuple)))
+        _check_scalings(scalings, S, x.device)
+        self.ranks = _check_ranks(ranks, S, len(a_list), x.device)
+        self.lora_a, self.lora_b, self.scalings, self.backend = lora_a, lora_b, scalings, backend
+        self._a, self._name = a_list, resolve_backend(backend, x.device)
+        self._dtype, self._device, self._S, self._K, self._N = x.dtype, x.device, S, K, y.shape[1]
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, indices: Indices) -> torch.Tensor:
+        if (type(x) is torch.Tensor and type(y) is torch.Tensor and type(indices) is LoRABatchMeta
+                and x.dim() == 2 and y.dim() == 2 and x.dtype == self._dtype and y.dtype == self._dtype
+                and x.shape[1] == self._K and y.shape[1] == self._N and x.shape[0] == y.shape[0]
+                and indices.num_tokens == x.shape[0] and indices.num_slots == self._S
+                and x.device == self._device and y.device == self._device and indices.device == self._device):
+            return _launch_add(y, x, self._a, self._b, self.scalings, self.ranks, indices, self._name)
+        return add_lora(y, x, self.lora_a, self.lora_b, indices, self.scalings, self.ranks, backend=self.backend)
 
 
 def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: Optional[torch.Tensor] = None,
@@ -214,7 +272,9 @@ def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: 
     name = resolve_backend(backend, x.device)
     if x.shape[0] == 0:
         return x.new_zeros((len(a_list), 0, R), dtype=torch.float32)
-    return torch.ops.openlora.lora_shrink(x, a_list, ranks, *meta.tensors(), meta.block_m, name)
+    if torch.compiler.is_compiling():
+        return torch.ops.openlora.lora_shrink(x, a_list, ranks, *meta.tensors(), meta.block_m, name)
+    return custom_ops.run_shrink(x, a_list, ranks, meta, name)
 
 
 def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices: Indices, scalings: torch.Tensor,
@@ -242,5 +302,8 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices:
     name = resolve_backend(backend, y.device)
     if y.shape[0] == 0 or y.shape[1] == 0:
         return y
-    torch.ops.openlora.lora_expand(y, h, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
+    if torch.compiler.is_compiling():
+        torch.ops.openlora.lora_expand(y, h, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
+    else:
+        custom_ops.run_expand(y, h, b_list, scalings, ranks, meta, name)
     return y

@@ -7,6 +7,10 @@ that read tensor contents (ranks <= R) run inside the real implementations: alwa
 with debug checks on GPU (``checks.py``).
 
 Backends are imported on first use, so importing the package never imports triton or touches a GPU.
+
+In eager mode ``api.py`` calls the ``run_*`` functions below directly: they are exactly what the
+ops run, minus the custom-op dispatch, which costs tens of microseconds per call in Python (as
+much as a whole small LoRA layer on the CPU). Under torch.compile the ops are called.
 """
 from __future__ import annotations
 
@@ -21,12 +25,36 @@ from ..metadata import LoRABatchMeta
 _BACKEND_MODULES = {"torch": "torch_ref", "triton": "triton_sgmv", "cuda": "cuda_ext"}
 
 
+_loaded = {}
+
+
 def backend_module(name: str):
-    return importlib.import_module(f"{__package__}.{_BACKEND_MODULES[name]}")
+    mod = _loaded.get(name)
+    if mod is None:
+        mod = _loaded[name] = importlib.import_module(f"{__package__}.{_BACKEND_MODULES[name]}")
+    return mod
 
 
 def _meta(token_slots, sorted_tokens, seg_info, tile_info, num_slots: int, block_m: int) -> LoRABatchMeta:
     return LoRABatchMeta(token_slots, sorted_tokens, seg_info, tile_info, num_slots=num_slots, block_m=block_m)
+
+
+def run_add_lora(y, x, lora_a, lora_b, scalings, ranks, meta: LoRABatchMeta, backend: str) -> None:
+    if ranks is not None:
+        check_ranks(ranks, lora_a[0].shape[1])
+    backend_module(backend).add_lora(y, x, lora_a, lora_b, scalings, ranks, meta)
+
+
+def run_shrink(x, lora_a, ranks, meta: LoRABatchMeta, backend: str) -> torch.Tensor:
+    if ranks is not None:
+        check_ranks(ranks, lora_a[0].shape[1])
+    return backend_module(backend).shrink(x, lora_a, ranks, meta)
+
+
+def run_expand(y, h, lora_b, scalings, ranks, meta: LoRABatchMeta, backend: str) -> None:
+    if ranks is not None:
+        check_ranks(ranks, lora_b[0].shape[2])
+    backend_module(backend).expand(y, h, lora_b, scalings, ranks, meta)
 
 
 @torch.library.custom_op("openlora::add_lora", mutates_args=("y",))
@@ -36,10 +64,8 @@ def add_lora_op(
     token_slots: torch.Tensor, sorted_tokens: torch.Tensor, seg_info: torch.Tensor, tile_info: torch.Tensor,
     block_m: int, backend: str,
 ) -> None:
-    if ranks is not None:
-        check_ranks(ranks, lora_a[0].shape[1])
     meta = _meta(token_slots, sorted_tokens, seg_info, tile_info, lora_a[0].shape[0], block_m)
-    backend_module(backend).add_lora(y, x, lora_a, lora_b, scalings, ranks, meta)
+    run_add_lora(y, x, lora_a, lora_b, scalings, ranks, meta, backend)
 
 
 @add_lora_op.register_fake
@@ -53,10 +79,8 @@ def lora_shrink_op(
     token_slots: torch.Tensor, sorted_tokens: torch.Tensor, seg_info: torch.Tensor, tile_info: torch.Tensor,
     block_m: int, backend: str,
 ) -> torch.Tensor:
-    if ranks is not None:
-        check_ranks(ranks, lora_a[0].shape[1])
     meta = _meta(token_slots, sorted_tokens, seg_info, tile_info, lora_a[0].shape[0], block_m)
-    return backend_module(backend).shrink(x, lora_a, ranks, meta)
+    return run_shrink(x, lora_a, ranks, meta, backend)
 
 
 @lora_shrink_op.register_fake
@@ -70,10 +94,8 @@ def lora_expand_op(
     token_slots: torch.Tensor, sorted_tokens: torch.Tensor, seg_info: torch.Tensor, tile_info: torch.Tensor,
     block_m: int, backend: str,
 ) -> None:
-    if ranks is not None:
-        check_ranks(ranks, lora_b[0].shape[2])
     meta = _meta(token_slots, sorted_tokens, seg_info, tile_info, lora_b[0].shape[0], block_m)
-    backend_module(backend).expand(y, h, lora_b, scalings, ranks, meta)
+    run_expand(y, h, lora_b, scalings, ranks, meta, backend)
 
 
 @lora_expand_op.register_fake

@@ -8,15 +8,27 @@ This is the CPU path and the readable statement of what the kernels compute:
 Arithmetic is done in float32 whatever the input dtype; entries of A/B beyond a slot's rank are
 ignored (like the kernels), rows with slot -1 are left bit-for-bit untouched.
 
-Two strategies, both vectorised over rows (never a Python loop over tokens):
+Three strategies, all vectorised over rows (never a Python loop over tokens):
   gather   gathers each row's A/B (chunks of rows, bounded memory) and uses bmm. Needs no host
            synchronisation, so it is the GPU choice (CUDA graphs, torch.compile).
   segment  loops over the slots that have rows (read from the metadata on the host, free on
            the CPU) and does one GEMM pair per slot: optimal work for long segments (prefill).
+  padded   (CPU) the rows of each active slot gathered into a [U, L, K] block (U active slots,
+           L = longest segment, short segments padded with a repeated row whose result is
+           dropped), then two batched GEMMs against the active slots' A and B: about ten torch
+           ops per call whatever the number of adapters, which is what decode-sized batches on
+           a CPU need (a tiny op costs as much as a small GEMM there). The row layout is
+           memoised on the batch metadata, so every layer of a forward reuses it.
+The CPU choice between padded and segment is a cost model (``_cpu_strategy``) over the sizes.
+Padding columns of A/B beyond a slot's rank are multiplied by zero in the padded strategy, and
+0 * NaN is NaN: a non-finite result makes it redo the call with the segment strategy (which
+slices to the rank), so whatever sits in the padding stays ignored.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -42,13 +54,6 @@ def _rank_mask(ranks_i: Optional[torch.Tensor], slots: torch.Tensor, R: int) -> 
 
 def _chunk_rows(T: int, R: int, width: int) -> int:
     return max(1, _GATHER_BUDGET // max(1, R * width))
-
-
-def _use_segments(meta: LoRABatchMeta, R: int, K: int, N: int) -> bool:
-    if meta.device.type != "cpu":
-        return False  # host sync on a GPU: keep the sync-free path
-    # Gathering costs T*R*(K+N) element copies; per-slot GEMMs cost a few ops per active slot.
-    return meta.num_tokens * R * (K + N) > (1 << 20)
 
 
 # ------------------------------------------------------------------------------------ gather
@@ -151,28 +156,227 @@ def _expand_segment(y, h, b_list, scalings, ranks, meta) -> None:
             off += Ni
 
 
+# ------------------------------------------------------------------------------------ padded
+
+# Cost of one small torch op on the CPU, in multiply-adds of a large GEMM (~20 us on 2 cores).
+_CPU_OP_COST = 1 << 19
+
+
+@dataclass(frozen=True)
+class _PaddedRows:
+    """Rows of the batch laid out as [U, L] by slot (memoised per batch metadata)."""
+    slots: Union[None, slice, torch.Tensor]  # active slots: None = all S, a slice when contiguous, else [U]
+    index: torch.Tensor            # [U*L] row of x for each padded position
+    keep: Optional[torch.Tensor]   # [U*L] positions that are real rows, None when there is no padding
+    rows: torch.Tensor             # [n_valid] the real rows, in padded order
+    inverse: torch.Tensor          # [T] padded position of each row; rows without slot -> U*L (a -0.0 row)
+    U: int
+    L: int
+    identity: bool                 # the padded order is the row order (rows already grouped, no padding)
+    zero_row: bool                 # some rows have no slot: results get a -0.0 row at U*L for them
+
+
+def _padded_rows(meta: LoRABatchMeta) -> Optional[_PaddedRows]:
+    def build():
+        start, length = meta.seg_info.tolist()
+        active = [s for s, n in enumerate(length) if n > 0]
+        if not active:
+            return None
+        S, T = meta.num_slots, meta.num_tokens
+        U, L = len(active), max(length)
+        act = torch.tensor(active, dtype=torch.int64)
+        st = torch.tensor(start, dtype=torch.int64)[act]
+        ln = torch.tensor(length, dtype=torch.int64)[act]
+        n_valid = sum(length)
+        if U * L == n_valid:     # equal segments: the sorted rows are the padded layout
+            index, keep = meta.sorted_tokens[:n_valid].to(torch.int64), None
+        else:
+            pos = torch.arange(L).unsqueeze(0)
+            real = (pos < ln.unsqueeze(1)).reshape(-1)
+            src = torch.minimum(st.unsqueeze(1) + pos, (st + ln - 1).unsqueeze(1))   # pad: repeat the last row
+            index = meta.sorted_tokens.to(torch.int64)[src.reshape(-1)]
+            keep = real.nonzero().squeeze(1)
+        rows = index if keep is None else index[keep]
+        # y += out[inverse]: a row without slot reads the extra row of -0.0 (x + -0.0 == x bit for
+        # bit, -0.0 and NaN included), so every row is updated by one index_select + add_.
+        zero_row = rows.numel() < T
+        inverse = torch.full((T,), U * L, dtype=torch.int64)
+        inverse[rows] = keep if keep is not None else torch.arange(U * L)
+        identity = not zero_row and keep is None and bool((index == torch.arange(T)).all())
+        if U == S:
+            slots = None
+        elif active[-1] - active[0] + 1 == U:   # contiguous slots (the usual pool case): views, no copies
+            slots = slice(active[0], active[-1] + 1)
+        else:
+            slots = act
+        return _PaddedRows(slots, index, keep, rows, inverse, U, L, identity, zero_row)
+    return meta.memo("torch_ref.padded_rows", build)
+
+
+def _cpu_strategy(meta: LoRABatchMeta, R: int, K: int, N: int) -> str:
+    """'padded' unless padding short segments to the longest one wastes more than the per-slot
+    op cost of the segment strategy (e.g. one long prefill segment next to one-token ones)."""
+    pr = _padded_rows(meta)
+    if pr is None:
+        return "segment"
+    work = R * (K + N)
+    padded = pr.U * pr.L * work + (pr.U * work if isinstance(pr.slots, torch.Tensor) else 0)
+    segment = pr.U * _CPU_OP_COST + meta.num_tokens * work
+    return "padded" if padded <= segment else "segment"
+
+
+# Small-batch CPU calls are dominated by per-op cost: the helpers below skip no-op dtype
+# conversions, slicing and gathers rather than dispatching them.
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
+def _active(W: torch.Tensor, pr: _PaddedRows) -> torch.Tensor:
+    if pr.slots is None:
+        return W
+    return W[pr.slots] if isinstance(pr.slots, slice) else W.index_select(0, pr.slots)
+
+
+_ARANGE: dict = {}
+
+
+def _arange(n: int) -> torch.Tensor:
+    """torch.arange(n) on the CPU, made once per n (read-only)."""
+    t = _ARANGE.get(n)
+    if t is None:
+        t = _ARANGE[n] = torch.arange(n)
+    return t
+
+
+def _slot_coeffs(scalings, ranks_i: Optional[torch.Tensor], R: int, pr: _PaddedRows) -> torch.Tensor:
+    """[U, 1, R] (or [U, 1, 1]) float32: each active slot's scaling below its rank, 0 beyond."""
+    c = _active(_f32(scalings), pr)
+    if ranks_i is None:
+        return c.view(-1, 1, 1)
+    return torch.where(_arange(R) < _active(ranks_i, pr).view(-1, 1), c.view(-1, 1), 0.0).unsqueeze(1)
+
+
+def _padded_x(x, pr: _PaddedRows) -> torch.Tensor:
+    """[U, L, K] float32: the rows of x in padded order."""
+    xp = x if pr.identity else x.index_select(0, pr.index)
+    return _f32(xp).view(pr.U, pr.L, -1)
+
+
+def _padded_shrink_slice(xp, A, pr: _PaddedRows) -> torch.Tensor:
+    """[U, L, R] float32 x @ A[slot].T on the padded rows (padding columns not yet masked)."""
+    return torch.bmm(xp, _f32(_active(A, pr)).transpose(1, 2))
+
+
+def _padded_scatter(y, cols: Optional[slice], out: torch.Tensor, pr: _PaddedRows) -> None:
+    """y[rows, cols] += the real rows of out ([U*L (+1), N_i] float32); other rows unchanged."""
+    ys = y if cols is None else y[:, cols]
+    if ys.dtype == torch.float32:
+        ys.add_(out if pr.identity else out.index_select(0, pr.inverse))
+    elif not pr.zero_row:   # every row has a slot: round once from fp32
+        ys.copy_((ys.to(torch.float32) + (out if pr.identity else out.index_select(0, pr.inverse))).to(ys.dtype))
+    else:                   # write the rows with a slot only (a NaN's payload would not survive the round trip)
+        d = out.index_select(0, pr.inverse.index_select(0, pr.rows))
+        ys.index_copy_(0, pr.rows, (ys.index_select(0, pr.rows).to(torch.float32) + d).to(ys.dtype))
+
+
+def _padded_expand_slices(y, hp_list, b_list, scalings, ranks, pr: _PaddedRows) -> bool:
+    """y += scale * hp @ B over the slices; hp_list[i] is a fresh [U, L, R] (scaled in place).
+    With ranks, returns False, writing nothing, if a result is not finite: NaN/inf in the
+    padding beyond a rank met the zeros of the rank mask. Without ranks there is no padding."""
+    R = hp_list[0].shape[2]
+    outs = []
+    for i, (hp, B) in enumerate(zip(hp_list, b_list)):
+        hp.mul_(_slot_coeffs(scalings, _slice_ranks(ranks, i), R, pr))
+        Bt = _f32(_active(B, pr)).transpose(1, 2)
+        if pr.zero_row:
+            out = torch.empty((pr.U * pr.L + 1, Bt.shape[2]), dtype=torch.float32)
+            torch.bmm(hp, Bt, out=out[:-1].view(pr.U, pr.L, -1))
+            out[-1].fill_(-0.0)
+        else:
+            out = torch.bmm(hp, Bt).view(pr.U * pr.L, -1)
+        if ranks is not None and not math.isfinite(float(out.sum())):
+            return False
+        outs.append(out)
+    if len(outs) == 1:
+        _padded_scatter(y, None, outs[0], pr)
+        return True
+    off = 0
+    for out, B in zip(outs, b_list):
+        _padded_scatter(y, slice(off, off + B.shape[1]), out, pr)
+        off += B.shape[1]
+    return True
+
+
+def _shrink_padded(x, a_list, ranks, meta) -> torch.Tensor:
+    pr = _padded_rows(meta)
+    S, R, K = a_list[0].shape
+    h = torch.zeros((len(a_list), x.shape[0], R), dtype=torch.float32)
+    xp = _padded_x(x, pr)
+    slots = _active(torch.arange(S), pr).repeat_interleave(pr.L)
+    if pr.keep is not None:
+        slots = slots.index_select(0, pr.keep)
+    for i, A in enumerate(a_list):
+        hp = _padded_shrink_slice(xp, A, pr).view(pr.U * pr.L, R)
+        if pr.keep is not None:
+            hp = hp.index_select(0, pr.keep)
+        m = _rank_mask(_slice_ranks(ranks, i), slots, R)
+        h[i].index_copy_(0, pr.rows, hp if m is None else torch.where(m, hp, 0.0))
+    return h
+
+
+def _expand_padded(y, h, b_list, scalings, ranks, meta) -> bool:
+    pr = _padded_rows(meta)
+    # fresh copies (index_select), since _padded_expand_slices scales them in place
+    hp = [_f32(h[i].index_select(0, pr.index)).view(pr.U, pr.L, -1) for i in range(len(b_list))]
+    return _padded_expand_slices(y, hp, b_list, scalings, ranks, pr)
+
+
+def _add_padded(y, x, a_list, b_list, scalings, ranks, meta) -> bool:
+    pr = _padded_rows(meta)
+    xp = _padded_x(x, pr)
+    hp = [_padded_shrink_slice(xp, A, pr) for A in a_list]
+    return _padded_expand_slices(y, hp, b_list, scalings, ranks, pr)
+
+
 # ---------------------------------------------------------------------------- backend entry
+
+
+def _strategy(meta: LoRABatchMeta, R: int, K: int, N: int) -> str:
+    if meta.device.type != "cpu":
+        return "gather"  # host sync on a GPU: keep the sync-free path
+    if meta.num_tokens == 0:
+        return "segment"
+    return _cpu_strategy(meta, R, K, N)
 
 
 def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> torch.Tensor:
     S, R, K = a_list[0].shape
-    if _use_segments(meta, R, K, 0):
+    how = _strategy(meta, R, K, 0)
+    if how == "padded":
+        return _shrink_padded(x, a_list, ranks, meta)
+    if how == "segment":
         return _shrink_segment(x, a_list, ranks, meta)
     return _shrink_gather(x, a_list, ranks, meta)
 
 
 def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
     N = sum(B.shape[1] for B in b_list)
-    if _use_segments(meta, h.shape[2], 0, N):
-        _expand_segment(y, h, b_list, scalings, ranks, meta)
-    else:
+    how = _strategy(meta, h.shape[2], 0, N)
+    if how == "padded" and _expand_padded(y, h, b_list, scalings, ranks, meta):
+        return
+    if how == "gather":
         _expand_gather(y, h, b_list, scalings, ranks, meta)
+    else:
+        _expand_segment(y, h, b_list, scalings, ranks, meta)
 
 
 def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
     S, R, K = a_list[0].shape
-    N = y.shape[1]
-    if _use_segments(meta, R, K, N):
-        _expand_segment(y, _shrink_segment(x, a_list, ranks, meta), b_list, scalings, ranks, meta)
-    else:
+    how = _strategy(meta, R, K, y.shape[1])
+    if how == "padded" and _add_padded(y, x, a_list, b_list, scalings, ranks, meta):
+        return
+    if how == "gather":
         _expand_gather(y, _shrink_gather(x, a_list, ranks, meta), b_list, scalings, ranks, meta)
+    else:
+        _expand_segment(y, _shrink_segment(x, a_list, ranks, meta), b_list, scalings, ranks, meta)

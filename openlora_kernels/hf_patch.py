@@ -1,0 +1,524 @@
+"""Serve many PEFT adapters through one Hugging Face model: :func:`patch_model`.
+
+    >>> lm = olk.patch_model(model, max_adapters=8, max_rank=64)              # doctest: +SKIP
+    >>> lm.load_adapter("medical", "path/or/org-name")                         # doctest: +SKIP
+    >>> out = lm(input_ids=ids, attention_mask=mask, adapter_names=["medical", None])  # doctest: +SKIP
+
+How the model is patched
+------------------------
+* Modules are found by walking ``model.named_modules()`` and matching ``target_modules`` (no
+  per-model tables): ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2; its weight is stored
+  [in, out], which only matters for the base layer: PEFT's lora_A/lora_B are the same for both).
+  ``target_modules=None`` (or "all-linear") = every such module except the output embedding
+  (``lm_head``), i.e. PEFT's "all-linear"; an adapter with weights for a module that is not
+  patched is refused with a message naming it.
+* Each patched module gets a forward hook (the module itself, its weights and the model's
+  state_dict are untouched): ``y = base(x)`` as before, then
+  ``add_lora(y.view(-1, N), x.reshape(-1, K), A_slots, B_slots, meta, scalings, ranks)`` through
+  a :class:`~openlora_kernels.ops.api.BoundLoRA` (the slot weights are checked once per change
+  of the pool, not in every call).
+  Fused projections (Phi-3 ``qkv_proj``/``gate_up_proj``, GPT-NeoX ``query_key_value``) are one
+  module with one lora_A/lora_B in PEFT's format, so they are a single-slice call like any other.
+* The batch metadata is built ONCE per forward, by a pre-forward hook on the top model, from the
+  per-row adapter slots and the input's [batch, seq] shape: one slot per TOKEN, in row-major
+  order (and reused by later forwards with the same slots and shape: every decode step of a
+  generate call, a server repeating a batch layout). Every layer receives its input flattened to [tokens, K], so models that flatten
+  [batch, seq] themselves before a linear (OPT's fc1/fc2) get the right adapter per row. A
+  layer that sees fewer positions per row than the input (an ``lm_head`` computing only the last
+  position during generation) gets the metadata of that layout, built once per forward too.
+* Rows whose adapter does not target a layer have rank 0 for its slot there: no delta. Padding
+  (left or right) is the base model's business: deltas apply per token like PEFT's.
+
+Serving stacks with packed / variable-length batches use :meth:`MultiLoRAModel.set_batch`
+(per-token slots or a LoRABatchMeta) and then call ``lm.model`` with no extra arguments.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from .adapters import AdapterWeights, resolve_source
+from .metadata import LoRABatchMeta, build_batch_meta
+from .ops.backends import BACKEND_CHOICES, resolve_backend
+from .pool import AdapterPool, HostLoRA, LayerSlots, MemoryReport
+
+BASE = "__base__"
+TargetModules = Union[None, str, Sequence[str]]
+
+
+# ---------------------------------------------------------------------------- module matching
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is optional
+        return None
+    return Conv1D
+
+
+def linear_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
+    """(in_features, out_features) of an nn.Linear or transformers Conv1D, else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return module.weight.shape[0], module.weight.shape[1]   # Conv1D stores weight [in, out]
+    return None
+
+
+def select_modules(model: nn.Module, target_modules: TargetModules) -> List[Tuple[str, nn.Module, int, int]]:
+    """(name, module, K, N) of the modules to patch.
+
+    None / "all-linear": every Linear / Conv1D except the output embedding. A list: modules whose
+    name equals an entry or ends with "." + entry (PEFT's rule). Another string: a regex the whole
+    module name must match.
+    """
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        rx = re.compile(target_modules)
+        match = lambda n: rx.fullmatch(n) is not None  # noqa: E731
+    elif target_modules is None or target_modules == "all-linear":
+        match = None
+    elif isinstance(target_modules, (list, tuple, set, frozenset)) and all(isinstance(t, str) for t in target_modules):
+        names = list(target_modules)
+        match = lambda n: any(n == t or n.endswith("." + t) for t in names)  # noqa: E731
+    else:
+        raise TypeError(f"target_modules: expected None, 'all-linear', a regex string or a list of module names, "
+                        f"got {target_modules!r}")
+    picked = []
+    for name, mod in model.named_modules():
+        dims = linear_dims(mod)
+        if match is None:
+            if dims is not None and mod is not out_emb:
+                picked.append((name, mod, *dims))
+        elif name and match(name):
+            if dims is None:
+                raise ValueError(f"target_modules: module {name!r} is a {type(mod).__name__}; only nn.Linear and "
+                                 "transformers Conv1D modules can be patched")
+            picked.append((name, mod, *dims))
+    if not picked:
+        raise ValueError(f"target_modules: {target_modules!r} matched no nn.Linear / Conv1D module of the model")
+    for name, mod, _, _ in picked:
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or not w.is_floating_point():
+            raise NotImplementedError(
+                f"module {name!r} ({type(mod).__name__}) has {'no' if w is None else f'a {w.dtype}'} weight: "
+                "quantized base layers are not supported; exclude it with target_modules")
+    return picked
+
+
+# ------------------------------------------------------------------------------- batch state
+
+
+class _BatchState:
+    """What the hooks read during a forward (set by the pre-forward hook, once per forward)."""
+
+    # Metadata of recent (row slots, input shape) pairs: a decode loop or a server repeating a
+    # batch layout reuses it (and what the kernels memoised on it) instead of rebuilding it.
+    CACHE_SIZE = 16
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self.row_key: Optional[Tuple[int, ...]] = None  # slot per row ("rows" mode: adapter_names)
+        self.cache: Dict[Tuple[Any, ...], Tuple[LoRABatchMeta, torch.Tensor]] = {}
+        self.fixed: Optional[LoRABatchMeta] = None      # per token (serving-stack mode: set_batch)
+        self.meta: Optional[LoRABatchMeta] = None       # this forward's metadata
+        self.rows_now: Optional[torch.Tensor] = None    # this forward's per-row slots
+        self.layouts: Dict[Tuple[Any, ...], LoRABatchMeta] = {}
+
+    def begin_forward(self, args: tuple, kwargs: dict) -> None:
+        self.layouts = {}
+        if self.fixed is not None:
+            self.meta, self.rows_now = self.fixed, None
+            return
+        if self.row_key is None:
+            self.meta = self.rows_now = None
+            return
+        inp = _model_input(args, kwargs)
+        if inp is None or inp.dim() < 2:
+            raise ValueError("adapter_names: the model was called without input_ids / inputs_embeds of shape "
+                             "[batch, seq, ...]; use set_batch() with per-token slots for other inputs")
+        B, S = inp.shape[0], inp.shape[1]
+        key = (self.row_key, B, S, inp.device)
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.meta, self.rows_now = hit
+            return
+        rows = torch.tensor(self.row_key, dtype=torch.int32)
+        if B != rows.shape[0]:
+            if B % rows.shape[0]:
+                raise ValueError(f"adapter_names: {rows.shape[0]} names, but the model was called with batch size {B}")
+            rows = rows.repeat_interleave(B // rows.shape[0])   # beams / num_return_sequences
+        self.rows_now = rows.to(inp.device, non_blocking=True)
+        self.meta = build_batch_meta(self.rows_now.repeat_interleave(S) if S != 1 else self.rows_now, self.num_slots)
+        if len(self.cache) >= self.CACHE_SIZE:
+            self.cache.clear()
+        self.cache[key] = (self.meta, self.rows_now)
+
+    def meta_for(self, x: torch.Tensor, device: torch.device, layer: str) -> LoRABatchMeta:
+        """Metadata for a layer whose input layout or device differs from the forward's."""
+        key = (device, tuple(x.shape[:-1]))
+        meta = self.layouts.get(key)
+        if meta is not None:
+            return meta
+        T = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if T == self.meta.num_tokens:
+            slots = self.meta.token_slots
+        elif self.rows_now is not None and x.dim() >= 3 and x.shape[0] == self.rows_now.shape[0]:
+            slots = self.rows_now.repeat_interleave(T // x.shape[0])
+        else:
+            raise RuntimeError(
+                f"layer {layer!r}: its input has {T} rows (shape {tuple(x.shape)}), but the batch metadata covers "
+                f"{self.meta.num_tokens} tokens; this layer lays the batch out in a way per-row adapter ids cannot "
+                "follow: give per-token slots with set_batch()")
+        meta = build_batch_meta(slots.to(device), self.num_slots)
+        self.layouts[key] = meta
+        return meta
+
+
+def _model_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    for key in ("input_ids", "inputs_embeds"):
+        v = kwargs.get(key)
+        if isinstance(v, torch.Tensor):
+            return v
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    return None
+
+
+def _lora_hook(slots: LayerSlots, state: _BatchState):
+    name, device, dtype = slots.name, slots.device, slots.dtype
+
+    def hook(module, args, kwargs, output):
+        meta, op = state.meta, slots.op
+        if meta is None or op is None:
+            return None
+        x = args[0] if args else next(iter(kwargs.values()))
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] != meta.num_tokens or meta.device != device:
+            meta = state.meta_for(x, device, name)
+        y = output if output.is_contiguous() else output.contiguous()
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        # add_lora(y, x2, A_slots, B_slots, meta, scalings, ranks), weights checked once (BoundLoRA).
+        # Inference only: no autograd records for the delta.
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+            op(y.view(-1, y.shape[-1]), x2, meta)
+        return y
+
+    return hook
+
+
+# ------------------------------------------------------------------------------- the wrapper
+
+
+def _check_name(name: Any, what: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{what}: adapter names are strings, got {type(name).__name__}")
+    if not name.strip():
+        raise ValueError(f"{what}: empty adapter name {name!r}")
+    if name == BASE:
+        raise ValueError(f"{what}: {BASE!r} is reserved for the base model")
+    return name
+
+
+class MultiLoRAModel:
+    """A Hugging Face model patched to serve many LoRA adapters at once (see :func:`patch_model`).
+
+    The patched ``nn.Module`` is :attr:`model`; attributes not defined here (``config``,
+    ``device``...) are forwarded to it. Inference only: calls run under ``torch.no_grad()``.
+    """
+
+    def __init__(self, model: nn.Module, *, max_adapters: int, max_rank: int, target_modules: TargetModules,
+                 backend: str, host_budget_bytes: Optional[int]):
+        for arg, v in (("max_adapters", max_adapters), ("max_rank", max_rank)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{arg}: expected a positive int, got {v!r}")
+        if host_budget_bytes is not None and (not isinstance(host_budget_bytes, int) or host_budget_bytes < 0):
+            raise ValueError(f"host_budget_bytes: expected None or a non-negative int, got {host_budget_bytes!r}")
+        if backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend: unknown backend {backend!r}; choose one of {', '.join(BACKEND_CHOICES)}")
+        if getattr(model, "_openlora_patched", False):
+            raise ValueError("model: already patched by openlora_kernels.patch_model; use that MultiLoRAModel")
+        picked = select_modules(model, target_modules)
+        for name, mod, _, _ in picked:
+            resolve_backend(backend, mod.weight.device)   # unavailable backend: fail now, not mid-forward
+        self.model = model
+        self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
+        self.target_modules = target_modules
+        self._layers: Dict[str, LayerSlots] = {
+            name: LayerSlots(name, K, N, max_adapters, max_rank, mod.weight.device, mod.weight.dtype, backend)
+            for name, mod, K, N in picked}
+        self._all_modules = {name for name, _ in model.named_modules()}
+        self._resolved: Dict[str, str] = {}
+        self.pool = AdapterPool(self._layers, max_adapters, max_rank, self._bind, host_budget_bytes)
+        self._state = _BatchState(max_adapters)
+        self._batch_held: List[str] = []
+        self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
+        for name, mod, _, _ in picked:
+            self._hooks.append(mod.register_forward_hook(_lora_hook(self._layers[name], self._state),
+                                                         with_kwargs=True))
+        model._openlora_patched = True
+
+    # ------------------------------------------------------------------------------ adapters
+
+    @property
+    def adapters(self) -> Tuple[str, ...]:
+        """Names of the registered adapters, in load order."""
+        return self.pool.names
+
+    @property
+    def patched_modules(self) -> Tuple[str, ...]:
+        return tuple(self._layers)
+
+    def load_adapter(self, name: str, source: Any, *, pin: bool = False) -> None:
+        """Register adapter ``name`` from ``source``: a PEFT adapter directory, a Hub repo id
+        ("org/name"), an :class:`~openlora_kernels.adapters.AdapterSource` or a callable returning
+        ``(config, tensors)``. It is read and checked now and kept in host memory; it is copied to
+        a device slot when a batch first needs it (``pin=True``: now, and kept there).
+
+        Any error (missing files, unsupported config, shapes that do not fit, rank above
+        max_rank...) leaves everything as it was: the name is not registered.
+        """
+        _check_name(name, "name")
+        src = resolve_source(source)
+        self.pool.register(name, src)
+        if pin:
+            try:
+                self.pool.pin(name)
+            except BaseException:
+                self.pool.unregister(name)
+                raise
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget ``name``: its slot is freed and its host memory dropped."""
+        self.pool.unregister(name)
+
+    def pin(self, name: str) -> int:
+        """Load ``name`` into a device slot now and never evict it until :meth:`unpin`."""
+        return self.pool.pin(name)
+
+    def unpin(self, name: str) -> None:
+        self.pool.unpin(name)
+
+    def memory_report(self) -> MemoryReport:
+        """Bytes per adapter, device bytes of the slot buffers, host bytes (print it for a table)."""
+        return self.pool.memory_report()
+
+    def _bind(self, weights: AdapterWeights) -> Dict[str, HostLoRA]:
+        """Check an adapter against the patched layers; host weights per layer in their dtype."""
+        self._check_base_copies(weights)
+        out: Dict[str, HostLoRA] = {}
+        for mod, m in weights.modules.items():
+            layer = self._layer_for(mod, weights.origin)
+            ls = self._layers[layer]
+            if m.rank > self.max_rank:
+                raise ValueError(f"{weights.origin}: module {mod!r} has rank {m.rank}, above max_rank={self.max_rank}")
+            if m.a.shape[1] != ls.in_features or m.b.shape[0] != ls.out_features:
+                raise ValueError(
+                    f"{weights.origin}: module {mod!r} does not fit the model: lora_A {tuple(m.a.shape)} and lora_B "
+                    f"{tuple(m.b.shape)}, but {layer!r} maps {ls.in_features} -> {ls.out_features} features "
+                    f"(expected lora_A [r, {ls.in_features}] and lora_B [{ls.out_features}, r])")
+            if layer in out:
+                raise ValueError(f"{weights.origin}: two modules of the adapter map to layer {layer!r}")
+            a = m.a.to(ls.dtype).contiguous()
+            bt = m.b.to(ls.dtype).t().contiguous()
+            if ls.device.type == "cuda":
+                a, bt = a.pin_memory(), bt.pin_memory()
+            out[layer] = HostLoRA(a, bt, m.scaling)
+        return out
+
+    def _check_base_copies(self, weights: AdapterWeights) -> None:
+        """Base parameters saved with the adapter must be the model's own (else it needs weights
+        this library does not swap per request: resized embeddings, modules_to_save...)."""
+        if not weights.base_copies:
+            return
+        params = dict(self.model.named_parameters())
+        for name, t in weights.base_copies.items():
+            hits = [n for n in params if n == name or n.endswith("." + name) or name.endswith("." + n)]
+            if len(hits) != 1:
+                raise ValueError(f"{weights.origin}: tensor {name!r} of the adapter matches no parameter of the model")
+            p = params[hits[0]]
+            if p.shape != t.shape or not torch.equal(p.detach().cpu(), t.to(p.dtype)):
+                raise NotImplementedError(
+                    f"{weights.origin}: the adapter carries its own {name!r} {tuple(t.shape)}, different from the "
+                    f"model's {tuple(p.shape)}; replacing base weights per adapter is not supported")
+
+    def _layer_for(self, module: str, origin: str) -> str:
+        hit = self._resolved.get(module)
+        if hit is not None:
+            return hit
+        if module in self._layers:
+            hit = module
+        else:   # the adapter was saved from another wrapping level (e.g. LlamaModel vs LlamaForCausalLM)
+            cands = [n for n in self._layers if n.endswith("." + module) or module.endswith("." + n)]
+            if len(cands) == 1:
+                hit = cands[0]
+            elif module in self._all_modules or any(n.endswith("." + module) for n in self._all_modules):
+                raise ValueError(f"{origin}: module {module!r} is not patched (target_modules="
+                                 f"{self.target_modules!r}); patch the model with target_modules including it")
+            else:
+                raise ValueError(f"{origin}: module {module!r} does not exist in the model")
+        self._resolved[module] = hit
+        return hit
+
+    # -------------------------------------------------------------------------------- batches
+
+    def __call__(self, *args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
+        """The model's forward with one adapter per batch row (PEFT's ``adapter_names`` meaning:
+        None or "__base__" = the base model). Without adapter_names: the batch set with
+        :meth:`set_batch`, else the base model."""
+        with self._rows(adapter_names, args, kwargs), torch.no_grad():
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
+        """``model.generate`` with one adapter per batch row (beams and num_return_sequences follow
+        their row)."""
+        with self._rows(adapter_names, args, kwargs):
+            return self.model.generate(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        return self(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _rows(self, adapter_names, args, kwargs) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+            raise TypeError(f"adapter_names: expected a list with one name (or None) per batch row, "
+                            f"got {type(adapter_names).__name__}")
+        inp = _model_input(args, kwargs)
+        if inp is not None and inp.dim() >= 2 and len(adapter_names) != inp.shape[0]:
+            raise ValueError(f"adapter_names: {len(adapter_names)} names for a batch of {inp.shape[0]} rows "
+                             "(one name or None per row)")
+        try:
+            distinct = dict.fromkeys(adapter_names)   # each distinct name once (batches repeat names)
+        except TypeError:
+            raise TypeError("adapter_names: entries must be adapter names (str) or None") from None
+        names = []
+        for n in distinct:
+            if n is None or n == BASE:
+                continue
+            if n not in self.pool:
+                where = f"adapter_names[{list(adapter_names).index(n)}]"
+                _check_name(n, where)
+                known = ", ".join(repr(k) for k in self.pool.names) or "none"
+                raise KeyError(f"{where}: adapter {n!r} is not loaded (loaded: {known})")
+            names.append(n)     # registered names are non-empty strings: checked at load_adapter
+        slots = self.pool.prepare(names) if names else {}
+        st = self._state
+        prev = (st.row_key, st.fixed)
+        # None: every row is the base model (no metadata, the hooks do nothing)
+        st.row_key = tuple(-1 if (n is None or n == BASE) else slots[n] for n in adapter_names) if slots else None
+        st.fixed = None
+        try:
+            yield
+        finally:
+            st.row_key, st.fixed = prev
+            self._state.meta = self._state.rows_now = None
+            self._state.layouts = {}
+
+    def _pre_forward(self, module, args, kwargs):
+        self._state.begin_forward(args, kwargs)
+        return None
+
+    # ------------------------------------------------------------------ serving-stack entry
+
+    def acquire(self, names: Sequence[str]) -> Dict[str, int]:
+        """Load ``names`` into device slots and hold them there until :meth:`release`;
+        returns {name: slot} for building per-token slot ids."""
+        for i, n in enumerate(names):
+            _check_name(n, f"names[{i}]")
+        return self.pool.prepare(list(names), hold=True)
+
+    def release(self, names: Optional[Sequence[str]] = None) -> None:
+        """Let acquired adapters be evicted again (all of them when ``names`` is None)."""
+        self.pool.release(names)
+
+    def set_batch(self, slots: Union[torch.Tensor, LoRABatchMeta, Sequence[Optional[str]]]) -> LoRABatchMeta:
+        """Fix the adapters of every following forward, per TOKEN, until :meth:`clear_batch`.
+
+        ``slots``: a LoRABatchMeta, a [T] int tensor of slot ids (-1 = base; slots from
+        :meth:`acquire`), or a list of T adapter names (None / "__base__" = base; acquired here and
+        released by clear_batch). The model must then be called with inputs flattening to exactly T
+        tokens (packed / variable-length batches), with no extra arguments: ``lm.model(...)``.
+        """
+        self.clear_batch()
+        if isinstance(slots, LoRABatchMeta):
+            if slots.num_slots != self.max_adapters:
+                raise ValueError(f"slots: the metadata was built for {slots.num_slots} slots, but the pool has "
+                                 f"max_adapters={self.max_adapters}")
+            meta = slots
+        elif isinstance(slots, torch.Tensor):
+            meta = build_batch_meta(slots, self.max_adapters)
+        elif isinstance(slots, Sequence) and not isinstance(slots, str):
+            names = [n for n in slots if n is not None and n != BASE]
+            got = self.acquire(list(dict.fromkeys(names)))
+            self._batch_held = list(got)
+            device = next(iter(self._layers.values())).device
+            ids = [-1 if (n is None or n == BASE) else got[n] for n in slots]
+            meta = build_batch_meta(torch.tensor(ids, dtype=torch.int32).to(device), self.max_adapters)
+        else:
+            raise TypeError(f"slots: expected a LoRABatchMeta, a tensor of slot ids or a list of adapter names, "
+                            f"got {type(slots).__name__}")
+        self._state.fixed = meta
+        return meta
+
+    def clear_batch(self) -> None:
+        self._state.fixed = None
+        if self._batch_held:
+            self.pool.release(self._batch_held)
+            self._batch_held = []
+
+    @contextlib.contextmanager
+    def batch(self, slots) -> Iterator[LoRABatchMeta]:
+        """``with lm.batch(slots): lm.model(...)`` — set_batch / clear_batch around a block."""
+        meta = self.set_batch(slots)
+        try:
+            yield meta
+        finally:
+            self.clear_batch()
+
+    # ---------------------------------------------------------------------------------- misc
+
+    def unpatch(self) -> nn.Module:
+        """Remove the hooks and the slot buffers; returns the original model, unchanged."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._layers.clear()
+        self.model._openlora_patched = False
+        return self.model
+
+    def __getattr__(self, name: str):
+        if name.startswith("_") or name in ("model", "pool"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def __repr__(self) -> str:
+        return (f"MultiLoRAModel({type(self.model).__name__}, {len(self._layers)} patched modules, "
+                f"max_adapters={self.max_adapters}, max_rank={self.max_rank}, adapters={list(self.adapters)})")
+
+
+def patch_model(model: nn.Module, max_adapters: int = 8, max_rank: int = 64, target_modules: TargetModules = None,
+                backend: str = "auto", *, host_budget_bytes: Optional[int] = None) -> MultiLoRAModel:
+    """Patch ``model`` in place (forward hooks; weights untouched) to serve many LoRA adapters.
+
+    Args:
+        model: a Hugging Face ``PreTrainedModel`` (or any nn.Module with Linear / Conv1D layers).
+        max_adapters: device slots per patched layer = most distinct adapters in one batch.
+        max_rank: largest adapter rank accepted; slot buffers are [max_adapters, max_rank, features].
+        target_modules: which modules can carry adapters. None / "all-linear": every Linear and
+            Conv1D except the output embedding; a list of names (suffix match, like PEFT) or a regex.
+        backend: kernel backend for add_lora ("auto": Triton on a GPU, torch on the CPU).
+        host_budget_bytes: most bytes of adapter weights kept in host memory (None: no limit);
+            past it the least recently used adapters are dropped and re-read from their source.
+    """
+    return MultiLoRAModel(model, max_adapters=max_adapters, max_rank=max_rank, target_modules=target_modules,
+                          backend=backend, host_budget_bytes=host_budget_bytes)

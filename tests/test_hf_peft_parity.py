@@ -1,0 +1,133 @@
+"""patch_model against PEFT on six architectures: a mixed batch and greedy generation.
+
+Every row of our mixed batch must equal PEFT run with that row's adapter alone, and base rows the
+unpatched model. Left padding throughout; adapters of different ranks and targets (one limited to
+layer 1, one rsLoRA, one all-linear with rank_pattern / alpha_pattern) share the batch. OPT
+flattens [batch, seq] before fc1/fc2 (PEFT's own mixed batch raises there); GPT-2 uses Conv1D;
+Phi-3 and GPT-NeoX have fused qkv / gate_up projections.
+"""
+import copy
+
+import pytest
+import torch
+
+import openlora_kernels as olk
+
+from hf_models import ARCHS, ATOL, RTOL, left_padded_batch, lora_configs, make_model, peft_model, save_adapters
+
+ROW_ADAPTERS = ["attn", None, "mlp", "__base__", "mix"]
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def setup(request, tmp_path_factory):
+    arch = request.param
+    base = make_model(arch)
+    paths = save_adapters(base, lora_configs(arch), str(tmp_path_factory.mktemp(arch)))
+    refs = {n: peft_model(base, p) for n, p in paths.items()}
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=4, max_rank=16)
+    for n, p in paths.items():
+        lm.load_adapter(n, p)
+    return arch, base, refs, lm
+
+
+def test_mixed_batch_rows_equal_peft_per_adapter(setup):
+    arch, base, refs, lm = setup
+    ids, mask = left_padded_batch([7, 4, 6, 5, 3], seed=1)
+    out = lm(input_ids=ids, attention_mask=mask, adapter_names=ROW_ADAPTERS).logits
+    with torch.no_grad():
+        base_logits = base(input_ids=ids, attention_mask=mask).logits
+        ref = {n: r(input_ids=ids, attention_mask=mask).logits for n, r in refs.items()}
+    for i, name in enumerate(ROW_ADAPTERS):
+        keep = mask[i].bool()
+        want = base_logits[i] if name in (None, "__base__") else ref[name][i]
+        torch.testing.assert_close(out[i][keep], want[keep], atol=ATOL, rtol=RTOL,
+                                   msg=lambda m: f"{arch} row {i} ({name}): {m}")
+        if name not in (None, "__base__"):   # the adapter really changes this row
+            assert (want[keep] - base_logits[i][keep]).abs().max() > 1e-2
+
+
+def test_every_adapter_changes_only_its_targets(setup):
+    """All rows on one adapter, then the patched layers it does not target saw no delta."""
+    arch, base, refs, lm = setup
+    ids, mask = left_padded_batch([5, 5], seed=2)
+    for name, ref in refs.items():
+        out = lm(input_ids=ids, attention_mask=mask, adapter_names=[name, name]).logits
+        with torch.no_grad():
+            want = ref(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(out, want, atol=ATOL, rtol=RTOL)
+
+
+def test_greedy_generate_with_left_padding_equals_peft_per_row(setup):
+    arch, base, refs, lm = setup
+    rows = ["mix", None, "attn", "mlp"]
+    ids, mask = left_padded_batch([6, 3, 5, 4], seed=3)
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    got = lm.generate(input_ids=ids, adapter_names=rows, **kw)
+    with torch.no_grad():
+        want_base = base.generate(input_ids=ids, **kw)
+        want = {n: r.generate(input_ids=ids, **kw) for n, r in refs.items()}
+    for i, name in enumerate(rows):
+        expect = want_base[i] if name is None else want[name][i]
+        assert torch.equal(got[i], expect), f"{arch} row {i} ({name}): {got[i].tolist()} != {expect.tolist()}"
+
+
+def test_base_rows_are_bitwise_the_unpatched_model(setup):
+    arch, base, refs, lm = setup
+    ids, mask = left_padded_batch([4, 6], seed=4)
+    out = lm(input_ids=ids, attention_mask=mask, adapter_names=[None, "__base__"]).logits
+    plain = lm(input_ids=ids, attention_mask=mask).logits
+    with torch.no_grad():
+        want = base(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(out, want) and torch.equal(plain, want)
+
+
+def test_patching_leaves_weights_and_state_dict_alone():
+    base = make_model("gpt2")
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lm = olk.patch_model(model, max_adapters=2, max_rank=8)
+    assert "transformer.h.0.attn.c_attn" in lm.patched_modules and "lm_head" not in lm.patched_modules
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert lm.unpatch() is model
+    with pytest.raises(ValueError, match="already patched"):
+        olk.patch_model(olk.patch_model(copy.deepcopy(base)).model)
+
+
+def test_beam_search_rows_follow_their_adapter(tmp_path):
+    """generate expands each row into num_beams rows: the adapter must follow (llama)."""
+    base = make_model("llama")
+    paths = save_adapters(base, lora_configs("llama"), str(tmp_path))
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=4, max_rank=16)
+    for n, p in paths.items():
+        lm.load_adapter(n, p)
+    ids, mask = left_padded_batch([5, 3, 4], seed=8)
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2,
+              pad_token_id=0)
+    rows = ["mlp", None, "mix"]
+    got = lm.generate(input_ids=ids, adapter_names=rows, **kw)
+    with torch.no_grad():
+        for i, name in enumerate(rows):
+            ref = base if name is None else peft_model(base, paths[name])
+            want = ref.generate(input_ids=ids, **kw)
+            assert torch.equal(got[2 * i:2 * i + 2], want[2 * i:2 * i + 2]), f"row {i} ({name})"
+
+
+def test_triton_backend_path_matches_peft(tmp_path):
+    """The arguments a GPU gets (full max_rank slots, ranks per slot, B stored transposed) through
+    the Triton kernels, here under Triton's interpreter (llama, fp32)."""
+    if not olk.available_backends("cpu")["triton"].usable:
+        pytest.skip(olk.available_backends("cpu")["triton"].reason)
+    base = make_model("llama")
+    paths = save_adapters(base, lora_configs("llama"), str(tmp_path))
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=4, max_rank=16, backend="triton")
+    for n, p in paths.items():
+        lm.load_adapter(n, p)
+    ids, mask = left_padded_batch([5, 3, 4], seed=1)
+    rows = ["attn", None, "mix"]
+    out = lm(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+    assert lm.pool.layers["model.layers.0.self_attn.q_proj"].op.lora_a.shape == (4, 16, 32)   # full max_rank
+    with torch.no_grad():
+        for i, name in enumerate(rows):
+            want = (base if name is None else peft_model(base, paths[name]))(input_ids=ids, attention_mask=mask).logits
+            torch.testing.assert_close(out[i][mask[i].bool()], want[i][mask[i].bool()], atol=ATOL, rtol=RTOL)

@@ -1,0 +1,176 @@
+"""The lower-level entry for serving stacks: per-token slots (or a LoRABatchMeta) set once, then the
+patched nn.Module called with no extra arguments. Also the lm_head layout (fewer positions per row
+than the input during generation)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import openlora_kernels as olk
+
+from hf_models import ATOL, RTOL, left_padded_batch, make_model, peft_model, save_adapter
+
+
+class TokenMLP(nn.Module):
+    """Tokens are independent here, so a packed batch of tokens with mixed adapters has an exact
+    per-token reference: PEFT with that token's adapter."""
+
+    def __init__(self, k=24, hidden=40):
+        super().__init__()
+        self.fc1 = nn.Linear(k, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, k)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.fixture(scope="module")
+def mlp_env(tmp_path_factory):
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    base = TokenMLP().eval()
+    root = tmp_path_factory.mktemp("mlp")
+    cfgs = {"A": LoraConfig(r=4, target_modules=["fc1"], init_lora_weights=False),
+            "B": LoraConfig(r=8, lora_alpha=4, target_modules=["fc1", "fc2"], init_lora_weights=False, use_rslora=True),
+            "C": LoraConfig(r=2, target_modules=["fc2"], init_lora_weights=False)}
+    paths = {n: save_adapter(base, c, str(root / n), seed=20 + i) for i, (n, c) in enumerate(cfgs.items())}
+    return base, paths
+
+
+def per_token_reference(base, paths, x, names):
+    with torch.no_grad():
+        outs = {n: peft_model(base, p)(x) for n, p in paths.items()}
+        outs[None] = base(x)
+    return torch.stack([outs[n][t] for t, n in enumerate(names)])
+
+
+def test_packed_tokens_with_per_token_adapters(mlp_env):
+    base, paths = mlp_env
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=3, max_rank=8)
+    for n, p in paths.items():
+        lm.load_adapter(n, p)
+    x = torch.randn(13, 24)
+    names = ["A", "B", None, "C", "C", "A", "B", "B", None, "A", "C", "B", "A"]
+    want = per_token_reference(base, paths, x, names)
+
+    with lm.batch(names):                                    # names per token
+        with torch.no_grad():
+            got = lm.model(x)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+
+    slots = lm.acquire(["A", "B", "C"])                      # slot ids per token
+    ids = torch.tensor([-1 if n is None else slots[n] for n in names])
+    for batch in (ids, olk.build_batch_meta(ids, 3)):
+        lm.set_batch(batch)
+        with torch.no_grad():
+            torch.testing.assert_close(lm.model(x), want, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(lm.model(x.view(13, 1, 24)).view(13, 24), want, atol=ATOL, rtol=RTOL)
+    lm.clear_batch()
+    lm.release()
+    with torch.no_grad():
+        assert torch.equal(lm.model(x), base(x))             # cleared: the base model again
+
+
+def test_acquired_adapters_are_not_evicted(mlp_env):
+    base, paths = mlp_env
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=2, max_rank=8)
+    for n, p in paths.items():
+        lm.load_adapter(n, p)
+    held = lm.acquire(["A", "B"])
+    with pytest.raises(RuntimeError, match="no device slot can be freed"):
+        lm.acquire(["C"])
+    lm.release(["A"])
+    got = lm.acquire(["C"])
+    assert got["C"] == held["A"] and lm.pool.slot_of("B") == held["B"]
+    with pytest.raises(RuntimeError, match="held"):
+        lm.unload_adapter("B")
+
+
+def test_token_count_mismatch_names_the_layer(mlp_env):
+    base, paths = mlp_env
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=3, max_rank=8)
+    lm.load_adapter("A", paths["A"])
+    lm.set_batch(["A"] * 5)
+    with pytest.raises(RuntimeError, match=r"layer 'fc1'.*7 rows.*5 tokens"):
+        with torch.no_grad():
+            lm.model(torch.randn(7, 24))
+    lm.clear_batch()
+
+
+def test_set_batch_on_a_causal_lm_equals_adapter_names(tmp_path):
+    from peft import LoraConfig
+
+    base = make_model("qwen2")
+    path = save_adapter(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), str(tmp_path / "a"), 1)
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=2, max_rank=8)
+    lm.load_adapter("a", path)
+    ids, mask = left_padded_batch([5, 3, 4], seed=5)
+    want = lm(input_ids=ids, attention_mask=mask, adapter_names=[None, "a", "a"]).logits
+    slot = lm.acquire(["a"])["a"]
+    tokens = torch.tensor([-1, slot, slot]).repeat_interleave(ids.shape[1])
+    with lm.batch(tokens), torch.no_grad():
+        got = lm.model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got, want)
+
+
+def test_adapter_on_lm_head_in_forward_and_generate(tmp_path):
+    """lm_head (patched on request) sees only the last position during generation."""
+    from peft import LoraConfig
+
+    base = make_model("llama")
+    path = save_adapter(base, LoraConfig(r=4, target_modules=["v_proj", "lm_head"], init_lora_weights=False),
+                        str(tmp_path / "head"), 2)
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=2, max_rank=8, target_modules=["v_proj", "lm_head"])
+    lm.load_adapter("head", path)          # PEFT saved a copy of lm_head's weight: equal to the model's
+    ref = peft_model(base, path)
+    ids, mask = left_padded_batch([6, 4], seed=6)
+    out = lm(input_ids=ids, attention_mask=mask, adapter_names=["head", None]).logits
+    with torch.no_grad():
+        torch.testing.assert_close(out[0][mask[0].bool()], ref(input_ids=ids, attention_mask=mask).logits[0][mask[0].bool()],
+                                   atol=ATOL, rtol=RTOL)
+        kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        got = lm.generate(input_ids=ids, adapter_names=["head", None], **kw)
+        assert torch.equal(got[0], ref.generate(input_ids=ids, **kw)[0])
+        assert torch.equal(got[1], base.generate(input_ids=ids, **kw)[1])
+
+
+def test_adapter_whose_saved_lm_head_differs_from_the_model(tmp_path):
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    base = make_model("llama")
+    path = save_adapter(base, LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False), str(tmp_path / "h"), 2)
+    f = f"{path}/adapter_model.safetensors"
+    sd = load_file(f)
+    key = next(k for k in sd if k.endswith("base_layer.weight"))
+    sd[key] = sd[key] + 1.0
+    save_file(sd, f)
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=2, max_rank=8, target_modules=["lm_head"])
+    with pytest.raises(NotImplementedError, match="lm_head.weight.*different from the model"):
+        lm.load_adapter("h", path)
+
+
+def test_metadata_is_built_once_per_layout(tmp_path, monkeypatch):
+    """Once per forward at most, and not again for a forward with the same slots and shape."""
+    from peft import LoraConfig
+    import openlora_kernels.hf_patch as hf_patch
+
+    base = make_model("llama")
+    path = save_adapter(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), str(tmp_path / "a"), 3)
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=2, max_rank=8)
+    lm.load_adapter("a", path)
+    built = []
+    real = hf_patch.build_batch_meta
+    monkeypatch.setattr(hf_patch, "build_batch_meta", lambda *a, **k: built.append(1) or real(*a, **k))
+    ids, mask = left_padded_batch([4, 6], seed=1)
+    first = lm(input_ids=ids, attention_mask=mask, adapter_names=["a", None]).logits
+    again = lm(input_ids=ids, attention_mask=mask, adapter_names=["a", None]).logits
+    assert len(built) == 1 and torch.equal(first, again)
+    lm(input_ids=ids, attention_mask=mask, adapter_names=[None, "a"])
+    assert len(built) == 2
+    lm.generate(input_ids=ids, attention_mask=mask, adapter_names=["a", None], max_new_tokens=6, do_sample=False,
+                pad_token_id=0)
+    assert len(built) == 3       # the prefill shape was cached; the 5 decode steps share one metadata
