@@ -1,5 +1,10 @@
-"""Build script. The pure-Python package installs everywhere; the optional CUDA extension
-(csrc/ -> openlora_kernels/ops/_cuda_sgmv) is built when nvcc and pybind11 are found.
+"""Build script. The pure-Python package installs everywhere; two optional extensions:
+
+* the native CPU kernels (csrc/cpu/ -> openlora_kernels/ops/_cpu_sgmv), built with the machine's
+  C++ compiler and pybind11 (a few seconds; OPENLORA_SKIP_CPU_EXT=1 skips; a failure only warns
+  and backend "cpu" then reports itself unavailable);
+* the CUDA extension (csrc/ -> openlora_kernels/ops/_cuda_sgmv), built when nvcc and pybind11 are
+  found (below).
 
     pip install -e . --no-deps --no-build-isolation     # GPU machines: uses the env's tools
     pip install -e .                                    # isolated build: pybind11/cmake/ninja from PyPI
@@ -54,9 +59,17 @@ class BuildPyWithSources(build_py):
 
 
 class BuildCudaExtension(build_ext):
-    """Builds _cuda_sgmv with CMake + Ninja (or nvcc directly), never fatally unless required."""
+    """Builds _cuda_sgmv with CMake + Ninja (or nvcc directly), never fatally unless required;
+    other extensions (the CPU kernels) the usual setuptools way, also never fatally."""
 
     def build_extension(self, ext):
+        if not ext.name.endswith("_cuda_sgmv"):
+            try:
+                return super().build_extension(ext)
+            except Exception as e:
+                print(f"openlora_kernels: WARNING: {ext.name} was not built ({e}); backend 'cpu' will report "
+                      "itself unavailable and 'auto' uses 'torch' on the CPU", file=sys.stderr, flush=True)
+                return None
         out = Path(self.get_ext_fullpath(ext.name))
         archs = cuda_build.install_archs()
         log_path = Path(self.build_temp) / "openlora_cuda_build.log"
@@ -76,15 +89,33 @@ class BuildCudaExtension(build_ext):
             sys.stdout.write(log_path.read_text())
 
 
+def _cpu_extension():
+    if _flag("OPENLORA_SKIP_CPU_EXT"):
+        print("openlora_kernels: not building the native CPU extension: OPENLORA_SKIP_CPU_EXT is set", flush=True)
+        return []
+    try:
+        import pybind11
+    except ImportError:
+        print("openlora_kernels: not building the native CPU extension: pybind11 is not installed", flush=True)
+        return []
+    flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    if sys.platform != "win32":
+        flags.append("-fopenmp-simd")   # SIMD pragmas only: no OpenMP runtime is linked
+    return [Extension("openlora_kernels.ops._cpu_sgmv", sources=["csrc/cpu/bindings_cpu.cpp"],
+                      include_dirs=[pybind11.get_include(), "csrc/cpu"], extra_compile_args=flags,
+                      language="c++", optional=True)]
+
+
 def _ext_modules():
+    exts = _cpu_extension()
     try:
         skip = cuda_build.install_skip_reason()
     except Exception as e:  # never let the optional part break a pure-Python install
         skip = repr(e)
     if skip:
         print(f"openlora_kernels: not building the CUDA extension: {skip}", flush=True)
-        return []
-    return [Extension("openlora_kernels.ops._cuda_sgmv", sources=[])]
+        return exts
+    return exts + [Extension("openlora_kernels.ops._cuda_sgmv", sources=[])]
 
 
 setup(

@@ -13,6 +13,7 @@ indices are treated as "no adapter" (-1) and ranks are clamped to [0, R].
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -48,9 +49,30 @@ def check_slot_indices(indices: torch.Tensor, num_slots: int, name: str = "indic
         )
 
 
+# ranks tensors already checked, with the version counter they had then: a layer passes the same
+# ranks every forward, and re-reading them would cost two reductions per layer and call.
+# id(tensor) -> (weak reference, version, data_ptr, R); the weak reference tells a recycled id apart.
+_ranks_ok: dict = {}
+_RANKS_OK_MAX = 4096
+
+
+def _version(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:   # inference tensors have no version counter: check every time
+        return None
+
+
 def check_ranks(ranks: torch.Tensor, max_rank: int, name: str = "ranks") -> None:
-    """Raise ValueError if any rank is negative or above the stacked rank R."""
+    """Raise ValueError if any rank is negative or above the stacked rank R.
+
+    A tensor that passed is not re-read until it is modified in place (its version changes)."""
     if ranks.numel() == 0 or not _must_check(ranks):
+        return
+    version = _version(ranks)
+    seen = _ranks_ok.get(id(ranks))
+    if (version is not None and seen is not None and seen[0]() is ranks
+            and seen[1:] == (version, ranks.data_ptr(), max_rank)):
         return
     lo, hi = int(ranks.min()), int(ranks.max())
     if lo < 0:
@@ -60,3 +82,7 @@ def check_ranks(ranks: torch.Tensor, max_rank: int, name: str = "ranks") -> None
             f"{name}: rank {hi} exceeds the stacked rank R={max_rank} of lora_a/lora_b "
             f"(ranks above R are rejected)"
         )
+    if version is not None:
+        if len(_ranks_ok) >= _RANKS_OK_MAX:
+            _ranks_ok.clear()
+        _ranks_ok[id(ranks)] = (weakref.ref(ranks), version, ranks.data_ptr(), max_rank)

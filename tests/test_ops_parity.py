@@ -12,7 +12,7 @@ from openlora_kernels.ops.configs import override_config
 
 from lora_reference import assert_close, make_problem, reference_delta, reference_shrink
 
-BACKENDS = [b for b in ("torch", "triton", "cuda")]
+BACKENDS = ["torch", "cpu", "triton", "cuda"]
 
 
 def usable(backend, device):
@@ -195,3 +195,31 @@ def test_rank_zero_slot_and_zero_scaling_leave_rows_unchanged(device):
 def test_default_backend_auto(device):
     p = make_problem(5, 16, [8], 2, 4, device=device)
     check_add(p, run_add(p, "auto"), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_rank_major_lora_b_view(backend, dtype, device):
+    """lora_b given as the [S, N, R] view of rank-major [S, R, N] storage (what the adapter pool
+    keeps): strides (R*N, 1, N). Multi-slice, mixed ranks, NaN in the rank padding."""
+    usable(backend, device)
+    p = make_problem(14, 40, [36, 12], 5, 8, dtype=dtype, device=device, ranks="mixed")
+    p.b = [B.transpose(1, 2).contiguous().transpose(1, 2) for B in p.b]
+    assert p.b[0].stride(1) == 1
+    check_add(p, run_add(p, backend), dtype)
+    h = olk.lora_shrink(p.x, p.a, p.indices, p.ranks, backend=backend)
+    y = p.y.clone()
+    olk.lora_expand(y, h, p.b, p.indices, p.scalings, p.ranks, backend=backend)
+    check_add(p, y, dtype)
+
+
+@pytest.mark.parametrize("block_m", [1, 2, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_cpu_native_kernel_on_long_segments(block_m, dtype):
+    """The native CPU kernel takes any segment length in blocks of 4 rows (forced decode tiles)."""
+    usable("cpu", "cpu")
+    p = make_problem(75, 64, [40, 24], 3, 16, dtype=dtype, ranks="per_slice")
+    meta = olk.build_batch_meta(p.indices, 3, block_m=block_m)
+    check_add(p, run_add(p, "cpu", meta), dtype)
+    h = olk.lora_shrink(p.x, p.a, meta, p.ranks, backend="cpu")
+    assert_close(h, reference_shrink(p), torch.float32 if dtype == torch.float32 else dtype, "h")

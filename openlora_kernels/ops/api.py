@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..checks import check_ranks
 from ..metadata import LoRABatchMeta, build_batch_meta
 from . import custom_ops  # noqa: F401  (registers torch.ops.openlora.*)
 from .backends import resolve_backend
@@ -225,11 +226,13 @@ class BoundLoRA:
 
     Per call only x, y and the metadata are checked (a few attribute compares); anything unusual
     goes through :func:`add_lora`'s full checks, so errors name the argument as usual. The
-    weights' values may change between calls (slot loads), not their shapes, dtype or device.
+    weights' values may change between calls (slot loads), not their shapes, dtype, device or
+    storage. A backend that offers ``bind`` (the native CPU one) converts the weight arguments
+    once here, too.
     """
 
     __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend", "_a", "_b", "_name", "_dtype", "_device",
-                 "_S", "_K", "_N")
+                 "_S", "_R", "_K", "_N", "_bound")
 
     def __init__(self, lora_a: TensorOrList, lora_b: TensorOrList, scalings: torch.Tensor,
                  ranks: Optional[torch.Tensor] = None, *, backend: str = "auto"):
@@ -244,7 +247,9 @@ class BoundLoRA:
         self.ranks = _check_ranks(ranks, S, len(a_list), x.device)
         self.lora_a, self.lora_b, self.scalings, self.backend = lora_a, lora_b, scalings, backend
         self._a, self._name = a_list, resolve_backend(backend, x.device)
-        self._dtype, self._device, self._S, self._K, self._N = x.dtype, x.device, S, K, y.shape[1]
+        self._dtype, self._device, self._S, self._R, self._K, self._N = x.dtype, x.device, S, R, K, y.shape[1]
+        bind = getattr(custom_ops.backend_module(self._name), "bind", None)
+        self._bound = bind(self._a, self._b, scalings, self.ranks) if bind is not None else None
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, indices: Indices) -> torch.Tensor:
         if (type(x) is torch.Tensor and type(y) is torch.Tensor and type(indices) is LoRABatchMeta
@@ -252,6 +257,11 @@ class BoundLoRA:
                 and x.shape[1] == self._K and y.shape[1] == self._N and x.shape[0] == y.shape[0]
                 and indices.num_tokens == x.shape[0] and indices.num_slots == self._S
                 and x.device == self._device and y.device == self._device and indices.device == self._device):
+            if self._bound is not None and x.shape[0] and self._N and not torch.compiler.is_compiling():
+                if self.ranks is not None:
+                    check_ranks(self.ranks, self._R)
+                self._bound(y, x, indices)
+                return y
             return _launch_add(y, x, self._a, self._b, self.scalings, self.ranks, indices, self._name)
         return add_lora(y, x, self.lora_a, self.lora_b, indices, self.scalings, self.ranks, backend=self.backend)
 

@@ -1,13 +1,16 @@
 """Which kernel backends can run here, why the others cannot, and what "auto" picks.
 
 Backends:
-  torch   pure PyTorch, any device: the reference and the CPU path (ops/torch_ref.py)
+  torch   pure PyTorch, any device: the reference (ops/torch_ref.py)
+  cpu     native CPU kernels (csrc/cpu/, ops/cpu_ext.py) for decode-like batches, the torch GEMMs
+          for prefill-like ones; built by pip install with the machine's C++ compiler
   triton  Triton kernels (ops/triton_sgmv.py): CUDA tensors on a GPU, or CPU tensors under
           Triton's interpreter (TRITON_INTERPRET=1 set before triton is imported)
   cuda    hand-written CUDA kernels from csrc/ (ops/cuda_ext.py)
   auto    the preferred usable one for the tensors' device: triton > cuda > torch on a GPU
           (triton first until GPU benchmarks show the CUDA kernels ahead; see
-          docs/benchmarks.md), torch on the CPU (the interpreter is for testing, not speed)
+          docs/benchmarks.md); on the CPU: cpu when built, else torch (the Triton interpreter is
+          for testing, not speed)
 
 Nothing here touches the GPU at import time; availability is computed on first use and cached.
 """
@@ -21,7 +24,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "cpu", "triton", "cuda")
 BACKEND_CHOICES = ("auto",) + BACKENDS
 
 
@@ -64,6 +67,15 @@ def _cuda_reason(device_type: str) -> Optional[str]:
     return cuda_ext.unavailable_reason()
 
 
+def _cpu_reason(device_type: str) -> Optional[str]:
+    """None when the native CPU backend can run on ``device_type``, else the reason it cannot."""
+    if device_type != "cpu":
+        return "the native CPU kernels run on CPU tensors only"
+    from . import cpu_ext
+
+    return cpu_ext.unavailable_reason()
+
+
 def _triton_reason(device_type: str) -> Optional[str]:
     err = _triton_import_error()
     if err:
@@ -98,6 +110,8 @@ def available_backends(device: Union[str, torch.device, None] = None) -> Dict[st
     dev_type = torch.device(device).type if device is not None else _default_device_type()
     out: Dict[str, BackendInfo] = {}
     out["torch"] = BackendInfo("torch", True, f"pure PyTorch on {dev_type}")
+    r = _cpu_reason(dev_type)
+    out["cpu"] = BackendInfo("cpu", r is None, "compiled csrc/cpu/ extension" if r is None else r)
     r = _triton_reason(dev_type)
     why = "Triton interpreter on CPU (slow; for tests)" if dev_type == "cpu" else "Triton JIT on the GPU"
     out["triton"] = BackendInfo("triton", r is None, why if r is None else r)
@@ -117,10 +131,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 return "triton"
             if _cuda_reason(dev_type) is None:
                 return "cuda"
+        elif dev_type == "cpu" and _cpu_reason(dev_type) is None:
+            return "cpu"
         return "torch"
     if backend == "torch":
         return "torch"
-    reason = _triton_reason(dev_type) if backend == "triton" else _cuda_reason(dev_type)
+    reason = {"triton": _triton_reason, "cuda": _cuda_reason, "cpu": _cpu_reason}[backend](dev_type)
     if reason is not None:
         raise BackendUnavailableError(f"backend {backend!r} is unavailable for {dev_type} tensors: {reason}")
     return backend

@@ -22,7 +22,7 @@ import torch
 from ..checks import check_ranks
 from ..metadata import LoRABatchMeta
 
-_BACKEND_MODULES = {"torch": "torch_ref", "triton": "triton_sgmv", "cuda": "cuda_ext"}
+_BACKEND_MODULES = {"torch": "torch_ref", "cpu": "cpu_ext", "triton": "triton_sgmv", "cuda": "cuda_ext"}
 
 
 _loaded = {}

@@ -1,0 +1,118 @@
+// pybind11 binding of the native CPU kernels (module openlora_kernels.ops._cpu_sgmv).
+//
+// Like the CUDA binding it takes raw data pointers (tensor.data_ptr()), sizes and strides in
+// elements, and dtype codes: no torch headers, no libtorch, one binary for every torch version.
+// The Python side (openlora_kernels/ops/cpu_ext.py) validates everything before calling `run`.
+// The kernel loop is compiled for several instruction sets (target_clones) and the best one for
+// the machine is picked when the module loads, so a build is portable across x86-64 CPUs.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "sgmv_cpu.h"
+
+namespace py = pybind11;
+using namespace openlora::cpu;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define OLK_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#else
+#define OLK_CLONES
+#endif
+
+OLK_CLONES static void run_f32(const Args& p) { run<float>(p); }
+OLK_CLONES static void run_f16(const Args& p) { run<f16>(p); }
+OLK_CLONES static void run_bf16(const Args& p) { run<bf16>(p); }
+
+static const void* ptr(int64_t v) { return reinterpret_cast<const void*>(static_cast<uintptr_t>(v)); }
+
+static void dispatch(int dtype, const Args& p) {
+  py::gil_scoped_release nogil;
+  switch (dtype) {
+    case kF32: run_f32(p); break;
+    case kF16: run_f16(p); break;
+    case kBF16: run_bf16(p); break;
+    default: break;  // validated when the plan was made
+  }
+}
+
+// The arguments that do not change from call to call for one layer (its weights, scalings and
+// ranks), validated and converted once. A call then passes only the batch: rows, x, y, h and the
+// metadata (converting ~30 Python arguments on every call would cost more than the kernel).
+class Plan {
+ public:
+  Plan(int op, int dtype, int64_t K, int64_t R, int64_t S,
+       const std::vector<int64_t>& a, int64_t a_ss, int64_t a_sr, int64_t a_sk,
+       const std::vector<int64_t>& b, const std::vector<int64_t>& widths, const std::vector<int64_t>& b_ss,
+       int64_t b_sn, int64_t b_sr, int64_t scal, int64_t ranks, bool ranks64, int64_t s_rn, int64_t s_rs)
+      : dtype_(dtype) {
+    if (op < kAdd || op > kExpand) throw std::invalid_argument("op: unknown op code " + std::to_string(op));
+    if (dtype < kF16 || dtype > kF32) throw std::invalid_argument("dtype: unknown dtype code " + std::to_string(dtype));
+    if (K < 0 || R < 0 || S < 0) throw std::invalid_argument("K, R, S: sizes must be >= 0");
+    if (op != kExpand && a.empty()) throw std::invalid_argument("a: no lora_a slices given");
+    if (op != kShrink && (b.empty() || widths.size() != b.size() || b_ss.size() != b.size()))
+      throw std::invalid_argument("b: lora_b slices, widths and slot strides must have the same length");
+    if (op == kAdd && a.size() != b.size()) throw std::invalid_argument("a, b: different numbers of slices");
+    if (op != kShrink && scal == 0) throw std::invalid_argument("scalings: null pointer");
+    p_.op = op; p_.K = K; p_.R = R; p_.S = S;
+    for (int64_t v : a) p_.a.push_back(ptr(v));
+    p_.a_ss = a_ss; p_.a_sr = a_sr; p_.a_sk = a_sk;
+    for (int64_t v : b) p_.b.push_back(ptr(v));
+    p_.widths = widths; p_.b_ss = b_ss; p_.b_sn = b_sn; p_.b_sr = b_sr;
+    p_.scal = static_cast<const float*>(ptr(scal));
+    p_.ranks = ranks ? ptr(ranks) : nullptr; p_.ranks64 = ranks64; p_.s_rn = s_rn; p_.s_rs = s_rs;
+  }
+
+  // add (fused): y[T, N] += ...; x [T, K]
+  void add(int64_t T, int64_t x, int64_t sx_t, int64_t sx_k, int64_t y, int64_t sy_t, int64_t sy_n,
+           int64_t sorted, int64_t seg) {
+    if (p_.op != kAdd) throw std::invalid_argument("plan: not an add plan");
+    Args p = batch(T, sorted, seg);
+    p.x = ptr(x); p.sx_t = sx_t; p.sx_k = sx_k;
+    p.y = const_cast<void*>(ptr(y)); p.sy_t = sy_t; p.sy_n = sy_n;
+    dispatch(dtype_, p);
+  }
+
+  // shrink: h[n, T, R] fp32 (zero-filled by the caller) from x; expand: y from h (any float dtype)
+  void run(int64_t T, int64_t x, int64_t sx_t, int64_t sx_k, int64_t y, int64_t sy_t, int64_t sy_n,
+           int64_t h, int h_dtype, int64_t sh_n, int64_t sh_t, int64_t sh_r, int64_t sorted, int64_t seg) {
+    if (p_.op != kAdd && h == 0) throw std::invalid_argument("h: the intermediate is required for shrink / expand");
+    if (h_dtype < kF16 || h_dtype > kF32) throw std::invalid_argument("h_dtype: unknown dtype code");
+    Args p = batch(T, sorted, seg);
+    p.x = ptr(x); p.sx_t = sx_t; p.sx_k = sx_k;
+    p.y = const_cast<void*>(ptr(y)); p.sy_t = sy_t; p.sy_n = sy_n;
+    p.h = const_cast<void*>(ptr(h)); p.h_dtype = h_dtype; p.sh_n = sh_n; p.sh_t = sh_t; p.sh_r = sh_r;
+    dispatch(dtype_, p);
+  }
+
+ private:
+  Args batch(int64_t T, int64_t sorted, int64_t seg) const {
+    if (T < 0) throw std::invalid_argument("T: must be >= 0");
+    if (sorted == 0 || seg == 0) throw std::invalid_argument("metadata: null pointer");
+    Args p = p_;
+    p.T = T;
+    p.sorted = static_cast<const int32_t*>(ptr(sorted));
+    p.seg = static_cast<const int32_t*>(ptr(seg));
+    return p;
+  }
+  Args p_;
+  int dtype_;
+};
+
+PYBIND11_MODULE(_cpu_sgmv, m) {
+  m.doc() = "openlora_kernels native CPU multi-LoRA kernels (raw pointers; see ops/cpu_ext.py)";
+  py::class_<Plan>(m, "Plan", "one layer's static arguments; add() / run() per batch")
+      .def(py::init<int, int, int64_t, int64_t, int64_t, const std::vector<int64_t>&, int64_t, int64_t, int64_t,
+                    const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&, int64_t,
+                    int64_t, int64_t, int64_t, bool, int64_t, int64_t>())
+      .def("add", &Plan::add, "fused shrink + expand: y += scale * (x A^T) B^T")
+      .def("run", &Plan::run, "shrink (into h) or expand (from h), per the plan's op");
+  m.def("f16_to_f32", [](uint16_t v) { return to_f32(f16{v}); });
+  m.def("f32_to_f16", [](float v) { return to_f16(v).bits; });
+  m.def("f32_to_bf16", [](float v) { return to_bf16(v).bits; });
+  m.attr("OP_ADD") = static_cast<int>(kAdd);
+  m.attr("OP_SHRINK") = static_cast<int>(kShrink);
+  m.attr("OP_EXPAND") = static_cast<int>(kExpand);
+}

@@ -1,0 +1,330 @@
+// Native CPU multi-LoRA kernels (backend "cpu"): shrink, expand, and both fused in one call.
+//
+// Design. The batch metadata groups rows by adapter slot (seg_info [2, S]: start, length of each
+// slot's rows inside sorted_tokens). One call walks the slots that have rows; for each slot it
+// processes its rows in blocks of up to 4 and, per block,
+//   shrink  h[m, j] = x[row_m] . A[slot, j]      for j < rank: each A row is read ONCE per block
+//           and dotted with the block's x rows in one pass (4 running sums, SIMD over K);
+//   expand  y[row_m, col + n] += scale * sum_j h[m, j] * B[slot, n, j]: with B stored rank-major
+//           ([S, R, N] storage seen as an [S, N, R] view, what the adapter pool keeps) the output
+//           is walked in chunks of 64 columns whose accumulators stay in registers while the
+//           rank rows of B stream past (SIMD over N), then y is updated once; with the usual
+//           [S, N, R] layout, a short dot over the rank per output column.
+// So a forward reads each active adapter's r rows of A and B once per block of 4 rows, does
+// r*(K+N) multiply-adds per row, and never materialises a gathered copy of the weights. All
+// arithmetic is fp32; 16-bit outputs are rounded once (round to nearest even, as torch does).
+// Rows with slot -1 are in no segment: never read or written. Slots outside [0, S) cannot
+// occur (the loop is over [0, S)), row ids outside [0, T) are skipped, ranks clamp to [0, R].
+//
+// Single-threaded. Splitting a call over two cores (our own helper threads, or PyTorch's OpenMP
+// team) was measured and lost on the 2-vCPU CI machine: a parallel region costs ~20 us there,
+// and the adapters of one layer take ~20-80 us to read (see docs/usage.md, CPU performance).
+// Prefill-like batches are routed to PyTorch's threaded GEMMs by the Python side (ops/cpu_ext.py).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+
+namespace openlora {
+namespace cpu {
+
+enum DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };  // same codes as the CUDA binding
+enum Op : int { kAdd = 0, kShrink = 1, kExpand = 2 };
+constexpr int kBlockRows = 4;
+
+struct f16 { uint16_t bits; };
+struct bf16 { uint16_t bits; };
+
+inline float bits_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t f32_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+// IEEE half <-> float, exact in the widening direction, round-to-nearest-even when narrowing.
+inline float to_f32(f16 h) {
+  const uint32_t exp_mask = 0x7c00u << 13;
+  uint32_t o = static_cast<uint32_t>(h.bits & 0x7fffu) << 13;
+  const uint32_t e = o & exp_mask;
+  o += (127u - 15u) << 23;
+  if (e == exp_mask) {
+    o += (128u - 16u) << 23;                                   // inf / nan
+  } else if (e == 0) {
+    o += 1u << 23;                                             // zero / subnormal: renormalise
+    o = f32_bits(bits_f32(o) - bits_f32(113u << 23));
+  }
+  return bits_f32(o | (static_cast<uint32_t>(h.bits & 0x8000u) << 16));
+}
+
+inline f16 to_f16(float f) {
+  uint32_t x = f32_bits(f);
+  const uint32_t sign = x & 0x80000000u;
+  x ^= sign;
+  uint16_t o;
+  if (x >= (127u + 16u) << 23) {                                // overflow, inf, nan
+    o = x > (255u << 23) ? 0x7e00 : 0x7c00;
+  } else if (x < (113u << 23)) {                                // half subnormal or zero:
+    const float magic = bits_f32(((127u - 15u) + (23u - 10u) + 1u) << 23);
+    o = static_cast<uint16_t>(f32_bits(bits_f32(x) + magic) - f32_bits(magic));  // FPU rounds (RNE)
+  } else {
+    const uint32_t odd = (x >> 13) & 1u;
+    x += ((15u - 127u) << 23) + 0xfffu + odd;                   // rebias, round half to even
+    o = static_cast<uint16_t>(x >> 13);
+  }
+  return f16{static_cast<uint16_t>(o | (sign >> 16))};
+}
+
+inline float to_f32(bf16 b) { return bits_f32(static_cast<uint32_t>(b.bits) << 16); }
+
+inline bf16 to_bf16(float f) {
+  const uint32_t u = f32_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};  // quiet nan
+  return bf16{static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16)};
+}
+
+inline float to_f32(float f) { return f; }
+
+template <typename T> inline T from_f32(float f);
+template <> inline float from_f32<float>(float f) { return f; }
+template <> inline f16 from_f32<f16>(float f) { return to_f16(f); }
+template <> inline bf16 from_f32<bf16>(float f) { return to_bf16(f); }
+
+// Everything one call needs (pointers are raw addresses of tensors; strides in elements).
+struct Args {
+  int op = kAdd;
+  int64_t T = 0, K = 0, R = 0, S = 0;
+  const void* x = nullptr; int64_t sx_t = 0, sx_k = 1;
+  void* y = nullptr; int64_t sy_t = 0, sy_n = 1;
+  void* h = nullptr; int h_dtype = kF32; int64_t sh_n = 0, sh_t = 0, sh_r = 1;   // [n, T, R]
+  std::vector<const void*> a; int64_t a_ss = 0, a_sr = 0, a_sk = 1;             // per slice [S, R, K]
+  std::vector<const void*> b; std::vector<int64_t> widths, b_ss; int64_t b_sn = 0, b_sr = 0;  // [S, N_i, R]
+  const float* scal = nullptr;
+  const void* ranks = nullptr; bool ranks64 = false; int64_t s_rn = 0, s_rs = 0;
+  const int32_t* sorted = nullptr;      // [T]
+  const int32_t* seg = nullptr;         // [2, S]: start, length
+};
+
+inline int slot_rank(const Args& p, int64_t slice, int64_t s) {
+  int64_t r = p.R;
+  if (p.ranks != nullptr) {
+    const int64_t off = slice * p.s_rn + s * p.s_rs;
+    r = p.ranks64 ? static_cast<const int64_t*>(p.ranks)[off] : static_cast<const int32_t*>(p.ranks)[off];
+  }
+  return static_cast<int>(std::min<int64_t>(std::max<int64_t>(r, 0), p.R));
+}
+
+inline float load_h(const Args& p, int64_t off) {
+  switch (p.h_dtype) {
+    case kF16: return to_f32(static_cast<const f16*>(p.h)[off]);
+    case kBF16: return to_f32(static_cast<const bf16*>(p.h)[off]);
+    default: return static_cast<const float*>(p.h)[off];
+  }
+}
+
+// out[m] = sum_k x_m[k] * a[k] for the MB rows of a block, one pass over a (contiguous case).
+template <typename T, int MB>
+inline void dot_rows_contig(const T* const* xr, const T* a, int64_t K, float* out) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  const T* x0 = xr[0];
+  const T* x1 = xr[MB > 1 ? 1 : 0];
+  const T* x2 = xr[MB > 2 ? 2 : 0];
+  const T* x3 = xr[MB > 3 ? 3 : 0];
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t k = 0; k < K; ++k) {
+    const float av = to_f32(a[k]);
+    s0 += to_f32(x0[k]) * av;
+    if (MB > 1) s1 += to_f32(x1[k]) * av;
+    if (MB > 2) s2 += to_f32(x2[k]) * av;
+    if (MB > 3) s3 += to_f32(x3[k]) * av;
+  }
+  out[0] = s0;
+  if (MB > 1) out[1] = s1;
+  if (MB > 2) out[2] = s2;
+  if (MB > 3) out[3] = s3;
+}
+
+// Columns [n0, n0 + NC) of y[rows[m]] += scale * sum_j c[m][j] * b[j][n] for rank-major B (row j
+// of b at b + j * b_sr, contiguous along n). The NC x MB accumulators stay in registers across
+// the rank loop (NC is a compile-time constant for full chunks), and y is read and written once.
+template <typename T, int MB, int NC>
+inline void expand_chunk(const T* b, int64_t b_sr, int rank, const float* h_blk, int64_t R, T* const* yr,
+                         float scale) {
+  float acc[MB][NC];  // full chunk: a constant-size block the compiler keeps in vector registers
+  for (int m = 0; m < MB; ++m)
+#pragma omp simd
+    for (int n = 0; n < NC; ++n) acc[m][n] = 0.f;
+  for (int j = 0; j < rank; ++j) {
+    const T* brow = b + j * b_sr;
+    float c[MB];
+    for (int m = 0; m < MB; ++m) c[m] = h_blk[m * R + j];
+#pragma omp simd
+    for (int n = 0; n < NC; ++n) {
+      const float bv = to_f32(brow[n]);
+      for (int m = 0; m < MB; ++m) acc[m][n] += c[m] * bv;
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    T* y = yr[m];
+#pragma omp simd
+    for (int n = 0; n < NC; ++n) y[n] = from_f32<T>(to_f32(y[n]) + scale * acc[m][n]);
+  }
+}
+
+// The last, partial chunk (nc < NC columns).
+template <typename T, int MB, int NC>
+inline void expand_tail(const T* b, int64_t b_sr, int rank, const float* h_blk, int64_t R, int64_t nc,
+                        T* const* yr, float scale) {
+  float acc[MB][NC] = {};
+  for (int j = 0; j < rank; ++j) {
+    const T* brow = b + j * b_sr;
+    for (int m = 0; m < MB; ++m) {
+      const float c = h_blk[m * R + j];
+#pragma omp simd
+      for (int64_t n = 0; n < nc; ++n) acc[m][n] += c * to_f32(brow[n]);
+    }
+  }
+  for (int m = 0; m < MB; ++m) {
+    T* y = yr[m];
+#pragma omp simd
+    for (int64_t n = 0; n < nc; ++n) y[n] = from_f32<T>(to_f32(y[n]) + scale * acc[m][n]);
+  }
+}
+
+// h_blk[m * R + j] = x[rows[m]] . A[slot, j], j < rank.
+template <typename T, int MB>
+void shrink_block(const Args& p, const T* a_slot, int rank, const int64_t* rows, float* h_blk) {
+  const T* x = static_cast<const T*>(p.x);
+  const T* xr[kBlockRows];
+  for (int m = 0; m < MB; ++m) xr[m] = x + rows[m] * p.sx_t;
+  float out[kBlockRows];
+  for (int j = 0; j < rank; ++j) {
+    const T* arow = a_slot + j * p.a_sr;
+    if (p.sx_k == 1 && p.a_sk == 1) {
+      dot_rows_contig<T, MB>(xr, arow, p.K, out);
+    } else {
+      for (int m = 0; m < MB; ++m) {
+        float s = 0.f;
+        for (int64_t k = 0; k < p.K; ++k) s += to_f32(xr[m][k * p.sx_k]) * to_f32(arow[k * p.a_sk]);
+        out[m] = s;
+      }
+    }
+    for (int m = 0; m < MB; ++m) h_blk[m * p.R + j] = out[m];
+  }
+}
+
+// y[rows[m], col + n] += scale * sum_j h_blk[m * R + j] * B[slot, n, j], n < width.
+template <typename T, int MB>
+void expand_block(const Args& p, const T* b_slot, int64_t width, int64_t col, int rank, float scale,
+                  const int64_t* rows, const float* h_blk) {
+  T* y = static_cast<T*>(p.y);
+  if (p.b_sn == 1 && p.sy_n == 1) {  // rank-major storage, contiguous y rows: register-blocked chunks
+    constexpr int NC = 64;
+    T* yr[kBlockRows];
+    for (int64_t n0 = 0; n0 < width; n0 += NC) {
+      for (int m = 0; m < MB; ++m) yr[m] = y + rows[m] * p.sy_t + col + n0;
+      if (width - n0 >= NC) {
+        expand_chunk<T, MB, NC>(b_slot + n0, p.b_sr, rank, h_blk, p.R, yr, scale);
+      } else {
+        expand_tail<T, MB, NC>(b_slot + n0, p.b_sr, rank, h_blk, p.R, width - n0, yr, scale);
+      }
+    }
+    return;
+  }
+  for (int64_t n = 0; n < width; ++n) {  // [S, N, R] layout (or any strides): a dot per column
+    const T* brow = b_slot + n * p.b_sn;
+    for (int m = 0; m < MB; ++m) {
+      const float* hm = h_blk + m * p.R;
+      float s = 0.f;
+      for (int j = 0; j < rank; ++j) s += hm[j] * to_f32(brow[j * p.b_sr]);
+      T* yv = y + rows[m] * p.sy_t + (col + n) * p.sy_n;
+      *yv = from_f32<T>(to_f32(*yv) + scale * s);
+    }
+  }
+}
+
+template <typename T, int MB>
+void run_block(const Args& p, int64_t slice, int64_t s, int rank, const int64_t* rows, int64_t col,
+               std::vector<float>& h_blk) {  // h_blk: [kBlockRows, R] scratch of the calling thread
+  if (p.op == kExpand) {
+    for (int m = 0; m < MB; ++m)
+      for (int j = 0; j < rank; ++j) h_blk[m * p.R + j] = load_h(p, slice * p.sh_n + rows[m] * p.sh_t + j * p.sh_r);
+  } else {
+    shrink_block<T, MB>(p, static_cast<const T*>(p.a[slice]) + s * p.a_ss, rank, rows, h_blk.data());
+  }
+  if (p.op == kShrink) {
+    float* h = static_cast<float*>(p.h);
+    for (int m = 0; m < MB; ++m)
+      for (int j = 0; j < rank; ++j) h[slice * p.sh_n + rows[m] * p.sh_t + j * p.sh_r] = h_blk[m * p.R + j];
+    return;
+  }
+  const T* b_slot = static_cast<const T*>(p.b[slice]) + s * p.b_ss[slice];
+  expand_block<T, MB>(p, b_slot, p.widths[slice], col, rank, p.scal[s], rows, h_blk.data());
+}
+
+// Ask for the rank rows of slot s of slice i (A: [rank, K], B: [rank, N] rank-major) to come into
+// L2 while the previous slot computes: a cold adapter's rows are KBs apart (one row per rank),
+// which the hardware prefetchers follow poorly.
+template <typename T>
+inline void prefetch_slot(const Args& p, int64_t i, int64_t s, int rank) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  if (p.op != kExpand && p.a_sk == 1) {
+    const T* a = static_cast<const T*>(p.a[i]) + s * p.a_ss;
+    for (int j = 0; j < rank; ++j)
+      for (int64_t k = 0; k < p.K; k += kLine) __builtin_prefetch(a + j * p.a_sr + k, 0, 2);
+  }
+  if (p.op != kShrink && p.b_sn == 1) {
+    const T* b = static_cast<const T*>(p.b[i]) + s * p.b_ss[i];
+    for (int j = 0; j < rank; ++j)
+      for (int64_t n = 0; n < p.widths[i]; n += kLine) __builtin_prefetch(b + j * p.b_sr + n, 0, 2);
+  }
+}
+
+// One slot's rows of one slice.
+struct Unit {
+  int64_t slice, slot, col, start, len;
+  int rank;
+};
+
+template <typename T>
+void process(const Args& p, const Unit& u, std::vector<float>& h_blk) {
+  for (int64_t m0 = 0; m0 < u.len; m0 += kBlockRows) {
+    int64_t rows[kBlockRows];
+    int mb = 0;
+    for (int64_t m = m0; m < std::min<int64_t>(u.len, m0 + kBlockRows); ++m) {
+      const int64_t r = p.sorted[u.start + m];
+      if (r >= 0 && r < p.T) rows[mb++] = r;
+    }
+    switch (mb) {
+      case 1: run_block<T, 1>(p, u.slice, u.slot, u.rank, rows, u.col, h_blk); break;
+      case 2: run_block<T, 2>(p, u.slice, u.slot, u.rank, rows, u.col, h_blk); break;
+      case 3: run_block<T, 3>(p, u.slice, u.slot, u.rank, rows, u.col, h_blk); break;
+      case 4: run_block<T, 4>(p, u.slice, u.slot, u.rank, rows, u.col, h_blk); break;
+      default: break;
+    }
+  }
+}
+
+template <typename T>
+void run(const Args& p) {
+  const int64_t n_slices = static_cast<int64_t>(p.op == kExpand ? p.b.size() : p.a.size());
+  std::vector<Unit> units;
+  int64_t col = 0;
+  for (int64_t i = 0; i < n_slices; ++i) {
+    for (int64_t s = 0; s < p.S; ++s) {
+      const int64_t start = p.seg[s];
+      const int64_t len = std::min<int64_t>(p.seg[p.S + s], p.T - start);   // never past sorted[T)
+      const int rank = slot_rank(p, i, s);
+      if (start < 0 || len <= 0 || rank == 0) continue;
+      units.push_back(Unit{i, s, col, start, len, rank});
+    }
+    col += p.op == kShrink ? 0 : p.widths[i];
+  }
+  std::vector<float> h_blk(static_cast<size_t>(kBlockRows) * std::max<int64_t>(p.R, 1));
+  for (size_t k = 0; k < units.size(); ++k) {
+    if (k + 1 < units.size()) prefetch_slot<T>(p, units[k + 1].slice, units[k + 1].slot, units[k + 1].rank);
+    process<T>(p, units[k], h_blk);
+  }
+}
+
+}  // namespace cpu
+}  // namespace openlora

@@ -1,0 +1,145 @@
+"""backend="cpu": native CPU kernels (csrc/cpu/, module ``_cpu_sgmv``) behind the usual contract.
+
+Decode-like batches (metadata ``block_m`` < 16: about one row per adapter) run the native kernel:
+one call per layer reads each active adapter's A and B once, computes in fp32 and adds into y,
+with no gathered weight copies and no per-slot PyTorch ops (whose fixed cost dominates small CPU
+batches). Prefill-like batches (long segments) go to the torch backend's GEMMs, which use
+PyTorch's threaded BLAS. ``auto`` picks this backend for CPU tensors when the module is built
+(``pip install`` compiles it with the machine's C++ compiler; without one the backend reports
+itself unavailable and ``auto`` uses "torch").
+
+    >>> import torch, openlora_kernels as olk
+    >>> x, y = torch.randn(3, 16), torch.zeros(3, 8)
+    >>> A, B = torch.randn(2, 4, 16), torch.randn(2, 8, 4)
+    >>> if olk.available_backends("cpu")["cpu"].usable:
+    ...     _ = olk.add_lora(y, x, A, B, torch.tensor([1, -1, 0]), torch.ones(2), backend="cpu")
+    ...     assert torch.allclose(y[0], (x[0] @ A[1].T) @ B[1].T, atol=1e-4) and not y[1].any()
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..metadata import TENSOR_CORE_MIN_M, LoRABatchMeta
+from . import torch_ref
+
+DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
+_state = {}
+
+
+def _module():
+    if "mod" not in _state:
+        try:
+            from . import _cpu_sgmv  # type: ignore[attr-defined]
+            _state["mod"], _state["reason"] = _cpu_sgmv, None
+        except ImportError as e:
+            _state["mod"] = None
+            _state["reason"] = ("the native CPU extension was not built (it needs a C++ compiler and pybind11 "
+                                f"when the package is installed): {e}")
+    return _state["mod"]
+
+
+def unavailable_reason() -> Optional[str]:
+    _module()
+    return _state["reason"]
+
+
+def _native(meta: LoRABatchMeta) -> bool:
+    return meta.block_m < TENSOR_CORE_MIN_M
+
+
+def _ranks_args(ranks: Optional[torch.Tensor]):
+    if ranks is None:
+        return 0, False, 0, 0
+    if ranks.dim() == 1:
+        return ranks.data_ptr(), ranks.dtype == torch.int64, 0, ranks.stride(0)
+    return ranks.data_ptr(), ranks.dtype == torch.int64, ranks.stride(0), ranks.stride(1)
+
+
+def _same_strides(ts: Sequence[torch.Tensor], dims) -> list:
+    """The kernel takes one set of strides for all slices along ``dims``: make it so."""
+    ref = [ts[0].stride(d) for d in dims]
+    return list(ts) if all([t.stride(d) for d in dims] == ref for t in ts) else [t.contiguous() for t in ts]
+
+
+def _plan(op: int, dtype: torch.dtype, K: int, R: int, S: int, a_list=(), b_list=(), scalings=None, ranks=None):
+    """The C++ Plan holding one layer's static arguments (weights, scalings, ranks)."""
+    a_list = _same_strides(a_list, (0, 1, 2)) if a_list else []
+    b_list = _same_strides(b_list, (1, 2)) if b_list else []
+    A0 = a_list[0] if a_list else None
+    B0 = b_list[0] if b_list else None
+    rp, r64, srn, srs = _ranks_args(ranks)
+    plan = _module().Plan(
+        op, DTYPE_CODES[dtype], K, R, S,
+        [A.data_ptr() for A in a_list],
+        A0.stride(0) if A0 is not None else 0, A0.stride(1) if A0 is not None else 0, A0.stride(2) if A0 is not None else 1,
+        [B.data_ptr() for B in b_list], [B.shape[1] for B in b_list], [B.stride(0) for B in b_list],
+        B0.stride(1) if B0 is not None else 0, B0.stride(2) if B0 is not None else 0,
+        scalings.data_ptr() if scalings is not None else 0, rp, r64, srn, srs)
+    return plan, (a_list, b_list, scalings, ranks)   # the tensors the plan points into: keep them alive
+
+
+def _meta_ptrs(meta: LoRABatchMeta):
+    seg = meta.seg_info if meta.seg_info.is_contiguous() else meta.seg_info.contiguous()
+    srt = meta.sorted_tokens if meta.sorted_tokens.is_contiguous() else meta.sorted_tokens.contiguous()
+    return srt.data_ptr(), seg.data_ptr()
+
+
+def _add(plan, y, x, meta: LoRABatchMeta) -> None:
+    srt, seg = _meta_ptrs(meta)
+    sx, sy = x.stride(), y.stride()
+    plan.add(meta.num_tokens, x.data_ptr(), sx[0], sx[1], y.data_ptr(), sy[0], sy[1], srt, seg)
+
+
+class BoundAdd:
+    """add_lora for one layer's fixed weights (what ``BoundLoRA`` uses on this backend): the weight
+    arguments are converted once; a call passes only x, y and the batch metadata."""
+
+    __slots__ = ("_plan", "_keep", "_fallback")
+
+    def __init__(self, a_list, b_list, scalings, ranks, fallback):
+        S, R, K = a_list[0].shape
+        self._plan, self._keep = _plan(_module().OP_ADD, a_list[0].dtype, K, R, S, a_list, b_list, scalings, ranks)
+        self._fallback = fallback          # prefill-like batches: the torch GEMM path
+
+    def __call__(self, y, x, meta: LoRABatchMeta) -> None:
+        if meta.block_m >= TENSOR_CORE_MIN_M:
+            return self._fallback(y, x, meta)
+        _add(self._plan, y, x, meta)
+
+
+def bind(a_list, b_list, scalings, ranks) -> BoundAdd:
+    """A callable ``(y, x, meta) -> None`` equal to ``add_lora(y, x, a_list, b_list, meta, scalings, ranks)``."""
+    fallback = lambda y, x, meta: torch_ref.add_lora(y, x, a_list, b_list, scalings, ranks, meta)  # noqa: E731
+    return BoundAdd(a_list, b_list, scalings, ranks, fallback)
+
+
+def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
+    if not _native(meta):
+        return torch_ref.add_lora(y, x, a_list, b_list, scalings, ranks, meta)
+    S, R, K = a_list[0].shape
+    plan, _keep = _plan(_module().OP_ADD, x.dtype, K, R, S, a_list, b_list, scalings, ranks)
+    _add(plan, y, x, meta)
+
+
+def shrink(x, a_list, ranks, meta: LoRABatchMeta) -> torch.Tensor:
+    if not _native(meta):
+        return torch_ref.shrink(x, a_list, ranks, meta)
+    S, R, K = a_list[0].shape
+    h = torch.zeros((len(a_list), x.shape[0], R), dtype=torch.float32, device=x.device)
+    plan, _keep = _plan(_module().OP_SHRINK, x.dtype, K, R, S, a_list=a_list, ranks=ranks)
+    srt, seg = _meta_ptrs(meta)
+    plan.run(meta.num_tokens, x.data_ptr(), x.stride(0), x.stride(1), 0, 0, 1,
+             h.data_ptr(), DTYPE_CODES[h.dtype], h.stride(0), h.stride(1), h.stride(2), srt, seg)
+    return h
+
+
+def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
+    if not _native(meta):
+        return torch_ref.expand(y, h, b_list, scalings, ranks, meta)
+    S, _, R = b_list[0].shape
+    plan, _keep = _plan(_module().OP_EXPAND, y.dtype, 0, R, S, b_list=b_list, scalings=scalings, ranks=ranks)
+    srt, seg = _meta_ptrs(meta)
+    plan.run(meta.num_tokens, 0, 0, 1, y.data_ptr(), y.stride(0), y.stride(1),
+             h.data_ptr(), DTYPE_CODES[h.dtype], h.stride(0), h.stride(1), h.stride(2), srt, seg)
