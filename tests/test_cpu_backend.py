@@ -1,0 +1,109 @@
+"""The native CPU backend ("cpu", csrc/cpu/): its number conversions, its binding's argument
+errors, its routing, and what happens when it is not built. (Its parity with the float64
+reference runs in test_ops_parity.py with the other backends.)"""
+import numpy as np
+import pytest
+import torch
+
+import openlora_kernels as olk
+from openlora_kernels.ops import backends, cpu_ext
+
+from lora_reference import make_problem, reference_delta
+
+pytestmark = pytest.mark.skipif(not olk.available_backends("cpu")["cpu"].usable,
+                                reason=olk.available_backends("cpu")["cpu"].reason)
+
+
+def mod():
+    return cpu_ext._module()
+
+
+def test_half_to_float_is_exact_for_every_half():
+    bits = np.arange(65536, dtype=np.uint16)
+    want = torch.from_numpy(bits.view(np.float16).astype(np.float32))
+    got = torch.tensor([mod().f16_to_f32(int(b)) for b in bits])
+    same = (want == got) | (torch.isnan(want) & torch.isnan(got))
+    assert bool(same.all())
+
+
+def test_float_to_half_and_bfloat16_round_like_torch():
+    g = torch.Generator().manual_seed(1)
+    vals = torch.cat([
+        torch.randn(20000, generator=g) * 10.0 ** torch.randint(-9, 6, (20000,), generator=g).float(),
+        torch.tensor([0.0, -0.0, 65504.0, 65519.9, 65520.0, 5.96e-8, 2.9802322e-08, 6.1e-5, 1e30, -1e30,
+                      float("inf"), -float("inf")]),
+    ])
+    want16 = vals.to(torch.float16).view(torch.int16).numpy().view(np.uint16)
+    wantb = vals.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    got16 = np.array([mod().f32_to_f16(float(v)) for v in vals], dtype=np.uint16)
+    gotb = np.array([mod().f32_to_bf16(float(v)) for v in vals], dtype=np.uint16)
+    assert (got16 == want16).all() and (gotb == wantb).all()
+    nan16, nanb = mod().f32_to_f16(float("nan")), mod().f32_to_bf16(float("nan"))
+    assert (nan16 & 0x7C00) == 0x7C00 and (nan16 & 0x3FF) and (nanb & 0x7F80) == 0x7F80 and (nanb & 0x7F)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (dict(op=7), "op: unknown op code 7"),
+    (dict(dtype=9), "dtype: unknown dtype code 9"),
+    (dict(a=[]), "a: no lora_a slices given"),
+    (dict(widths=[1, 2]), "b: lora_b slices, widths and slot strides"),
+    (dict(scal=0), "scalings: null pointer"),
+])
+def test_plan_rejects_bad_arguments(args, msg):
+    base = dict(op=0, dtype=2, K=4, R=2, S=1, a=[1], a_ss=8, a_sr=4, a_sk=1, b=[1], widths=[3], b_ss=[6],
+                b_sn=2, b_sr=1, scal=1, ranks=0, ranks64=False, s_rn=0, s_rs=1)
+    base.update(args)
+    with pytest.raises(ValueError, match=msg):
+        mod().Plan(*base.values())
+
+
+def test_plan_rejects_null_metadata():
+    A, B, sc = torch.randn(1, 2, 4), torch.randn(1, 3, 2), torch.ones(1)
+    plan, _keep = cpu_ext._plan(mod().OP_ADD, torch.float32, 4, 2, 1, [A], [B], sc, None)
+    x, y = torch.randn(1, 4), torch.zeros(1, 3)
+    with pytest.raises(ValueError, match="metadata: null pointer"):
+        plan.add(1, x.data_ptr(), 4, 1, y.data_ptr(), 3, 1, 0, 0)
+
+
+def test_prefill_like_batches_use_the_torch_gemms(monkeypatch):
+    """block_m >= 16 goes to torch_ref (threaded GEMMs); the native kernel serves decode tiles."""
+    calls = []
+    monkeypatch.setattr(cpu_ext.torch_ref, "add_lora", lambda *a: calls.append("torch"))
+    p = make_problem(64, 32, [16], 2, 4, poison_padding=False)
+    olk.add_lora(p.y.clone(), p.x, p.a[0], p.b[0], olk.build_batch_meta(p.indices, 2, block_m=16), p.scalings,
+                 backend="cpu")
+    assert calls == ["torch"]
+    y = p.y.clone()
+    olk.add_lora(y, p.x, p.a[0], p.b[0], olk.build_batch_meta(p.indices, 2, block_m=4), p.scalings, backend="cpu")
+    assert calls == ["torch"]
+    torch.testing.assert_close(y.double(), p.y.double() + reference_delta(p), atol=1e-4, rtol=1e-4)
+
+
+def test_bound_lora_uses_the_native_plan_and_sees_weight_updates():
+    """BoundLoRA binds the weights once; in-place slot updates (what the pool does) are seen."""
+    p = make_problem(10, 24, [12], 3, 4, poison_padding=False)
+    ranks = torch.tensor([4, 2, 0], dtype=torch.int32)
+    p.ranks = ranks
+    op = olk.BoundLoRA(p.a[0], p.b[0], p.scalings, ranks, backend="cpu")
+    assert isinstance(op._bound, cpu_ext.BoundAdd)
+    meta = olk.build_batch_meta(p.indices, 3, block_m=1)
+    y = p.y.clone()
+    op(y, p.x, meta)
+    torch.testing.assert_close(y.double(), p.y.double() + reference_delta(p), atol=1e-4, rtol=1e-4)
+    p.a[0][1].mul_(2.0)           # a slot reload, in place
+    ranks[2] = 3                  # a rank change (bumps the tensor's version: re-checked)
+    y = p.y.clone()
+    op(y, p.x, meta)
+    torch.testing.assert_close(y.double(), p.y.double() + reference_delta(p), atol=1e-4, rtol=1e-4)
+    ranks[0] = 9                  # above R: the cached check must notice the change
+    with pytest.raises(ValueError, match="ranks: rank 9 exceeds"):
+        op(p.y.clone(), p.x, meta)
+
+
+def test_unbuilt_module_reports_why_and_auto_falls_back(monkeypatch):
+    monkeypatch.setattr(cpu_ext, "_state", {"mod": None, "reason": "the native CPU extension was not built (test)"})
+    info = olk.available_backends("cpu")["cpu"]
+    assert not info.usable and "not built" in info.reason
+    assert backends.resolve_backend("auto", torch.device("cpu")) == "torch"
+    with pytest.raises(olk.BackendUnavailableError, match="'cpu' is unavailable for cpu tensors: the native CPU"):
+        backends.resolve_backend("cpu", torch.device("cpu"))
