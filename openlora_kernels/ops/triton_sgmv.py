@@ -110,6 +110,32 @@ def _mac(a, b, acc, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr):
     return acc
 
 
+@triton.jit
+def _shrink_rows(x_ptr, a_ptr, rows, m_mask, offs_r, r_mask, k_lo, k_hi,
+                 stride_xt, stride_xk, stride_ar, stride_ak,
+                 BLOCK_M: tl.constexpr, WIDTH_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                 USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr):
+    """[BLOCK_M, WIDTH_R] fp32: x[rows, k_lo:k_hi] @ A[offs_r, k_lo:k_hi].T (a_ptr at the slot),
+    masked to the valid rows and rank lanes."""
+    acc = tl.zeros((BLOCK_M, WIDTH_R), dtype=tl.float32)
+    part = tl.zeros((BLOCK_K, WIDTH_R), dtype=tl.float32)          # used when BLOCK_M == 1
+    offs_k0 = tl.arange(0, BLOCK_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + offs_k0
+        k_mask = offs_k < k_hi
+        xt = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)               # [BM, BK]
+        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
+                     mask=r_mask[None, :] & k_mask[:, None], other=0.0)               # [BK, WIDTH_R]
+        if BLOCK_M == 1:
+            part = _mac_rowvec(xt, at, part)
+        else:
+            acc = _mac(xt, at, acc, USE_DOT, FP32_DOT)
+    if BLOCK_M == 1:
+        acc = tl.sum(part, axis=0)[None, :]
+    return acc
+
+
 # ----------------------------------------------------------------------------------- kernels
 
 
@@ -152,24 +178,10 @@ def _sgmv_shrink_kernel(
     rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
-    offs_k0 = tl.arange(0, BLOCK_K)
     a_ptr = _pick(sid, a0_ptr, a1_ptr, a2_ptr, a3_ptr) + slot.to(tl.int64) * stride_as
-
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    part = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)          # used when BLOCK_M == 1
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + offs_k0
-        k_mask = offs_k < k_hi
-        xt = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
-                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)               # [BM, BK]
-        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                     mask=r_mask[None, :] & k_mask[:, None], other=0.0)               # [BK, BR]
-        if BLOCK_M == 1:
-            part = _mac_rowvec(xt, at, part)
-        else:
-            acc = _mac(xt, at, acc, USE_DOT, FP32_DOT)
-    if BLOCK_M == 1:
-        acc = tl.sum(part, axis=0)[None, :]
+    acc = _shrink_rows(x_ptr, a_ptr, rows, m_mask, offs_r, r_mask, k_lo, k_hi,
+                       stride_xt, stride_xk, stride_ar, stride_ak,
+                       BLOCK_M, BLOCK_R, BLOCK_K, USE_DOT, FP32_DOT)
 
     h_ptrs = h_ptr + gsid.to(tl.int64) * stride_hn + rows[:, None] * stride_ht + offs_r[None, :] * stride_hr
     mask = m_mask[:, None] & r_mask[None, :]
@@ -284,22 +296,9 @@ def _sgmv_fused_kernel(
 
     # Shrink: h = x[rows] @ A[slot, :rank].T, kept in registers.
     a_ptr = _pick(sid, a0_ptr, a1_ptr, a2_ptr, a3_ptr) + slot64 * stride_as
-    h = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    part = tl.zeros((BLOCK_K, R_PAD), dtype=tl.float32)            # used when BLOCK_M == 1
-    offs_k0 = tl.arange(0, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + offs_k0
-        k_mask = offs_k < K
-        xt = tl.load(x_ptr + rows[:, None] * stride_xt + offs_k[None, :] * stride_xk,
-                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)               # [BM, BK]
-        at = tl.load(a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak,
-                     mask=r_mask[None, :] & k_mask[:, None], other=0.0)               # [BK, R_PAD]
-        if BLOCK_M == 1:
-            part = _mac_rowvec(xt, at, part)
-        else:
-            h = _mac(xt, at, h, USE_DOT, FP32_DOT)
-    if BLOCK_M == 1:
-        h = tl.sum(part, axis=0)[None, :]
+    h = _shrink_rows(x_ptr, a_ptr, rows, m_mask, offs_r, r_mask, 0, K,
+                     stride_xt, stride_xk, stride_ar, stride_ak,
+                     BLOCK_M, R_PAD, BLOCK_K, USE_DOT, FP32_DOT)
     h = h * tl.load(scal_ptr + slot)
 
     # Expand: y[rows, cols] += h @ B[slot, cols, :rank].T over this program's output tiles.
