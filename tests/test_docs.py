@@ -7,7 +7,8 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCTEST_MODULES = ["openlora_kernels.metadata", "openlora_kernels.ops.api", "openlora_kernels.ops.backends"]
+DOCTEST_MODULES = ["openlora_kernels.metadata", "openlora_kernels.ops.api", "openlora_kernels.ops.backends",
+                   "openlora_kernels.ops.cpu_ext"]
 
 
 def _read(rel):
