@@ -22,8 +22,9 @@ max |peft - base|, the size of the LoRA effect).
 Sweeps: batch B in 1..64 with N = B (every request its own adapter), then N in 1, 4, 16, 32, 64
 at B = ``--adapters-batch`` (64). Rows (``benchmarks/results/model_<device>[_quick].csv``):
 ``step_time`` (ms per decode step) and ``tokens_per_s`` (B / step time; extra: per-adapter
-throughput = tokens/s / N, LoRA overhead in % over the base model, speed-up over PEFT) per
-contender and case; ``memory_computed`` (parameter bytes: one base + N adapters against N merged
+throughput = tokens/s / N, LoRA overhead in % over the base model, speed-up over PEFT, and
+``adapter_bytes_over_base_pct`` = N adapters' bytes over the base's: where decode is bound by
+reading weights, no implementation can add less than that) per contender and case; ``memory_computed`` (parameter bytes: one base + N adapters against N merged
 copies) and, on a GPU, ``memory_measured`` (torch.cuda.memory_allocated around building the
 model and around a pool of N slots; N merged copies = N x the measured copy, not allocated);
 and on a GPU, our patched model and the base model replayed from a CUDA graph of one decode
@@ -151,6 +152,7 @@ class Bench:
         self.model = mf.build_model(self.dims, dev, self.dtype, a.seed)
         m1 = mf.memory_allocated(dev)
         self.base_bytes = mf.param_bytes(self.model)
+        self.adapter_bytes = mf.adapter_bytes(self.dims, a.rank, self.dtype)
         self.base_measured = None if m0 is None else m1 - m0
         self.tmp = tempfile.TemporaryDirectory(prefix="olk_bench_model_")
         self.names = mf.adapter_names(self.max_n)
@@ -248,6 +250,9 @@ class Bench:
             extra = dict(common_extra)
             if c != "base":
                 extra["per_adapter_tokens_per_s"] = tps["median"] / N
+            if c != "base":
+                # the adapters' bytes over the base's: the overhead floor where decode is weight-bound
+                extra["adapter_bytes_over_base_pct"] = 100.0 * N * self.adapter_bytes / self.base_bytes
             if base is not None and c != "base":
                 extra["overhead_pct"] = 100.0 * (t["median"] / base["median"] - 1.0)
             if peft is not None and c == "openlora":
@@ -265,7 +270,7 @@ class Bench:
         import openlora_kernels as olk
 
         a, dev = self.args, self.device
-        each = mf.adapter_bytes(self.dims, a.rank, self.dtype)
+        each = self.adapter_bytes
         mib = 1 / 2**20
         rows = []
         for N in Ns:

@@ -398,6 +398,14 @@ def test_capture_cuda_graph_keeps_what_the_capture_reads(monkeypatch):
 # ------------------------------------------------------------------------ the model benchmark
 
 
+def _lora_bytes(d, rank=16, elt=4):
+    """One adapter on the seven projections of every layer, counted from the shapes of A and B."""
+    return elt * rank * d.layers * sum(k + n for k, n in d.projections().values())
+
+
+TINY_DIMS = model_fixtures.Dims(name="t", **model_fixtures.TINY)
+
+
 def _llama_param_bytes(d, elt=4):
     """Parameters of a Llama model counted from its definition (not from the module)."""
     kv = d.kv_heads * d.head_dim
@@ -409,10 +417,11 @@ def test_model_fixture_sizes_follow_the_llama_definition():
     d = model_fixtures.Dims(name="x", **model_fixtures.LLAMA2_7B)
     assert _llama_param_bytes(d, 2) == 2 * 6_738_415_616           # Llama-2-7B: 6.74 B parameters
     # one rank-16 adapter on the seven projections of Llama-2-7B, bf16: 16 * (4*8192 + 3*15104) * 32 layers
-    assert model_fixtures.adapter_bytes(d, 16, torch.bfloat16) == 2 * 16 * (4 * 8192 + 3 * 15104) * 32
-    tiny = model_fixtures.Dims(name="t", **model_fixtures.TINY)
-    m = model_fixtures.build_model(tiny, torch.device("cpu"), torch.float32)
-    assert model_fixtures.param_bytes(m) == _llama_param_bytes(tiny)
+    assert model_fixtures.adapter_bytes(d, 16, torch.bfloat16) == 2 * 16 * (4 * 8192 + 3 * 15104) * 32 \
+        == _lora_bytes(d, elt=2) == 79_953_920                      # 80 MB: 32 of them are 19.0% of the base
+    assert 32 * 79_953_920 / _llama_param_bytes(d, 2) == pytest.approx(0.1898, abs=1e-4)
+    m = model_fixtures.build_model(TINY_DIMS, torch.device("cpu"), torch.float32)
+    assert model_fixtures.param_bytes(m) == _llama_param_bytes(TINY_DIMS)
     twin = model_fixtures.share_weights_copy(m)
     assert twin is not m and all(a is b for a, b in zip(m.parameters(), twin.parameters()))
     assert twin.model.layers[0].self_attn is not m.model.layers[0].self_attn
@@ -450,15 +459,15 @@ def test_bench_model_quick_writes_wellformed_rows(model_csv):
             continue
         assert e["overhead_pct"] == pytest.approx(100 * (t["median"] / base["median"] - 1), rel=1e-9)
         assert e["per_adapter_tokens_per_s"] == pytest.approx(r["median"] / N, rel=1e-9)
+        assert e["adapter_bytes_over_base_pct"] == pytest.approx(
+            100 * N * _lora_bytes(TINY_DIMS) / _llama_param_bytes(TINY_DIMS))
         if c == "openlora":    # agrees with PEFT's mixed batch on the first step's logits (float32)
             assert e["check"] == "ok" and e["rel_err_vs_peft"] < 1e-3 and e["lora_effect"] > 1e-2
             peft = by[("peft_mixed", "step_time", B, N)]
             assert e["speedup_vs_peft"] == pytest.approx(peft["median"] / t["median"], rel=1e-9)
     mem = [r for r in rows if r["kernel"] == "memory"]
     assert {r["metric"] for r in mem} == {"memory_computed"}                # CPU: nothing measured
-    d = model_fixtures.Dims(name="t", **model_fixtures.TINY)
-    base_b = _llama_param_bytes(d)
-    adapter_b = 4 * 16 * d.layers * sum(k + n for k, n in d.projections().values())
+    base_b, adapter_b = _llama_param_bytes(TINY_DIMS), _lora_bytes(TINY_DIMS)
     for r in mem:
         N, mib = r["extra"]["N"], 2 ** 20
         assert r["extra"]["slot_bytes_reported"] == N * adapter_b          # the pool's own figure, r = max_rank
@@ -576,10 +585,10 @@ def _model_row(contender, metric, B, N, median, **extra):
 
 def test_report_assesses_the_model_target_on_gpu_rows():
     rows = [_model_row("base", "tokens_per_s", 32, 32, 1000.0),
-            _model_row("openlora", "tokens_per_s", 32, 32, 920.0, overhead_pct=8.7),
+            _model_row("openlora", "tokens_per_s", 32, 32, 920.0, overhead_pct=8.7, adapter_bytes_over_base_pct=19.0),
             _model_row("peft_mixed", "tokens_per_s", 32, 32, 100.0, overhead_pct=900.0)]
     text = report.model_targets(rows)
-    assert "LoRA overhead over the base model +8.7% (target <= 10%): met" in text
+    assert "LoRA overhead over the base model +8.7% (target <= 10%): met (the 32 adapters' bytes are 19.0%" in text
     assert "9.2x the per-adapter throughput of PEFT's mixed batch (target >= 10x): MISSED" in text
     rows[1] = _model_row("openlora", "tokens_per_s", 32, 32, 1500.0, overhead_pct=12.0)
     text = report.model_targets(rows)
@@ -600,8 +609,7 @@ def swap_csv(tmp_path_factory):
 def test_bench_swap_quick_writes_wellformed_rows(swap_csv):
     rows = common.read_rows(swap_csv)
     assert [r["contender"] for r in rows] == list(bench_swap.ADAPTER_STATES + bench_swap.RELOAD_STATES)
-    d = model_fixtures.Dims(name="t", **model_fixtures.TINY)
-    adapter_b = 4 * 16 * d.layers * sum(k + n for k, n in d.projections().values())
+    d, adapter_b = TINY_DIMS, _lora_bytes(TINY_DIMS)
     by = {r["contender"]: r for r in rows}
     for r in rows:
         assert r["benchmark"] == "swap" and r["device"].startswith("CPU: ") and r["unit"] == "ms"
