@@ -645,3 +645,15 @@ def test_report_and_plot_swap(swap_csv, tmp_path):
 
     assert plot.main([swap_csv, "--out-dir", str(tmp_path)]) == 0
     assert (tmp_path / "swap_latency.png").stat().st_size > 10_000
+
+
+def test_docs_show_the_committed_model_and_swap_results():
+    """docs/benchmarks.md pastes the report of the committed CPU files verbatim: a regenerated
+    results file must come with its tables."""
+    with open(os.path.join(ROOT, "docs", "benchmarks.md"), encoding="utf-8") as f:
+        doc = f.read()
+    for name, render in (("model", report.model_markdown), ("swap", report.swap_markdown)):
+        rel = f"benchmarks/results/{name}_cpu_quick.csv"
+        rows = common.read_rows(os.path.join(ROOT, rel))
+        assert rows and rows[0]["device"].startswith("CPU: ") and "+dirty" not in rows[0]["commit"]
+        assert render(rows, rel) in doc, f"docs/benchmarks.md does not show the tables of {rel}"
