@@ -20,7 +20,9 @@ first step's logits check that ours agree with PEFT's (``rel_err`` = max |ours -
 max |peft - base|, the size of the LoRA effect).
 
 Sweeps: batch B in 1..64 with N = B (every request its own adapter), then N in 1, 4, 16, 32, 64
-at B = ``--adapters-batch`` (64). Rows (``benchmarks/results/model_<device>[_quick].csv``):
+at B = ``--adapters-batch`` (64). Order (``plan_steps``): the target case (B = 32, N = 32), its
+CUDA-graph timing, the memory rows, the other cases, the other graphs; with ``--budget-s`` a run
+cut short keeps those first. Rows (``benchmarks/results/model_<device>[_quick].csv``):
 ``step_time`` (ms per decode step) and ``tokens_per_s`` (B / step time; extra: per-adapter
 throughput = tokens/s / N, LoRA overhead in % over the base model, speed-up over PEFT, and
 ``adapter_bytes_over_base_pct`` = N adapters' bytes over the base's: where decode is bound by
@@ -88,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-peft", action="store_true", help="skip PEFT's mixed batch")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings (GPU)")
     p.add_argument("--graph-batches", nargs="+", type=int, default=None,
-                   help="B (with N = B) of the CUDA-graph timings (default: 32, then the other batches)")
+                   help="B (with N = B) of the CUDA-graph timings (default: the batches; B = 32 first)")
     p.add_argument("--out", default=None, help="CSV path (default <out-dir>/model_<device>[_quick].csv)")
     p.add_argument("--out-dir", default=common.RESULTS_DIR)
     p.add_argument("--append", action="store_true", help="append to --out instead of starting it afresh")
@@ -376,6 +378,18 @@ def plan_cases(args) -> List[Tuple[int, int]]:
     return cases
 
 
+def plan_steps(cases: List[Tuple[int, int]], graph_batches: List[int]) -> List[Tuple[str, Any]]:
+    """The order of the work (rows are written as they come, so a run cut short by --budget-s
+    keeps the most useful ones): the headline case, its CUDA-graph timing, the memory rows, the
+    other cases, the other graphs (each B of ``graph_batches`` once, with N = B)."""
+    graphs = list(dict.fromkeys(graph_batches))
+    first = cases[:1]
+    head = [B for B, N in first if B == N and B in graphs]
+    steps: List[Tuple[str, Any]] = [("case", c) for c in first] + [("graph", B) for B in head] + [("memory", None)]
+    steps += [("case", c) for c in cases[1:]] + [("graph", B) for B in graphs if B not in head]
+    return steps
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     with common.cpu_threads(args.quick, args.device, args.threads), torch.no_grad():
@@ -394,30 +408,20 @@ def _run(args) -> int:
           f"out {b.out}")
     b.setup()
     cases = plan_cases(args)
+    graph_batches = [] if b.device.type != "cuda" or args.no_graphs else (args.graph_batches or args.batches)
+    graphs = "not run (CPU)" if b.device.type != "cuda" else ("not run (--no-graphs)" if args.no_graphs else "done")
     done = 0
-    for i, (B, N) in enumerate(cases):
-        if b.over_budget(f"{len(cases) - done} of {len(cases)} cases"):
-            break
-        order = list(CONTENDERS[i % 3:] + CONTENDERS[:i % 3])    # rotating order: drift hits everyone
-        b.run_case(B, N, order)
-        done += 1
-        if i == 0:      # after the headline case: the memory rows (the pools while the budget lasts)
-            b.memory(sorted(set(args.adapters)))
-    if done == 0:
-        b.memory(sorted(set(args.adapters)))
-    graphs = "not run"
-    if b.device.type == "cuda" and not args.no_graphs:
-        todo = args.graph_batches or ([TARGET_CASE[0]] + [B for B in args.batches if B != TARGET_CASE[0]])
-        graphs = "done"
-        for B in todo:
-            if b.over_budget(f"CUDA graph B={B}"):
-                graphs = "cut short by the budget"
-                break
-            if not b.graph_case(B):
-                graphs = "capture failed"
-                break
-    elif b.device.type != "cuda":
-        graphs = "not run (CPU)"
+    for what, arg in plan_steps(cases, graph_batches):
+        if what == "memory":
+            b.memory(sorted(set(args.adapters)))      # computed rows always; the pools while the budget lasts
+        elif b.over_budget(f"{what} {arg}"):
+            graphs = "cut short by the budget" if what == "graph" and graphs == "done" else graphs
+        elif what == "case":
+            order = list(CONTENDERS[done % 3:] + CONTENDERS[:done % 3])    # rotating order: drift hits everyone
+            b.run_case(*arg, order)
+            done += 1
+        elif graphs == "done" and not b.graph_case(arg):
+            graphs = "capture failed"             # no further capture is tried
     print(f"\n{b.rows_written} rows -> {b.out} ({done}/{len(cases)} cases, {b.elapsed():.0f} s); CUDA graphs: {graphs}")
     from benchmarks import report
 

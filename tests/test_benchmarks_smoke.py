@@ -476,6 +476,17 @@ def test_bench_model_quick_writes_wellformed_rows(model_csv):
     assert {r["extra"]["N"] for r in mem} == set(q["adapters"])
 
 
+def test_bench_model_plan_puts_the_headline_first():
+    args = bench_model.parse_args([])
+    cases = bench_model.plan_cases(args)
+    assert cases[0] == (32, 32) and len(cases) == len(set(cases)) == 11 and (64, 64) in cases and (64, 4) in cases
+    steps = bench_model.plan_steps(cases, args.batches)
+    assert steps[:3] == [("case", (32, 32)), ("graph", 32), ("memory", None)]
+    assert [a for w, a in steps if w == "case"] == cases
+    assert [a for w, a in steps if w == "graph"] == [32, 1, 2, 4, 8, 16, 64]
+    assert bench_model.plan_steps([(1, 1), (4, 4)], []) == [("case", (1, 1)), ("memory", None), ("case", (4, 4))]
+
+
 def test_bench_model_check_catches_rows_served_the_wrong_adapter(tmp_path, monkeypatch):
     real = bench_model.Bench.call
 
