@@ -581,18 +581,9 @@ def _run(args, device: torch.device, preset: Dict[str, Any], dtype: torch.dtype)
             done += 1
     elapsed = time.monotonic() - t_start
     print(f"\n{runner_.rows_written} rows -> {out} ({done}/{len(plan)} cases, {elapsed:.0f} s)")
-    try:
-        from benchmarks import report
+    from benchmarks import report
 
-        print(report.console_summary(common.read_rows(out)))
-    except Exception as e:  # noqa: BLE001 - the summary is a convenience
-        print(f"(summary unavailable: {type(e).__name__}: {e})")
-    if runner_.failures:
-        print(f"\n{len(runner_.failures)} failure(s):")
-        for f in runner_.failures:
-            print("  " + f)
-        return 1
-    return 0
+    return common.finish(lambda: report.console_summary(common.read_rows(out)), runner_.failures)
 
 
 if __name__ == "__main__":

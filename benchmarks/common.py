@@ -6,6 +6,7 @@ benchmarks/results/ with the columns in ``COLUMNS``; ``plot.py`` reads them.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import json
@@ -14,7 +15,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -289,3 +290,109 @@ def measure_matmul_tflops(device: torch.device, n: Optional[int] = None, dtype: 
     tf = {k: flop / (timing[k] * 1e-3) / 1e12 for k in ("median", "p20", "p80")}
     return {"median": tf["median"], "p20": tf["p80"], "p80": tf["p20"], "n": n,
             "dtype": str(dtype).replace("torch.", ""), "reps": timing["reps"]}
+
+
+# ------------------------------------------------------------------------------------------
+# Timing a step that changes state (added for bench_model.py and bench_swap.py): a reset runs
+# between the timed calls, outside the timed region; CUDA graphs of a whole step.
+# ------------------------------------------------------------------------------------------
+
+
+def time_steps(step: Callable[[], Any], reset: Callable[[], Any], device: torch.device, *, reps: int,
+               warmup: int = 1, clock: str = "events") -> Dict[str, float]:
+    """Time ``step()`` ``reps`` times in ms, calling ``reset()`` after every call (warm-up ones
+    too) outside the timed region: a decode step then crop of the KV cache, a slot load then
+    its eviction.
+
+    The device is idle when each call starts (synchronised before it). On a GPU, ``clock="events"``
+    times the call between CUDA events on the current stream (host work before the first kernel
+    counts, since the GPU waits for it), ``clock="wall"`` with perf_counter around the call and a
+    synchronize of the whole device (work on side streams included). On the CPU both are
+    perf_counter. Returns median, p20, p80, reps and first_call_ms (the first warm-up call).
+    """
+    if clock not in ("events", "wall"):
+        raise ValueError(f"clock: expected 'events' or 'wall', got {clock!r}")
+    cuda_events = device.type == "cuda" and clock == "events"
+    first_ms = None
+    for _ in range(max(0, warmup)):
+        synchronize(device)
+        t0 = time.perf_counter()
+        step()
+        synchronize(device)
+        first_ms = (time.perf_counter() - t0) * 1e3 if first_ms is None else first_ms
+        reset()
+    samples: List[float] = []
+    for _ in range(max(1, reps)):
+        synchronize(device)
+        if cuda_events:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step()
+            synchronize(device)
+            samples.append((time.perf_counter() - t0) * 1e3)
+        reset()
+    return {**quantiles(samples), "reps": len(samples), "first_call_ms": first_ms}
+
+
+def capture_cuda_graph(fn: Callable[[], Any], device: torch.device, *, warmup: int = 2,
+                       before_capture: Optional[Callable[[], Any]] = None):
+    """Capture ONE call of ``fn`` into a CUDA graph after ``warmup`` calls on a side stream.
+
+    Returns (graph, output of the captured call, what ``before_capture()`` returned). Replaying
+    the graph re-runs the captured kernels on the same memory: the tensors the call reads must
+    stay alive and unchanged, so ``before_capture`` (called right before the capture) should
+    return them for the caller to hold while it replays (e.g. a KV cache's tensors, which the
+    call itself replaces); outputs live in the graph's pool. ``fn`` must not synchronise with
+    the host (the capture then raises). Time the replays with
+    ``time_steps(graph.replay, lambda: None, device, reps=...)``."""
+    if device.type != "cuda":
+        raise RuntimeError("capture_cuda_graph needs a CUDA device")
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    kept = before_capture() if before_capture is not None else None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    torch.cuda.synchronize(device)
+    return graph, out, kept
+
+
+@contextlib.contextmanager
+def cpu_threads(quick: bool, device: Optional[str], threads: Optional[int]) -> Iterator[None]:
+    """torch's CPU threads for one benchmark run, restored afterwards: ``threads`` if given, else 1
+    for a --quick run on the CPU (a shared machine's noise stays out of the smoke numbers)."""
+    before = torch.get_num_threads()
+    on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    n = threads or (1 if quick and on_cpu else None)
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def finish(summary: Callable[[], str], failures: List[str]) -> int:
+    """End of a benchmark run: print ``summary()`` (a convenience: its errors are shown, not
+    raised) and the failures; returns the exit code (1 when anything failed)."""
+    try:
+        print(summary())
+    except Exception as e:  # noqa: BLE001
+        print(f"(summary unavailable: {type(e).__name__}: {e})")
+    if failures:
+        print(f"\n{len(failures)} failure(s):")
+        for f in failures:
+            print("  " + f)
+        return 1
+    return 0

@@ -11,9 +11,12 @@
 #   parity      benchmarks/sanitizer_parity.py --quick: every op / backend on awkward indices
 #               (also fills Triton's cache for the next step)
 #   sanitizer   the same under compute-sanitizer memcheck, caching allocator off
-#   bench       benchmarks/bench_kernels.py at full size, then any other benchmarks/bench_*.py
+#   bench       benchmarks/bench_kernels.py at full size (55% of the time left), then
+#               bench_model.py (2/3 of what remains) and bench_swap.py (the rest), each under
+#               --budget-s and a hard limit of its share
 #   plots       benchmarks/plot.py for each results CSV (when matplotlib is there)
 #   report      benchmarks/report.py: markdown tables + the issues' targets, per results CSV
+#               (kernels, model, swap)
 #   parity_full the parity run over every dtype and block_m, if time is left
 #   tests       the rest of the test suite (pytest -m "not gpu") if time is left
 # and always, last: results + logs + plots tarred into $OUT, a summary table printed at the end.
@@ -26,11 +29,13 @@
 #
 # Knobs (environment): OUT (default ./gpu_suite_out), PYTHON (python3), OPENLORA_COMMIT (the commit
 # the rows name when the tree has no .git, as on the device machine: pass it!), SUITE_RESULTS_DIR
-# (where bench_kernels writes, default benchmarks/results), SUITE_DEADLINE_S (540: the
+# (where the benchmarks write, default benchmarks/results), SUITE_DEADLINE_S (540: the
 # whole script ends by then), SUITE_STEPS (comma list of the steps above; default all),
 # INSTALL_TIMEOUT_S (240), PYTEST_GPU_TIMEOUT_S (150), PARITY_TIMEOUT_S (90),
 # SANITIZER_TIMEOUT_S (120), BENCH_MIN_S (180: earlier steps are cut short to leave the
-# benchmarks this much), BENCH_ARGS (extra arguments for bench_kernels.py), SUITE_QUICK=1
+# benchmarks this much), BENCH_ARGS (extra arguments for bench_kernels.py), SUITE_BENCHES
+# (benchmarks after bench_kernels, default "bench_model bench_swap"), KERNELS_PCT (55), MODEL_PCT
+# (67: bench_model's part of the time after bench_kernels), SUITE_QUICK=1
 # (benchmarks and parity in --quick mode: a dry run of this script, also on a CPU machine).
 
 set -u -o pipefail   # deliberately not -e: every step runs whatever happened before
@@ -50,6 +55,7 @@ SUMMARY=$WORK/summary.tsv
 STEPS=",${SUITE_STEPS:-env,install,backends,pytest_gpu,parity,sanitizer,bench,plots,report,parity_full,tests},"
 QUICK=${SUITE_QUICK:-0}
 POST_RESERVE=45      # seconds kept for plots, report and packaging
+KERNELS_PCT=${KERNELS_PCT:-55}   # share of the benchmark time for bench_kernels (the rest: model, swap)
 PACK_RESERVE=15      # seconds kept for packaging alone
 BENCH_MIN_S=${BENCH_MIN_S:-180}
 RESULTS=${SUITE_RESULTS_DIR:-$ROOT/benchmarks/results}
@@ -193,13 +199,14 @@ fi
 
 # ----------------------------------------------------------------------------- benchmarks
 if wants bench; then
-    OTHERS=()
-    for f in benchmarks/bench_*.py; do
-        [[ $(basename "$f") == bench_kernels.py ]] || OTHERS+=("$(basename "$f" .py)")
-    done
+    # bench_kernels first with the largest share (its headline cases come first inside it), then
+    # the model and swap benchmarks ($SUITE_BENCHES), each with a bounded share of what is left:
+    # every script gets --budget-s (starts no new case past it) and a hard limit of its share.
+    # (bench_hf_cpu_decode.py is a CPU benchmark: not part of a GPU session.)
+    read -r -a OTHERS <<< "${SUITE_BENCHES:-bench_model bench_swap}"
     avail=$(( $(left) - POST_RESERVE ))
     share=$avail
-    (( ${#OTHERS[@]} > 0 )) && share=$((avail * 6 / 10))     # the kernels take 60% when others exist
+    (( ${#OTHERS[@]} > 0 )) && share=$((avail * KERNELS_PCT / 100))
     budget=$((share - 40))                                   # room for the last case and start-up
     (( budget < 20 )) && budget=20
     BENCH_FLAGS=(--out-dir "$RESULTS" --budget-s "$budget")
@@ -207,14 +214,25 @@ if wants bench; then
     # shellcheck disable=SC2086
     NOTE="budget ${budget}s" step bench_kernels "$share" "$POST_RESERVE" \
         "$PY" -m benchmarks.bench_kernels "${BENCH_FLAGS[@]}" ${BENCH_ARGS:-}
+    n_left=${#OTHERS[@]}
     for name in "${OTHERS[@]}"; do
         avail=$(( $(left) - POST_RESERVE ))
-        flags=()
-        [[ $QUICK == 1 ]] && flags+=(--quick)
-        if "$PY" -m "benchmarks.$name" --help 2>/dev/null | grep -q -- "--budget-s"; then
-            [[ $QUICK == 1 ]] || flags+=(--budget-s $((avail - 30)))
+        case $name in                       # share of what is left: model 2/3 of it, swap the rest
+            bench_model) pct=${MODEL_PCT:-67} ;;
+            *) pct=100 ;;
+        esac
+        (( n_left == 1 )) && pct=100
+        share=$((avail * pct / 100))
+        n_left=$((n_left - 1))
+        flags=(--out-dir "$RESULTS")
+        if [[ $QUICK == 1 ]]; then
+            flags+=(--quick)
+        else
+            budget=$((share - 30))                       # the last case, the memory rows, exit
+            (( budget < 15 )) && budget=15
+            flags+=(--budget-s "$budget")
         fi
-        step "$name" "$avail" "$POST_RESERVE" "$PY" -m "benchmarks.$name" "${flags[@]}"
+        NOTE="share ${share}s" step "$name" "$share" "$POST_RESERVE" "$PY" -m "benchmarks.$name" "${flags[@]}"
     done
 fi
 
@@ -229,9 +247,9 @@ fi
 if wants report; then
     for f in "${CSVS[@]}"; do
         stem=$(basename "$f" .csv)
-        [[ $stem == kernels_* ]] || continue
+        [[ $stem == kernels_* || $stem == model_* || $stem == swap_* ]] || continue
         step "report_$stem" 60 "$PACK_RESERVE" "$PY" -m benchmarks.report "$f" --out "$WORK/report_$stem.md"
-        if [[ -f $WORK/report_$stem.md ]]; then
+        if [[ -f $WORK/report_$stem.md ]] && grep -q '^#### Targets' "$WORK/report_$stem.md"; then
             { echo "targets ($stem):"; sed -n '/^#### Targets/,$p' "$WORK/report_$stem.md" | tail -n +3; } >> "$WORK/targets.txt"
         fi
     done

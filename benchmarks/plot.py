@@ -10,6 +10,12 @@ For each op (add_lora, lora_shrink, lora_expand), one figure per metric with a p
   <op>_speedup.png   our best time against each baseline's, vs T (3x and 10x drawn in)
 and add_lora_ranks.png, add_lora_workloads.png (our best time per rank / popularity) and
 meta_build.png. Every title names the device and commit of the rows.
+
+For the model benchmark's CSV (bench_model.py): model_tokens_per_s.png (tokens/s vs batch per
+contender, N = B; CUDA-graph timings dashed), model_overhead_vs_n.png (LoRA overhead in % over the
+base model vs N adapters in the batch, 10% target dotted), model_per_adapter_vs_n.png (tokens/s
+per adapter vs N) and model_memory_vs_n.png (one base + N adapters against N merged copies). For
+the swap benchmark's CSV (bench_swap.py): swap_latency.png (median time per state, p20-p80 bars).
 """
 from __future__ import annotations
 
@@ -22,7 +28,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import common  # noqa: E402
-from benchmarks.report import BASELINES, _get, _ordered, best, is_ours, select  # noqa: E402
+from benchmarks.report import (BASELINES, SWAP_ORDER, _get, _ordered, adapter_sweep_batch, best,  # noqa: E402
+                               is_ours, select)
 
 Row = Dict
 
@@ -177,6 +184,95 @@ def plot_meta(plt, rows: List[Row], out_dir: str) -> Optional[str]:
     return _save(fig, plt, out_dir, "meta_build.png")
 
 
+# ------------------------------------------------------------------------ model decode, swap
+
+MODEL_CONTENDERS = ("base", "openlora", "peft_mixed")
+
+
+def _model_series(rows: List[Row], contender: str, metric: str, x: str, **want):
+    pts = sorted(((_get(r, x), r) for r in select(rows, kernel="decode_step", contender=contender, metric=metric,
+                                                  **want)), key=lambda p: p[0])
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _axes(ax, xlabel: str, ylabel: str, *, log_y: bool) -> None:
+    _logx(ax)
+    ax.set_xlabel(xlabel)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+
+
+def _one_axis(plt, rows: List[Row], title: str):
+    fig, ax = plt.subplots(figsize=(9, 5))
+    fig.suptitle(_title(rows, title), fontsize=9)
+    return fig, ax
+
+
+def plot_model(plt, rows: List[Row], out_dir: str) -> List[str]:
+    written = []
+    distinct = [r for r in rows if _get(r, "B") is not None and _get(r, "B") == _get(r, "N")]
+    fig, ax = _one_axis(plt, rows, "decode tokens/s vs batch (N = B distinct adapters)")
+    for c in MODEL_CONTENDERS:
+        for metric, style in (("tokens_per_s", "-"), ("tokens_per_s_graph", "--")):
+            B, pts = _model_series(distinct, c, metric, "B")
+            if B:
+                ax.plot(B, [p["median"] for p in pts], style, marker="o", ms=3,
+                        label=c + (" (CUDA graph)" if metric.endswith("graph") else ""))
+    _axes(ax, "batch B (requests, one token each)", "tokens/s (median)", log_y=True)
+    written.append(_save(fig, plt, out_dir, "model_tokens_per_s.png"))
+
+    B = adapter_sweep_batch(rows)
+    if B is not None:
+        for name, field, ylabel, log_y, guide in (
+                ("model_overhead_vs_n.png", "overhead_pct", "LoRA overhead over base (%)", False, 10.0),
+                ("model_per_adapter_vs_n.png", "per_adapter_tokens_per_s", "tokens/s per adapter", True, None)):
+            fig, ax = _one_axis(plt, rows, f"{ylabel} vs N adapters in a batch of {B}")
+            for c in MODEL_CONTENDERS[1:]:
+                N, pts = _model_series(rows, c, "tokens_per_s", "N", B=B)
+                pts = [(n, _get(p, field)) for n, p in zip(N, pts) if _get(p, field) is not None]
+                if pts:
+                    ax.plot([n for n, _ in pts], [v for _, v in pts], marker="o", ms=3, label=c)
+            if guide is not None:
+                ax.axhline(guide, color="gray", ls=":", lw=1)
+            _axes(ax, "N distinct adapters in the batch", ylabel, log_y=log_y)
+            written.append(_save(fig, plt, out_dir, name))
+
+    mem = select(rows, kernel="memory")
+    if mem:
+        fig, ax = _one_axis(plt, rows, "memory: one base + N adapters vs N merged copies")
+        for c in ("openlora_base_plus_adapters", "merged_copies"):
+            for metric, style in (("memory_computed", "-"), ("memory_measured", "--")):
+                pts = sorted((_get(r, "N"), r["median"]) for r in select(mem, contender=c, metric=metric))
+                if pts:
+                    ax.plot([n for n, _ in pts], [v for _, v in pts], style, marker="o", ms=3,
+                            label=f"{c} ({metric.split('_')[1]})")
+        _axes(ax, "N adapters", "MiB", log_y=True)
+        written.append(_save(fig, plt, out_dir, "model_memory_vs_n.png"))
+    return written
+
+
+def plot_swap(plt, rows: List[Row], out_dir: str) -> Optional[str]:
+    pts = [(c, best(select(rows, contender=c))) for c in SWAP_ORDER]
+    pts = [(c, r) for c, r in pts if r]
+    if not pts:
+        return None
+    fig, ax = _one_axis(plt, rows, "time to bring weights onto the device (median, p20-p80)")
+    y = list(range(len(pts)))
+    med = [r["median"] for _, r in pts]
+    err = [[r["median"] - r["p20"] for _, r in pts], [r["p80"] - r["median"] for _, r in pts]]
+    ax.barh(y, med, xerr=err, color=["C0" if not c.startswith("model") else "C3" for c, _ in pts])
+    ax.set_yticks(y)
+    ax.set_yticklabels([c for c, _ in pts], fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("ms (log scale)")
+    ax.grid(True, axis="x", which="both", alpha=0.3)
+    for yi, m in zip(y, med):
+        ax.text(m, yi, f" {m:.3g} ms", va="center", fontsize=7)
+    return _save(fig, plt, out_dir, "swap_latency.png")
+
+
 def _save(fig, plt, out_dir: str, name: str) -> str:
     path = os.path.join(out_dir, name)
     fig.tight_layout()
@@ -199,6 +295,12 @@ def main(argv=None) -> int:
     stem = os.path.splitext(os.path.basename(a.csv))[0]
     out_dir = a.out_dir or os.path.join(common.RESULTS_DIR, "plots", stem)
     os.makedirs(out_dir, exist_ok=True)
+    kind = rows[0]["benchmark"] if rows else "kernels"
+    if kind in ("model", "swap"):
+        written = [w for w in (plot_model(plt, rows, out_dir) if kind == "model" else [plot_swap(plt, rows, out_dir)])
+                   if w]
+        print(f"plot: {len(written)} PNGs in {out_dir}")
+        return 0
     written = []
     for op in ("add_lora", "lora_shrink", "lora_expand"):
         written += plot_op(plt, rows, op, out_dir)

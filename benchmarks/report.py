@@ -1,6 +1,9 @@
-"""Markdown tables and target checks from the kernel benchmark's CSV (bench_kernels.py).
+"""Markdown tables and target checks from a benchmark's CSV: kernels (bench_kernels.py), model
+decode (bench_model.py) or adapter swap (bench_swap.py); the file's ``benchmark`` column says which.
 
     python -m benchmarks.report benchmarks/results/kernels_<device>.csv [--out report.md]
+    python -m benchmarks.report benchmarks/results/model_<device>.csv
+    python -m benchmarks.report benchmarks/results/swap_<device>.csv
 
 Every number printed is read from, or divided out of, the rows of the file given, and each
 table names the file's device, versions and commit, so docs/benchmarks.md can paste it as is.
@@ -14,7 +17,7 @@ import argparse
 import os
 import sys
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -217,8 +220,216 @@ def targets(rows: List[Row]) -> str:
         lines.append(f"- prefill add_lora >= 60% of roofline: {met} of {len(pre)} cells met; lowest {worst[0][0]} "
                      f"r={worst[0][1]} {worst[0][2]} T={worst[0][3]}: {_get(worst[1], 'pct_roofline'):.1f}%")
     lines.append("- model decode overhead <= 10% and >= 10x PEFT per-adapter throughput: measured by the model "
-                 "benchmark, not by this file")
+                 "benchmark (model_<gpu>.csv), not by this file")
     return "\n".join(lines)
+
+
+
+# ------------------------------------------------------------------------------ model decode
+
+
+def _n(v: Optional[float], digits: int = 0) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def _tps(rows: List[Row], contender: str, B: int, N: int, metric: str = "tokens_per_s") -> Optional[Row]:
+    hit = select(rows, kernel="decode_step", contender=contender, metric=metric, B=B, N=N)
+    return hit[0] if hit else None
+
+
+def _ratio(num: Optional[Row], den: Optional[Row]) -> str:
+    if not num or not den:
+        return "-"
+    return f"{num['median'] / den['median']:.2f}x"
+
+
+def _overhead(r: Optional[Row]) -> str:
+    v = _get(r, "overhead_pct") if r else None
+    return "-" if v is None else f"{v:+.1f}%"
+
+
+def model_batch_table(rows: List[Row]) -> str:
+    """Batch sweep, N = B (every request its own adapter): tokens/s per contender."""
+    Bs = sorted({_get(r, "B") for r in select(rows, kernel="decode_step", metric="tokens_per_s")
+                 if _get(r, "B") == _get(r, "N")})
+    body = []
+    for B in Bs:
+        base, ours, peft = (_tps(rows, c, B, B) for c in ("base", "openlora", "peft_mixed"))
+        step = select(rows, kernel="decode_step", contender="openlora", metric="step_time", B=B, N=B)
+        floor = _get(ours, "adapter_bytes_over_base_pct") if ours else None
+        body.append([B, _n(base and base["median"]), _n(ours and ours["median"]), _n(peft and peft["median"]),
+                     _us(step[0]["median"]) if step else "-", _overhead(ours), _overhead(peft), _ratio(ours, peft),
+                     "-" if floor is None else f"{floor:.1f}%", _get(ours, "check") if ours else "-"])
+    return table(["B (= N adapters)", "base tok/s", "openlora tok/s", "PEFT mixed tok/s", "openlora ms/step",
+                  "openlora overhead", "PEFT overhead", "openlora / PEFT", "adapter bytes / base bytes",
+                  "check vs PEFT"], body)
+
+
+def adapter_sweep_batch(rows: List[Row]) -> Optional[int]:
+    """The batch of the adapter sweep: the largest B measured with more than one N."""
+    tps = select(rows, kernel="decode_step", metric="tokens_per_s")
+    Bs = [B for B in sorted({_get(r, "B") for r in tps}, reverse=True)
+          if len({_get(r, "N") for r in select(tps, B=B)}) > 1]
+    return Bs[0] if Bs else None
+
+
+def model_adapters_table(rows: List[Row]) -> Tuple[Optional[int], str]:
+    """Adapter sweep at the largest batch: per-adapter throughput as N grows."""
+    B = adapter_sweep_batch(rows)
+    if B is None:
+        return None, ""
+    tps = select(rows, kernel="decode_step", metric="tokens_per_s")
+    body = []
+    for N in sorted({_get(r, "N") for r in select(tps, B=B)}):
+        base, ours, peft = (_tps(rows, c, B, N) for c in ("base", "openlora", "peft_mixed"))
+        body.append([N, _n(base and base["median"]), _n(ours and ours["median"]), _n(peft and peft["median"]),
+                     _n(_get(ours, "per_adapter_tokens_per_s") if ours else None, 1),
+                     _n(_get(peft, "per_adapter_tokens_per_s") if peft else None, 1),
+                     _overhead(ours), _overhead(peft), _ratio(ours, peft)])
+    return B, table(["N adapters", "base tok/s", "openlora tok/s", "PEFT mixed tok/s", "openlora tok/s per adapter",
+                     "PEFT tok/s per adapter", "openlora overhead", "PEFT overhead", "openlora / PEFT"], body)
+
+
+def model_graph_table(rows: List[Row]) -> str:
+    failed = select(rows, kernel="decode_step", metric="graph_failed")
+    g = select(rows, kernel="decode_step", metric="step_time_graph")
+    if not g and not failed:
+        return "Not measured in this run (CUDA graphs are GPU-only, or the run was cut short)."
+    body = []
+    for B in sorted({_get(r, "B") for r in g}):
+        base, ours = (_tps(rows, c, B, B, "step_time_graph") for c in ("base", "openlora"))
+        eager = select(rows, kernel="decode_step", contender="openlora", metric="step_time", B=B, N=B)
+        ours_t = _tps(rows, "openlora", B, B, "tokens_per_s_graph")
+        body.append([B, _us(base and base["median"]), _us(ours and ours["median"]),
+                     _us(eager[0]["median"]) if eager else "-", _overhead(ours_t),
+                     f"{_get(ours, 'replay_vs_eager_rel_diff'):.1e}" if ours else "-"])
+    text = table(["B (= N adapters)", "base graph ms", "openlora graph ms", "openlora eager ms",
+                  "openlora overhead (graph)", "replay vs eager logits"], body) if body else ""
+    for r in failed:
+        text += f"\n\nCUDA graph capture of {r['contender']} at B={_get(r, 'B')} failed: {_get(r, 'error')}"
+    return text.strip()
+
+
+def model_memory_table(rows: List[Row]) -> str:
+    mem = select(rows, kernel="memory")
+    body = []
+    for N in sorted({_get(r, "N") for r in mem}):
+        def one(contender, metric):
+            hit = select(mem, N=N, contender=contender, metric=metric)
+            return hit[0] if hit else None
+
+        oc, mc = one("openlora_base_plus_adapters", "memory_computed"), one("merged_copies", "memory_computed")
+        om, mm = one("openlora_base_plus_adapters", "memory_measured"), one("merged_copies", "memory_measured")
+        slots_m = _get(om, "slot_bytes_measured") if om else None
+        body.append([N, _n(oc and oc["median"], 1), _n(mc and mc["median"], 1), _ratio(mc, oc),
+                     _n(om and om["median"], 1), _n(mm and mm["median"], 1), _ratio(mm, om),
+                     _n(_get(oc, "slot_bytes_reported") / 2**20, 2) if oc else "-",
+                     "-" if slots_m is None else _n(slots_m / 2**20, 2)])
+    return table(["N adapters", "one base + N adapters MiB (computed)", "N merged copies MiB (computed)",
+                  "merged / ours", "one base + N adapters MiB (measured)", "N merged copies MiB (N x measured)",
+                  "merged / ours (measured)", "pool slots MiB (reported)", "pool slots MiB (measured)"], body)
+
+
+def model_targets(rows: List[Row]) -> str:
+    """Issue 5's model target at B = 32 with 32 distinct adapters (GPU runs only)."""
+    if is_cpu(rows):
+        return "CPU run: the targets are GPU targets (H100 / H200) and are not assessed here."
+    ours, peft = _tps(rows, "openlora", 32, 32), _tps(rows, "peft_mixed", 32, 32)
+    if not ours:
+        return "- model decode, batch 32, 32 distinct adapters: not measured in this file"
+    lines = []
+    ov = _get(ours, "overhead_pct")
+    if ov is not None:
+        floor = _get(ours, "adapter_bytes_over_base_pct")
+        lines.append(f"- model decode, batch 32, 32 distinct adapters: LoRA overhead over the base model {ov:+.1f}% "
+                     f"(target <= 10%): {'met' if ov <= 10.0 else 'MISSED'}"
+                     + ("" if floor is None else f" (the 32 adapters' bytes are {floor:.1f}% of the base model's)"))
+    if peft:
+        x = ours["median"] / peft["median"]
+        lines.append(f"- model decode, batch 32, 32 distinct adapters: {x:.1f}x the per-adapter throughput of PEFT's "
+                     f"mixed batch (target >= 10x): {'met' if x >= 10.0 else 'MISSED'}")
+    g = _tps(rows, "openlora", 32, 32, "tokens_per_s_graph")
+    if g and _get(g, "overhead_pct") is not None:
+        lines.append(f"  - for information: under CUDA graphs (base and ours both replayed) the overhead is "
+                     f"{_get(g, 'overhead_pct'):+.1f}%")
+    return "\n".join(lines)
+
+
+def model_markdown(rows: List[Row], source: str = "") -> str:
+    any_row = rows[0] if rows else {}
+    out = [f"Source: `{source}`; {provenance(rows)}", "",
+           f"Model: {_get(any_row, 'model')}, {any_row.get('shape', '')}; dtype {_get(any_row, 'dtype')}; "
+           f"openlora backend {_get(any_row, 'backend')}.", "",
+           "#### Decode throughput vs batch (N = B: every request its own adapter)", "", model_batch_table(rows)]
+    B, t = model_adapters_table(rows)
+    if t:
+        out += ["", f"#### Per-adapter throughput as N grows (batch {B}, row i uses adapter i mod N)", "", t]
+    out += ["", "#### CUDA graphs (one decode step replayed; base and openlora)", "", model_graph_table(rows),
+            "", "#### Memory: one base + N adapters against N merged copies", "", model_memory_table(rows)]
+    if is_cpu(rows):
+        out += ["", "CPU run: memory figures are computed from parameter bytes (and the pool's own report); "
+                    "nothing is measured with an allocator."]
+    out += ["", "#### Targets", "", model_targets(rows)]
+    return "\n".join(out) + "\n"
+
+
+def model_summary(rows: List[Row]) -> str:
+    B, t = model_adapters_table(rows)
+    return "\n".join([provenance(rows), "", "decode tokens/s, N = B:", model_batch_table(rows)]
+                     + (["", f"per adapter, batch {B}:", t] if t else []) + ["", "targets:", model_targets(rows)])
+
+
+# -------------------------------------------------------------------------------- adapter swap
+
+
+SWAP_ORDER = ("hit", "warm", "cold_page_cache", "cold_disk", "reread_disk", "model_reload_page_cache",
+              "model_reload_disk")
+SWAP_MEANING = {
+    "hit": "already in a device slot",
+    "warm": "host cache -> slot",
+    "cold_page_cache": "PEFT dir (OS page cache) -> host -> slot",
+    "cold_disk": "PEFT dir (disk) -> host -> slot",
+    "reread_disk": "dropped by the host budget, re-read from disk -> slot",
+    "model_reload_page_cache": "whole model: safetensors (page cache) -> load_state_dict",
+    "model_reload_disk": "whole model: safetensors (disk) -> load_state_dict",
+}
+
+
+def _times(num: Optional[Row], den: Optional[Row]) -> str:
+    if not num or not den:
+        return "-"
+    return f"{num['median'] / den['median']:.3g}x"
+
+
+def swap_table(rows: List[Row]) -> str:
+    body = []
+    warm = best(select(rows, contender="warm"))
+    cold = best(select(rows, contender="cold_disk"))
+    for c in SWAP_ORDER:
+        r = best(select(rows, contender=c))
+        if not r:
+            continue
+        moved = _get(r, "bytes_moved")
+        body.append([c, SWAP_MEANING[c], _n(r["median"], 3), _n(r["p20"], 3), _n(r["p80"], 3),
+                     "-" if not moved else _n(moved / 2**20, 2),
+                     "-" if _get(r, "gbps") is None else f"{_get(r, 'gbps'):.2f}",
+                     _times(r, warm), _times(r, cold), _get(r, "reps")])
+    return table(["state", "path", "median ms", "p20 ms", "p80 ms", "MiB read", "GB/s", "vs warm", "vs cold_disk",
+                  "reps"], body)
+
+
+def swap_markdown(rows: List[Row], source: str = "") -> str:
+    r = rows[0] if rows else {}
+    fs = _get(r, "fs")
+    out = [f"Source: `{source}`; {provenance(rows)}", "",
+           f"Model: {_get(r, 'model')}, {r.get('shape', '')}; dtype {_get(r, 'dtype')}; files on a {fs} filesystem"
+           + (" (tmpfs holds files in memory: the 'disk' rows read memory)" if fs == "tmpfs" else "") + ".", "",
+           swap_table(rows)]
+    return "\n".join(out) + "\n"
+
+
+def swap_summary(rows: List[Row]) -> str:
+    return provenance(rows) + "\n" + swap_table(rows)
 
 
 # -------------------------------------------------------------------------------- documents
@@ -254,12 +465,14 @@ def console_summary(rows: List[Row]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Markdown tables and target checks from kernel benchmark CSVs")
-    p.add_argument("csv", help="a results file written by bench_kernels.py")
+    p = argparse.ArgumentParser(description="Markdown tables and target checks from benchmark CSVs")
+    p.add_argument("csv", help="a results file written by bench_kernels.py, bench_model.py or bench_swap.py")
     p.add_argument("--out", default=None, help="write the markdown here (default: stdout)")
     a = p.parse_args(argv)
     rows = common.read_rows(a.csv)
-    text = markdown(rows, os.path.relpath(a.csv))
+    kind = rows[0]["benchmark"] if rows else "kernels"
+    render = {"model": model_markdown, "swap": swap_markdown}.get(kind, markdown)
+    text = render(rows, os.path.relpath(a.csv))
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
             f.write(text)

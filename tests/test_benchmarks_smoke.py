@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from benchmarks import bench_kernels, common, report, roofline, sanitizer_parity, workloads
+from benchmarks import bench_kernels, bench_model, bench_swap, common, model_fixtures, report, roofline
+from benchmarks import sanitizer_parity, workloads
 from benchmarks import kernel_baselines as kb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -233,23 +234,29 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
     env.update(OUT=str(tmp_path / "out"), SUITE_RESULTS_DIR=str(tmp_path / "results"), SUITE_QUICK="1",
                SUITE_STEPS="backends,bench,report", PYTHON=sys.executable,
                BENCH_ARGS="--device cpu --ops add_lora --shapes 4096->4096 --sweeps T --baselines loop")
-    committed = os.path.join(ROOT, "benchmarks", "results", "kernels_cpu_quick.csv")
-    before = _stamp(committed)
+    committed = [os.path.join(ROOT, "benchmarks", "results", f"{k}_cpu_quick.csv") for k in ("kernels", "model", "swap")]
+    before = [_stamp(c) for c in committed]
     assert subprocess.run(["bash", "-n", "benchmarks/gpu_suite.sh"], cwd=ROOT).returncode == 0
     proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
     summary = (out / "summary.txt").read_text()
-    for step in ("backends", "bench_kernels", "report_kernels_cpu_quick"):
+    for step in ("backends", "bench_kernels", "report_kernels_cpu_quick", "bench_model", "bench_swap",
+                 "report_model_cpu_quick", "report_swap_cpu_quick"):
         assert any(line.split()[:2] == [step, "ok"] for line in summary.splitlines()), summary
+    assert "bench_hf_cpu_decode" not in summary          # a CPU benchmark: not part of the GPU session
     assert "gpu_suite summary" in proc.stdout and summary.strip().splitlines()[0] in proc.stdout
     listing = subprocess.run(["tar", "-tzf", str(out / "gpu_suite_results.tar.gz")], capture_output=True,
                              text=True).stdout.split()
     assert "results/kernels_cpu_quick.csv" in listing and "logs/bench_kernels.log" in listing
     rows = common.read_rows(str(out / "kernels_cpu_quick.csv"))
     assert rows and {r["contender"] for r in rows if r["kernel"] == "add_lora"} == {"olk-torch", "loop"}
-    assert _stamp(committed) == before, "the suite wrote into benchmarks/results despite SUITE_RESULTS_DIR"
+    for kind in ("model", "swap"):
+        assert f"results/{kind}_cpu_quick.csv" in listing
+        assert common.read_rows(str(tmp_path / "results" / f"{kind}_cpu_quick.csv"))[0]["benchmark"] == kind
+    assert "targets (model_cpu_quick):" in proc.stdout
+    assert [_stamp(c) for c in committed] == before, "the suite wrote into benchmarks/results despite SUITE_RESULTS_DIR"
 
 
 def _stamp(path):
@@ -306,6 +313,9 @@ class _FakeCuda:
         def elapsed_time(self, end):
             return (end.t - self.t) * 1e3
 
+        def synchronize(self):
+            pass
+
     class Stream:
         def __init__(self, device=None):
             pass
@@ -347,3 +357,314 @@ def test_gpu_timing_paths_with_stand_ins(monkeypatch):
     assert _FakeCuda.CUDAGraph.replays >= 4 + 2
     with pytest.raises(RuntimeError, match="CUDA"):
         common.time_cuda_graph(seen.append, 1, torch.device("cpu"))
+
+
+def test_time_steps_resets_between_calls_outside_the_timing(monkeypatch):
+    log = []
+    t = common.time_steps(lambda: log.append("step"), lambda: log.append("reset"), torch.device("cpu"), reps=4,
+                          warmup=2)
+    assert log == ["step", "reset"] * 6 and t["reps"] == 4 and t["first_call_ms"] >= 0
+    assert 0 <= t["p20"] <= t["median"] <= t["p80"]
+    with pytest.raises(ValueError, match="clock"):
+        common.time_steps(lambda: None, lambda: None, torch.device("cpu"), reps=1, clock="tsc")
+    _FakeCuda.install(monkeypatch)                     # the CUDA-event path, with stand-ins
+    log.clear()
+    for clock in ("events", "wall"):
+        g = common.time_steps(lambda: log.append("step"), lambda: log.append("reset"), torch.device("cuda"), reps=3,
+                              warmup=1, clock=clock)
+        assert g["reps"] == 3 and g["median"] >= 0
+    assert log == ["step", "reset"] * 8
+
+
+def test_capture_cuda_graph_keeps_what_the_capture_reads(monkeypatch):
+    _FakeCuda.install(monkeypatch)
+    dev, calls, order = torch.device("cuda"), [], []
+
+    def fn():
+        calls.append(len(calls))
+        order.append("fn")
+        return "out"
+
+    graph, out, kept = common.capture_cuda_graph(fn, dev, warmup=2,
+                                                 before_capture=lambda: order.append("keep") or "cache tensors")
+    assert order == ["fn", "fn", "keep", "fn"] and out == "out" and kept == "cache tensors"
+    before = _FakeCuda.CUDAGraph.replays
+    t = common.time_steps(graph.replay, lambda: None, dev, reps=5, warmup=1)
+    assert t["reps"] == 5 and _FakeCuda.CUDAGraph.replays == before + 6
+    with pytest.raises(RuntimeError, match="CUDA"):
+        common.capture_cuda_graph(fn, torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------ the model benchmark
+
+
+def _lora_bytes(d, rank=16, elt=4):
+    """One adapter on the seven projections of every layer, counted from the shapes of A and B."""
+    return elt * rank * d.layers * sum(k + n for k, n in d.projections().values())
+
+
+TINY_DIMS = model_fixtures.Dims(name="t", **model_fixtures.TINY)
+
+
+def _llama_param_bytes(d, elt=4):
+    """Parameters of a Llama model counted from its definition (not from the module)."""
+    kv = d.kv_heads * d.head_dim
+    layer = d.hidden * (2 * d.hidden + 2 * kv) + 3 * d.hidden * d.intermediate + 2 * d.hidden
+    return elt * (2 * d.vocab * d.hidden + d.layers * layer + d.hidden)
+
+
+def test_model_fixture_sizes_follow_the_llama_definition():
+    d = model_fixtures.Dims(name="x", **model_fixtures.LLAMA2_7B)
+    assert _llama_param_bytes(d, 2) == 2 * 6_738_415_616           # Llama-2-7B: 6.74 B parameters
+    # one rank-16 adapter on the seven projections of Llama-2-7B, bf16: 16 * (4*8192 + 3*15104) * 32 layers
+    assert model_fixtures.adapter_bytes(d, 16, torch.bfloat16) == 2 * 16 * (4 * 8192 + 3 * 15104) * 32 \
+        == _lora_bytes(d, elt=2) == 79_953_920                      # 80 MB: 32 of them are 19.0% of the base
+    assert 32 * 79_953_920 / _llama_param_bytes(d, 2) == pytest.approx(0.1898, abs=1e-4)
+    m = model_fixtures.build_model(TINY_DIMS, torch.device("cpu"), torch.float32)
+    assert model_fixtures.param_bytes(m) == _llama_param_bytes(TINY_DIMS)
+    twin = model_fixtures.share_weights_copy(m)
+    assert twin is not m and all(a is b for a, b in zip(m.parameters(), twin.parameters()))
+    assert twin.model.layers[0].self_attn is not m.model.layers[0].self_attn
+
+
+@pytest.fixture(scope="module")
+def model_csv(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("model") / "model.csv")
+    assert bench_model.main(["--quick", "--device", "cpu", "--out", out]) == 0
+    return out
+
+
+def test_bench_model_quick_writes_wellformed_rows(model_csv):
+    rows = common.read_rows(model_csv)
+    with open(model_csv, newline="", encoding="utf-8") as f:
+        assert csv.DictReader(f).fieldnames == common.COLUMNS
+    assert rows and all(r["device"].startswith("CPU: ") and r["benchmark"] == "model" and r["commit"] for r in rows)
+    steps = [r for r in rows if r["kernel"] == "decode_step"]
+    q = bench_model.QUICK
+    want_cases = {(b, b) for b in q["batches"]} | {(q["adapters_batch"], n) for n in q["adapters"]}
+    assert {(r["extra"]["B"], r["extra"]["N"]) for r in steps} == want_cases
+    assert {r["metric"] for r in steps} == {"step_time", "tokens_per_s"}     # no CUDA graphs on a CPU
+    by = {(r["contender"], r["metric"], r["extra"]["B"], r["extra"]["N"]): r for r in steps}
+    assert len(by) == len(steps) == 2 * 3 * len(want_cases)
+    for (c, metric, B, N), r in by.items():
+        assert 0 < r["p20"] <= r["median"] <= r["p80"], r
+        if metric != "tokens_per_s":
+            continue
+        t, base = by[(c, "step_time", B, N)], by[("base", "step_time", B, N)]
+        assert r["median"] == pytest.approx(B / t["median"] * 1e3, rel=1e-9)
+        assert r["p20"] == pytest.approx(B / t["p80"] * 1e3, rel=1e-9)
+        e = r["extra"]
+        if c == "base":
+            assert "overhead_pct" not in e and "per_adapter_tokens_per_s" not in e
+            continue
+        assert e["overhead_pct"] == pytest.approx(100 * (t["median"] / base["median"] - 1), rel=1e-9)
+        assert e["per_adapter_tokens_per_s"] == pytest.approx(r["median"] / N, rel=1e-9)
+        assert e["adapter_bytes_over_base_pct"] == pytest.approx(
+            100 * N * _lora_bytes(TINY_DIMS) / _llama_param_bytes(TINY_DIMS))
+        if c == "openlora":    # agrees with PEFT's mixed batch on the first step's logits (float32)
+            assert e["check"] == "ok" and e["rel_err_vs_peft"] < 1e-3 and e["lora_effect"] > 1e-2
+            peft = by[("peft_mixed", "step_time", B, N)]
+            assert e["speedup_vs_peft"] == pytest.approx(peft["median"] / t["median"], rel=1e-9)
+    mem = [r for r in rows if r["kernel"] == "memory"]
+    assert {r["metric"] for r in mem} == {"memory_computed"}                # CPU: nothing measured
+    base_b, adapter_b = _llama_param_bytes(TINY_DIMS), _lora_bytes(TINY_DIMS)
+    for r in mem:
+        N, mib = r["extra"]["N"], 2 ** 20
+        assert r["extra"]["slot_bytes_reported"] == N * adapter_b          # the pool's own figure, r = max_rank
+        want = base_b + N * adapter_b if r["contender"] == "openlora_base_plus_adapters" else N * base_b
+        assert r["median"] * mib == pytest.approx(want, rel=1e-12)
+    assert {r["extra"]["N"] for r in mem} == set(q["adapters"])
+
+
+def test_bench_model_plan_puts_the_headline_first():
+    args = bench_model.parse_args([])
+    cases = bench_model.plan_cases(args)
+    assert cases[0] == (32, 32) and len(cases) == len(set(cases)) == 11 and (64, 64) in cases and (64, 4) in cases
+    steps = bench_model.plan_steps(cases, args.batches)
+    assert steps[:3] == [("case", (32, 32)), ("graph", 32), ("memory", None)]
+    assert [a for w, a in steps if w == "case"] == cases
+    assert [a for w, a in steps if w == "graph"] == [32, 1, 2, 4, 8, 16, 64]
+    assert bench_model.plan_steps([(1, 1), (4, 4)], []) == [("case", (1, 1)), ("memory", None), ("case", (4, 4))]
+
+
+def test_bench_model_check_catches_rows_served_the_wrong_adapter(tmp_path, monkeypatch):
+    real = bench_model.Bench.call
+
+    def shifted(self, contender, ids, cache, rows):      # ours serves each row its neighbour's adapter
+        return real(self, contender, ids, cache, rows[1:] + rows[:1] if contender == "openlora" else rows)
+
+    monkeypatch.setattr(bench_model.Bench, "call", shifted)
+    out = str(tmp_path / "m.csv")
+    args = ["--quick", "--device", "cpu", "--out", out, "--batches", "2", "--adapters", "2", "--adapters-batch", "2"]
+    assert bench_model.main(args) == 1
+    bad = [r for r in common.read_rows(out) if r["contender"] == "openlora" and r["kernel"] == "decode_step"]
+    assert bad and all(r["extra"]["check"] == "FAILED" and r["extra"]["rel_err_vs_peft"] > 0.1 for r in bad)
+
+
+def test_bench_model_gpu_only_parts_run_with_stand_ins(tmp_path, monkeypatch):
+    """The CUDA-graph and allocator-measured code of bench_model on the CPU: a 'graph' whose
+    replay re-runs the captured step eagerly, an allocator counter; then a capture that fails."""
+    import itertools
+
+    counter = itertools.count(1)
+    monkeypatch.setattr(model_fixtures, "memory_allocated", lambda dev: 1000 * next(counter))
+
+    class ReRun:
+        def __init__(self, fn):
+            self.fn, self.replays = fn, 0
+
+        def replay(self):
+            self.replays += 1
+            self.fn()
+
+    seen = {}
+
+    def capture(fn, device, *, warmup=2, before_capture=None):
+        for _ in range(warmup):
+            fn()
+        kept = before_capture()
+        seen["kept"] = list(kept)
+        return ReRun(fn), fn(), kept
+
+    monkeypatch.setattr(common, "capture_cuda_graph", capture)
+    out = str(tmp_path / "m.csv")
+    b = bench_model.Bench(bench_model.parse_args(["--quick", "--device", "cpu", "--out", out, "--batches", "2",
+                                                  "--adapters", "1", "2", "--adapters-batch", "2", "--no-peft"]))
+    with torch.no_grad():
+        b.setup()
+        b.memory([1, 2])
+        assert b.graph_case(2)
+        assert len(seen["kept"]) == b.dims.layers and all(k.shape[2] == b.args.prompt for k, _ in seen["kept"])
+
+        def broken(*a, **k):
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+        monkeypatch.setattr(common, "capture_cuda_graph", broken)
+        assert not b.graph_case(2)
+    assert not b.failures
+    rows = common.read_rows(out)
+    g = [r for r in rows if r["metric"] in ("step_time_graph", "tokens_per_s_graph")]
+    assert {(r["contender"], r["metric"]) for r in g} == {(c, m) for c in ("base", "openlora")
+                                                            for m in ("step_time_graph", "tokens_per_s_graph")}
+    assert all(r["extra"]["check"] == "ok" and r["extra"]["replay_vs_eager_rel_diff"] == 0 for r in g)
+    ours = next(r for r in g if r["contender"] == "openlora" and r["metric"] == "tokens_per_s_graph")
+    base = next(r for r in g if r["contender"] == "base" and r["metric"] == "step_time_graph")
+    ours_t = next(r for r in g if r["contender"] == "openlora" and r["metric"] == "step_time_graph")
+    assert ours["extra"]["overhead_pct"] == pytest.approx(100 * (ours_t["median"] / base["median"] - 1))
+    failed = [r for r in rows if r["metric"] == "graph_failed"]
+    assert len(failed) == 1 and failed[0]["extra"]["error"] == "RuntimeError: operation not permitted when stream " \
+        "is capturing"
+    measured = [r for r in rows if r["metric"] == "memory_measured"]
+    assert {(r["contender"], r["extra"]["N"]) for r in measured} == {
+        (c, n) for c in ("openlora_base_plus_adapters", "merged_copies") for n in (1, 2)}
+    for r in measured:
+        e = r["extra"]
+        want = (e["base_bytes_measured"] + e["slot_bytes_measured"] if r["contender"] != "merged_copies"
+                else e["N"] * e["base_bytes_measured"])
+        assert r["median"] * 2**20 == pytest.approx(want)
+    text = report.model_markdown(rows)
+    assert "| 2 | " in report.model_graph_table(rows) and "CUDA graph capture of base at B=2 failed" in text
+
+
+def test_report_and_plot_model(model_csv, tmp_path):
+    md = tmp_path / "model.md"
+    assert report.main([model_csv, "--out", str(md)]) == 0
+    text = md.read_text()
+    for heading in ("#### Decode throughput vs batch", "#### Per-adapter throughput as N grows", "#### CUDA graphs",
+                    "#### Memory: one base + N adapters", "#### Targets"):
+        assert heading in text
+    assert "CPU run: the targets are GPU targets" in text and "computed from parameter bytes" in text
+    rows = common.read_rows(model_csv)
+    r = next(r for r in rows if r["metric"] == "tokens_per_s" and r["contender"] == "peft_mixed"
+             and r["extra"]["B"] == 4)
+    assert f"| {r['median']:,.0f} |" in text
+    pytest.importorskip("matplotlib")
+    from benchmarks import plot
+
+    assert plot.main([model_csv, "--out-dir", str(tmp_path)]) == 0
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert pngs == ["model_memory_vs_n.png", "model_overhead_vs_n.png", "model_per_adapter_vs_n.png",
+                    "model_tokens_per_s.png"]
+
+
+def _model_row(contender, metric, B, N, median, **extra):
+    e = {"B": B, "N": N, **extra}
+    return {"benchmark": "model", "kernel": "decode_step", "contender": contender, "shape": "s", "metric": metric,
+            "median": median, "p20": median, "p80": median, "unit": "tok/s", "device": "NVIDIA H100 80GB HBM3",
+            "torch": "2.11.0", "triton": "3.6.0", "cuda": "13.0", "commit": "abc", "date": "d", "extra": e}
+
+
+def test_report_assesses_the_model_target_on_gpu_rows():
+    rows = [_model_row("base", "tokens_per_s", 32, 32, 1000.0),
+            _model_row("openlora", "tokens_per_s", 32, 32, 920.0, overhead_pct=8.7, adapter_bytes_over_base_pct=19.0),
+            _model_row("peft_mixed", "tokens_per_s", 32, 32, 100.0, overhead_pct=900.0)]
+    text = report.model_targets(rows)
+    assert "LoRA overhead over the base model +8.7% (target <= 10%): met (the 32 adapters' bytes are 19.0%" in text
+    assert "9.2x the per-adapter throughput of PEFT's mixed batch (target >= 10x): MISSED" in text
+    rows[1] = _model_row("openlora", "tokens_per_s", 32, 32, 1500.0, overhead_pct=12.0)
+    text = report.model_targets(rows)
+    assert "+12.0% (target <= 10%): MISSED" in text and "15.0x" in text and "(target >= 10x): met" in text
+    assert "not measured" in report.model_targets(rows[:1] + [_model_row("openlora", "tokens_per_s", 16, 16, 1.0)])
+
+
+# ------------------------------------------------------------------------- the swap benchmark
+
+
+@pytest.fixture(scope="module")
+def swap_csv(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("swap") / "swap.csv")
+    assert bench_swap.main(["--quick", "--device", "cpu", "--out", out]) == 0
+    return out
+
+
+def test_bench_swap_quick_writes_wellformed_rows(swap_csv):
+    rows = common.read_rows(swap_csv)
+    assert [r["contender"] for r in rows] == list(bench_swap.ADAPTER_STATES + bench_swap.RELOAD_STATES)
+    d, adapter_b = TINY_DIMS, _lora_bytes(TINY_DIMS)
+    by = {r["contender"]: r for r in rows}
+    for r in rows:
+        assert r["benchmark"] == "swap" and r["device"].startswith("CPU: ") and r["unit"] == "ms"
+        assert 0 < r["p20"] <= r["median"] <= r["p80"], r
+        assert r["extra"]["fs"] and r["extra"]["reps"] >= 1
+    assert by["warm"]["extra"]["bytes_moved"] == by["warm"]["extra"]["adapter_bytes"] == adapter_b
+    assert by["cold_disk"]["extra"]["file_bytes"] > adapter_b                 # safetensors header + config
+    assert by["model_reload_disk"]["extra"]["model_bytes"] >= _llama_param_bytes(d)
+    assert by["cold_disk"]["extra"]["page_cache"] == "dropped" and by["cold_page_cache"]["extra"]["page_cache"] == "cached"
+    assert by["hit"]["median"] < by["warm"]["median"]      # a dictionary lookup against 14 slot copies
+
+
+def test_bench_swap_refuses_to_time_a_state_it_did_not_reach(tmp_path, monkeypatch):
+    import openlora_kernels as olk
+
+    real = olk.MultiLoRAModel.acquire
+    monkeypatch.setattr(olk.MultiLoRAModel, "acquire", lambda self, names: {n: None for n in names})
+    with pytest.raises(bench_swap.StateError, match="slot"):
+        bench_swap.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "s.csv"), "--reps", "1"])
+    monkeypatch.setattr(olk.MultiLoRAModel, "acquire", real)
+
+
+def test_report_and_plot_swap(swap_csv, tmp_path):
+    md = tmp_path / "swap.md"
+    assert report.main([swap_csv, "--out", str(md)]) == 0
+    text = md.read_text()
+    rows = common.read_rows(swap_csv)
+    assert "| cold_disk | PEFT dir (disk) -> host -> slot |" in text
+    warm = next(r for r in rows if r["contender"] == "warm")
+    assert f"| {warm['median']:,.3f} |" in text
+    pytest.importorskip("matplotlib")
+    from benchmarks import plot
+
+    assert plot.main([swap_csv, "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "swap_latency.png").stat().st_size > 10_000
+
+
+def test_docs_show_the_committed_model_and_swap_results():
+    """docs/benchmarks.md pastes the report of the committed CPU files verbatim: a regenerated
+    results file must come with its tables."""
+    with open(os.path.join(ROOT, "docs", "benchmarks.md"), encoding="utf-8") as f:
+        doc = f.read()
+    for name, render in (("model", report.model_markdown), ("swap", report.swap_markdown)):
+        rel = f"benchmarks/results/{name}_cpu_quick.csv"
+        rows = common.read_rows(os.path.join(ROOT, rel))
+        assert rows and rows[0]["device"].startswith("CPU: ") and "+dirty" not in rows[0]["commit"]
+        assert render(rows, rel) in doc, f"docs/benchmarks.md does not show the tables of {rel}"
