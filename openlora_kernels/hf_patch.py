@@ -35,6 +35,7 @@ Serving stacks with packed / variable-length batches use :meth:`MultiLoRAModel.s
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 import re
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -120,12 +121,15 @@ class _BatchState:
 
     # Metadata of recent (row slots, input shape) pairs: a decode loop or a server repeating a
     # batch layout reuses it (and what the kernels memoised on it) instead of rebuilding it.
+    # Least recently used layouts are evicted one at a time, never all at once. (A CUDA graph
+    # captured over a forward reads its layout's metadata tensors: give such a forward metadata
+    # you own, through set_batch(), rather than relying on this cache; see docs/usage.md.)
     CACHE_SIZE = 16
 
     def __init__(self, num_slots: int):
         self.num_slots = num_slots
         self.row_key: Optional[Tuple[int, ...]] = None  # slot per row ("rows" mode: adapter_names)
-        self.cache: Dict[Tuple[Any, ...], Tuple[LoRABatchMeta, torch.Tensor]] = {}
+        self.cache: "OrderedDict[Tuple[Any, ...], Tuple[LoRABatchMeta, torch.Tensor]]" = OrderedDict()
         self.fixed: Optional[LoRABatchMeta] = None      # per token (serving-stack mode: set_batch)
         self.meta: Optional[LoRABatchMeta] = None       # this forward's metadata
         self.rows_now: Optional[torch.Tensor] = None    # this forward's per-row slots
@@ -147,6 +151,7 @@ class _BatchState:
         key = (self.row_key, B, S, inp.device)
         hit = self.cache.get(key)
         if hit is not None:
+            self.cache.move_to_end(key)
             self.meta, self.rows_now = hit
             return
         rows = torch.tensor(self.row_key, dtype=torch.int32)
@@ -157,7 +162,7 @@ class _BatchState:
         self.rows_now = rows.to(inp.device, non_blocking=True)
         self.meta = build_batch_meta(self.rows_now.repeat_interleave(S) if S != 1 else self.rows_now, self.num_slots)
         if len(self.cache) >= self.CACHE_SIZE:
-            self.cache.clear()
+            self.cache.popitem(last=False)
         self.cache[key] = (self.meta, self.rows_now)
 
     def meta_for(self, x: torch.Tensor, device: torch.device, layer: str) -> LoRABatchMeta:
@@ -285,6 +290,7 @@ class MultiLoRAModel:
         Any error (missing files, unsupported config, shapes that do not fit, rank above
         max_rank...) leaves everything as it was: the name is not registered.
         """
+        self._check_open()
         _check_name(name, "name")
         src = resolve_source(source)
         self.pool.register(name, src)
@@ -297,17 +303,21 @@ class MultiLoRAModel:
 
     def unload_adapter(self, name: str) -> None:
         """Forget ``name``: its slot is freed and its host memory dropped."""
+        self._check_open()
         self.pool.unregister(name)
 
     def pin(self, name: str) -> int:
         """Load ``name`` into a device slot now and never evict it until :meth:`unpin`."""
+        self._check_open()
         return self.pool.pin(name)
 
     def unpin(self, name: str) -> None:
+        self._check_open()
         self.pool.unpin(name)
 
     def memory_report(self) -> MemoryReport:
         """Bytes per adapter, device bytes of the slot buffers, host bytes (print it for a table)."""
+        self._check_open()
         return self.pool.memory_report()
 
     def _bind(self, weights: AdapterWeights) -> Dict[str, HostLoRA]:
@@ -373,12 +383,14 @@ class MultiLoRAModel:
         """The model's forward with one adapter per batch row (PEFT's ``adapter_names`` meaning:
         None or "__base__" = the base model). Without adapter_names: the batch set with
         :meth:`set_batch`, else the base model."""
+        self._check_open()
         with self._rows(adapter_names, args, kwargs), torch.no_grad():
             return self.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
         """``model.generate`` with one adapter per batch row (beams and num_return_sequences follow
         their row)."""
+        self._check_open()
         with self._rows(adapter_names, args, kwargs):
             return self.model.generate(*args, **kwargs)
 
@@ -433,6 +445,7 @@ class MultiLoRAModel:
     def acquire(self, names: Sequence[str]) -> Dict[str, int]:
         """Load ``names`` into device slots and hold them there until :meth:`release`;
         returns {name: slot} for building per-token slot ids."""
+        self._check_open()
         for i, n in enumerate(names):
             _check_name(n, f"names[{i}]")
         return self.pool.prepare(list(names), hold=True)
@@ -449,6 +462,7 @@ class MultiLoRAModel:
         released by clear_batch). The model must then be called with inputs flattening to exactly T
         tokens (packed / variable-length batches), with no extra arguments: ``lm.model(...)``.
         """
+        self._check_open()
         self.clear_batch()
         if isinstance(slots, LoRABatchMeta):
             if slots.num_slots != self.max_adapters:
@@ -488,13 +502,19 @@ class MultiLoRAModel:
     # ---------------------------------------------------------------------------------- misc
 
     def unpatch(self) -> nn.Module:
-        """Remove the hooks and the slot buffers; returns the original model, unchanged."""
+        """Remove the hooks and the slot buffers; returns the original model, unchanged. This
+        object is closed afterwards: its methods raise RuntimeError (patch the model again)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
         self._layers.clear()
         self.model._openlora_patched = False
+        self._closed = True
         return self.model
+
+    def _check_open(self) -> None:
+        if self.__dict__.get("_closed"):
+            raise RuntimeError("this MultiLoRAModel was unpatched (unpatch()); call patch_model() again")
 
     def __getattr__(self, name: str):
         if name.startswith("_") or name in ("model", "pool"):

@@ -174,3 +174,40 @@ def test_metadata_is_built_once_per_layout(tmp_path, monkeypatch):
     lm.generate(input_ids=ids, attention_mask=mask, adapter_names=["a", None], max_new_tokens=6, do_sample=False,
                 pad_token_id=0)
     assert len(built) == 3       # the prefill shape was cached; the 5 decode steps share one metadata
+
+
+def test_layout_cache_evicts_least_recently_used_one_at_a_time(tmp_path, monkeypatch):
+    """Past CACHE_SIZE layouts, only the oldest is dropped: a layout in steady use keeps its
+    metadata tensors (what a replayed CUDA graph would read)."""
+    from peft import LoraConfig
+    import openlora_kernels.hf_patch as hf_patch
+
+    base = make_model("llama")
+    path = save_adapter(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), str(tmp_path / "a"), 3)
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=2, max_rank=8)
+    lm.load_adapter("a", path)
+    monkeypatch.setattr(hf_patch._BatchState, "CACHE_SIZE", 3)
+    ids = torch.randint(0, 100, (2, 3))
+    lm(input_ids=ids, adapter_names=["a", None])
+    hot = lm._state.meta
+    for i in range(2, 7):     # new layouts, the hot one used in between
+        lm(input_ids=torch.randint(0, 100, (2, i)), adapter_names=["a", None])
+        lm(input_ids=ids, adapter_names=["a", None])
+        assert lm._state.meta is hot
+    assert len(lm._state.cache) == 3
+
+
+def test_unpatched_model_object_is_closed(tmp_path):
+    from peft import LoraConfig
+
+    base = make_model("llama")
+    path = save_adapter(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), str(tmp_path / "a"), 3)
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=2, max_rank=8)
+    lm.load_adapter("a", path)
+    model = lm.unpatch()
+    ids = torch.randint(0, 100, (1, 3))
+    torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    for call in (lambda: lm.load_adapter("b", path), lambda: lm(input_ids=ids, adapter_names=["a"]),
+                 lambda: lm.memory_report(), lambda: lm.set_batch(["a"])):
+        with pytest.raises(RuntimeError, match="unpatched"):
+            call()
