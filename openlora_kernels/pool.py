@@ -117,7 +117,8 @@ class LayerSlots:
             self.op = BoundLoRA(self.a[:, :r_eff], self.bt[:, :r_eff].transpose(1, 2), self.scalings,
                                 None if uniform else self.ranks, backend=self.backend)
         else:
-            # Triton / CUDA kernels: fixed shapes (CUDA-graph friendly); they skip padding given ranks.
+            # The kernels (cpu, triton, cuda): fixed shapes (CUDA-graph friendly); they skip the
+            # rank padding given the ranks.
             self.op = BoundLoRA(self.a, self.bt.transpose(1, 2), self.scalings, self.ranks, backend=self.backend)
 
 
