@@ -5,6 +5,7 @@
   backends.py     which backends are usable here and what "auto" picks
   torch_ref.py    backend "torch": PyTorch reference and CPU path
   triton_sgmv.py  backend "triton": Triton kernels and launchers
+  launch_args.py  argument layout shared by the kernel bridges (ranks, slices, strides)
   cuda_ext.py     backend "cuda": bridge to the csrc/ extension
   configs.py      launch configurations (tuned tables in configs/*.json, heuristics)
 """

@@ -17,14 +17,14 @@ itself unavailable and ``auto`` uses "torch").
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
 from ..metadata import TENSOR_CORE_MIN_M, LoRABatchMeta
 from . import torch_ref
+from .launch_args import DTYPE_CODES, rank_strides, same_strides
 
-DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 _state = {}
 
 
@@ -50,23 +50,16 @@ def _native(meta: LoRABatchMeta) -> bool:
 
 
 def _ranks_args(ranks: Optional[torch.Tensor]):
+    """(pointer, int64?, stride over slices, stride over slots); a null pointer for no ranks."""
     if ranks is None:
         return 0, False, 0, 0
-    if ranks.dim() == 1:
-        return ranks.data_ptr(), ranks.dtype == torch.int64, 0, ranks.stride(0)
-    return ranks.data_ptr(), ranks.dtype == torch.int64, ranks.stride(0), ranks.stride(1)
-
-
-def _same_strides(ts: Sequence[torch.Tensor], dims) -> list:
-    """The kernel takes one set of strides for all slices along ``dims``: make it so."""
-    ref = [ts[0].stride(d) for d in dims]
-    return list(ts) if all([t.stride(d) for d in dims] == ref for t in ts) else [t.contiguous() for t in ts]
+    return (ranks.data_ptr(), ranks.dtype == torch.int64, *rank_strides(ranks))
 
 
 def _plan(op: int, dtype: torch.dtype, K: int, R: int, S: int, a_list=(), b_list=(), scalings=None, ranks=None):
     """The C++ Plan holding one layer's static arguments (weights, scalings, ranks)."""
-    a_list = _same_strides(a_list, (0, 1, 2)) if a_list else []
-    b_list = _same_strides(b_list, (1, 2)) if b_list else []
+    a_list = same_strides(a_list, (0, 1, 2)) if a_list else []
+    b_list = same_strides(b_list, (1, 2)) if b_list else []
     A0 = a_list[0] if a_list else None
     B0 = b_list[0] if b_list else None
     rp, r64, srn, srs = _ranks_args(ranks)

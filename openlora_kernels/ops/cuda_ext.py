@@ -26,7 +26,6 @@ Example (on a GPU)::
 """
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -34,12 +33,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..metadata import TENSOR_CORE_MIN_M, LoRABatchMeta
-from . import cuda_build
+from . import cuda_build, launch_args
 from .backends import BackendUnavailableError
+from .launch_args import DTYPE_CODES, rank_strides, slice_columns
 
 MAX_SLICES = 8  # csrc/include/openlora/params.h kMaxSlices
 OP_FUSED, OP_SHRINK, OP_EXPAND = 0, 1, 2
-DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 
 _lock = threading.Lock()
 _state: Dict[str, Any] = {}  # "module", "reason", "origin"
@@ -137,7 +136,7 @@ def pack_slices(a_list: Optional[Sequence[torch.Tensor]], b_list: Optional[Seque
                 base: int, count: int) -> List[Tuple[int, ...]]:
     """One (a, a_ss, a_sr, a_sk, b, b_ss, b_sn, b_sr, n, col) tuple per slice base..base+count-1
     (pointers as ints, strides in elements; zeros for the side a launch does not read)."""
-    cols = [0, *itertools.accumulate(B.shape[1] for B in b_list)] if b_list is not None else None
+    cols = slice_columns(b_list) if b_list is not None else None
     out = []
     for i in range(base, base + count):
         a = (a_list[i].data_ptr(), *a_list[i].stride()) if a_list is not None else (0, 0, 0, 0)
@@ -153,7 +152,7 @@ def pack_slices(a_list: Optional[Sequence[torch.Tensor]], b_list: Optional[Seque
 def _ranks_args(ranks: Optional[torch.Tensor]) -> Dict[str, int]:
     if ranks is None:
         return {"ranks": 0, "sr_n": 0, "sr_s": 0, "ranks_i64": 0, "has_ranks": 0}
-    sr_n, sr_s = (0, ranks.stride(0)) if ranks.dim() == 1 else ranks.stride()
+    sr_n, sr_s = rank_strides(ranks)
     return {"ranks": ranks.data_ptr(), "sr_n": sr_n, "sr_s": sr_s,
             "ranks_i64": int(ranks.dtype == torch.int64), "has_ranks": 1}
 
@@ -186,7 +185,7 @@ def pack_args(*, meta: LoRABatchMeta, K: int, R: int, S: int, ranks: Optional[to
 
 def slice_groups(n: int) -> List[Tuple[int, int]]:
     """(base, count) of each launch for n slices, at most MAX_SLICES per launch."""
-    return [(b, min(MAX_SLICES, n - b)) for b in range(0, n, MAX_SLICES)]
+    return launch_args.slice_groups(n, MAX_SLICES)
 
 
 def _launch(op: int, dtype: torch.dtype, meta: LoRABatchMeta, args: Dict[str, int],

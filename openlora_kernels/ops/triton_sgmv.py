@@ -45,6 +45,7 @@ import triton.language as tl
 from ..metadata import TENSOR_CORE_MIN_M, LoRABatchMeta
 from .backends import triton_interpreter_enabled
 from .configs import device_facts, kernel_config, next_pow2
+from .launch_args import rank_strides, same_strides, slice_columns, slice_groups
 
 MAX_SLICES_PER_LAUNCH = 4
 # Per-slice ints are selected by program id (_pick); Triton turns an int argument equal to 1
@@ -329,29 +330,12 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
 
 def _ranks_args(ranks: Optional[torch.Tensor], like: torch.Tensor):
     """(pointer tensor, stride over slices, stride over slots, HAS_RANKS)."""
-    if ranks is None:
-        return like, 0, 0, False
-    if ranks.dim() == 1:
-        return ranks, 0, ranks.stride(0), True
-    return ranks, ranks.stride(0), ranks.stride(1), True
+    return (like if ranks is None else ranks, *rank_strides(ranks), ranks is not None)
 
 
 def _pad4(items: Sequence, fill=None) -> List:
     items = list(items)
     return items + [items[0] if fill is None else fill] * (MAX_SLICES_PER_LAUNCH - len(items))
-
-
-def _slice_chunks(n: int):
-    for base in range(0, n, MAX_SLICES_PER_LAUNCH):
-        yield base, min(MAX_SLICES_PER_LAUNCH, n - base)
-
-
-def _shared_strides(tensors: Sequence[torch.Tensor], dims: Sequence[int]) -> List[torch.Tensor]:
-    """The kernels take one set of strides for all slices along ``dims``: make it so."""
-    ref = [tensors[0].stride(d) for d in dims]
-    if all([t.stride(d) for d in dims] == ref for t in tensors):
-        return list(tensors)
-    return [t.contiguous() for t in tensors]
 
 
 def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torch.Tensor],
@@ -362,11 +346,11 @@ def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torc
     h = torch.zeros((n, T, R), dtype=torch.float32, device=x.device)
     if T == 0 or R == 0 or meta.num_tiles == 0:
         return h
-    a_list = _shared_strides(a_list, (0, 1, 2))
+    a_list = same_strides(a_list, (0, 1, 2))
     cfg = kernel_config("shrink", block_m=meta.block_m, K=K, N=0, R=R, n_slices=n, dtype=x.dtype, device=x.device)
     rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
     A0 = a_list[0]
-    for base, cnt in _slice_chunks(n):
+    for base, cnt in slice_groups(n, MAX_SLICES_PER_LAUNCH):
         a = _pad4(a_list[base:base + cnt])
         grid = (meta.num_tiles, triton.cdiv(R, cfg["BLOCK_R"]), cnt * cfg["SPLIT_K"])
         _sgmv_shrink_kernel[grid](
@@ -383,14 +367,6 @@ def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torc
     return h
 
 
-def _slice_columns(b_list: Sequence[torch.Tensor]) -> List[int]:
-    cols, c = [], 0
-    for B in b_list:
-        cols.append(c)
-        c += B.shape[1]
-    return cols
-
-
 def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], scalings: torch.Tensor,
            ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> None:
     T, N = y.shape
@@ -398,12 +374,12 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
     n = len(b_list)
     if T == 0 or R == 0 or N == 0 or meta.num_tiles == 0:
         return
-    b_list = _shared_strides(b_list, (1, 2))
+    b_list = same_strides(b_list, (1, 2))
     cfg = kernel_config("expand", block_m=meta.block_m, K=0, N=N, R=R, n_slices=n, dtype=y.dtype, device=y.device)
     rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
-    cols = _slice_columns(b_list)
+    cols = slice_columns(b_list)
     B0 = b_list[0]
-    for base, cnt in _slice_chunks(n):
+    for base, cnt in slice_groups(n, MAX_SLICES_PER_LAUNCH):
         b = b_list[base:base + cnt]
         widths = [B.shape[1] for B in b]
         grid = (meta.num_tiles, triton.cdiv(max(widths), cfg["BLOCK_N"]), cnt)
@@ -430,15 +406,15 @@ def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_li
     n = len(a_list)
     if T == 0 or R == 0 or N == 0 or meta.num_tiles == 0:
         return
-    a_list = _shared_strides(a_list, (0, 1, 2))
-    b_list = _shared_strides(b_list, (1, 2))
+    a_list = same_strides(a_list, (0, 1, 2))
+    b_list = same_strides(b_list, (1, 2))
     cfg = kernel_config("fused", block_m=meta.block_m, K=K, N=N, R=R, n_slices=n, dtype=x.dtype, device=x.device)
     use_dot = meta.block_m >= TENSOR_CORE_MIN_M
     r_pad = max(next_pow2(R), 16) if use_dot else next_pow2(R)
     rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
-    cols = _slice_columns(b_list)
+    cols = slice_columns(b_list)
     A0, B0 = a_list[0], b_list[0]
-    for base, cnt in _slice_chunks(n):
+    for base, cnt in slice_groups(n, MAX_SLICES_PER_LAUNCH):
         a, b = a_list[base:base + cnt], b_list[base:base + cnt]
         widths = [B.shape[1] for B in b]
         n_tiles = triton.cdiv(max(widths), cfg["BLOCK_N"])
