@@ -45,7 +45,7 @@ from torch import nn
 from .adapters import AdapterWeights, resolve_source
 from .metadata import LoRABatchMeta, build_batch_meta
 from .ops.backends import BACKEND_CHOICES, resolve_backend
-from .pool import AdapterPool, HostLoRA, LayerSlots, MemoryReport
+from .pool import AdapterPool, HostLoRA, HostSlotArena, LayerSlots, MemoryReport
 
 BASE = "__base__"
 TargetModules = Union[None, str, Sequence[str]]
@@ -198,6 +198,9 @@ def _model_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
 
 def _lora_hook(slots: LayerSlots, state: _BatchState):
     name, device, dtype = slots.name, slots.device, slots.dtype
+    # The metadata objects already checked against this layer's device (the common case: one
+    # object per forward, shared by every layer): saves a device compare per layer and call.
+    checked = {"meta": None}
 
     def hook(module, args, kwargs, output):
         meta, op = state.meta, slots.op
@@ -205,14 +208,20 @@ def _lora_hook(slots: LayerSlots, state: _BatchState):
             return None
         x = args[0] if args else next(iter(kwargs.values()))
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] != meta.num_tokens or meta.device != device:
-            meta = state.meta_for(x, device, name)
+        if checked["meta"] is not meta or x2.shape[0] != meta.num_tokens:
+            if x2.shape[0] != meta.num_tokens or meta.device != device:
+                meta = state.meta_for(x, device, name)
+            else:
+                checked["meta"] = meta
         y = output if output.is_contiguous() else output.contiguous()
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
         # add_lora(y, x2, A_slots, B_slots, meta, scalings, ranks), weights checked once (BoundLoRA).
         # Inference only: no autograd records for the delta.
-        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                op(y.view(-1, y.shape[-1]), x2, meta)
+        else:
             op(y.view(-1, y.shape[-1]), x2, meta)
         return y
 
@@ -256,8 +265,9 @@ class MultiLoRAModel:
         self.model = model
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self.target_modules = target_modules
+        arena = HostSlotArena()   # CPU layers' slots, packed in huge pages (pool.py)
         self._layers: Dict[str, LayerSlots] = {
-            name: LayerSlots(name, K, N, max_adapters, max_rank, mod.weight.device, mod.weight.dtype, backend)
+            name: LayerSlots(name, K, N, max_adapters, max_rank, mod.weight.device, mod.weight.dtype, backend, arena)
             for name, mod, K, N in picked}
         self._all_modules = {name for name, _ in model.named_modules()}
         self._resolved: Dict[str, str] = {}

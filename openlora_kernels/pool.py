@@ -29,6 +29,7 @@ function that checks an adapter against the model and returns per-layer host wei
 from __future__ import annotations
 
 import itertools
+import mmap
 import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -54,12 +55,64 @@ Bound = Dict[str, HostLoRA]          # layer name -> weights
 Binder = Callable[[AdapterWeights], Bound]
 
 
+class HostSlotArena:
+    """Zeroed CPU slot buffers carved out of 2 MiB-aligned anonymous mappings advised for
+    transparent huge pages (Linux ``madvise(MADV_HUGEPAGE)``; elsewhere plain ``torch.zeros``).
+
+    A decode step streams every active adapter's slots from memory; with 4 KiB pages each 4 KiB
+    of weights is another TLB miss (a two-level page walk inside a VM), with 2 MiB pages one per
+    2 MiB. The buffers of all layers of one model are packed one after another in allocation
+    order (64-byte aligned), so a forward reads the arena front to back. Mappings are never
+    unmapped while a tensor views them (torch.frombuffer keeps the mapping alive); pages are
+    committed only when written.
+    """
+
+    ALIGN = 2 << 20          # huge page size on x86-64 / arm64 (4 KiB base pages)
+    CHUNK = 8 << 20          # smallest mapping; a bigger request gets its own
+
+    def __init__(self) -> None:
+        self._chunk: Optional[torch.Tensor] = None   # uint8 view of the current mapping
+        self._used = 0
+        self.reserved = 0                            # bytes mapped so far
+
+    @staticmethod
+    def supported() -> bool:
+        return hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
+
+    def zeros(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if not self.supported() or nbytes == 0:
+            return torch.zeros(shape, dtype=dtype)
+        if self._chunk is None or self._used + nbytes > self._chunk.numel():
+            self._new_chunk(nbytes)
+        t = self._chunk[self._used:self._used + nbytes].view(dtype).view(shape)
+        self._used += -(-nbytes // 64) * 64
+        return t                                     # fresh anonymous memory reads as zeros
+
+    def _new_chunk(self, nbytes: int) -> None:
+        size = max(self.CHUNK, -(-nbytes // self.ALIGN) * self.ALIGN)
+        mm = mmap.mmap(-1, size + self.ALIGN, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        whole = torch.frombuffer(mm, dtype=torch.uint8)          # keeps `mm` alive
+        off = (-whole.data_ptr()) % self.ALIGN
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE, off, size)
+        except OSError:
+            pass                                                 # THP disabled: 4 KiB pages
+        self._chunk, self._used = whole[off:off + size], 0
+        self.reserved += size
+
+
 class LayerSlots:
     """The device slots of one patched layer and its add_lora call (``op``) over them."""
 
     def __init__(self, name: str, in_features: int, out_features: int, num_slots: int, max_rank: int,
-                 device: torch.device, dtype: torch.dtype, backend: str = "auto"):
+                 device: torch.device, dtype: torch.dtype, backend: str = "auto",
+                 arena: Optional[HostSlotArena] = None):
         self.name, self.in_features, self.out_features = name, in_features, out_features
+        self.arena = arena if torch.device(device).type == "cpu" else None   # CPU slots only
         self.num_slots, self.max_rank, self.device, self.dtype = num_slots, max_rank, device, dtype
         self.backend = backend
         self.a: Optional[torch.Tensor] = None       # [S, R, K]
@@ -80,6 +133,10 @@ class LayerSlots:
     def _allocate(self) -> None:
         if self.a is None:
             S, R = self.num_slots, self.max_rank
+            if self.arena is not None:
+                self.a = self.arena.zeros((S, R, self.in_features), self.dtype)
+                self.bt = self.arena.zeros((S, R, self.out_features), self.dtype)
+                return
             self.a = torch.zeros((S, R, self.in_features), dtype=self.dtype, device=self.device)
             self.bt = torch.zeros((S, R, self.out_features), dtype=self.dtype, device=self.device)
 

@@ -9,6 +9,9 @@
 #include <pybind11/stl.h>
 
 #include <stdexcept>
+#if defined(__linux__)
+#include <dlfcn.h>
+#endif
 #include <string>
 
 #include "sgmv_cpu.h"
@@ -22,18 +25,76 @@ using namespace openlora::cpu;
 #define OLK_CLONES
 #endif
 
-OLK_CLONES static void run_f32(const Args& p) { run<float>(p); }
-OLK_CLONES static void run_f16(const Args& p) { run<f16>(p); }
-OLK_CLONES static void run_bf16(const Args& p) { run<bf16>(p); }
+OLK_CLONES static void units_f32(const Args& p, const Unit* u, int64_t b, int64_t e) { run_units<float>(p, u, b, e); }
+OLK_CLONES static void units_f16(const Args& p, const Unit* u, int64_t b, int64_t e) { run_units<f16>(p, u, b, e); }
+OLK_CLONES static void units_bf16(const Args& p, const Unit* u, int64_t b, int64_t e) { run_units<bf16>(p, u, b, e); }
+using UnitsFn = void (*)(const Args&, const Unit*, int64_t, int64_t);
+
+// Threads: the OpenMP runtime PyTorch already loaded (its intra-op team, sized by
+// torch.set_num_threads), found by symbol at load time; this module links no OpenMP runtime of
+// its own, so there is never a second thread pool competing for the cores. Right after the base
+// layer's GEMM that team is still spinning, so a parallel region starts in about a microsecond.
+// Without a GNU OpenMP runtime in the process every call runs on the calling thread.
+struct OmpRuntime {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;   // GOMP_parallel
+  int (*thread_num)() = nullptr;
+  int (*max_threads)() = nullptr;
+  OmpRuntime() {
+#if defined(__linux__)
+    parallel = reinterpret_cast<decltype(parallel)>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
+    thread_num = reinterpret_cast<decltype(thread_num)>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
+    max_threads = reinterpret_cast<decltype(max_threads)>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
+    if (!thread_num || !max_threads) parallel = nullptr;
+#endif
+  }
+};
+static OmpRuntime& omp() { static OmpRuntime rt; return rt; }
+static int64_t g_min_parallel_cost = 48 * 1024;   // weight elements below which one thread runs a call
+static int g_max_threads = 0;                      // 0: PyTorch's current intra-op thread count
+
+struct Split {
+  const Args* p; const Unit* units; const int64_t* bounds; UnitsFn fn;
+};
+static void split_worker(void* data) {
+  const Split& s = *static_cast<const Split*>(data);
+  const int t = omp().thread_num();
+  s.fn(*s.p, s.units, s.bounds[t], s.bounds[t + 1]);
+}
+
+static void run_split(const Args& p, UnitsFn fn) {
+  const std::vector<Unit> units = make_units(p);
+  const int64_t n = static_cast<int64_t>(units.size());
+  int threads = 1;
+  int64_t total = 0;
+  if (omp().parallel != nullptr && n > 1) {
+    for (const Unit& u : units) total += unit_cost(p, u);
+    if (total >= g_min_parallel_cost) {
+      threads = g_max_threads > 0 ? g_max_threads : omp().max_threads();
+      threads = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(threads), n, 64}));
+    }
+  }
+  if (threads <= 1) { fn(p, units.data(), 0, n); return; }
+  // Contiguous runs of units with about equal weight bytes: each thread streams its own part of
+  // the slots, in memory order.
+  std::vector<int64_t> bounds(threads + 1, n);
+  bounds[0] = 0;
+  int64_t acc = 0, t = 1;
+  for (int64_t k = 0; k < n && t < threads; ++k) {
+    acc += unit_cost(p, units[k]);
+    while (t < threads && acc * threads >= total * t) bounds[t++] = k + 1;
+  }
+  Split s{&p, units.data(), bounds.data(), fn};
+  omp().parallel(split_worker, &s, static_cast<unsigned>(threads), 0);
+}
 
 static const void* ptr(int64_t v) { return reinterpret_cast<const void*>(static_cast<uintptr_t>(v)); }
 
 static void dispatch(int dtype, const Args& p) {
   py::gil_scoped_release nogil;
   switch (dtype) {
-    case kF32: run_f32(p); break;
-    case kF16: run_f16(p); break;
-    case kBF16: run_bf16(p); break;
+    case kF32: run_split(p, units_f32); break;
+    case kF16: run_split(p, units_f16); break;
+    case kBF16: run_split(p, units_bf16); break;
     default: break;  // validated when the plan was made
   }
 }
@@ -112,6 +173,12 @@ PYBIND11_MODULE(_cpu_sgmv, m) {
   m.def("f16_to_f32", [](uint16_t v) { return to_f32(f16{v}); });
   m.def("f32_to_f16", [](float v) { return to_f16(v).bits; });
   m.def("f32_to_bf16", [](float v) { return to_bf16(v).bits; });
+  m.def("set_threading", [](int64_t min_cost, int max_threads) {
+          if (min_cost < 0) throw std::invalid_argument("min_elements: must be >= 0");
+          if (max_threads < 0) throw std::invalid_argument("max_threads: must be >= 0 (0: PyTorch's thread count)");
+          g_min_parallel_cost = min_cost; g_max_threads = max_threads;
+        }, py::arg("min_cost"), py::arg("max_threads"));
+  m.def("threading", []() { return py::make_tuple(omp().parallel != nullptr, g_min_parallel_cost, g_max_threads); });
   m.attr("OP_ADD") = static_cast<int>(kAdd);
   m.attr("OP_SHRINK") = static_cast<int>(kShrink);
   m.attr("OP_EXPAND") = static_cast<int>(kExpand);

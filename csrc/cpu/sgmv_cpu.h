@@ -16,13 +16,17 @@
 // Rows with slot -1 are in no segment: never read or written. Slots outside [0, S) cannot
 // occur (the loop is over [0, S)), row ids outside [0, T) are skipped, ranks clamp to [0, R].
 //
-// Single-threaded. Splitting a call over two cores (our own helper threads, or PyTorch's OpenMP
-// team) was measured and lost on the 2-vCPU CI machine: a parallel region costs ~20 us there,
-// and the adapters of one layer take ~20-80 us to read (see docs/usage.md, CPU performance).
-// Prefill-like batches are routed to PyTorch's threaded GEMMs by the Python side (ops/cpu_ext.py).
+// Threads. A call's units (slice, slot with rows) are listed in memory order and cut into
+// contiguous runs of about equal weight bytes, one per thread (bindings_cpu.cpp runs them in
+// PyTorch's own OpenMP team; small calls stay on the calling thread). A unit is computed whole by
+// one thread, so the result is the same bits for any split. Within a run the next unit's weights
+// are prefetched a few cache lines per step of the current unit's arithmetic (Prefetcher), so
+// memory and arithmetic overlap. Prefill-like batches are routed to PyTorch's threaded GEMMs by
+// the Python side (ops/cpu_ext.py).
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -121,26 +125,98 @@ inline float load_h(const Args& p, int64_t off) {
   }
 }
 
-// out[m] = sum_k x_m[k] * a[k] for the MB rows of a block, one pass over a (contiguous case).
-template <typename T, int MB>
-inline void dot_rows_contig(const T* const* xr, const T* a, int64_t K, float* out) {
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+// One slot's rows of one slice.
+struct Unit {
+  int64_t slice, slot, col, start, len;
+  int rank;
+};
+
+// Software prefetch of the NEXT unit's weights, spread over the current unit's arithmetic: every
+// step() asks for a few more cache lines (into L2) of the next slot's A rows, then its B rows. So
+// the next adapter streams in from L3 / DRAM while this one computes, instead of a burst of a
+// thousand prefetches that stalls the core until the memory queue drains (measured: a cold call
+// then cost fetch + compute instead of about the larger of the two). The rows of one unit are
+// [rank] runs of K (A) or N (B) elements at the given row stride; no prefetch faults.
+struct Prefetcher {
+  struct Run { const char* p = nullptr; int64_t bytes = 0, stride = 0; int rows = 0; };
+  Run run[2];
+  int cur = 2;            // run being walked (2: none left)
+  int64_t off = 0;        // byte offset inside the current row
+
+  template <typename T>
+  void reset(const Args& p, const Unit* u) {
+    cur = 2; off = 0;
+    if (u == nullptr) return;
+    run[0] = Run{}; run[1] = Run{};
+    if (p.op != kExpand && p.a_sk == 1)
+      run[0] = Run{static_cast<const char*>(p.a[u->slice]) + u->slot * p.a_ss * sizeof(T),
+                   p.K * static_cast<int64_t>(sizeof(T)), p.a_sr * static_cast<int64_t>(sizeof(T)), u->rank};
+    if (p.op != kShrink && p.b_sn == 1)
+      run[1] = Run{static_cast<const char*>(p.b[u->slice]) + u->slot * p.b_ss[u->slice] * sizeof(T),
+                   p.widths[u->slice] * static_cast<int64_t>(sizeof(T)), p.b_sr * static_cast<int64_t>(sizeof(T)),
+                   u->rank};
+    cur = 0;
+    skip_empty();
+  }
+  void skip_empty() {
+    while (cur < 2 && (run[cur].rows <= 0 || run[cur].bytes <= 0)) ++cur;
+  }
+  inline void step(int64_t lines) {
+    while (lines-- > 0 && cur < 2) {
+      Run& r = run[cur];
+      __builtin_prefetch(r.p + off, 0, 2);
+      off += 64;
+      if (off >= r.bytes) {
+        off = 0; r.p += r.stride;
+        if (--r.rows == 0) { ++cur; skip_empty(); }
+      }
+    }
+  }
+  void finish() { step(INT64_MAX); }
+};
+
+template <typename T>
+constexpr int64_t lines_of(int64_t elems) { return (elems * static_cast<int64_t>(sizeof(T)) + 63) / 64; }
+
+// out[m * JB + j] = sum_k x_m[k] * a_j[k] for the MB x rows of a block and JB rows of A (row j at
+// a + j * a_sr), in one pass over k (contiguous case). MB * JB independent sums (vector
+// accumulators), so the loop runs at the FMA rate instead of one FMA latency per vector.
+template <typename T, int MB, int JB>
+inline void dot_block(const T* const* xr, const T* a, int64_t a_sr, int64_t K, float* out) {
+  float s00 = 0.f, s01 = 0.f, s02 = 0.f, s03 = 0.f, s10 = 0.f, s11 = 0.f, s12 = 0.f, s13 = 0.f;
+  float s20 = 0.f, s21 = 0.f, s22 = 0.f, s23 = 0.f, s30 = 0.f, s31 = 0.f, s32 = 0.f, s33 = 0.f;
   const T* x0 = xr[0];
   const T* x1 = xr[MB > 1 ? 1 : 0];
   const T* x2 = xr[MB > 2 ? 2 : 0];
   const T* x3 = xr[MB > 3 ? 3 : 0];
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  const T* a0 = a;
+  const T* a1 = a + (JB > 1 ? a_sr : 0);
+  const T* a2 = a + (JB > 2 ? 2 * a_sr : 0);
+  const T* a3 = a + (JB > 3 ? 3 * a_sr : 0);
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
   for (int64_t k = 0; k < K; ++k) {
-    const float av = to_f32(a[k]);
-    s0 += to_f32(x0[k]) * av;
-    if (MB > 1) s1 += to_f32(x1[k]) * av;
-    if (MB > 2) s2 += to_f32(x2[k]) * av;
-    if (MB > 3) s3 += to_f32(x3[k]) * av;
+    const float v0 = to_f32(a0[k]);
+    const float v1 = JB > 1 ? to_f32(a1[k]) : 0.f;
+    const float v2 = JB > 2 ? to_f32(a2[k]) : 0.f;
+    const float v3 = JB > 3 ? to_f32(a3[k]) : 0.f;
+    const float w0 = to_f32(x0[k]);
+    s00 += w0 * v0; if (JB > 1) s01 += w0 * v1; if (JB > 2) s02 += w0 * v2; if (JB > 3) s03 += w0 * v3;
+    if (MB > 1) {
+      const float w1 = to_f32(x1[k]);
+      s10 += w1 * v0; if (JB > 1) s11 += w1 * v1; if (JB > 2) s12 += w1 * v2; if (JB > 3) s13 += w1 * v3;
+    }
+    if (MB > 2) {
+      const float w2 = to_f32(x2[k]);
+      s20 += w2 * v0; if (JB > 1) s21 += w2 * v1; if (JB > 2) s22 += w2 * v2; if (JB > 3) s23 += w2 * v3;
+    }
+    if (MB > 3) {
+      const float w3 = to_f32(x3[k]);
+      s30 += w3 * v0; if (JB > 1) s31 += w3 * v1; if (JB > 2) s32 += w3 * v2; if (JB > 3) s33 += w3 * v3;
+    }
   }
-  out[0] = s0;
-  if (MB > 1) out[1] = s1;
-  if (MB > 2) out[2] = s2;
-  if (MB > 3) out[3] = s3;
+  const float sums[4][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}, {s20, s21, s22, s23}, {s30, s31, s32, s33}};
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < JB; ++j) out[m * JB + j] = sums[m][j];
 }
 
 // Columns [n0, n0 + NC) of y[rows[m]] += scale * sum_j c[m][j] * b[j][n] for rank-major B (row j
@@ -148,7 +224,7 @@ inline void dot_rows_contig(const T* const* xr, const T* a, int64_t K, float* ou
 // the rank loop (NC is a compile-time constant for full chunks), and y is read and written once.
 template <typename T, int MB, int NC>
 inline void expand_chunk(const T* b, int64_t b_sr, int rank, const float* h_blk, int64_t R, T* const* yr,
-                         float scale) {
+                         float scale, Prefetcher& pf) {
   float acc[MB][NC];  // full chunk: a constant-size block the compiler keeps in vector registers
   for (int m = 0; m < MB; ++m)
 #pragma omp simd
@@ -162,6 +238,7 @@ inline void expand_chunk(const T* b, int64_t b_sr, int rank, const float* h_blk,
       const float bv = to_f32(brow[n]);
       for (int m = 0; m < MB; ++m) acc[m][n] += c[m] * bv;
     }
+    pf.step(lines_of<T>(NC));
   }
   for (int m = 0; m < MB; ++m) {
     T* y = yr[m];
@@ -173,7 +250,7 @@ inline void expand_chunk(const T* b, int64_t b_sr, int rank, const float* h_blk,
 // The last, partial chunk (nc < NC columns).
 template <typename T, int MB, int NC>
 inline void expand_tail(const T* b, int64_t b_sr, int rank, const float* h_blk, int64_t R, int64_t nc,
-                        T* const* yr, float scale) {
+                        T* const* yr, float scale, Prefetcher& pf) {
   float acc[MB][NC] = {};
   for (int j = 0; j < rank; ++j) {
     const T* brow = b + j * b_sr;
@@ -182,6 +259,7 @@ inline void expand_tail(const T* b, int64_t b_sr, int rank, const float* h_blk, 
 #pragma omp simd
       for (int64_t n = 0; n < nc; ++n) acc[m][n] += c * to_f32(brow[n]);
     }
+    pf.step(lines_of<T>(nc));
   }
   for (int m = 0; m < MB; ++m) {
     T* y = yr[m];
@@ -192,30 +270,41 @@ inline void expand_tail(const T* b, int64_t b_sr, int rank, const float* h_blk, 
 
 // h_blk[m * R + j] = x[rows[m]] . A[slot, j], j < rank.
 template <typename T, int MB>
-void shrink_block(const Args& p, const T* a_slot, int rank, const int64_t* rows, float* h_blk) {
+void shrink_block(const Args& p, const T* a_slot, int rank, const int64_t* rows, float* h_blk, Prefetcher& pf) {
   const T* x = static_cast<const T*>(p.x);
   const T* xr[kBlockRows];
   for (int m = 0; m < MB; ++m) xr[m] = x + rows[m] * p.sx_t;
-  float out[kBlockRows];
+  if (p.sx_k == 1 && p.a_sk == 1) {
+    float out[kBlockRows * 4];
+    const int64_t step = lines_of<T>(p.K);
+    int j = 0;
+    for (; j + 4 <= rank; j += 4) {
+      dot_block<T, MB, 4>(xr, a_slot + j * p.a_sr, p.a_sr, p.K, out);
+      for (int m = 0; m < MB; ++m)
+        for (int jj = 0; jj < 4; ++jj) h_blk[m * p.R + j + jj] = out[m * 4 + jj];
+      pf.step(4 * step);
+    }
+    for (; j < rank; ++j) {
+      dot_block<T, MB, 1>(xr, a_slot + j * p.a_sr, p.a_sr, p.K, out);
+      for (int m = 0; m < MB; ++m) h_blk[m * p.R + j] = out[m];
+      pf.step(step);
+    }
+    return;
+  }
   for (int j = 0; j < rank; ++j) {
     const T* arow = a_slot + j * p.a_sr;
-    if (p.sx_k == 1 && p.a_sk == 1) {
-      dot_rows_contig<T, MB>(xr, arow, p.K, out);
-    } else {
-      for (int m = 0; m < MB; ++m) {
-        float s = 0.f;
-        for (int64_t k = 0; k < p.K; ++k) s += to_f32(xr[m][k * p.sx_k]) * to_f32(arow[k * p.a_sk]);
-        out[m] = s;
-      }
+    for (int m = 0; m < MB; ++m) {
+      float s = 0.f;
+      for (int64_t k = 0; k < p.K; ++k) s += to_f32(xr[m][k * p.sx_k]) * to_f32(arow[k * p.a_sk]);
+      h_blk[m * p.R + j] = s;
     }
-    for (int m = 0; m < MB; ++m) h_blk[m * p.R + j] = out[m];
   }
 }
 
 // y[rows[m], col + n] += scale * sum_j h_blk[m * R + j] * B[slot, n, j], n < width.
 template <typename T, int MB>
 void expand_block(const Args& p, const T* b_slot, int64_t width, int64_t col, int rank, float scale,
-                  const int64_t* rows, const float* h_blk) {
+                  const int64_t* rows, const float* h_blk, Prefetcher& pf) {
   T* y = static_cast<T*>(p.y);
   if (p.b_sn == 1 && p.sy_n == 1) {  // rank-major storage, contiguous y rows: register-blocked chunks
     constexpr int NC = 64;
@@ -223,9 +312,9 @@ void expand_block(const Args& p, const T* b_slot, int64_t width, int64_t col, in
     for (int64_t n0 = 0; n0 < width; n0 += NC) {
       for (int m = 0; m < MB; ++m) yr[m] = y + rows[m] * p.sy_t + col + n0;
       if (width - n0 >= NC) {
-        expand_chunk<T, MB, NC>(b_slot + n0, p.b_sr, rank, h_blk, p.R, yr, scale);
+        expand_chunk<T, MB, NC>(b_slot + n0, p.b_sr, rank, h_blk, p.R, yr, scale, pf);
       } else {
-        expand_tail<T, MB, NC>(b_slot + n0, p.b_sr, rank, h_blk, p.R, width - n0, yr, scale);
+        expand_tail<T, MB, NC>(b_slot + n0, p.b_sr, rank, h_blk, p.R, width - n0, yr, scale, pf);
       }
     }
     return;
@@ -244,12 +333,12 @@ void expand_block(const Args& p, const T* b_slot, int64_t width, int64_t col, in
 
 template <typename T, int MB>
 void run_block(const Args& p, int64_t slice, int64_t s, int rank, const int64_t* rows, int64_t col,
-               std::vector<float>& h_blk) {  // h_blk: [kBlockRows, R] scratch of the calling thread
+               std::vector<float>& h_blk, Prefetcher& pf) {  // h_blk: [kBlockRows, R] scratch of the calling thread
   if (p.op == kExpand) {
     for (int m = 0; m < MB; ++m)
       for (int j = 0; j < rank; ++j) h_blk[m * p.R + j] = load_h(p, slice * p.sh_n + rows[m] * p.sh_t + j * p.sh_r);
   } else {
-    shrink_block<T, MB>(p, static_cast<const T*>(p.a[slice]) + s * p.a_ss, rank, rows, h_blk.data());
+    shrink_block<T, MB>(p, static_cast<const T*>(p.a[slice]) + s * p.a_ss, rank, rows, h_blk.data(), pf);
   }
   if (p.op == kShrink) {
     float* h = static_cast<float*>(p.h);
@@ -258,35 +347,11 @@ void run_block(const Args& p, int64_t slice, int64_t s, int rank, const int64_t*
     return;
   }
   const T* b_slot = static_cast<const T*>(p.b[slice]) + s * p.b_ss[slice];
-  expand_block<T, MB>(p, b_slot, p.widths[slice], col, rank, p.scal[s], rows, h_blk.data());
+  expand_block<T, MB>(p, b_slot, p.widths[slice], col, rank, p.scal[s], rows, h_blk.data(), pf);
 }
 
-// Ask for the rank rows of slot s of slice i (A: [rank, K], B: [rank, N] rank-major) to come into
-// L2 while the previous slot computes: a cold adapter's rows are KBs apart (one row per rank),
-// which the hardware prefetchers follow poorly.
 template <typename T>
-inline void prefetch_slot(const Args& p, int64_t i, int64_t s, int rank) {
-  constexpr int64_t kLine = 64 / sizeof(T);
-  if (p.op != kExpand && p.a_sk == 1) {
-    const T* a = static_cast<const T*>(p.a[i]) + s * p.a_ss;
-    for (int j = 0; j < rank; ++j)
-      for (int64_t k = 0; k < p.K; k += kLine) __builtin_prefetch(a + j * p.a_sr + k, 0, 2);
-  }
-  if (p.op != kShrink && p.b_sn == 1) {
-    const T* b = static_cast<const T*>(p.b[i]) + s * p.b_ss[i];
-    for (int j = 0; j < rank; ++j)
-      for (int64_t n = 0; n < p.widths[i]; n += kLine) __builtin_prefetch(b + j * p.b_sr + n, 0, 2);
-  }
-}
-
-// One slot's rows of one slice.
-struct Unit {
-  int64_t slice, slot, col, start, len;
-  int rank;
-};
-
-template <typename T>
-void process(const Args& p, const Unit& u, std::vector<float>& h_blk) {
+void process(const Args& p, const Unit& u, std::vector<float>& h_blk, Prefetcher& pf) {
   for (int64_t m0 = 0; m0 < u.len; m0 += kBlockRows) {
     int64_t rows[kBlockRows];
     int mb = 0;
@@ -295,17 +360,17 @@ void process(const Args& p, const Unit& u, std::vector<float>& h_blk) {
       if (r >= 0 && r < p.T) rows[mb++] = r;
     }
     switch (mb) {
-      case 1: run_block<T, 1>(p, u.slice, u.slot, u.rank, rows, u.col, h_blk); break;
-      case 2: run_block<T, 2>(p, u.slice, u.slot, u.rank, rows, u.col, h_blk); break;
-      case 3: run_block<T, 3>(p, u.slice, u.slot, u.rank, rows, u.col, h_blk); break;
-      case 4: run_block<T, 4>(p, u.slice, u.slot, u.rank, rows, u.col, h_blk); break;
+      case 1: run_block<T, 1>(p, u.slice, u.slot, u.rank, rows, u.col, h_blk, pf); break;
+      case 2: run_block<T, 2>(p, u.slice, u.slot, u.rank, rows, u.col, h_blk, pf); break;
+      case 3: run_block<T, 3>(p, u.slice, u.slot, u.rank, rows, u.col, h_blk, pf); break;
+      case 4: run_block<T, 4>(p, u.slice, u.slot, u.rank, rows, u.col, h_blk, pf); break;
       default: break;
     }
   }
 }
 
-template <typename T>
-void run(const Args& p) {
+// The (slice, slot) units of one call with rows and a non-zero rank, in memory order of the slots.
+inline std::vector<Unit> make_units(const Args& p) {
   const int64_t n_slices = static_cast<int64_t>(p.op == kExpand ? p.b.size() : p.a.size());
   std::vector<Unit> units;
   int64_t col = 0;
@@ -319,10 +384,25 @@ void run(const Args& p) {
     }
     col += p.op == kShrink ? 0 : p.widths[i];
   }
+  return units;
+}
+
+// Weight elements a unit reads (its rank rows of A and of B): the cost the threads share.
+inline int64_t unit_cost(const Args& p, const Unit& u) {
+  const int64_t n = p.op == kShrink ? 0 : p.widths[u.slice];
+  const int64_t k = p.op == kExpand ? 0 : p.K;
+  return static_cast<int64_t>(u.rank) * (k + n) + 64;
+}
+
+// Units [begin, end) on the calling thread, each slot's rows prefetched while the previous computes.
+template <typename T>
+void run_units(const Args& p, const Unit* units, int64_t begin, int64_t end) {
   std::vector<float> h_blk(static_cast<size_t>(kBlockRows) * std::max<int64_t>(p.R, 1));
-  for (size_t k = 0; k < units.size(); ++k) {
-    if (k + 1 < units.size()) prefetch_slot<T>(p, units[k + 1].slice, units[k + 1].slot, units[k + 1].rank);
-    process<T>(p, units[k], h_blk);
+  Prefetcher pf;
+  for (int64_t k = begin; k < end; ++k) {
+    pf.finish();                                             // whatever of unit k was not asked for yet
+    pf.reset<T>(p, k + 1 < end ? &units[k + 1] : nullptr);   // unit k + 1 streams in while k computes
+    process<T>(p, units[k], h_blk, pf);
   }
 }
 

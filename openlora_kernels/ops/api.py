@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..checks import check_ranks
+from ..checks import _version, check_ranks
 from ..metadata import LoRABatchMeta, build_batch_meta
 from . import custom_ops  # noqa: F401  (registers torch.ops.openlora.*)
 from .backends import resolve_backend
@@ -232,7 +232,7 @@ class BoundLoRA:
     """
 
     __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend", "_a", "_b", "_name", "_dtype", "_device",
-                 "_S", "_R", "_K", "_N", "_bound")
+                 "_S", "_R", "_K", "_N", "_bound", "_ranks_ok")
 
     def __init__(self, lora_a: TensorOrList, lora_b: TensorOrList, scalings: torch.Tensor,
                  ranks: Optional[torch.Tensor] = None, *, backend: str = "auto"):
@@ -250,20 +250,30 @@ class BoundLoRA:
         self._dtype, self._device, self._S, self._R, self._K, self._N = x.dtype, x.device, S, R, K, y.shape[1]
         bind = getattr(custom_ops.backend_module(self._name), "bind", None)
         self._bound = bind(self._a, self._b, scalings, self.ranks) if bind is not None else None
+        self._ranks_ok = None    # version of self.ranks when its values last passed check_ranks
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, indices: Indices) -> torch.Tensor:
-        if (type(x) is torch.Tensor and type(y) is torch.Tensor and type(indices) is LoRABatchMeta
-                and x.dim() == 2 and y.dim() == 2 and x.dtype == self._dtype and y.dtype == self._dtype
-                and x.shape[1] == self._K and y.shape[1] == self._N and x.shape[0] == y.shape[0]
-                and indices.num_tokens == x.shape[0] and indices.num_slots == self._S
-                and x.device == self._device and y.device == self._device and indices.device == self._device):
-            if self._bound is not None and x.shape[0] and self._N and not torch.compiler.is_compiling():
-                if self.ranks is not None:
-                    check_ranks(self.ranks, self._R)
-                self._bound(y, x, indices)
-                return y
-            return _launch_add(y, x, self._a, self._b, self.scalings, self.ranks, indices, self._name)
+        if type(x) is torch.Tensor and type(y) is torch.Tensor and type(indices) is LoRABatchMeta:
+            xs, ys = x.shape, y.shape
+            if (len(xs) == 2 and len(ys) == 2 and xs[1] == self._K and ys[1] == self._N and xs[0] == ys[0]
+                    and x.dtype == self._dtype and y.dtype == self._dtype
+                    and indices.num_tokens == xs[0] and indices.num_slots == self._S
+                    and self._on_device(x, y, indices)):
+                if self._bound is not None and xs[0] and self._N and not torch.compiler.is_compiling():
+                    if self.ranks is not None:   # (CPU tensors: re-read only after an in-place change)
+                        version = _version(self.ranks)
+                        if version is None or version != self._ranks_ok:
+                            check_ranks(self.ranks, self._R)
+                            self._ranks_ok = version
+                    self._bound(y, x, indices)
+                    return y
+                return _launch_add(y, x, self._a, self._b, self.scalings, self.ranks, indices, self._name)
         return add_lora(y, x, self.lora_a, self.lora_b, indices, self.scalings, self.ranks, backend=self.backend)
+
+    def _on_device(self, x: torch.Tensor, y: torch.Tensor, meta: LoRABatchMeta) -> bool:
+        if self._device.type == "cpu":     # (is_cpu: no torch.device object per check)
+            return x.is_cpu and y.is_cpu and meta.token_slots.is_cpu
+        return x.device == self._device and y.device == self._device and meta.device == self._device
 
 
 def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: Optional[torch.Tensor] = None,

@@ -45,6 +45,43 @@ def unavailable_reason() -> Optional[str]:
     return _state["reason"]
 
 
+def set_threading(min_elements: Optional[int] = None, max_threads: Optional[int] = None) -> None:
+    """How one native call is split over threads (process-wide; ``None`` keeps a setting).
+
+    A call's active (slice, slot) units are cut into contiguous runs of about equal weight bytes,
+    one per thread of PyTorch's own intra-op OpenMP team (found in the process at load time; the
+    extension links no OpenMP runtime of its own, so no second thread pool competes for the
+    cores). ``min_elements``: a call reading fewer weight elements runs on the calling thread
+    (default 49152, 192 KiB of fp32: below that a parallel region costs more than it saves).
+    ``max_threads``: 0 (default) follows ``torch.set_num_threads``; 1 keeps every call serial.
+    Results do not depend on the split: each unit is computed whole by one thread.
+
+        >>> from openlora_kernels.ops import cpu_ext
+        >>> if cpu_ext.unavailable_reason() is None:
+        ...     before = cpu_ext.threading_info()
+        ...     cpu_ext.set_threading(max_threads=1)
+        ...     assert cpu_ext.threading_info()["max_threads"] == 1
+        ...     cpu_ext.set_threading(before["min_elements"], before["max_threads"])
+    """
+    if _module() is None:
+        raise RuntimeError(f"backend 'cpu' is unavailable: {unavailable_reason()}")
+    _, cur_min, cur_max = _module().threading()
+    for name, v in (("min_elements", min_elements), ("max_threads", max_threads)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+    _module().set_threading(cur_min if min_elements is None else min_elements,
+                            cur_max if max_threads is None else max_threads)
+
+
+def threading_info() -> dict:
+    """``{"available": bool, "min_elements": int, "max_threads": int}``: available is False when
+    no GNU OpenMP runtime (PyTorch's) is in the process, and every call then runs serially."""
+    if _module() is None:
+        return {"available": False, "min_elements": 0, "max_threads": 1}
+    available, min_elements, max_threads = _module().threading()
+    return {"available": bool(available), "min_elements": int(min_elements), "max_threads": int(max_threads)}
+
+
 def _native(meta: LoRABatchMeta) -> bool:
     return meta.block_m < TENSOR_CORE_MIN_M
 
@@ -74,15 +111,19 @@ def _plan(op: int, dtype: torch.dtype, K: int, R: int, S: int, a_list=(), b_list
 
 
 def _meta_ptrs(meta: LoRABatchMeta):
-    seg = meta.seg_info if meta.seg_info.is_contiguous() else meta.seg_info.contiguous()
-    srt = meta.sorted_tokens if meta.sorted_tokens.is_contiguous() else meta.sorted_tokens.contiguous()
-    return srt.data_ptr(), seg.data_ptr()
+    """(num_tokens, sorted_tokens pointer, seg_info pointer), once per metadata object (every
+    layer of a forward passes the same one); the tuple keeps contiguous copies alive."""
+    def build():
+        seg = meta.seg_info if meta.seg_info.is_contiguous() else meta.seg_info.contiguous()
+        srt = meta.sorted_tokens if meta.sorted_tokens.is_contiguous() else meta.sorted_tokens.contiguous()
+        return meta.num_tokens, srt.data_ptr(), seg.data_ptr(), (srt, seg)
+    return meta.memo("cpu_ext.ptrs", build)
 
 
 def _add(plan, y, x, meta: LoRABatchMeta) -> None:
-    srt, seg = _meta_ptrs(meta)
+    T, srt, seg, _ = _meta_ptrs(meta)
     sx, sy = x.stride(), y.stride()
-    plan.add(meta.num_tokens, x.data_ptr(), sx[0], sx[1], y.data_ptr(), sy[0], sy[1], srt, seg)
+    plan.add(T, x.data_ptr(), sx[0], sx[1], y.data_ptr(), sy[0], sy[1], srt, seg)
 
 
 class BoundAdd:
@@ -122,8 +163,8 @@ def shrink(x, a_list, ranks, meta: LoRABatchMeta) -> torch.Tensor:
     S, R, K = a_list[0].shape
     h = torch.zeros((len(a_list), x.shape[0], R), dtype=torch.float32, device=x.device)
     plan, _keep = _plan(_module().OP_SHRINK, x.dtype, K, R, S, a_list=a_list, ranks=ranks)
-    srt, seg = _meta_ptrs(meta)
-    plan.run(meta.num_tokens, x.data_ptr(), x.stride(0), x.stride(1), 0, 0, 1,
+    T, srt, seg, _ = _meta_ptrs(meta)
+    plan.run(T, x.data_ptr(), x.stride(0), x.stride(1), 0, 0, 1,
              h.data_ptr(), DTYPE_CODES[h.dtype], h.stride(0), h.stride(1), h.stride(2), srt, seg)
     return h
 
@@ -133,6 +174,6 @@ def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
         return torch_ref.expand(y, h, b_list, scalings, ranks, meta)
     S, _, R = b_list[0].shape
     plan, _keep = _plan(_module().OP_EXPAND, y.dtype, 0, R, S, b_list=b_list, scalings=scalings, ranks=ranks)
-    srt, seg = _meta_ptrs(meta)
-    plan.run(meta.num_tokens, 0, 0, 1, y.data_ptr(), y.stride(0), y.stride(1),
+    T, srt, seg, _ = _meta_ptrs(meta)
+    plan.run(T, 0, 0, 1, y.data_ptr(), y.stride(0), y.stride(1),
              h.data_ptr(), DTYPE_CODES[h.dtype], h.stride(0), h.stride(1), h.stride(2), srt, seg)
