@@ -8,6 +8,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
 #include <stdexcept>
 #if defined(__linux__)
 #include <dlfcn.h>
@@ -28,7 +29,17 @@ using namespace openlora::cpu;
 OLK_CLONES static void units_f32(const Args& p, const Unit* u, int64_t b, int64_t e) { run_units<float>(p, u, b, e); }
 OLK_CLONES static void units_f16(const Args& p, const Unit* u, int64_t b, int64_t e) { run_units<f16>(p, u, b, e); }
 OLK_CLONES static void units_bf16(const Args& p, const Unit* u, int64_t b, int64_t e) { run_units<bf16>(p, u, b, e); }
+OLK_CLONES static void claim_f32(const Args& p, const Unit* u, int64_t n, std::atomic<int64_t>& next, int64_t st) {
+  run_claimed<float>(p, u, n, next, st);
+}
+OLK_CLONES static void claim_f16(const Args& p, const Unit* u, int64_t n, std::atomic<int64_t>& next, int64_t st) {
+  run_claimed<f16>(p, u, n, next, st);
+}
+OLK_CLONES static void claim_bf16(const Args& p, const Unit* u, int64_t n, std::atomic<int64_t>& next, int64_t st) {
+  run_claimed<bf16>(p, u, n, next, st);
+}
 using UnitsFn = void (*)(const Args&, const Unit*, int64_t, int64_t);
+using ClaimFn = void (*)(const Args&, const Unit*, int64_t, std::atomic<int64_t>&, int64_t);
 
 // Threads: the OpenMP runtime PyTorch already loaded (its intra-op team, sized by
 // torch.set_num_threads), found by symbol at load time; this module links no OpenMP runtime of
@@ -37,14 +48,12 @@ using UnitsFn = void (*)(const Args&, const Unit*, int64_t, int64_t);
 // Without a GNU OpenMP runtime in the process every call runs on the calling thread.
 struct OmpRuntime {
   void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;   // GOMP_parallel
-  int (*thread_num)() = nullptr;
   int (*max_threads)() = nullptr;
   OmpRuntime() {
 #if defined(__linux__)
     parallel = reinterpret_cast<decltype(parallel)>(dlsym(RTLD_DEFAULT, "GOMP_parallel"));
-    thread_num = reinterpret_cast<decltype(thread_num)>(dlsym(RTLD_DEFAULT, "omp_get_thread_num"));
     max_threads = reinterpret_cast<decltype(max_threads)>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
-    if (!thread_num || !max_threads) parallel = nullptr;
+    if (!max_threads) parallel = nullptr;
 #endif
   }
 };
@@ -53,37 +62,27 @@ static int64_t g_min_parallel_cost = 48 * 1024;   // weight elements below which
 static int g_max_threads = 0;                      // 0: PyTorch's current intra-op thread count
 
 struct Split {
-  const Args* p; const Unit* units; const int64_t* bounds; UnitsFn fn;
+  const Args* p; const Unit* units; int64_t n; int64_t threads; ClaimFn fn; std::atomic<int64_t> next{0};
 };
 static void split_worker(void* data) {
-  const Split& s = *static_cast<const Split*>(data);
-  const int t = omp().thread_num();
-  s.fn(*s.p, s.units, s.bounds[t], s.bounds[t + 1]);
+  Split& s = *static_cast<Split*>(data);
+  s.fn(*s.p, s.units, s.n, s.next, s.threads);
 }
 
-static void run_split(const Args& p, UnitsFn fn) {
+static void run_split(const Args& p, UnitsFn serial, ClaimFn claimed) {
   const std::vector<Unit> units = make_units(p);
   const int64_t n = static_cast<int64_t>(units.size());
   int threads = 1;
-  int64_t total = 0;
   if (omp().parallel != nullptr && n > 1) {
+    int64_t total = 0;
     for (const Unit& u : units) total += unit_cost(p, u);
     if (total >= g_min_parallel_cost) {
       threads = g_max_threads > 0 ? g_max_threads : omp().max_threads();
       threads = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(threads), n, 64}));
     }
   }
-  if (threads <= 1) { fn(p, units.data(), 0, n); return; }
-  // Contiguous runs of units with about equal weight bytes: each thread streams its own part of
-  // the slots, in memory order.
-  std::vector<int64_t> bounds(threads + 1, n);
-  bounds[0] = 0;
-  int64_t acc = 0, t = 1;
-  for (int64_t k = 0; k < n && t < threads; ++k) {
-    acc += unit_cost(p, units[k]);
-    while (t < threads && acc * threads >= total * t) bounds[t++] = k + 1;
-  }
-  Split s{&p, units.data(), bounds.data(), fn};
+  if (threads <= 1) { serial(p, units.data(), 0, n); return; }
+  Split s{&p, units.data(), n, threads, claimed};
   omp().parallel(split_worker, &s, static_cast<unsigned>(threads), 0);
 }
 
@@ -92,9 +91,9 @@ static const void* ptr(int64_t v) { return reinterpret_cast<const void*>(static_
 static void dispatch(int dtype, const Args& p) {
   py::gil_scoped_release nogil;
   switch (dtype) {
-    case kF32: run_split(p, units_f32); break;
-    case kF16: run_split(p, units_f16); break;
-    case kBF16: run_split(p, units_bf16); break;
+    case kF32: run_split(p, units_f32, claim_f32); break;
+    case kF16: run_split(p, units_f16, claim_f16); break;
+    case kBF16: run_split(p, units_bf16, claim_bf16); break;
     default: break;  // validated when the plan was made
   }
 }
