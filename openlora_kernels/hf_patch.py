@@ -198,9 +198,6 @@ def _model_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
 
 def _lora_hook(slots: LayerSlots, state: _BatchState):
     name, device, dtype = slots.name, slots.device, slots.dtype
-    # The metadata objects already checked against this layer's device (the common case: one
-    # object per forward, shared by every layer): saves a device compare per layer and call.
-    checked = {"meta": None}
 
     def hook(module, args, kwargs, output):
         meta, op = state.meta, slots.op
@@ -208,20 +205,14 @@ def _lora_hook(slots: LayerSlots, state: _BatchState):
             return None
         x = args[0] if args else next(iter(kwargs.values()))
         x2 = x.reshape(-1, x.shape[-1])
-        if checked["meta"] is not meta or x2.shape[0] != meta.num_tokens:
-            if x2.shape[0] != meta.num_tokens or meta.device != device:
-                meta = state.meta_for(x, device, name)
-            else:
-                checked["meta"] = meta
+        if x2.shape[0] != meta.num_tokens or meta.device != device:
+            meta = state.meta_for(x, device, name)
         y = output if output.is_contiguous() else output.contiguous()
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
         # add_lora(y, x2, A_slots, B_slots, meta, scalings, ranks), weights checked once (BoundLoRA).
         # Inference only: no autograd records for the delta.
-        if torch.is_grad_enabled():
-            with torch.no_grad():
-                op(y.view(-1, y.shape[-1]), x2, meta)
-        else:
+        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
             op(y.view(-1, y.shape[-1]), x2, meta)
         return y
 

@@ -29,6 +29,7 @@ function that checks an adapter against the model and returns per-layer host wei
 from __future__ import annotations
 
 import itertools
+import math
 import mmap
 import threading
 from dataclasses import dataclass
@@ -73,17 +74,13 @@ class HostSlotArena:
     def __init__(self) -> None:
         self._chunk: Optional[torch.Tensor] = None   # uint8 view of the current mapping
         self._used = 0
-        self.reserved = 0                            # bytes mapped so far
 
     @staticmethod
     def supported() -> bool:
         return hasattr(mmap, "MADV_HUGEPAGE") and hasattr(mmap, "MAP_ANONYMOUS")
 
     def zeros(self, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if not self.supported() or nbytes == 0:
             return torch.zeros(shape, dtype=dtype)
         if self._chunk is None or self._used + nbytes > self._chunk.numel():
@@ -102,7 +99,6 @@ class HostSlotArena:
         except OSError:
             pass                                                 # THP disabled: 4 KiB pages
         self._chunk, self._used = whole[off:off + size], 0
-        self.reserved += size
 
 
 class LayerSlots:

@@ -26,9 +26,6 @@ using namespace openlora::cpu;
 #define OLK_CLONES
 #endif
 
-OLK_CLONES static void units_f32(const Args& p, const Unit* u, int64_t b, int64_t e) { run_units<float>(p, u, b, e); }
-OLK_CLONES static void units_f16(const Args& p, const Unit* u, int64_t b, int64_t e) { run_units<f16>(p, u, b, e); }
-OLK_CLONES static void units_bf16(const Args& p, const Unit* u, int64_t b, int64_t e) { run_units<bf16>(p, u, b, e); }
 OLK_CLONES static void claim_f32(const Args& p, const Unit* u, int64_t n, std::atomic<int64_t>& next, int64_t st) {
   run_claimed<float>(p, u, n, next, st);
 }
@@ -38,13 +35,12 @@ OLK_CLONES static void claim_f16(const Args& p, const Unit* u, int64_t n, std::a
 OLK_CLONES static void claim_bf16(const Args& p, const Unit* u, int64_t n, std::atomic<int64_t>& next, int64_t st) {
   run_claimed<bf16>(p, u, n, next, st);
 }
-using UnitsFn = void (*)(const Args&, const Unit*, int64_t, int64_t);
 using ClaimFn = void (*)(const Args&, const Unit*, int64_t, std::atomic<int64_t>&, int64_t);
 
 // Threads: the OpenMP runtime PyTorch already loaded (its intra-op team, sized by
 // torch.set_num_threads), found by symbol at load time; this module links no OpenMP runtime of
 // its own, so there is never a second thread pool competing for the cores. Right after the base
-// layer's GEMM that team is still spinning, so a parallel region starts in about a microsecond.
+// layer's GEMM that team is still spinning, so a parallel region starts without waking threads.
 // Without a GNU OpenMP runtime in the process every call runs on the calling thread.
 struct OmpRuntime {
   void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;   // GOMP_parallel
@@ -69,7 +65,7 @@ static void split_worker(void* data) {
   s.fn(*s.p, s.units, s.n, s.next, s.threads);
 }
 
-static void run_split(const Args& p, UnitsFn serial, ClaimFn claimed) {
+static void run_split(const Args& p, ClaimFn claimed) {
   const std::vector<Unit> units = make_units(p);
   const int64_t n = static_cast<int64_t>(units.size());
   int threads = 1;
@@ -81,9 +77,12 @@ static void run_split(const Args& p, UnitsFn serial, ClaimFn claimed) {
       threads = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(threads), n, 64}));
     }
   }
-  if (threads <= 1) { serial(p, units.data(), 0, n); return; }
   Split s{&p, units.data(), n, threads, claimed};
-  omp().parallel(split_worker, &s, static_cast<unsigned>(threads), 0);
+  if (threads <= 1) {
+    split_worker(&s);
+  } else {
+    omp().parallel(split_worker, &s, static_cast<unsigned>(threads), 0);
+  }
 }
 
 static const void* ptr(int64_t v) { return reinterpret_cast<const void*>(static_cast<uintptr_t>(v)); }
@@ -91,9 +90,9 @@ static const void* ptr(int64_t v) { return reinterpret_cast<const void*>(static_
 static void dispatch(int dtype, const Args& p) {
   py::gil_scoped_release nogil;
   switch (dtype) {
-    case kF32: run_split(p, units_f32, claim_f32); break;
-    case kF16: run_split(p, units_f16, claim_f16); break;
-    case kBF16: run_split(p, units_bf16, claim_bf16); break;
+    case kF32: run_split(p, claim_f32); break;
+    case kF16: run_split(p, claim_f16); break;
+    case kBF16: run_split(p, claim_bf16); break;
     default: break;  // validated when the plan was made
   }
 }

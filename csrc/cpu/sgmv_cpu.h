@@ -19,9 +19,9 @@
 // Threads. A call's units (slice, slot with rows) are listed in memory order and claimed one at
 // a time by the threads of the call (bindings_cpu.cpp runs them in PyTorch's own OpenMP team;
 // small calls stay on the calling thread). A unit is computed whole by one thread, so the result
-// is the same bits for any number of threads and any claiming order. Within a run the next unit's weights
-// are prefetched a few cache lines per step of the current unit's arithmetic (Prefetcher), so
-// memory and arithmetic overlap. Prefill-like batches are routed to PyTorch's threaded GEMMs by
+// is the same bits for any number of threads and any claiming order. A thread's next unit's
+// weights are prefetched a few cache lines per step of the current unit's arithmetic
+// (Prefetcher), so memory and arithmetic overlap. Prefill-like batches are routed to PyTorch's threaded GEMMs by
 // the Python side (ops/cpu_ext.py).
 #pragma once
 
@@ -395,22 +395,11 @@ inline int64_t unit_cost(const Args& p, const Unit& u) {
   return static_cast<int64_t>(u.rank) * (k + n) + 64;
 }
 
-// Units [begin, end) on the calling thread, each slot's rows prefetched while the previous computes.
-template <typename T>
-void run_units(const Args& p, const Unit* units, int64_t begin, int64_t end) {
-  std::vector<float> h_blk(static_cast<size_t>(kBlockRows) * std::max<int64_t>(p.R, 1));
-  Prefetcher pf;
-  for (int64_t k = begin; k < end; ++k) {
-    pf.finish();                                             // whatever of unit k was not asked for yet
-    pf.reset<T>(p, k + 1 < end ? &units[k + 1] : nullptr);   // unit k + 1 streams in while k computes
-    process<T>(p, units[k], h_blk, pf);
-  }
-}
-
-// The threads of one call claim units one at a time, in memory order, from a shared counter: a
-// thread that is slowed down (a busy or preempted core) just claims fewer, nobody waits for a
-// fixed share. A thread prefetches the unit `stride` claims ahead (with `stride` threads
-// claiming in turn, usually its own next one; otherwise it still lands in the shared L3).
+// The threads of one call (or the calling thread alone, stride 1) claim units one at a time, in
+// memory order, from a shared counter: a thread that is slowed down (a busy or preempted core)
+// just claims fewer, nobody waits for a fixed share. While a unit computes, its thread
+// prefetches the unit `stride` claims ahead (with `stride` threads claiming in turn, usually its
+// own next one; otherwise it still lands in the shared L3).
 template <typename T>
 void run_claimed(const Args& p, const Unit* units, int64_t n, std::atomic<int64_t>& next, int64_t stride) {
   std::vector<float> h_blk(static_cast<size_t>(kBlockRows) * std::max<int64_t>(p.R, 1));

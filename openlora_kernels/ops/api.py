@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..checks import _version, check_ranks
+from ..checks import check_ranks
 from ..metadata import LoRABatchMeta, build_batch_meta
 from . import custom_ops  # noqa: F401  (registers torch.ops.openlora.*)
 from .backends import resolve_backend
@@ -232,7 +232,7 @@ class BoundLoRA:
     """
 
     __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend", "_a", "_b", "_name", "_dtype", "_device",
-                 "_S", "_R", "_K", "_N", "_bound", "_ranks_ok")
+                 "_S", "_R", "_K", "_N", "_bound")
 
     def __init__(self, lora_a: TensorOrList, lora_b: TensorOrList, scalings: torch.Tensor,
                  ranks: Optional[torch.Tensor] = None, *, backend: str = "auto"):
@@ -250,7 +250,6 @@ class BoundLoRA:
         self._dtype, self._device, self._S, self._R, self._K, self._N = x.dtype, x.device, S, R, K, y.shape[1]
         bind = getattr(custom_ops.backend_module(self._name), "bind", None)
         self._bound = bind(self._a, self._b, scalings, self.ranks) if bind is not None else None
-        self._ranks_ok = None    # version of self.ranks when its values last passed check_ranks
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, indices: Indices) -> torch.Tensor:
         if type(x) is torch.Tensor and type(y) is torch.Tensor and type(indices) is LoRABatchMeta:
@@ -260,11 +259,8 @@ class BoundLoRA:
                     and indices.num_tokens == xs[0] and indices.num_slots == self._S
                     and self._on_device(x, y, indices)):
                 if self._bound is not None and xs[0] and self._N and not torch.compiler.is_compiling():
-                    if self.ranks is not None:   # (CPU tensors: re-read only after an in-place change)
-                        version = _version(self.ranks)
-                        if version is None or version != self._ranks_ok:
-                            check_ranks(self.ranks, self._R)
-                            self._ranks_ok = version
+                    if self.ranks is not None:   # (cached: re-read only after an in-place change)
+                        check_ranks(self.ranks, self._R)
                     self._bound(y, x, indices)
                     return y
                 return _launch_add(y, x, self._a, self._b, self.scalings, self.ranks, indices, self._name)
