@@ -19,6 +19,10 @@ How the model is patched
   of the pool, not in every call).
   Fused projections (Phi-3 ``qkv_proj``/``gate_up_proj``, GPT-NeoX ``query_key_value``) are one
   module with one lora_A/lora_B in PEFT's format, so they are a single-slice call like any other.
+  Decode-like batches on the native CPU backend take a shorter road: the pre-forward hook also
+  resolves the metadata's pointers once (``cpu_ext.row_args``) and each hook hands its contiguous
+  input and output straight to :meth:`~openlora_kernels.ops.api.BoundLoRA.add_rows` (a few
+  attribute checks and one C++ call; anything it does not serve falls back to the path above).
 * The batch metadata is built ONCE per forward, by a pre-forward hook on the top model, from the
   per-row adapter slots and the input's [batch, seq] shape: one slot per TOKEN, in row-major
   order (and reused by later forwards with the same slots and shape: every decode step of a
@@ -44,6 +48,7 @@ from torch import nn
 
 from .adapters import AdapterWeights, resolve_source
 from .metadata import LoRABatchMeta, build_batch_meta
+from .ops import cpu_ext
 from .ops.backends import BACKEND_CHOICES, resolve_backend
 from .pool import AdapterPool, HostLoRA, HostSlotArena, LayerSlots, MemoryReport
 
@@ -134,8 +139,15 @@ class _BatchState:
         self.meta: Optional[LoRABatchMeta] = None       # this forward's metadata
         self.rows_now: Optional[torch.Tensor] = None    # this forward's per-row slots
         self.layouts: Dict[Tuple[Any, ...], LoRABatchMeta] = {}
+        self.rows = None        # cpu_ext.row_args(meta): the native CPU kernel's fast path, or None
 
     def begin_forward(self, args: tuple, kwargs: dict) -> None:
+        self._set_meta(args, kwargs)
+        meta = self.meta
+        self.rows = (cpu_ext.row_args(meta) if meta is not None and meta.token_slots.is_cpu
+                     and not torch.compiler.is_compiling() else None)
+
+    def _set_meta(self, args: tuple, kwargs: dict) -> None:
         self.layouts = {}
         if self.fixed is not None:
             self.meta, self.rows_now = self.fixed, None
@@ -204,6 +216,13 @@ def _lora_hook(slots: LayerSlots, state: _BatchState):
         if meta is None or op is None:
             return None
         x = args[0] if args else next(iter(kwargs.values()))
+        # Decode-like CPU batches: one native call with the pointers of this forward's metadata
+        # (a few attribute checks instead of the general path's; it declines anything unusual).
+        rows = state.rows
+        if rows is not None:
+            add_rows = getattr(op, "add_rows", None)      # (BoundLoRA.add_rows)
+            if add_rows is not None and add_rows(output, x, rows):
+                return output
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] != meta.num_tokens or meta.device != device:
             meta = state.meta_for(x, device, name)
@@ -434,7 +453,7 @@ class MultiLoRAModel:
             yield
         finally:
             st.row_key, st.fixed = prev
-            self._state.meta = self._state.rows_now = None
+            self._state.meta = self._state.rows_now = self._state.rows = None
             self._state.layouts = {}
 
     def _pre_forward(self, module, args, kwargs):

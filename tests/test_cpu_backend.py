@@ -107,6 +107,60 @@ def test_bound_lora_uses_the_native_plan_and_sees_weight_updates():
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_bound_lora_add_rows_equals_the_checked_call(dtype):
+    """add_rows (the patched layers' fast path) gives the bits of the general call for the pool's
+    layout (rank-major B, widths hitting the 64-, 16- and partial-column chunks), and the rows'
+    pointers come once per metadata object."""
+    p = make_problem(13, 40, [97], 5, 8, dtype=dtype, ranks="mixed", poison_padding=False)
+    p.b = [b.transpose(1, 2).contiguous().transpose(1, 2) for b in p.b]
+    op = olk.BoundLoRA(p.a[0], p.b[0], p.scalings, p.ranks, backend="cpu")
+    meta = olk.build_batch_meta(p.indices, 5, block_m=1)
+    rows = cpu_ext.row_args(meta)
+    assert rows is not None and rows[0] == 13 and cpu_ext.row_args(meta) == rows
+    want = p.y.clone()
+    op(want, p.x, meta)
+    y = p.y.clone()
+    assert op.add_rows(y, p.x, rows) is True
+    assert torch.equal(y, want)
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
+    torch.testing.assert_close(y.double(), p.y.double() + reference_delta(p), atol=tol, rtol=tol)
+    # a [batch, seq, K] input of the same rows is the same call
+    y3 = p.y.clone()
+    assert op.add_rows(y3.view(1, 13, 97), p.x.view(1, 13, 40), rows) is True
+    assert torch.equal(y3, want)
+
+
+@needs_ext
+def test_bound_lora_add_rows_declines_what_it_does_not_serve():
+    """Anything but contiguous CPU x / y of the op's dtype with the metadata's rows, a native
+    plan and a decode-like batch: False, y untouched (the caller then takes the checked path)."""
+    p = make_problem(9, 24, [16], 3, 4, poison_padding=False)
+    op = olk.BoundLoRA(p.a[0], p.b[0], p.scalings, p.ranks, backend="cpu")
+    rows = cpu_ext.row_args(olk.build_batch_meta(p.indices, 3, block_m=1))
+    x, y = p.x, p.y.clone()
+    declined = [
+        (y, x, None),                                             # not natively served
+        (y, x.double(), rows),                                    # dtype
+        (y.double(), x, rows),
+        (y, torch.randn(24, 9).t(), rows),                        # non-contiguous x
+        (torch.randn(16, 9).t(), x, rows),                        # non-contiguous y
+        (y, x[:8], rows),                                         # fewer rows than the metadata
+        (y, torch.randn(9, 23), rows),                            # wrong K
+        (torch.randn(9, 15), x, rows),                            # wrong N
+        (y.clone().requires_grad_(), x, rows),                    # autograd would miss the delta
+        (y, x.tolist(), rows),                                    # not a tensor
+    ]
+    for args in declined:
+        before = args[0].detach().clone() if isinstance(args[0], torch.Tensor) else None
+        assert op.add_rows(*args) is False
+        assert torch.equal(args[0].detach(), before)
+    torch_op = olk.BoundLoRA(p.a[0], p.b[0], p.scalings, p.ranks, backend="torch")
+    assert torch_op.add_rows(y, x, rows) is False                # no native plan
+    assert cpu_ext.row_args(olk.build_batch_meta(p.indices, 3, block_m=16)) is None   # prefill-like
+
+
+@needs_ext
 def test_unbuilt_module_reports_why_and_auto_falls_back(monkeypatch):
     monkeypatch.setattr(cpu_ext, "_state", {"mod": None, "reason": "the native CPU extension was not built (test)"})
     info = olk.available_backends("cpu")["cpu"]

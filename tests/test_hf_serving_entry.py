@@ -211,3 +211,33 @@ def test_unpatched_model_object_is_closed(tmp_path):
                  lambda: lm.memory_report(), lambda: lm.set_batch(["a"])):
         with pytest.raises(RuntimeError, match="unpatched"):
             call()
+
+
+def test_decode_batches_take_the_native_fast_path(mlp_env, monkeypatch):
+    """A decode-like CPU batch goes through BoundLoRA.add_rows in every patched layer (one native
+    call each), and gives the same bits as the checked path it replaces."""
+    from openlora_kernels.ops import api, cpu_ext
+    if cpu_ext.unavailable_reason() is not None:
+        pytest.skip("native CPU backend not built")
+    base, paths = mlp_env
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=3, max_rank=8)
+    for n, p in paths.items():
+        lm.load_adapter(n, p)
+    x = torch.randn(6, 1, 24)
+    names = ["A", "B", None, "C", "B", "A"]
+    served = []
+    real = api.BoundLoRA.add_rows
+
+    def spy(self, y, x_, rows):
+        done = real(self, y, x_, rows)
+        served.append(done)
+        return done
+
+    monkeypatch.setattr(api.BoundLoRA, "add_rows", spy)
+    fast = lm(x, adapter_names=names)
+    assert served == [True, True]                       # fc1 and fc2, both natively
+    monkeypatch.setattr(api.BoundLoRA, "add_rows", lambda self, y, x_, rows: False)
+    checked = lm(x, adapter_names=names)
+    assert torch.equal(fast, checked)
+    want = per_token_reference(base, paths, x[:, 0], names)
+    torch.testing.assert_close(fast[:, 0], want, atol=ATOL, rtol=RTOL)

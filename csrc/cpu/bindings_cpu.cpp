@@ -66,7 +66,8 @@ static void split_worker(void* data) {
 }
 
 static void run_split(const Args& p, ClaimFn claimed) {
-  const std::vector<Unit> units = make_units(p);
+  static thread_local std::vector<Unit> units;      // reused: no allocation per call
+  make_units(p, units);
   const int64_t n = static_cast<int64_t>(units.size());
   int threads = 1;
   if (omp().parallel != nullptr && n > 1) {
@@ -102,6 +103,8 @@ static void dispatch(int dtype, const Args& p) {
 // metadata (converting ~30 Python arguments on every call would cost more than the kernel).
 class Plan {
  public:
+  Plan(const Plan&) = delete;
+  Plan& operator=(const Plan&) = delete;
   Plan(int op, int dtype, int64_t K, int64_t R, int64_t S,
        const std::vector<int64_t>& a, int64_t a_ss, int64_t a_sr, int64_t a_sk,
        const std::vector<int64_t>& b, const std::vector<int64_t>& widths, const std::vector<int64_t>& b_ss,
@@ -116,10 +119,13 @@ class Plan {
     if (op == kAdd && a.size() != b.size()) throw std::invalid_argument("a, b: different numbers of slices");
     if (op != kShrink && scal == 0) throw std::invalid_argument("scalings: null pointer");
     p_.op = op; p_.K = K; p_.R = R; p_.S = S;
-    for (int64_t v : a) p_.a.push_back(ptr(v));
-    p_.a_ss = a_ss; p_.a_sr = a_sr; p_.a_sk = a_sk;
-    for (int64_t v : b) p_.b.push_back(ptr(v));
-    p_.widths = widths; p_.b_ss = b_ss; p_.b_sn = b_sn; p_.b_sr = b_sr;
+    for (int64_t v : a) a_.push_back(ptr(v));
+    for (int64_t v : b) b_.push_back(ptr(v));
+    widths_ = widths; b_ss_ = b_ss;
+    p_.a = a_.data(); p_.n_a = static_cast<int64_t>(a_.size()); p_.a_ss = a_ss; p_.a_sr = a_sr; p_.a_sk = a_sk;
+    p_.b = b_.data(); p_.widths = widths_.data(); p_.b_ss = b_ss_.data(); p_.n_b = static_cast<int64_t>(b_.size());
+    p_.b_sn = b_sn; p_.b_sr = b_sr;
+    for (int64_t w : widths_) n_total_ += w;
     p_.scal = static_cast<const float*>(ptr(scal));
     p_.ranks = ranks ? ptr(ranks) : nullptr; p_.ranks64 = ranks64; p_.s_rn = s_rn; p_.s_rs = s_rs;
   }
@@ -132,6 +138,12 @@ class Plan {
     p.x = ptr(x); p.sx_t = sx_t; p.sx_k = sx_k;
     p.y = const_cast<void*>(ptr(y)); p.sy_t = sy_t; p.sy_n = sy_n;
     dispatch(dtype_, p);
+  }
+
+  // add for contiguous x [T, K] and y [T, sum of widths] (what a patched linear layer passes):
+  // the same as add() with the row strides implied, five arguments to convert instead of nine.
+  void add_rows(int64_t T, int64_t x, int64_t y, int64_t sorted, int64_t seg) {
+    add(T, x, p_.K, 1, y, n_total_, 1, sorted, seg);
   }
 
   // shrink: h[n, T, R] fp32 (zero-filled by the caller) from x; expand: y from h (any float dtype)
@@ -156,7 +168,10 @@ class Plan {
     p.seg = static_cast<const int32_t*>(ptr(seg));
     return p;
   }
-  Args p_;
+  Args p_;                                   // its per-slice arrays point into the vectors below
+  std::vector<const void*> a_, b_;
+  std::vector<int64_t> widths_, b_ss_;
+  int64_t n_total_ = 0;
   int dtype_;
 };
 
@@ -167,6 +182,7 @@ PYBIND11_MODULE(_cpu_sgmv, m) {
                     const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&, int64_t,
                     int64_t, int64_t, int64_t, bool, int64_t, int64_t>())
       .def("add", &Plan::add, "fused shrink + expand: y += scale * (x A^T) B^T")
+      .def("add_rows", &Plan::add_rows, "add() for contiguous x [T, K] and y [T, N]: (T, x, y, sorted, seg)")
       .def("run", &Plan::run, "shrink (into h) or expand (from h), per the plan's op");
   m.def("f16_to_f32", [](uint16_t v) { return to_f32(f16{v}); });
   m.def("f32_to_f16", [](float v) { return to_f16(v).bits; });

@@ -94,15 +94,18 @@ template <> inline float from_f32<float>(float f) { return f; }
 template <> inline f16 from_f32<f16>(float f) { return to_f16(f); }
 template <> inline bf16 from_f32<bf16>(float f) { return to_bf16(f); }
 
-// Everything one call needs (pointers are raw addresses of tensors; strides in elements).
+// Everything one call needs (pointers are raw addresses of tensors; strides in elements). The
+// per-slice arrays (a, b, widths, b_ss) are owned by the caller (bindings_cpu.cpp's Plan): a
+// call copies this struct without allocating.
 struct Args {
   int op = kAdd;
   int64_t T = 0, K = 0, R = 0, S = 0;
   const void* x = nullptr; int64_t sx_t = 0, sx_k = 1;
   void* y = nullptr; int64_t sy_t = 0, sy_n = 1;
   void* h = nullptr; int h_dtype = kF32; int64_t sh_n = 0, sh_t = 0, sh_r = 1;   // [n, T, R]
-  std::vector<const void*> a; int64_t a_ss = 0, a_sr = 0, a_sk = 1;             // per slice [S, R, K]
-  std::vector<const void*> b; std::vector<int64_t> widths, b_ss; int64_t b_sn = 0, b_sr = 0;  // [S, N_i, R]
+  const void* const* a = nullptr; int64_t n_a = 0; int64_t a_ss = 0, a_sr = 0, a_sk = 1;   // n_a slices [S, R, K]
+  const void* const* b = nullptr; const int64_t* widths = nullptr; const int64_t* b_ss = nullptr;
+  int64_t n_b = 0; int64_t b_sn = 0, b_sr = 0;                                            // n_b slices [S, N_i, R]
   const float* scal = nullptr;
   const void* ranks = nullptr; bool ranks64 = false; int64_t s_rn = 0, s_rs = 0;
   const int32_t* sorted = nullptr;      // [T]
@@ -136,42 +139,41 @@ struct Unit {
 // step() asks for a few more cache lines (into L2) of the next slot's A rows, then its B rows. So
 // the next adapter streams in from L3 / DRAM while this one computes, instead of a burst of a
 // thousand prefetches that stalls the core until the memory queue drains (measured: a cold call
-// then cost fetch + compute instead of about the larger of the two). The rows of one unit are
-// [rank] runs of K (A) or N (B) elements at the given row stride; no prefetch faults.
+// then cost fetch + compute instead of about the larger of the two). A unit's rows are [rank]
+// runs of K (A) or N (B) elements at a row stride; the walk covers the span from the first row's
+// start to the last row's end (for padded rows a few lines more: still inside the tensor, and a
+// prefetch never faults). Two plain byte ranges keep step() to a compare and a prefetch per line.
 struct Prefetcher {
-  struct Run { const char* p = nullptr; int64_t bytes = 0, stride = 0; int rows = 0; };
-  Run run[2];
-  int cur = 2;            // run being walked (2: none left)
-  int64_t off = 0;        // byte offset inside the current row
+  const char* p = nullptr; const char* e = nullptr;      // range being walked
+  const char* p2 = nullptr; const char* e2 = nullptr;    // the one after it (empty: none)
 
   template <typename T>
-  void reset(const Args& p, const Unit* u) {
-    cur = 2; off = 0;
-    if (u == nullptr) return;
-    run[0] = Run{}; run[1] = Run{};
-    if (p.op != kExpand && p.a_sk == 1)
-      run[0] = Run{static_cast<const char*>(p.a[u->slice]) + u->slot * p.a_ss * sizeof(T),
-                   p.K * static_cast<int64_t>(sizeof(T)), p.a_sr * static_cast<int64_t>(sizeof(T)), u->rank};
-    if (p.op != kShrink && p.b_sn == 1)
-      run[1] = Run{static_cast<const char*>(p.b[u->slice]) + u->slot * p.b_ss[u->slice] * sizeof(T),
-                   p.widths[u->slice] * static_cast<int64_t>(sizeof(T)), p.b_sr * static_cast<int64_t>(sizeof(T)),
-                   u->rank};
-    cur = 0;
-    skip_empty();
-  }
-  void skip_empty() {
-    while (cur < 2 && (run[cur].rows <= 0 || run[cur].bytes <= 0)) ++cur;
+  void reset(const Args& q, const Unit* u) {
+    p = e = p2 = e2 = nullptr;
+    if (u == nullptr || u->rank <= 0) return;
+    const int64_t sz = static_cast<int64_t>(sizeof(T));
+    if (q.op != kExpand && q.a_sk == 1) {
+      p = static_cast<const char*>(q.a[u->slice]) + u->slot * q.a_ss * sz;
+      e = p + ((u->rank - 1) * q.a_sr + q.K) * sz;
+    }
+    if (q.op != kShrink && q.b_sn == 1) {
+      p2 = static_cast<const char*>(q.b[u->slice]) + u->slot * q.b_ss[u->slice] * sz;
+      e2 = p2 + ((u->rank - 1) * q.b_sr + q.widths[u->slice]) * sz;
+    }
+    if (p >= e) { p = p2; e = e2; p2 = e2 = nullptr; }
   }
   inline void step(int64_t lines) {
-    while (lines-- > 0 && cur < 2) {
-      Run& r = run[cur];
-      __builtin_prefetch(r.p + off, 0, 2);
-      off += 64;
-      if (off >= r.bytes) {
-        off = 0; r.p += r.stride;
-        if (--r.rows == 0) { ++cur; skip_empty(); }
+    const char* a = p;
+    const char* ae = e;
+    for (; lines > 0; --lines) {
+      if (a >= ae) {
+        if (p2 >= e2) break;
+        a = p2; ae = e2; e = e2; p2 = e2 = nullptr;
       }
+      __builtin_prefetch(a, 0, 2);
+      a += 64;
     }
+    p = a;
   }
   void finish() { step(INT64_MAX); }
 };
@@ -308,14 +310,20 @@ void expand_block(const Args& p, const T* b_slot, int64_t width, int64_t col, in
                   const int64_t* rows, const float* h_blk, Prefetcher& pf) {
   T* y = static_cast<T*>(p.y);
   if (p.b_sn == 1 && p.sy_n == 1) {  // rank-major storage, contiguous y rows: register-blocked chunks
-    constexpr int NC = 64;
+    // chunks of 64 columns, then of 16 (e.g. 688 = 10 x 64 + 3 x 16), then one partial chunk
+    constexpr int NC = 64, NC_SMALL = 16;
     T* yr[kBlockRows];
-    for (int64_t n0 = 0; n0 < width; n0 += NC) {
+    for (int64_t n0 = 0; n0 < width;) {
       for (int m = 0; m < MB; ++m) yr[m] = y + rows[m] * p.sy_t + col + n0;
       if (width - n0 >= NC) {
         expand_chunk<T, MB, NC>(b_slot + n0, p.b_sr, rank, h_blk, p.R, yr, scale, pf);
+        n0 += NC;
+      } else if (width - n0 >= NC_SMALL) {
+        expand_chunk<T, MB, NC_SMALL>(b_slot + n0, p.b_sr, rank, h_blk, p.R, yr, scale, pf);
+        n0 += NC_SMALL;
       } else {
-        expand_tail<T, MB, NC>(b_slot + n0, p.b_sr, rank, h_blk, p.R, width - n0, yr, scale, pf);
+        expand_tail<T, MB, NC_SMALL>(b_slot + n0, p.b_sr, rank, h_blk, p.R, width - n0, yr, scale, pf);
+        n0 = width;
       }
     }
     return;
@@ -370,10 +378,11 @@ void process(const Args& p, const Unit& u, std::vector<float>& h_blk, Prefetcher
   }
 }
 
-// The (slice, slot) units of one call with rows and a non-zero rank, in memory order of the slots.
-inline std::vector<Unit> make_units(const Args& p) {
-  const int64_t n_slices = static_cast<int64_t>(p.op == kExpand ? p.b.size() : p.a.size());
-  std::vector<Unit> units;
+// The (slice, slot) units of one call with rows and a non-zero rank, in memory order of the slots
+// (into `units`, cleared first: the caller reuses one vector across calls).
+inline void make_units(const Args& p, std::vector<Unit>& units) {
+  const int64_t n_slices = p.op == kExpand ? p.n_b : p.n_a;
+  units.clear();
   int64_t col = 0;
   for (int64_t i = 0; i < n_slices; ++i) {
     for (int64_t s = 0; s < p.S; ++s) {
@@ -385,7 +394,6 @@ inline std::vector<Unit> make_units(const Args& p) {
     }
     col += p.op == kShrink ? 0 : p.widths[i];
   }
-  return units;
 }
 
 // Weight elements a unit reads (its rank rows of A and of B): the cost the threads share.
@@ -402,7 +410,9 @@ inline int64_t unit_cost(const Args& p, const Unit& u) {
 // own next one; otherwise it still lands in the shared L3).
 template <typename T>
 void run_claimed(const Args& p, const Unit* units, int64_t n, std::atomic<int64_t>& next, int64_t stride) {
-  std::vector<float> h_blk(static_cast<size_t>(kBlockRows) * std::max<int64_t>(p.R, 1));
+  static thread_local std::vector<float> h_blk;    // [kBlockRows, R] scratch, kept across calls
+  const size_t need = static_cast<size_t>(kBlockRows) * static_cast<size_t>(std::max<int64_t>(p.R, 1));
+  if (h_blk.size() < need) h_blk.resize(need);
   Prefetcher pf;
   for (int64_t k = next.fetch_add(1, std::memory_order_relaxed); k < n;
        k = next.fetch_add(1, std::memory_order_relaxed)) {

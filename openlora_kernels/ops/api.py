@@ -232,7 +232,7 @@ class BoundLoRA:
     """
 
     __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend", "_a", "_b", "_name", "_dtype", "_device",
-                 "_S", "_R", "_K", "_N", "_bound")
+                 "_S", "_R", "_K", "_N", "_bound", "_add_rows")
 
     def __init__(self, lora_a: TensorOrList, lora_b: TensorOrList, scalings: torch.Tensor,
                  ranks: Optional[torch.Tensor] = None, *, backend: str = "auto"):
@@ -250,6 +250,7 @@ class BoundLoRA:
         self._dtype, self._device, self._S, self._R, self._K, self._N = x.dtype, x.device, S, R, K, y.shape[1]
         bind = getattr(custom_ops.backend_module(self._name), "bind", None)
         self._bound = bind(self._a, self._b, scalings, self.ranks) if bind is not None else None
+        self._add_rows = getattr(self._bound, "add_rows", None)
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, indices: Indices) -> torch.Tensor:
         if type(x) is torch.Tensor and type(y) is torch.Tensor and type(indices) is LoRABatchMeta:
@@ -265,6 +266,26 @@ class BoundLoRA:
                     return y
                 return _launch_add(y, x, self._a, self._b, self.scalings, self.ranks, indices, self._name)
         return add_lora(y, x, self.lora_a, self.lora_b, indices, self.scalings, self.ranks, backend=self.backend)
+
+    def add_rows(self, y: torch.Tensor, x: torch.Tensor, rows) -> bool:
+        """The patched-layer fast path of the native CPU backend: ``y += delta(x)`` for a
+        contiguous ``x`` [..., K] and ``y`` [..., N] of this op's dtype holding the ``T`` rows of
+        ``rows = cpu_ext.row_args(meta)`` (``None``: not natively served). Returns False, having
+        done nothing, when any of that does not hold (then call the op as usual). It checks the
+        call's arguments only: the weights, scalings and ranks are a pool's, validated when it
+        bound them (the kernel also clamps each rank to [0, R]), and the result carries no
+        autograd record (y must not require grad)."""
+        fn = self._add_rows
+        if fn is None or rows is None or type(x) is not torch.Tensor or type(y) is not torch.Tensor:
+            return False
+        T = rows[0]
+        if (x.dtype is not self._dtype or y.dtype is not self._dtype or not x.is_cpu or not y.is_cpu
+                or y.requires_grad or not x.is_contiguous() or not y.is_contiguous()
+                or x.shape[-1] != self._K or y.shape[-1] != self._N
+                or x.numel() != T * self._K or y.numel() != T * self._N or not T or not self._N):
+            return False
+        fn(T, x.data_ptr(), y.data_ptr(), rows[1], rows[2])
+        return True
 
     def _on_device(self, x: torch.Tensor, y: torch.Tensor, meta: LoRABatchMeta) -> bool:
         if self._device.type == "cpu":     # (is_cpu: no torch.device object per check)

@@ -120,6 +120,16 @@ def _meta_ptrs(meta: LoRABatchMeta):
     return meta.memo("cpu_ext.ptrs", build)
 
 
+def row_args(meta: LoRABatchMeta):
+    """``(num_tokens, sorted_tokens pointer, seg_info pointer)`` when the native kernel serves
+    ``meta`` (CPU metadata of a decode-like batch) and the module is built, else None: what
+    :meth:`BoundAdd.add_rows` takes, computed once per metadata object (a patched model asks once
+    per forward, then every layer passes it)."""
+    if meta.block_m >= TENSOR_CORE_MIN_M or not meta.token_slots.is_cpu or _module() is None:
+        return None
+    return _meta_ptrs(meta)[:3]
+
+
 def _add(plan, y, x, meta: LoRABatchMeta) -> None:
     T, srt, seg, _ = _meta_ptrs(meta)
     sx, sy = x.stride(), y.stride()
@@ -130,12 +140,15 @@ class BoundAdd:
     """add_lora for one layer's fixed weights (what ``BoundLoRA`` uses on this backend): the weight
     arguments are converted once; a call passes only x, y and the batch metadata."""
 
-    __slots__ = ("_plan", "_keep", "_fallback")
+    __slots__ = ("_plan", "_keep", "_fallback", "add_rows")
 
     def __init__(self, a_list, b_list, scalings, ranks, fallback):
         S, R, K = a_list[0].shape
         self._plan, self._keep = _plan(_module().OP_ADD, a_list[0].dtype, K, R, S, a_list, b_list, scalings, ranks)
         self._fallback = fallback          # prefill-like batches: the torch GEMM path
+        # add_rows(T, x.data_ptr(), y.data_ptr(), *row_args(meta)[1:]) for contiguous x [T, K] and
+        # y [T, N] of the plan's dtype: no checks at all (BoundLoRA.add_rows makes them).
+        self.add_rows = self._plan.add_rows
 
     def __call__(self, y, x, meta: LoRABatchMeta) -> None:
         if meta.block_m >= TENSOR_CORE_MIN_M:
