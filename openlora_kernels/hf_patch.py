@@ -144,8 +144,7 @@ class _BatchState:
     def begin_forward(self, args: tuple, kwargs: dict) -> None:
         self._set_meta(args, kwargs)
         meta = self.meta
-        self.rows = (cpu_ext.row_args(meta) if meta is not None and meta.token_slots.is_cpu
-                     and not torch.compiler.is_compiling() else None)
+        self.rows = cpu_ext.row_args(meta) if meta is not None and not torch.compiler.is_compiling() else None
 
     def _set_meta(self, args: tuple, kwargs: dict) -> None:
         self.layouts = {}

@@ -125,7 +125,7 @@ def row_args(meta: LoRABatchMeta):
     ``meta`` (CPU metadata of a decode-like batch) and the module is built, else None: what
     :meth:`BoundAdd.add_rows` takes, computed once per metadata object (a patched model asks once
     per forward, then every layer passes it)."""
-    if meta.block_m >= TENSOR_CORE_MIN_M or not meta.token_slots.is_cpu or _module() is None:
+    if not _native(meta) or not meta.token_slots.is_cpu or _module() is None:
         return None
     return _meta_ptrs(meta)[:3]
 
@@ -151,7 +151,7 @@ class BoundAdd:
         self.add_rows = self._plan.add_rows
 
     def __call__(self, y, x, meta: LoRABatchMeta) -> None:
-        if meta.block_m >= TENSOR_CORE_MIN_M:
+        if not _native(meta):
             return self._fallback(y, x, meta)
         _add(self._plan, y, x, meta)
 
