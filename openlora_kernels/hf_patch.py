@@ -39,8 +39,10 @@ Serving stacks with packed / variable-length batches use :meth:`MultiLoRAModel.s
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
+import contextvars
 import re
+import threading
+from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -50,7 +52,7 @@ from .adapters import AdapterWeights, resolve_source
 from .metadata import LoRABatchMeta, build_batch_meta
 from .ops import cpu_ext
 from .ops.backends import BACKEND_CHOICES, resolve_backend
-from .pool import AdapterPool, HostLoRA, HostSlotArena, LayerSlots, MemoryReport
+from .pool import AdapterPool, HostLoRA, HostSlotArena, LayerSlots, Lease, MemoryReport
 
 BASE = "__base__"
 TargetModules = Union[None, str, Sequence[str]]
@@ -121,32 +123,62 @@ def select_modules(model: nn.Module, target_modules: TargetModules) -> List[Tupl
 # ------------------------------------------------------------------------------- batch state
 
 
-class _BatchState:
-    """What the hooks read during a forward (set by the pre-forward hook, once per forward)."""
+class _MetaCache:
+    """Metadata of recent (row slots, input shape) pairs, shared by every call of one patched model
+    (thread-safe): a decode loop or a server repeating a batch layout reuses it (and what the
+    kernels memoised on it) instead of rebuilding it. The metadata only names slots, and a call
+    looks it up with the slots its own lease holds, so sharing it across calls is safe. Least
+    recently used layouts are evicted one at a time, never all at once. (A CUDA graph captured over
+    a forward reads its layout's metadata tensors: give such a forward metadata you own, through
+    set_batch(), rather than relying on this cache; see docs/usage.md.)"""
 
-    # Metadata of recent (row slots, input shape) pairs: a decode loop or a server repeating a
-    # batch layout reuses it (and what the kernels memoised on it) instead of rebuilding it.
-    # Least recently used layouts are evicted one at a time, never all at once. (A CUDA graph
-    # captured over a forward reads its layout's metadata tensors: give such a forward metadata
-    # you own, through set_batch(), rather than relying on this cache; see docs/usage.md.)
     CACHE_SIZE = 16
 
     def __init__(self, num_slots: int):
         self.num_slots = num_slots
-        self.row_key: Optional[Tuple[int, ...]] = None  # slot per row ("rows" mode: adapter_names)
-        self.cache: "OrderedDict[Tuple[Any, ...], Tuple[LoRABatchMeta, torch.Tensor]]" = OrderedDict()
-        self.fixed: Optional[LoRABatchMeta] = None      # per token (serving-stack mode: set_batch)
+        self._items: "OrderedDict[Tuple[Any, ...], Tuple[LoRABatchMeta, torch.Tensor]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+            return hit
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            while len(self._items) >= self.CACHE_SIZE:
+                self._items.popitem(last=False)
+            self._items[key] = value
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class _CallState:
+    """What the hooks read during one call: one ``lm(...)`` / ``lm.generate(...)``, or one
+    set_batch() .. clear_batch() span. It lives in a context variable, so it belongs to the thread
+    (or asyncio task) that made it: concurrent calls never see each other's batch."""
+
+    __slots__ = ("row_key", "fixed", "lease", "meta", "rows_now", "layouts", "rows")
+
+    def __init__(self, row_key: Optional[Tuple[int, ...]] = None, fixed: Optional[LoRABatchMeta] = None,
+                 lease: Optional[Lease] = None):
+        self.row_key = row_key      # slot per row ("rows" mode: adapter_names); None: every row is base
+        self.fixed = fixed          # per-token metadata (serving-stack mode: set_batch)
+        self.lease = lease          # what set_batch(names) holds until clear_batch
         self.meta: Optional[LoRABatchMeta] = None       # this forward's metadata
         self.rows_now: Optional[torch.Tensor] = None    # this forward's per-row slots
         self.layouts: Dict[Tuple[Any, ...], LoRABatchMeta] = {}
         self.rows = None        # cpu_ext.row_args(meta): the native CPU kernel's fast path, or None
 
-    def begin_forward(self, args: tuple, kwargs: dict) -> None:
-        self._set_meta(args, kwargs)
+    def begin_forward(self, args: tuple, kwargs: dict, cache: _MetaCache) -> None:
+        self._set_meta(args, kwargs, cache)
         meta = self.meta
         self.rows = cpu_ext.row_args(meta) if meta is not None and not torch.compiler.is_compiling() else None
 
-    def _set_meta(self, args: tuple, kwargs: dict) -> None:
+    def _set_meta(self, args: tuple, kwargs: dict, cache: _MetaCache) -> None:
         self.layouts = {}
         if self.fixed is not None:
             self.meta, self.rows_now = self.fixed, None
@@ -160,9 +192,8 @@ class _BatchState:
                              "[batch, seq, ...]; use set_batch() with per-token slots for other inputs")
         B, S = inp.shape[0], inp.shape[1]
         key = (self.row_key, B, S, inp.device)
-        hit = self.cache.get(key)
+        hit = cache.get(key)
         if hit is not None:
-            self.cache.move_to_end(key)
             self.meta, self.rows_now = hit
             return
         rows = torch.tensor(self.row_key, dtype=torch.int32)
@@ -171,10 +202,8 @@ class _BatchState:
                 raise ValueError(f"adapter_names: {rows.shape[0]} names, but the model was called with batch size {B}")
             rows = rows.repeat_interleave(B // rows.shape[0])   # beams / num_return_sequences
         self.rows_now = rows.to(inp.device, non_blocking=True)
-        self.meta = build_batch_meta(self.rows_now.repeat_interleave(S) if S != 1 else self.rows_now, self.num_slots)
-        if len(self.cache) >= self.CACHE_SIZE:
-            self.cache.popitem(last=False)
-        self.cache[key] = (self.meta, self.rows_now)
+        self.meta = build_batch_meta(self.rows_now.repeat_interleave(S) if S != 1 else self.rows_now, cache.num_slots)
+        cache.put(key, (self.meta, self.rows_now))
 
     def meta_for(self, x: torch.Tensor, device: torch.device, layer: str) -> LoRABatchMeta:
         """Metadata for a layer whose input layout or device differs from the forward's."""
@@ -192,13 +221,13 @@ class _BatchState:
                 f"layer {layer!r}: its input has {T} rows (shape {tuple(x.shape)}), but the batch metadata covers "
                 f"{self.meta.num_tokens} tokens; this layer lays the batch out in a way per-row adapter ids cannot "
                 "follow: give per-token slots with set_batch()")
-        meta = build_batch_meta(slots.to(device), self.num_slots)
+        meta = build_batch_meta(slots.to(device), self.meta.num_slots)
         self.layouts[key] = meta
         return meta
 
 
 def _model_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-    for key in ("input_ids", "inputs_embeds"):
+    for key in ("input_ids", "inputs_embeds", "inputs"):
         v = kwargs.get(key)
         if isinstance(v, torch.Tensor):
             return v
@@ -207,10 +236,13 @@ def _model_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     return None
 
 
-def _lora_hook(slots: LayerSlots, state: _BatchState):
+def _lora_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallState]]"):
     name, device, dtype = slots.name, slots.device, slots.dtype
 
     def hook(module, args, kwargs, output):
+        state = call.get()
+        if state is None:
+            return None
         meta, op = state.meta, slots.op
         if meta is None or op is None:
             return None
@@ -281,11 +313,16 @@ class MultiLoRAModel:
         self._all_modules = {name for name, _ in model.named_modules()}
         self._resolved: Dict[str, str] = {}
         self.pool = AdapterPool(self._layers, max_adapters, max_rank, self._bind, host_budget_bytes)
-        self._state = _BatchState(max_adapters)
-        self._batch_held: List[str] = []
+        self._meta_cache = _MetaCache(max_adapters)
+        # This model's batch state per call (module doc of _CallState); set_batch() spans, by id,
+        # with the thread that opened them (a forward elsewhere without a batch of its own refuses
+        # to guess whether it was meant to use one).
+        self._call: "contextvars.ContextVar[Optional[_CallState]]" = contextvars.ContextVar(
+            f"openlora_call_{id(self):x}", default=None)
+        self._fixed: Dict[int, str] = {}
         self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
         for name, mod, _, _ in picked:
-            self._hooks.append(mod.register_forward_hook(_lora_hook(self._layers[name], self._state),
+            self._hooks.append(mod.register_forward_hook(_lora_hook(self._layers[name], self._call),
                                                          with_kwargs=True))
         model._openlora_patched = True
 
@@ -321,7 +358,9 @@ class MultiLoRAModel:
                 raise
 
     def unload_adapter(self, name: str) -> None:
-        """Forget ``name``: its slot is freed and its host memory dropped."""
+        """Forget ``name``: its host memory is dropped and the name can be loaded again at once;
+        its slot is freed now, or when the last batch being served with it ends (those finish with
+        it). An adapter held with :meth:`acquire` must be released first (RuntimeError)."""
         self._check_open()
         self.pool.unregister(name)
 
@@ -442,21 +481,29 @@ class MultiLoRAModel:
                 known = ", ".join(repr(k) for k in self.pool.names) or "none"
                 raise KeyError(f"{where}: adapter {n!r} is not loaded (loaded: {known})")
             names.append(n)     # registered names are non-empty strings: checked at load_adapter
-        slots = self.pool.prepare(names) if names else {}
-        st = self._state
-        prev = (st.row_key, st.fixed)
-        # None: every row is the base model (no metadata, the hooks do nothing)
-        st.row_key = tuple(-1 if (n is None or n == BASE) else slots[n] for n in adapter_names) if slots else None
-        st.fixed = None
+        lease = self.pool.lease(names) if names else None    # held until the call returns
         try:
-            yield
+            # row_key None: every row is the base model (no metadata, the hooks do nothing)
+            row_key = tuple(-1 if (n is None or n == BASE) else lease.slots[n] for n in adapter_names) if lease else None
+            token = self._call.set(_CallState(row_key))
+            try:
+                yield
+            finally:
+                self._call.reset(token)
         finally:
-            st.row_key, st.fixed = prev
-            self._state.meta = self._state.rows_now = self._state.rows = None
-            self._state.layouts = {}
+            if lease is not None:
+                lease.release()
 
     def _pre_forward(self, module, args, kwargs):
-        self._state.begin_forward(args, kwargs)
+        state = self._call.get()
+        if state is not None:
+            state.begin_forward(args, kwargs, self._meta_cache)
+        elif self._fixed:
+            owners = ", ".join(sorted(set(self._fixed.values())))
+            raise RuntimeError(
+                f"the patched model was called in thread {threading.current_thread().name!r} with no batch of its "
+                f"own while set_batch() is active in thread(s) {owners}: batch state belongs to the thread that "
+                "set it; call set_batch() (or lm(..., adapter_names=...)) in the thread that runs the forward")
         return None
 
     # ------------------------------------------------------------------ serving-stack entry
@@ -467,22 +514,27 @@ class MultiLoRAModel:
         self._check_open()
         for i, n in enumerate(names):
             _check_name(n, f"names[{i}]")
-        return self.pool.prepare(list(names), hold=True)
+        return self.pool.acquire(list(names))
 
     def release(self, names: Optional[Sequence[str]] = None) -> None:
-        """Let acquired adapters be evicted again (all of them when ``names`` is None)."""
+        """Undo one :meth:`acquire` of each name (every acquire when ``names`` is None): counted,
+        so a name acquired twice stays held until released twice."""
         self.pool.release(names)
 
     def set_batch(self, slots: Union[torch.Tensor, LoRABatchMeta, Sequence[Optional[str]]]) -> LoRABatchMeta:
-        """Fix the adapters of every following forward, per TOKEN, until :meth:`clear_batch`.
+        """Fix the adapters of every following forward IN THIS THREAD, per TOKEN, until
+        :meth:`clear_batch`.
 
         ``slots``: a LoRABatchMeta, a [T] int tensor of slot ids (-1 = base; slots from
-        :meth:`acquire`), or a list of T adapter names (None / "__base__" = base; acquired here and
-        released by clear_batch). The model must then be called with inputs flattening to exactly T
-        tokens (packed / variable-length batches), with no extra arguments: ``lm.model(...)``.
+        :meth:`acquire` or :meth:`pin`, which keep them from being re-assigned), or a list of T
+        adapter names (None / "__base__" = base; held here until clear_batch). The model must then
+        be called with inputs flattening to exactly T tokens (packed / variable-length batches),
+        with no extra arguments: ``lm.model(...)``. While it is active, a forward in another thread
+        that has no batch of its own raises RuntimeError instead of guessing.
         """
         self._check_open()
         self.clear_batch()
+        lease = None
         if isinstance(slots, LoRABatchMeta):
             if slots.num_slots != self.max_adapters:
                 raise ValueError(f"slots: the metadata was built for {slots.num_slots} slots, but the pool has "
@@ -491,23 +543,35 @@ class MultiLoRAModel:
         elif isinstance(slots, torch.Tensor):
             meta = build_batch_meta(slots, self.max_adapters)
         elif isinstance(slots, Sequence) and not isinstance(slots, str):
-            names = [n for n in slots if n is not None and n != BASE]
-            got = self.acquire(list(dict.fromkeys(names)))
-            self._batch_held = list(got)
+            for i, n in enumerate(slots):
+                if n is not None and n != BASE:
+                    _check_name(n, f"slots[{i}]")
+            lease = self.pool.lease([n for n in slots if n is not None and n != BASE])
             device = next(iter(self._layers.values())).device
-            ids = [-1 if (n is None or n == BASE) else got[n] for n in slots]
-            meta = build_batch_meta(torch.tensor(ids, dtype=torch.int32).to(device), self.max_adapters)
+            ids = [-1 if (n is None or n == BASE) else lease.slots[n] for n in slots]
+            try:
+                meta = build_batch_meta(torch.tensor(ids, dtype=torch.int32).to(device), self.max_adapters)
+            except BaseException:
+                lease.release()
+                raise
         else:
             raise TypeError(f"slots: expected a LoRABatchMeta, a tensor of slot ids or a list of adapter names, "
                             f"got {type(slots).__name__}")
-        self._state.fixed = meta
+        state = _CallState(fixed=meta, lease=lease)
+        self._fixed[id(state)] = threading.current_thread().name
+        self._call.set(state)
         return meta
 
     def clear_batch(self) -> None:
-        self._state.fixed = None
-        if self._batch_held:
-            self.pool.release(self._batch_held)
-            self._batch_held = []
+        """End this thread's set_batch() (releasing what a list of names acquired); a no-op
+        without one."""
+        state = self._call.get()
+        if state is None or state.fixed is None:
+            return
+        self._call.set(None)
+        self._fixed.pop(id(state), None)
+        if state.lease is not None:
+            state.lease.release()
 
     @contextlib.contextmanager
     def batch(self, slots) -> Iterator[LoRABatchMeta]:

@@ -13,15 +13,36 @@ Design
 * Host: every registered adapter keeps its weights (already in the layers' dtype, lora_B
   transposed, pinned when the layers live on a GPU) until the host budget is exceeded; then the
   least recently used ones are dropped and re-read from their source when next needed.
-* A batch calls :meth:`AdapterPool.prepare` with its adapter names: each one not resident is copied
-  into a free slot, else into the least-recently-used slot whose adapter is neither in this batch,
-  nor pinned, nor held by a serving stack (:meth:`prepare` with ``hold=True``). On a GPU the copies
-  are non_blocking from pinned memory on a side stream, which first waits for the compute stream
-  (queued kernels may still read the slot) and which the compute stream then waits for (the copy is
-  ordered before the first use).
-* Writing a slot first marks it empty in every layer (rank 0) and only publishes the new ranks once
-  all copies are issued: a failure leaves an empty slot, never half an adapter. Ranks beyond an
-  adapter's rank are zeroed in its slot (the kernels ignore them anyway).
+* A batch takes a :class:`Lease` (:meth:`AdapterPool.lease`): every named adapter is made
+  resident and HELD (a reference count) until ``lease.release()``. A patched model's forward holds
+  its adapters from the moment its names become slot ids until its last layer has run. A slot is
+  filled from a free one, else from the least-recently-used adapter that nothing holds: not leased,
+  not pinned (:meth:`pin`), not acquired by a serving stack (:meth:`acquire`, counted, until
+  :meth:`release`).
+* Concurrency: a thread may load, pin, unpin, unload, acquire and release while others serve.
+  The rule is two locks and one invariant:
+    - the STATE lock guards the registry, the slot owners, the reference counts and the LRU clock.
+      It is held for bookkeeping only, never during I/O, conversions or copies; leasing adapters
+      that are already resident takes nothing else.
+    - the WRITE lock serialises writing slots (copies, ranks, rebinding the layers' ops). Only
+      loads and unloads take it; a forward whose adapters are resident never waits for it.
+    - invariant: layer buffers are only ever written in slots that no lease holds, so a forward
+      never sees a slot change under it; it may see a layer's op rebound between two layers,
+      which changes nothing for the slots it holds.
+  Reading an adapter (its source, the dtype conversion, pinning host memory) happens under no pool
+  lock at all (a per-adapter lock keeps two threads from reading the same adapter twice), so a
+  slow source never stalls serving the others. Unloading a held adapter retires it: the name is
+  gone at once (it can be loaded again), its slot is freed when the last lease holding it ends.
+* GPU ordering: slot copies are non_blocking from pinned memory on a side stream, which first
+  waits for the loading thread's compute stream and for the events recorded when the last leases
+  that read the target slot ended (another thread's queued kernels may still read it). After the
+  copies a "ready" event is recorded for the slot; a lease makes its thread's current stream wait
+  for the ready events of its slots, so a forward on any stream reads a slot only after its copy.
+  No host synchronisation anywhere.
+* Writing a slot marks it empty (rank 0) in every layer its previous adapter had weights in
+  and only publishes the new ranks once all copies are issued: a failure leaves an empty slot,
+  never half an adapter. Ranks beyond an adapter's rank are zeroed in its slot (the kernels
+  ignore them anyway).
 
 This module knows nothing about models: the patching code gives it the layers and a ``bind``
 function that checks an adapter against the model and returns per-layer host weights.
@@ -33,7 +54,7 @@ import math
 import mmap
 import threading
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -182,6 +203,8 @@ class AdapterMemory:
     in_host_memory: bool       # False: dropped past the host budget, re-read on next use
     slot: Optional[int]        # device slot, None when not resident
     pinned: bool
+    leases: int = 0            # batches being served that hold it (forwards, set_batch)
+    acquired: int = 0          # acquire() calls not yet released
 
 
 @dataclass(frozen=True)
@@ -200,81 +223,140 @@ class MemoryReport:
         lines = [f"device slots: {used}/{self.max_adapters} in use, max rank {self.max_rank}, "
                  f"{self.device_bytes * mb:.2f} MiB allocated",
                  f"host: {self.host_bytes * mb:.2f} MiB of adapter weights (budget {budget})",
-                 f"{'adapter':<24} {'MiB':>9} {'host':>5} {'slot':>5} {'pinned':>6}"]
+                 f"{'adapter':<24} {'MiB':>9} {'host':>5} {'slot':>5} {'pinned':>6} {'held':>5}"]
         for a in self.adapters:
             lines.append(f"{a.name:<24} {a.nbytes * mb:>9.3f} {'yes' if a.in_host_memory else 'no':>5} "
-                         f"{'-' if a.slot is None else a.slot:>5} {'yes' if a.pinned else 'no':>6}")
+                         f"{'-' if a.slot is None else a.slot:>5} {'yes' if a.pinned else 'no':>6} "
+                         f"{a.leases + a.acquired:>5}")
         return "\n".join(lines)
 
 
 class _Entry:
+    """A registered adapter. Every field but ``host`` (set under ``read_lock`` too) is guarded by
+    the pool's state lock."""
+
     def __init__(self, name: str, source: AdapterSource, host: Bound):
         self.name, self.source, self.host = name, source, host
         self.nbytes = sum(w.nbytes for w in host.values())
         self.fingerprint = {layer: (w.rank, w.scaling) for layer, w in host.items()}
         self.slot: Optional[int] = None
         self.pinned = False
+        self.leases = 0           # Lease objects holding it
+        self.acquired = 0         # acquire() calls not yet released
+        self.retired = False      # unloaded; a held one keeps its slot until its last lease ends
         self.last_used = 0
+        self.read_lock = threading.Lock()   # one re-read of the source at a time
+
+    def evictable(self) -> bool:
+        return not (self.leases or self.acquired or self.pinned)
+
+
+class Lease:
+    """Adapters held in their device slots until :meth:`release` (idempotent; also a context
+    manager). ``slots``: {name: slot}. What a batch being served holds: while it lives, its adapters
+    are neither evicted nor overwritten, and unloading them only retires them."""
+
+    __slots__ = ("slots", "_pool", "_entries")
+
+    def __init__(self, pool: "AdapterPool", entries: List[_Entry], slots: Dict[str, int]):
+        self._pool, self._entries, self.slots = pool, entries, slots
+
+    def release(self) -> None:
+        entries, self._entries = self._entries, None
+        if entries:
+            self._pool._end_lease(entries)
+
+    @property
+    def released(self) -> bool:
+        return self._entries is None
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class AdapterPool:
-    """Registered adapters, host cache with a byte budget, LRU device slots (see module doc)."""
+    """Registered adapters, host cache with a byte budget, LRU device slots, leases (module doc)."""
 
     def __init__(self, layers: Dict[str, LayerSlots], max_adapters: int, max_rank: int, bind: Binder,
-                 host_budget_bytes: Optional[int] = None):
+                 host_budget_bytes: Optional[int] = None, read: Optional[Callable[[AdapterSource], AdapterWeights]] = None):
         self.layers, self.max_adapters, self.max_rank = layers, max_adapters, max_rank
         self.host_budget_bytes = host_budget_bytes
         self._bind = bind
+        self._load = read or load_adapter_weights
         self._entries: Dict[str, _Entry] = {}
-        self._owner: List[Optional[str]] = [None] * max_adapters
-        self._held: set = set()
+        S = max_adapters
+        self._owner: List[Optional[_Entry]] = [None] * S         # a slot's adapter (set before its copies end)
+        self._slot_layers: List[Set[str]] = [set() for _ in range(S)]   # layers where a slot has weights
         self._clock = itertools.count(1)
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()          # the state lock (module doc)
+        self._write_lock = threading.Lock()    # the write lock; taken before the state lock, never after
+        self._cuda = self._cuda_devices()
         self._streams: Dict[torch.device, "torch.cuda.Stream"] = {}
         self._in_flight: List[Tuple["torch.cuda.Event", List[torch.Tensor]]] = []
+        # GPU only, per slot: the last event of each stream whose leases read the slot, and the
+        # event after the slot's last copy, per device.
+        self._readers: List[Dict[Any, "torch.cuda.Event"]] = [{} for _ in range(S)]
+        self._ready: List[Dict[torch.device, "torch.cuda.Event"]] = [{} for _ in range(S)]
 
     # ----------------------------------------------------------------------------- registry
 
     @property
     def names(self) -> Tuple[str, ...]:
-        return tuple(self._entries)
+        with self._lock:
+            return tuple(self._entries)
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
     def register(self, name: str, source: AdapterSource) -> None:
-        """Read, check and keep ``name`` in host memory. On any error nothing changes."""
+        """Read, check and keep ``name`` in host memory. On any error nothing changes. The source
+        is read under no lock: serving goes on meanwhile."""
         with self._lock:
-            if name in self._entries:
-                raise ValueError(f"name: adapter {name!r} is already loaded; unload_adapter({name!r}) first")
-            host = self._read(source)
+            self._check_free(name)
+        host = self._read(source)
+        with self._lock:
+            self._check_free(name)
             entry = _Entry(name, source, host)
             entry.last_used = next(self._clock)
             self._entries[name] = entry
             self._trim_host(protect={name})
 
     def unregister(self, name: str) -> None:
-        with self._lock:
-            entry = self._entry(name)
-            if name in self._held:
-                raise RuntimeError(f"adapter {name!r} is held by the current batch (acquire); release() it first")
-            if entry.slot is not None:
-                touched: set = set()
-                self._empty_slot(entry.slot, touched)
-                self._publish_all(touched)
-            del self._entries[name]
+        """Forget ``name``. Its slot is freed now, or, while batches being served hold it, when the
+        last of them ends (they finish with it); the name can be loaded again at once."""
+        with self._write_lock:
+            with self._lock:
+                entry = self._entry(name)
+                if entry.acquired:
+                    raise RuntimeError(f"adapter {name!r} is held by the serving stack (acquire, {entry.acquired} "
+                                       "not released); release() it first")
+                del self._entries[name]
+                entry.retired, entry.pinned, entry.host = True, False, None
+                if entry.leases or entry.slot is None:
+                    return
+                slot = self._detach(entry)
+            self._write_slot(slot, {})
 
     def pin(self, name: str) -> int:
         """Load ``name`` into a slot now and keep it there until unpin(); returns the slot."""
         with self._lock:
             entry = self._entry(name)
-            if not entry.pinned:
-                pinned = sum(e.pinned for e in self._entries.values())
-                if pinned >= self.max_adapters:
+            was_pinned = entry.pinned
+            if not was_pinned:
+                if sum(e.pinned for e in self._entries.values()) >= self.max_adapters:
                     raise ValueError(f"pin: all max_adapters={self.max_adapters} slots are already pinned")
-                slot = self.prepare([name])[name]
                 entry.pinned = True
-                return slot
+        try:
+            self._make_resident([entry])
+        except BaseException:
+            if not was_pinned:
+                with self._lock:
+                    entry.pinned = False
+            raise
+        with self._lock:
             return entry.slot
 
     def unpin(self, name: str) -> None:
@@ -283,53 +365,70 @@ class AdapterPool:
 
     # -------------------------------------------------------------------------------- batches
 
-    def prepare(self, names: Sequence[str], *, hold: bool = False) -> Dict[str, int]:
-        """Make every adapter in ``names`` resident; returns {name: slot}.
+    def lease(self, names: Sequence[str]) -> Lease:
+        """Make every adapter in ``names`` resident and hold it until the lease is released.
 
-        Adapters of this call are never evicted by it; ``hold=True`` also protects them from
-        later calls until :meth:`release` (serving stacks that set slots themselves).
+        The adapters are held first (so that loading one never evicts another of the same
+        batch), then the missing ones are loaded. On any error nothing stays held.
         """
+        unique = list(dict.fromkeys(names))
+        if len(unique) > self.max_adapters:
+            raise ValueError(f"adapter_names: {len(unique)} distinct adapters in one batch, but the pool has "
+                             f"max_adapters={self.max_adapters} slots; split the batch or patch with a larger "
+                             "max_adapters")
         with self._lock:
-            unique = list(dict.fromkeys(names))
-            if len(unique) > self.max_adapters:
-                raise ValueError(f"adapter_names: {len(unique)} distinct adapters in one batch, but the pool has "
-                                 f"max_adapters={self.max_adapters} slots; split the batch or patch with a larger "
-                                 "max_adapters")
             entries = [self._entry(n) for n in unique]
-            protect = set(unique) | self._held
-            missing = [e for e in entries if e.slot is None]
-            if missing:
-                self._begin_copies()
-                touched: set = set()
-                try:
-                    for e in missing:
-                        self._load_into_slot(e, protect, touched)
-                finally:
-                    self._publish_all(touched)
-                    self._end_copies()
             now = next(self._clock)
             for e in entries:
+                e.leases += 1
                 e.last_used = now
-            if hold:
-                self._held |= set(unique)
-            return {e.name: e.slot for e in entries}
+            missing = [e for e in entries if e.slot is None]
+        lease = Lease(self, entries, {})
+        try:
+            if missing:
+                self._make_resident(missing)
+            with self._lock:
+                lease.slots = {e.name: e.slot for e in entries}
+                ready = [self._ready[e.slot] for e in entries] if self._cuda else ()
+            for events in ready:                      # this thread's stream reads after the copies
+                for dev, ev in events.items():
+                    torch.cuda.current_stream(dev).wait_event(ev)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
+
+    def acquire(self, names: Sequence[str]) -> Dict[str, int]:
+        """Load ``names`` and hold them for a serving stack until :meth:`release` (counted: each
+        acquire of a name needs one release); returns {name: slot}."""
+        with self.lease(names) as lease:
+            with self._lock:
+                for e in lease._entries:
+                    e.acquired += 1
+            return dict(lease.slots)
 
     def release(self, names: Optional[Iterable[str]] = None) -> None:
+        """Undo one :meth:`acquire` of each name (every acquire of every adapter when None)."""
         with self._lock:
             if names is None:
-                self._held.clear()
-            else:
-                self._held -= set(names)
+                entries = [e for e in self._entries.values() if e.acquired]
+                for e in entries:
+                    e.acquired = 0
+                return
+            entries = [self._entry(n) for n in dict.fromkeys(names)]
+            for e in entries:
+                e.acquired = max(0, e.acquired - 1)
 
     def slot_of(self, name: str) -> Optional[int]:
-        return self._entry(name).slot
+        with self._lock:
+            return self._entry(name).slot
 
     # --------------------------------------------------------------------------------- memory
 
     def memory_report(self) -> MemoryReport:
         with self._lock:
-            adapters = tuple(AdapterMemory(e.name, e.nbytes, e.host is not None, e.slot, e.pinned)
-                             for e in self._entries.values())
+            adapters = tuple(AdapterMemory(e.name, e.nbytes, e.host is not None, e.slot, e.pinned, e.leases,
+                                           e.acquired) for e in self._entries.values())
             return MemoryReport(adapters, sum(ls.nbytes for ls in self.layers.values()),
                                 sum(e.nbytes for e in self._entries.values() if e.host is not None),
                                 self.host_budget_bytes, self.max_adapters, self.max_rank)
@@ -339,25 +438,38 @@ class AdapterPool:
     def _entry(self, name: str) -> _Entry:
         try:
             return self._entries[name]
-        except KeyError:
+        except (KeyError, TypeError):
             known = ", ".join(repr(n) for n in self._entries) or "none"
             raise KeyError(f"adapter {name!r} is not loaded (loaded: {known})") from None
 
-    def _read(self, source: AdapterSource) -> Bound:
-        return self._bind(load_adapter_weights(source))
+    def _check_free(self, name: str) -> None:
+        if name in self._entries:
+            raise ValueError(f"name: adapter {name!r} is already loaded; unload_adapter({name!r}) first")
 
-    def _host(self, entry: _Entry, protect: set) -> Bound:
-        """The adapter's host weights, re-read from its source if they were dropped."""
-        if entry.host is None:
+    def _read(self, source: AdapterSource) -> Bound:
+        return self._bind(self._load(source))
+
+    def _host(self, entry: _Entry) -> Bound:
+        """The adapter's host weights, re-read from its source if they were dropped (no pool lock
+        held while reading)."""
+        host = entry.host
+        if host is not None:
+            return host
+        with entry.read_lock:
+            if entry.host is not None:
+                return entry.host
             host = self._read(entry.source)
             if {layer: (w.rank, w.scaling) for layer, w in host.items()} != entry.fingerprint:
                 raise RuntimeError(f"adapter {entry.name!r}: its source {entry.source!r} changed since it was "
                                    "loaded (other modules, ranks or scalings); unload and load it again")
-            entry.host = host
-            self._trim_host(protect | {entry.name})
-        return entry.host
+            with self._lock:
+                if not entry.retired:
+                    entry.host = host
+                    self._trim_host({entry.name})
+        return host
 
     def _trim_host(self, protect: set) -> None:
+        """(state lock held) Drop least-recently-used host copies past the budget."""
         if self.host_budget_bytes is None:
             return
         held = [e for e in self._entries.values() if e.host is not None]
@@ -370,77 +482,139 @@ class AdapterPool:
             e.host = None
             total -= e.nbytes
 
-    def _victim_slot(self, protect: set) -> int:
+    def _make_resident(self, entries: Sequence[_Entry]) -> None:
+        """Load each entry into a slot unless it is (or becomes, by another thread) resident.
+        The caller holds the entries (lease or pin), so nothing evicts them meanwhile."""
+        for e in entries:
+            with self._lock:
+                if e.slot is not None:
+                    continue
+            host = self._host(e)                     # may read the source: no lock held
+            with self._write_lock:
+                with self._lock:
+                    if e.retired:
+                        raise KeyError(f"adapter {e.name!r} was unloaded while a batch was being prepared for it")
+                    if e.slot is not None:
+                        continue                     # another thread loaded it meanwhile
+                    slot = self._victim_slot()
+                    self._detach(self._owner[slot])
+                    self._owner[slot] = e            # reserved; e.slot is set once the copies are issued
+                try:
+                    self._write_slot(slot, host)
+                except BaseException:
+                    with self._lock:
+                        self._owner[slot] = None
+                    raise
+                with self._lock:
+                    e.slot = slot
+
+    def _victim_slot(self) -> int:
+        """(state lock held) A free slot, else the least recently used evictable adapter's."""
         for s, owner in enumerate(self._owner):
             if owner is None:
                 return s
-        candidates = [self._entries[o] for o in self._owner
-                      if o not in protect and not self._entries[o].pinned]
+        candidates = [e for e in self._owner if e.slot is not None and e.evictable()]
         if not candidates:
             raise RuntimeError(f"no device slot can be freed: all max_adapters={self.max_adapters} slots hold "
-                               "adapters that are pinned, held or in this batch")
+                               "adapters that are pinned, acquired or in a batch being served")
         return min(candidates, key=lambda e: e.last_used).slot
 
-    def _empty_slot(self, slot: int, touched: set) -> None:
-        """Mark ``slot`` empty in every layer its adapter had weights in (added to ``touched``)."""
-        owner = self._owner[slot]
-        if owner is None:
-            return
-        entry = self._entries[owner]
-        self._owner[slot], entry.slot = None, None
-        for layer in entry.fingerprint:
-            self.layers[layer].write(slot, None)
-        touched |= set(entry.fingerprint)
+    def _detach(self, entry: Optional[_Entry]) -> Optional[int]:
+        """(state lock held) Take ``entry``'s slot away from it (its weights stay until the slot
+        is written again); returns the slot."""
+        if entry is None or entry.slot is None:
+            return None
+        slot, entry.slot = entry.slot, None
+        self._owner[slot] = None
+        return slot
 
-    def _load_into_slot(self, entry: _Entry, protect: set, touched: set) -> None:
-        host = self._host(entry, protect)           # may raise: nothing changed yet
-        slot = self._victim_slot(protect)
-        self._empty_slot(slot, touched)
-        touched |= set(host)
+    def _end_lease(self, entries: List[_Entry]) -> None:
+        readers = self._reader_events() if self._cuda else None
+        with self._lock:
+            for e in entries:
+                e.leases -= 1
+                if e.slot is None:
+                    continue
+                if readers:
+                    self._readers[e.slot].update(readers)
+                if e.retired and not e.leases:
+                    self._detach(e)       # free; cleared by the next write into it
+
+    def _write_slot(self, slot: int, host: Bound) -> None:
+        """(write lock held; no lease holds ``slot``) Empty the slot in every layer it has weights
+        in, copy ``host`` into it and publish the touched layers."""
+        old = self._slot_layers[slot]
+        self._slot_layers[slot] = set()
+        touched = old | set(host)
+        with self._lock:
+            waits, self._readers[slot] = self._readers[slot], {}
+        self._begin_copies(waits)
         try:
-            for layer, w in host.items():
-                self.layers[layer].write(slot, w)
-        except BaseException:
-            for layer in host:
+            for layer in old:
                 self.layers[layer].write(slot, None)
-            raise
-        self._owner[slot], entry.slot = entry.name, slot
-        self._keep_alive([t for w in host.values() for t in (w.a, w.bt)])
-
-    def _publish_all(self, layer_names: set) -> None:
-        keep: List[torch.Tensor] = []
-        for name in layer_names:
-            self.layers[name].publish(keep)
-        self._keep_alive(keep)
+            try:
+                for layer, w in host.items():
+                    self.layers[layer].write(slot, w)
+            except BaseException:
+                for layer in host:
+                    self.layers[layer].write(slot, None)
+                raise
+            self._slot_layers[slot] = set(host)
+        finally:
+            keep: List[torch.Tensor] = []
+            for name in touched:
+                self.layers[name].publish(keep)
+            self._end_copies(slot)
+            self._keep_alive(keep + [t for w in host.values() for t in (w.a, w.bt)])
 
     # -------------------------------------------------------------------- GPU stream ordering
 
     def _cuda_devices(self) -> List[torch.device]:
         return sorted({ls.device for ls in self.layers.values() if ls.device.type == "cuda"}, key=str)
 
-    def _begin_copies(self) -> None:
-        """On GPUs: switch to a side stream that first waits for the compute stream."""
+    def _reader_events(self) -> Dict[Any, "torch.cuda.Event"]:
+        """An event on each device's current stream, after the kernels a lease's forward queued."""
+        out = {}
+        for dev in self._cuda:
+            stream = torch.cuda.current_stream(dev)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            out[stream] = ev
+        return out
+
+    def _begin_copies(self, waits: Dict[Any, "torch.cuda.Event"]) -> None:
+        """On GPUs: switch to a side stream that first waits for this thread's compute stream and
+        for the last readers of the slot on every stream."""
         self._stream_ctx = []
-        for dev in self._cuda_devices():
+        for dev in self._cuda:
             stream = self._streams.get(dev)
             if stream is None:
                 stream = self._streams[dev] = torch.cuda.Stream(dev)
             stream.wait_stream(torch.cuda.current_stream(dev))
+            for reader, ev in waits.items():
+                if reader.device == dev:
+                    stream.wait_event(ev)
             ctx = torch.cuda.stream(stream)
             ctx.__enter__()
             self._stream_ctx.append((dev, stream, ctx))
 
-    def _end_copies(self) -> None:
-        """Order the copies before the next use on the compute stream; keep sources alive."""
+    def _end_copies(self, slot: int) -> None:
+        """Record the slot's ready event; order the copies before this thread's next use."""
+        ready = {}
         for dev, stream, ctx in reversed(self._stream_ctx):
             ctx.__exit__(None, None, None)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            ready[dev] = ev
             torch.cuda.current_stream(dev).wait_stream(stream)
         self._stream_ctx = []
+        if ready:
+            self._ready[slot] = ready
 
     def _keep_alive(self, tensors: List[torch.Tensor]) -> None:
-        """Host tensors read by in-flight non_blocking copies must outlive them."""
+        """Host tensors read by in-flight non_blocking copies must outlive them (write lock held)."""
         self._in_flight = [(ev, ts) for ev, ts in self._in_flight if not ev.query()]
-        if tensors and self._cuda_devices():
+        if tensors and self._cuda:
             ev = torch.cuda.Event()
             ev.record()
             self._in_flight.append((ev, tensors))

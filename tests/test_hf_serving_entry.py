@@ -186,15 +186,16 @@ def test_layout_cache_evicts_least_recently_used_one_at_a_time(tmp_path, monkeyp
     path = save_adapter(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), str(tmp_path / "a"), 3)
     lm = olk.patch_model(copy.deepcopy(base), max_adapters=2, max_rank=8)
     lm.load_adapter("a", path)
-    monkeypatch.setattr(hf_patch._BatchState, "CACHE_SIZE", 3)
+    monkeypatch.setattr(hf_patch._MetaCache, "CACHE_SIZE", 3)
     ids = torch.randint(0, 100, (2, 3))
     lm(input_ids=ids, adapter_names=["a", None])
-    hot = lm._state.meta
+    hot_key = ((lm.pool.slot_of("a"), -1), 2, 3, ids.device)
+    hot = lm._meta_cache.get(hot_key)[0]
     for i in range(2, 7):     # new layouts, the hot one used in between
         lm(input_ids=torch.randint(0, 100, (2, i)), adapter_names=["a", None])
         lm(input_ids=ids, adapter_names=["a", None])
-        assert lm._state.meta is hot
-    assert len(lm._state.cache) == 3
+        assert lm._meta_cache.get(hot_key)[0] is hot
+    assert len(lm._meta_cache) == 3
 
 
 def test_unpatched_model_object_is_closed(tmp_path):
