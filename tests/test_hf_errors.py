@@ -242,6 +242,10 @@ def test_adapter_names_of_the_wrong_length(lm):
         lm(input_ids=ids, attention_mask=mask, adapter_names=["good", None, None])
     with pytest.raises(ValueError, match="3 names for a batch of 2 rows"):
         lm.generate(input_ids=ids, attention_mask=mask, adapter_names=["good", None, None], max_new_tokens=2)
+    with pytest.raises(ValueError, match="1 names for a batch of 2 rows"):
+        lm.generate(inputs=ids, attention_mask=mask, adapter_names=["good"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="3 names for a batch of 2 rows"):
+        lm.generate(ids, attention_mask=mask, adapter_names=["good", None, None], max_new_tokens=2)
     with pytest.raises(TypeError, match="adapter_names"):
         lm(input_ids=ids, attention_mask=mask, adapter_names="good")
     assert_unchanged(lm)
