@@ -426,7 +426,8 @@ def _is_count(v: Any) -> bool:
 def _safetensors_header(f: BinaryIO, size: int, path: str, expect: Optional[Expectation]):
     """The checked header: ({name: (dtype, shape, begin, end)} in data order, data start)."""
     if size < 8:
-        raise AdapterFormatError(f"{path}: truncated safetensors file ({size} bytes, less than the 8-byte header length)")
+        raise AdapterFormatError(f"{path}: truncated safetensors file ({size} bytes, less than the 8-byte "
+                                 "header length)")
     n = int.from_bytes(_read_at(f, 0, 8, path, "the header length"), "little")
     if n > MAX_HEADER_BYTES:
         raise AdapterFormatError(f"{path}: corrupt safetensors file: a header of {n} bytes, above the limit of "
@@ -448,8 +449,8 @@ def _safetensors_header(f: BinaryIO, size: int, path: str, expect: Optional[Expe
         raise AdapterFormatError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
     entries = {}
     for name, info in header.items():
-        def bad(why: str) -> AdapterFormatError:
-            return AdapterFormatError(f"{path}: corrupt safetensors header: tensor {_show(name)}: {why}")
+        bad = lambda why, name=name: AdapterFormatError(  # noqa: E731
+            f"{path}: corrupt safetensors header: tensor {_show(name)}: {why}")
         if not isinstance(info, dict):
             raise bad("expected an object with dtype, shape and data_offsets")
         dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")

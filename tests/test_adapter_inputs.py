@@ -111,7 +111,8 @@ def deadline(seconds):
 ])
 def test_bad_r_and_lora_alpha(lm, env, tmp_path, field, value, shown):
     d = with_config(env, tmp_path, **{field: value})
-    with pytest.raises(AdapterFormatError, match=rf"LocalSource.*cfg.*adapter_config {field} must be .*got {re.escape(shown)}"):
+    with pytest.raises(AdapterFormatError,
+                       match=rf"LocalSource.*cfg.*adapter_config {field} must be .*got {re.escape(shown)}"):
         lm.load_adapter("bad", str(d))
     assert_unchanged(lm)
 
