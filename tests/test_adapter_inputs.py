@@ -264,6 +264,7 @@ def test_meta_tensor(lm, env):
     assert_unchanged(lm)
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.parametrize("to_layout", [lambda t: t.to_sparse(), lambda t: t.to_sparse_csr()])
 def test_sparse_tensor(lm, env, to_layout):
     tensors = good_tensors(env)
