@@ -4,44 +4,73 @@ An adapter is what PEFT's ``save_pretrained`` writes: ``adapter_config.json`` pl
 ``adapter_model.safetensors`` (or, from old PEFT versions, ``adapter_model.bin``). This module
 turns such an adapter into :class:`AdapterWeights`: for every module it targets, ``lora_A.weight``
 [r, K], ``lora_B.weight`` [N, r] and PEFT's scaling for that module. It never touches a model;
-matching the modules to a model is the job of ``hf_patch.py``.
+matching the modules to a model is the job of ``hf_patch.py``, which can pass an
+:class:`Expectation` (a check of the tensor shapes, a byte limit) that refuses a weights file
+from its header, before its data is read.
 
 Sources (``resolve_source``):
   * a local directory (``str`` or ``os.PathLike``);
   * a Hugging Face Hub repo id ``"org/name"`` (through huggingface_hub: the local cache first,
-    ``HF_HUB_OFFLINE=1`` honoured at call time; :class:`HubSource` takes a revision / cache dir);
-  * anything with a ``load()`` method, or a plain callable, returning ``(config, tensors)``:
-    ``config`` the adapter_config.json contents (a dict, or a ``peft.LoraConfig``) and
-    ``tensors`` a mapping of PEFT state-dict keys to tensors. Registries and object stores plug
-    in there (see :class:`AdapterSource`).
+    ``HF_HUB_OFFLINE=1`` honoured at call time; :class:`HubSource` takes a revision / cache dir).
+    ``repo_id`` and ``revision`` are names, not paths (no ``.`` / ``..`` components, absolute
+    paths, backslashes or NUL; a revision may contain ``/``, as in ``refs/pr/1``), and the
+    snapshot directory huggingface_hub returns must lie inside the cache directory (symlinks
+    resolved);
+  * anything with a ``load()`` method, or a plain callable, returning exactly a pair
+    ``(config, tensors)``: ``config`` the adapter_config.json contents (a dict, or a
+    ``peft.LoraConfig``) and ``tensors`` a mapping of PEFT state-dict keys to tensors.
+    Registries and object stores plug in there (see :class:`AdapterSource`).
 
 The config fields that decide the output are honoured: ``r``, ``lora_alpha``, ``use_rslora``
 (scaling alpha / sqrt(r) instead of alpha / r), ``rank_pattern`` and ``alpha_pattern`` (per-module
-rank and alpha, matched like PEFT does: the key is a suffix regex of the module name).
-``target_modules`` (list, regex or "all-linear"), ``layers_to_transform``/``layers_pattern`` and
-``fan_in_fan_out`` decide which modules PEFT created and saved; the saved tensors are the
-authority on that, so an adapter applies exactly to the modules it has weights for. Fields that
-change the computation in ways these kernels do not implement (DoRA, LoRA bias, modules_to_save,
-trainable tokens, ...) raise NotImplementedError naming them, never silently wrong output.
+rank and alpha, matched like PEFT does: the key is a suffix regex of the module name, matched here
+in linear time by :mod:`openlora_kernels.patterns`). ``r`` and the ``rank_pattern`` values must be
+positive integers (an int, or an integral float like 8.0); ``lora_alpha`` and the ``alpha_pattern``
+values finite numbers > 0 (bools, strings, NaN and Infinity are refused); pattern keys must be
+strings the pattern matcher accepts. ``target_modules`` (list, regex or "all-linear"),
+``layers_to_transform``/``layers_pattern`` and ``fan_in_fan_out`` decide which modules PEFT
+created and saved; the saved tensors are the authority on that, so an adapter applies exactly to
+the modules it has weights for. Fields that change the computation in ways these kernels do not
+implement (DoRA, LoRA bias, modules_to_save, trainable tokens, ...) raise NotImplementedError
+naming them, never silently wrong output.
 
-Weights are never unpickled: a ``.bin`` file is read with ``torch.load(weights_only=True)``, which
-accepts tensors only. Safetensors files are read fully into memory (no mmap), so a file changed
-or truncated later cannot crash the process. Every read error names the file.
+Files: ``adapter_config.json`` must be a UTF-8 JSON object of at most :data:`MAX_CONFIG_BYTES`.
+Weights files must be non-empty regular files (symlinks to regular files, as in the Hub cache,
+are followed; directories, FIFOs, devices and /proc files are refused unread). A safetensors
+file is read by the small reader here: its header (at most :data:`MAX_HEADER_BYTES`) is checked
+first (known dtypes, non-negative shapes whose byte sizes match their ``data_offsets``, tensors
+tiling the data exactly, nothing past the end of the file), then the :class:`Expectation`, then
+each tensor's bytes are read with plain reads into memory (no mmap, so a file changed or truncated
+later cannot crash the process). A ``.bin`` file is never unpickled: it is read with
+``torch.load(weights_only=True)``, which accepts tensors only, after its size is checked.
+
+Tensors must be dense (strided) tensors with data (not on the meta device), and the same tensor
+under two key spellings (with and without ``base_model.model.``, ``lora_A.weight`` and
+``lora_A.default.weight``) must hold equal values. Every error names the file, key or field:
+:class:`AdapterFormatError` (a ValueError) for malformed input.
 """
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
+import reprlib
+import stat
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple, Union, runtime_checkable
+from typing import (Any, BinaryIO, Callable, Dict, Mapping, Optional, Protocol, Tuple, Union,
+                    runtime_checkable)
 
 import torch
+
+from .patterns import PatternError, compile_pattern, peft_key_matches
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
+MAX_CONFIG_BYTES = 16 << 20        # an adapter_config.json is a few KiB
+MAX_HEADER_BYTES = 100 << 20       # a safetensors header (JSON) is ~100 bytes per tensor
 
 # Config fields whose "set" value changes the forward pass in a way plain LoRA does not cover.
 _UNSUPPORTED_FIELDS = {
@@ -61,6 +90,17 @@ _UNSUPPORTED_FIELDS = {
 }
 _PEFT_PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+# safetensors dtype names -> torch dtypes (those this torch has)
+_ST_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("BOOL", "bool"), ("U8", "uint8"), ("I8", "int8"), ("U16", "uint16"), ("I16", "int16"), ("U32", "uint32"),
+    ("I32", "int32"), ("U64", "uint64"), ("I64", "int64"), ("F16", "float16"), ("BF16", "bfloat16"),
+    ("F32", "float32"), ("F64", "float64"), ("C64", "complex64"), ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"), ("F8_E4M3FNUZ", "float8_e4m3fnuz"), ("F8_E5M2FNUZ", "float8_e5m2fnuz"),
+    ("F8_E8M0", "float8_e8m0fnu")) if hasattr(torch, attr)}
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 80
+_show = _repr.repr                 # bounded repr for values in messages (strings, deep nesting)
 
 
 class AdapterFormatError(ValueError):
@@ -71,7 +111,7 @@ class AdapterFormatError(ValueError):
 class AdapterSource(Protocol):
     """A custom place adapters come from (registry, object store, database...).
 
-    ``load()`` returns ``(config, tensors)``: the adapter_config.json contents (dict or
+    ``load()`` returns the pair ``(config, tensors)``: the adapter_config.json contents (dict or
     ``peft.LoraConfig``) and a mapping of PEFT state-dict keys (``...q_proj.lora_A.weight``, with
     or without the ``base_model.model.`` prefix) to tensors. It may be called again later: the
     adapter pool drops adapters from host memory past its budget and re-reads them on demand.
@@ -120,6 +160,38 @@ class AdapterWeights:
         return max((m.rank for m in self.modules.values()), default=0)
 
 
+@dataclass(frozen=True)
+class Expectation:
+    """What a model can accept, checked against a weights file's header before its data is read.
+
+    ``check(origin, {state-dict key: shape})`` raises to refuse (its exception propagates);
+    ``max_bytes``: a weights file (safetensors data or .bin) larger than this is refused unread.
+    For custom sources, whose tensors arrive in memory, both apply to the returned tensors (their
+    total bytes for ``max_bytes``) before they are parsed.
+    """
+
+    check: Optional[Callable[[str, Dict[str, Tuple[int, ...]]], None]] = None
+    max_bytes: Optional[int] = None
+
+    def __post_init__(self):
+        if self.check is not None and not callable(self.check):
+            raise TypeError(f"check: expected a callable, got {type(self.check).__name__}")
+        if self.max_bytes is not None and (isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int)
+                                           or self.max_bytes < 0):
+            raise ValueError(f"max_bytes: expected None or an int >= 0, got {self.max_bytes!r}")
+
+
+def _expect_size(expect: Optional[Expectation], origin: str, nbytes: int, what: str) -> None:
+    if expect is not None and expect.max_bytes is not None and nbytes > expect.max_bytes:
+        raise ValueError(f"{origin}: {what} of {nbytes} bytes, above the model's limit of max_bytes="
+                         f"{expect.max_bytes}")
+
+
+def _expect_shapes(expect: Optional[Expectation], origin: str, shapes: Dict[str, Tuple[int, ...]]) -> None:
+    if expect is not None and expect.check is not None:
+        expect.check(origin, shapes)
+
+
 # ------------------------------------------------------------------------------------ sources
 
 
@@ -129,11 +201,31 @@ class LocalSource:
     def __init__(self, path: Union[str, os.PathLike]):
         self.path = os.fspath(path)
 
-    def load(self):
-        return read_adapter_dir(self.path)
+    def load(self, expect: Optional[Expectation] = None):
+        return read_adapter_dir(self.path, expect)
 
     def __repr__(self) -> str:
         return f"LocalSource({self.path!r})"
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?")
+
+
+def _check_hub_name(arg: str, value: Any, repo_id: bool = False) -> None:
+    """``repo_id`` / ``revision`` are names huggingface_hub joins into cache paths: no path tricks."""
+    if not isinstance(value, str):
+        raise TypeError(f"{arg}: expected a str, got {type(value).__name__}")
+    parts = value.split("/")
+    why = ("is empty" if not value else
+           "contains a NUL character" if "\0" in value else
+           "contains a backslash" if "\\" in value else
+           "is an absolute path" if value.startswith("/") or os.path.isabs(value) else
+           "has a '.' or '..' path component" if any(p in (".", "..") for p in parts) else
+           "has an empty path component" if "" in parts else
+           "is not 'name' or 'org/name' (letters, digits, '_', '-', '.')"
+           if repo_id and not _HUB_ID.fullmatch(value) else None)
+    if why:
+        raise ValueError(f"{arg}: {value!r} {why}")
 
 
 class HubSource:
@@ -141,12 +233,16 @@ class HubSource:
 
     The local cache is used first; with ``HF_HUB_OFFLINE=1`` (read when loading, not at import)
     or ``local_files_only=True`` nothing is downloaded. ``cache_dir`` defaults to
-    ``$HF_HUB_CACHE`` or huggingface_hub's default. Once resolved, later re-reads use the
-    downloaded snapshot directory.
+    ``$HF_HUB_CACHE`` or huggingface_hub's default. ``repo_id`` and ``revision`` are checked here
+    (ValueError: no path components that leave the cache), and the snapshot directory must
+    resolve to a place inside the cache. Once resolved, later re-reads use that directory.
     """
 
     def __init__(self, repo_id: str, *, revision: Optional[str] = None, cache_dir: Optional[str] = None,
                  local_files_only: bool = False, token: Optional[str] = None):
+        _check_hub_name("repo_id", repo_id, repo_id=True)
+        if revision is not None:
+            _check_hub_name("revision", revision)
         self.repo_id, self.revision, self.cache_dir = repo_id, revision, cache_dir
         self.local_files_only, self.token = local_files_only, token
         self._snapshot: Optional[str] = None
@@ -155,23 +251,29 @@ class HubSource:
         if self._snapshot is None:
             try:
                 import huggingface_hub
+                from huggingface_hub import constants
             except ImportError as e:  # pragma: no cover - it is a dependency of transformers
                 raise ImportError(f"source {self.repo_id!r}: loading from the Hub needs huggingface_hub") from e
             offline = self.local_files_only or _env_flag("HF_HUB_OFFLINE")
-            cache_dir = self.cache_dir or os.environ.get("HF_HUB_CACHE") or None
+            cache_dir = os.fspath(self.cache_dir or os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+            at = f" at revision {self.revision!r}" if self.revision else ""
             try:
-                self._snapshot = huggingface_hub.snapshot_download(
+                snap = huggingface_hub.snapshot_download(
                     self.repo_id, revision=self.revision, cache_dir=cache_dir, local_files_only=offline,
                     token=self.token, allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME])
             except Exception as e:
                 where = "in the local Hub cache (offline)" if offline else "on the Hub or in the local cache"
                 raise FileNotFoundError(
-                    f"source {self.repo_id!r}: not a local directory, and no adapter found {where}"
-                    f"{f' at revision {self.revision!r}' if self.revision else ''}: {e}") from e
+                    f"source {self.repo_id!r}: not a local directory, and no adapter found {where}{at}: {e}") from e
+            real, root = os.path.realpath(snap), os.path.realpath(cache_dir)
+            if real == root or os.path.commonpath([real, root]) != root:
+                raise ValueError(f"source {self.repo_id!r}{at}: huggingface_hub returned the snapshot directory "
+                                 f"{snap!r}, which resolves to {real!r}, outside the cache directory {root!r}")
+            self._snapshot = real
         return self._snapshot
 
-    def load(self):
-        return read_adapter_dir(self.snapshot_dir())
+    def load(self, expect: Optional[Expectation] = None):
+        return read_adapter_dir(self.snapshot_dir(), expect)
 
     def __repr__(self) -> str:
         return f"HubSource({self.repo_id!r}{f', revision={self.revision!r}' if self.revision else ''})"
@@ -188,9 +290,6 @@ class CallableSource:
 
     def __repr__(self) -> str:
         return f"CallableSource({getattr(self.fn, '__qualname__', repr(self.fn))})"
-
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
 
 def resolve_source(source: Any) -> AdapterSource:
@@ -215,7 +314,7 @@ def resolve_source(source: Any) -> AdapterSource:
         if os.path.exists(source):
             raise ValueError(f"source: {source!r} is a file; give the adapter's directory "
                              f"(holding {CONFIG_NAME} and {SAFETENSORS_NAME})")
-        if _HUB_ID.match(source) and not source.startswith("."):
+        if _HUB_ID.fullmatch(source):
             return HubSource(source)
         raise FileNotFoundError(f"source: adapter directory {source!r} does not exist")
     if isinstance(source, AdapterSource):
@@ -233,50 +332,191 @@ def _env_flag(name: str) -> bool:
 # -------------------------------------------------------------------------------------- files
 
 
-def read_adapter_dir(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+def _open_regular(path: str) -> Tuple[BinaryIO, int]:
+    """``path`` opened for reading and its size; refused unless a non-empty regular file.
+
+    Opened non-blocking (a FIFO would block a plain open) and checked with fstat on the open
+    file, so what is read is what was checked. Symlinks to regular files are followed.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) and not os.path.lexists(path):
+            raise FileNotFoundError(f"{path}: missing") from e
+        raise AdapterFormatError(f"{path}: cannot be opened ({e.strerror or e})") from e
+    try:
+        st = os.fstat(fd)
+        mode, size = st.st_mode, st.st_size
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                    "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a special file")
+            raise AdapterFormatError(f"{path}: {kind}, not a regular file")
+        if size == 0:
+            raise AdapterFormatError(f"{path}: empty file (0 bytes; special files like /proc/self/mem report 0 too)")
+        return os.fdopen(fd, "rb"), size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_at(f: BinaryIO, offset: int, n: int, path: str, what: str) -> bytearray:
+    """Exactly ``n`` bytes at ``offset`` (plain seek / readinto; OSError -> AdapterFormatError)."""
+    buf, got = bytearray(n), 0
+    try:
+        f.seek(offset)
+        with memoryview(buf) as view:
+            while got < n:
+                k = f.readinto(view[got:])
+                if not k:
+                    break
+                got += k
+    except OSError as e:
+        raise AdapterFormatError(f"{path}: cannot be read ({e.strerror or e})") from e
+    if got < n:
+        raise AdapterFormatError(f"{path}: truncated: {what} needs {n} bytes at offset {offset}, "
+                                 f"only {got} could be read (the file changed?)")
+    return buf
+
+
+def read_config(path: str) -> Dict[str, Any]:
+    """Read and decode an ``adapter_config.json`` (a JSON object, at most MAX_CONFIG_BYTES)."""
+    f, size = _open_regular(path)
+    with f:
+        if size > MAX_CONFIG_BYTES:
+            raise AdapterFormatError(f"{path}: {size} bytes, above the limit of {MAX_CONFIG_BYTES} bytes "
+                                     "for an adapter config")
+        data = _read_at(f, 0, size, path, "the config")
+    try:
+        config = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise AdapterFormatError(f"{path}: not valid JSON (not UTF-8 text: {e})") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: not valid JSON (nested too deeply)") from None
+    except ValueError as e:          # JSONDecodeError, integers with too many digits
+        raise AdapterFormatError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_adapter_dir(path: Union[str, os.PathLike], expect: Optional[Expectation] = None,
+                     ) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """Read ``adapter_config.json`` and the weights of a PEFT adapter directory."""
+    path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"source: adapter directory {path!r} does not exist")
     cfg_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(cfg_path):
+    if not os.path.lexists(cfg_path):
         raise FileNotFoundError(f"{cfg_path}: missing; {path!r} is not a PEFT adapter directory")
-    try:
-        with open(cfg_path, "r", encoding="utf-8") as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFormatError(f"{cfg_path}: not valid JSON ({e})") from e
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
+    config = read_config(cfg_path)
     st_path, bin_path = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, BIN_NAME)
-    if os.path.isfile(st_path):
-        return config, read_safetensors(st_path)
-    if os.path.isfile(bin_path):
-        return config, read_bin(bin_path)
+    if os.path.lexists(st_path):
+        return config, read_safetensors(st_path, expect)
+    if os.path.lexists(bin_path):
+        return config, read_bin(bin_path, expect)
     raise FileNotFoundError(f"{st_path}: missing (and no {BIN_NAME} either) in adapter directory {path!r}")
 
 
-def read_safetensors(path: str) -> Dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load as st_load
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
-    with open(path, "rb") as f:
-        data = f.read()
+
+def _safetensors_header(f: BinaryIO, size: int, path: str, expect: Optional[Expectation]):
+    """The checked header: ({name: (dtype, shape, begin, end)} in data order, data start)."""
+    if size < 8:
+        raise AdapterFormatError(f"{path}: truncated safetensors file ({size} bytes, less than the 8-byte "
+                                 "header length)")
+    n = int.from_bytes(_read_at(f, 0, 8, path, "the header length"), "little")
+    if n > MAX_HEADER_BYTES:
+        raise AdapterFormatError(f"{path}: corrupt safetensors file: a header of {n} bytes, above the limit of "
+                                 f"{MAX_HEADER_BYTES}")
+    if 8 + n > size:
+        raise AdapterFormatError(f"{path}: truncated or corrupt safetensors file: a header of {n} bytes, "
+                                 f"but the file has {size - 8} after the header length")
+    data = size - 8 - n
+    _expect_size(expect, path, data, "safetensors data")
     try:
-        return dict(st_load(data))
-    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
-        raise AdapterFormatError(f"{path}: corrupt or truncated safetensors file ({e})") from e
+        header = json.loads(_read_at(f, 8, n, path, "the header").decode("utf-8"))
+    except (ValueError, RecursionError) as e:     # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise AdapterFormatError(f"{path}: corrupt safetensors file: the header is not UTF-8 JSON "
+                                 f"({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise AdapterFormatError(f"{path}: corrupt safetensors header: expected a JSON object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise AdapterFormatError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
+    entries = {}
+    for name, info in header.items():
+        bad = lambda why, name=name: AdapterFormatError(  # noqa: E731
+            f"{path}: corrupt safetensors header: tensor {_show(name)}: {why}")
+        if not isinstance(info, dict):
+            raise bad("expected an object with dtype, shape and data_offsets")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+            raise bad(f"unknown dtype {_show(dtype)}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise bad(f"shape {_show(shape)} is not a list of integers >= 0")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_count(o) for o in offs) and offs[0] <= offs[1]):
+            raise bad(f"data_offsets {_show(offs)} is not [begin, end] with 0 <= begin <= end")
+        begin, end = offs
+        if end > data:
+            raise AdapterFormatError(f"{path}: truncated safetensors file: tensor {_show(name)} ends at byte {end} "
+                                     f"of the data, but the file holds {data} bytes of data")
+        t = _ST_DTYPES[dtype]
+        numel = 0 if 0 in shape else 1
+        for d in shape:                    # stops early: huge dims in a corrupt header cost nothing
+            numel *= d
+            if numel * t.itemsize > end - begin:
+                break
+        if numel * t.itemsize != end - begin:
+            raise bad(f"shape {_show(shape)} of {dtype} does not take the {end - begin} bytes of data_offsets {offs}")
+        entries[name] = (t, tuple(shape), begin, end)
+    entries = dict(sorted(entries.items(), key=lambda kv: kv[1][2:]))
+    pos = 0
+    for name, (_, _, begin, end) in entries.items():
+        if begin != pos:
+            raise AdapterFormatError(
+                f"{path}: corrupt safetensors header: tensor {_show(name)} starts at byte {begin} of the data, "
+                f"{'overlapping another tensor' if begin < pos else f'leaving a gap after byte {pos}'}")
+        pos = end
+    if pos != data:
+        raise AdapterFormatError(f"{path}: corrupt safetensors file: {data - pos} bytes of data after the last tensor")
+    return entries, 8 + n
 
 
-def read_bin(path: str) -> Dict[str, torch.Tensor]:
+def read_safetensors(path: str, expect: Optional[Expectation] = None) -> Dict[str, torch.Tensor]:
+    """Read a safetensors file: the header, checked and then given to ``expect``; then each
+    tensor's bytes, with plain reads into memory of its own (no mmap)."""
+    f, size = _open_regular(path)
+    with f:
+        entries, start = _safetensors_header(f, size, path, expect)
+        _expect_shapes(expect, path, {name: shape for name, (_, shape, _, _) in entries.items()})
+        out = {}
+        for name, (dtype, shape, begin, end) in entries.items():
+            if end == begin:
+                out[name] = torch.empty(shape, dtype=dtype)
+            else:
+                buf = _read_at(f, start + begin, end - begin, path, f"tensor {_show(name)}")
+                out[name] = torch.frombuffer(buf, dtype=dtype).view(shape)
+    return out
+
+
+def read_bin(path: str, expect: Optional[Expectation] = None) -> Dict[str, torch.Tensor]:
     """A pickled state dict, read with weights_only=True: tensors and containers only."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError...
-        raise AdapterFormatError(f"{path}: cannot be read as a tensors-only state dict "
-                                 f"(torch.load(weights_only=True) refused it: {e})") from e
+    f, size = _open_regular(path)
+    with f:
+        _expect_size(expect, path, size, "weights file")
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # UnpicklingError, RuntimeError (zip), EOFError, OSError...
+            raise AdapterFormatError(f"{path}: cannot be read as a tensors-only state dict "
+                                     f"(torch.load(weights_only=True) refused it: {e})") from e
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise AdapterFormatError(f"{path}: expected a dict of tensors")
-    return obj
+    _expect_shapes(expect, path, {k: tuple(v.shape) for k, v in obj.items()})
+    return dict(obj)
 
 
 # ------------------------------------------------------------------------------------- config
@@ -296,39 +536,72 @@ def _is_set(value: Any) -> bool:
     return value not in (None, False, "", [], {}, ())
 
 
+def _rank(v: Any, origin: str, name: str) -> int:
+    """A rank: a positive int, or a float with an integral value (8.0)."""
+    ok = not isinstance(v, bool) and (
+        (isinstance(v, numbers.Integral) and v > 0) or
+        (isinstance(v, numbers.Real) and math.isfinite(v) and float(v).is_integer() and v > 0))
+    if not ok:
+        raise AdapterFormatError(f"{origin}: adapter_config {name} must be a positive integer, got {_show(v)}")
+    return int(v)
+
+
+def _alpha(v: Any, origin: str, name: str) -> float:
+    """An alpha: a finite number > 0."""
+    try:
+        ok = not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v) and v > 0
+    except OverflowError:          # an int too large for a float
+        ok = False
+    if not ok:
+        raise AdapterFormatError(f"{origin}: adapter_config {name} must be a finite number > 0, got {_show(v)}")
+    return float(v)
+
+
 def check_config(config: Dict[str, Any], origin: str) -> None:
-    """Raise NotImplementedError for what this library does not apply, ValueError for nonsense."""
+    """Raise NotImplementedError for what this library does not apply, AdapterFormatError
+    (naming the field and the value) for nonsense."""
     peft_type = config.get("peft_type", "LORA")
-    peft_type = str(getattr(peft_type, "value", peft_type))      # peft.PeftType is a str enum
-    if peft_type.upper() != "LORA":
-        raise NotImplementedError(f"{origin}: peft_type {peft_type!r} is not supported (only LoRA)")
+    peft_type = getattr(peft_type, "value", peft_type)           # peft.PeftType is a str enum
+    if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+        raise NotImplementedError(f"{origin}: peft_type {_show(peft_type)} is not supported (only LoRA)")
     bad = [f"{k} ({why})" for k, why in _UNSUPPORTED_FIELDS.items() if _is_set(config.get(k))]
-    if str(config.get("bias", "none")) != "none":
-        bad.append(f"bias={config.get('bias')!r} (trained biases of the base layers)")
+    if config.get("bias", "none") != "none":
+        bad.append(f"bias={_show(config.get('bias'))} (trained biases of the base layers)")
     if bad:
         raise NotImplementedError(f"{origin}: unsupported adapter_config fields: {', '.join(bad)}")
-    for key in ("r", "lora_alpha"):
-        v = config.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
-            raise AdapterFormatError(f"{origin}: adapter_config {key} must be a positive number, got {v!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        v = config.get(key)
-        if v is not None and not isinstance(v, Mapping):
-            raise AdapterFormatError(f"{origin}: adapter_config {key} must be a mapping, got {type(v).__name__}")
+    _rank(config.get("r", 8), origin, "r")
+    _alpha(config.get("lora_alpha", 8), origin, "lora_alpha")
+    for key, value_check in (("rank_pattern", _rank), ("alpha_pattern", _alpha)):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, Mapping):
+            raise AdapterFormatError(f"{origin}: adapter_config {key} must be a mapping, got {type(patterns).__name__}")
+        for k, v in patterns.items():
+            if not isinstance(k, str):
+                raise AdapterFormatError(f"{origin}: adapter_config {key}: key {_show(k)} is not a string")
+            try:
+                compile_pattern(k, peft_suffix=True)
+            except PatternError as e:
+                raise AdapterFormatError(f"{origin}: adapter_config {key}[{_show(k)}]: {e}") from None
+            value_check(v, origin, f"{key}[{_show(k)}]")
 
 
-def _pattern_value(patterns: Optional[Mapping[str, Any]], module: str, default: Any) -> Any:
-    """PEFT's rule: the first pattern key that matches the end of the module name (after a dot)."""
+def _pattern_value(patterns: Optional[Mapping[str, Any]], module: str, default: Any) -> Tuple[Optional[str], Any]:
+    """PEFT's rule: the first pattern key that matches the end of the module name (after a dot);
+    (that key, its value), or (None, default)."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+        if peft_key_matches(key, module):
+            return key, value
+    return None, default
 
 
-def module_scaling(config: Dict[str, Any], module: str) -> Tuple[int, float]:
+def module_scaling(config: Dict[str, Any], module: str, origin: str = "adapter") -> Tuple[int, float]:
     """(rank the config gives ``module``, PEFT's scaling for it: alpha/r, or alpha/sqrt(r) with rsLoRA)."""
-    r = int(_pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
-    alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
+    key, r = _pattern_value(config.get("rank_pattern"), module, config.get("r", 8))
+    r = _rank(r, origin, "r" if key is None else f"rank_pattern[{_show(key)}]")
+    key, alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8))
+    alpha = _alpha(alpha, origin, "lora_alpha" if key is None else f"alpha_pattern[{_show(key)}]")
     scale = alpha / math.sqrt(r) if config.get("use_rslora", False) else alpha / r
     return r, scale
 
@@ -336,28 +609,65 @@ def module_scaling(config: Dict[str, Any], module: str) -> Tuple[int, float]:
 # ------------------------------------------------------------------------------------ tensors
 
 
+def split_key(key: str) -> Optional[Tuple[str, str]]:
+    """``(module, "lora_A" | "lora_B")`` for a LoRA weight's state-dict key (``base_model.model.``
+    prefix stripped, an adapter-name infix like ``.default`` allowed); None for a saved copy of a
+    base parameter; NotImplementedError for LoRA tensors this library does not apply."""
+    name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+    m = _KEY.match(name)
+    if m is not None:
+        return m.group("module"), m.group("part")
+    if "lora_" in name:
+        what = ("DoRA magnitude vector" if "lora_magnitude_vector" in name else
+                "embedding LoRA" if "lora_embedding_" in name else
+                "a lora_B bias" if name.endswith("lora_B.bias") else "an unknown LoRA tensor")
+        raise NotImplementedError(f"tensor {key!r} is unsupported ({what})")
+    return None
+
+
+def _check_tensors(tensors: Any, origin: str) -> None:
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"{origin}: tensors must be a mapping of state-dict keys to tensors, got {type(tensors).__name__}")
+    for key, t in tensors.items():
+        if not isinstance(key, str) or not isinstance(t, torch.Tensor):
+            raise AdapterFormatError(f"{origin}: state-dict entry {_show(key)} is not a string key with a tensor")
+        if t.is_meta:
+            raise AdapterFormatError(f"{origin}: tensor {key!r} is on the meta device (a shape without data)")
+        if t.layout != torch.strided or t.is_nested:
+            raise AdapterFormatError(f"{origin}: tensor {key!r} has layout {t.layout}"
+                                     f"{' (nested)' if t.is_nested else ''}; only dense (strided) tensors are accepted")
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
+
+
 def parse_adapter(config: Any, tensors: Mapping[str, torch.Tensor], origin: str) -> AdapterWeights:
     """Validate a config + state dict and group the tensors per module."""
     cfg = _config_dict(config, origin)
     check_config(cfg, origin)
-    if not isinstance(tensors, Mapping):
-        raise TypeError(f"{origin}: tensors must be a mapping of state-dict keys to tensors, got {type(tensors).__name__}")
+    _check_tensors(tensors, origin)
     parts: Dict[str, Dict[str, torch.Tensor]] = {}
     base_copies: Dict[str, torch.Tensor] = {}
+    first: Dict[Tuple[str, str], str] = {}        # what a key names -> the first key naming it
     for key, t in tensors.items():
-        if not isinstance(key, str) or not isinstance(t, torch.Tensor):
-            raise AdapterFormatError(f"{origin}: state-dict entry {key!r} is not a string key with a tensor")
-        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
-        m = _KEY.match(name)
-        if m is not None:
-            parts.setdefault(m.group("module"), {})[m.group("part")] = t
-        elif "lora_" in name:
-            what = ("DoRA magnitude vector" if "lora_magnitude_vector" in name else
-                    "embedding LoRA" if "lora_embedding_" in name else
-                    "a lora_B bias" if name.endswith("lora_B.bias") else "an unknown LoRA tensor")
-            raise NotImplementedError(f"{origin}: tensor {key!r} is unsupported ({what})")
-        else:   # a saved copy of a base parameter (PEFT saves embeddings / lm_head it wrapped)
-            base_copies[name.replace(".base_layer.", ".")] = t
+        try:
+            hit = split_key(key)
+        except NotImplementedError as e:
+            raise NotImplementedError(f"{origin}: {e}") from None
+        if hit is None:   # a saved copy of a base parameter (PEFT saves embeddings / lm_head it wrapped)
+            name = (key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key).replace(".base_layer.", ".")
+            what, dest, slot = ("", name), base_copies, name
+        else:
+            what, dest, slot = hit, parts.setdefault(hit[0], {}), hit[1]
+        if what in first:
+            if not _same(tensors[first[what]], t):
+                raise AdapterFormatError(
+                    f"{origin}: tensors {first[what]!r} and {key!r} name the same "
+                    f"{'base parameter' if hit is None else f'{hit[1]} of module {hit[0]!r}'} with different values")
+            continue
+        first[what] = key
+        dest[slot] = t
     if not parts:
         raise AdapterFormatError(f"{origin}: no lora_A / lora_B weights found")
     modules: Dict[str, ModuleLoRA] = {}
@@ -374,7 +684,7 @@ def parse_adapter(config: Any, tensors: Mapping[str, torch.Tensor], origin: str)
                                      "disagree on the rank")
         if not (a.is_floating_point() and b.is_floating_point()):
             raise AdapterFormatError(f"{origin}: module {mod!r}: LoRA weights must be floating point, got {a.dtype}/{b.dtype}")
-        r_cfg, scale = module_scaling(cfg, mod)
+        r_cfg, scale = module_scaling(cfg, mod, origin)
         if r_cfg != a.shape[0]:
             raise AdapterFormatError(f"{origin}: module {mod!r}: adapter_config gives rank {r_cfg} "
                                      f"(r / rank_pattern) but lora_A has {a.shape[0]} rows")
@@ -382,7 +692,29 @@ def parse_adapter(config: Any, tensors: Mapping[str, torch.Tensor], origin: str)
     return AdapterWeights(modules, cfg, origin, base_copies)
 
 
-def load_adapter_weights(source: AdapterSource) -> AdapterWeights:
-    """Read and parse one adapter from a source (errors name the source and the problem)."""
-    config, tensors = source.load()
-    return parse_adapter(config, tensors, repr(source))
+def _describe(obj: Any) -> str:
+    if obj is None:
+        return "None"
+    if isinstance(obj, (tuple, list)):
+        return f"a {type(obj).__name__} of {len(obj)} items"
+    return f"a {type(obj).__name__}"
+
+
+def load_adapter_weights(source: AdapterSource, expect: Optional[Expectation] = None) -> AdapterWeights:
+    """Read and parse one adapter from a source (errors name the source and the problem).
+
+    LocalSource / HubSource get ``expect`` (checked on the weights file's header, before its data
+    is read); other sources keep their ``load()`` protocol and ``expect`` is applied to the
+    tensors they return, before parsing.
+    """
+    origin = repr(source)
+    builtin = isinstance(source, (LocalSource, HubSource))
+    got = source.load(expect=expect) if builtin else source.load()
+    if not isinstance(got, (tuple, list)) or len(got) != 2:
+        raise AdapterFormatError(f"{origin}: load() must return a (config, tensors) pair, got {_describe(got)}")
+    config, tensors = got
+    if expect is not None and not builtin:
+        _check_tensors(tensors, origin)
+        _expect_size(expect, origin, sum(t.numel() * t.element_size() for t in tensors.values()), "tensors")
+        _expect_shapes(expect, origin, {k: tuple(t.shape) for k, t in tensors.items()})
+    return parse_adapter(config, tensors, origin)
