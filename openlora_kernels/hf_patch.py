@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import re
 import threading
 from collections import OrderedDict
@@ -48,7 +49,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .adapters import AdapterWeights, resolve_source
+from .adapters import AdapterWeights, Expectation, load_adapter_weights, resolve_source, split_key
 from .metadata import LoRABatchMeta, build_batch_meta
 from .ops import cpu_ext
 from .ops.backends import BACKEND_CHOICES, resolve_backend
@@ -312,7 +313,11 @@ class MultiLoRAModel:
             for name, mod, K, N in picked}
         self._all_modules = {name for name, _ in model.named_modules()}
         self._resolved: Dict[str, str] = {}
-        self.pool = AdapterPool(self._layers, max_adapters, max_rank, self._bind, host_budget_bytes)
+        # Weights files are checked against what this model accepts from their header, before
+        # their data is read (a multi-GiB file with the wrong shapes is refused unread).
+        expect = Expectation(check=self._check_shapes, max_bytes=self._max_adapter_bytes())
+        self.pool = AdapterPool(self._layers, max_adapters, max_rank, self._bind, host_budget_bytes,
+                                read=functools.partial(load_adapter_weights, expect=expect))
         self._meta_cache = _MetaCache(max_adapters)
         # This model's batch state per call (module doc of _CallState); set_batch() spans, by id,
         # with the thread that opened them (a forward elsewhere without a batch of its own refuses
@@ -377,6 +382,39 @@ class MultiLoRAModel:
         """Bytes per adapter, device bytes of the slot buffers, host bytes (print it for a table)."""
         self._check_open()
         return self.pool.memory_report()
+
+    def _max_adapter_bytes(self) -> int:
+        """The most bytes an adapter this model accepts can hold: every patched layer at max_rank
+        in float64, plus copies of the embeddings PEFT saves beside adapters that target them, plus
+        1 MiB of slack. A weights file beyond it is refused before it is read."""
+        lora = sum(8 * self.max_rank * (ls.in_features + ls.out_features) for ls in self._layers.values())
+        emb = 0
+        for get in ("get_input_embeddings", "get_output_embeddings"):
+            mod = getattr(self.model, get, lambda: None)()
+            w = getattr(mod, "weight", None)
+            emb += 8 * w.numel() if isinstance(w, torch.Tensor) else 0
+        return lora + emb + (1 << 20)
+
+    def _check_shapes(self, origin: str, shapes: Dict[str, Tuple[int, ...]]) -> None:
+        """An adapter's LoRA tensor shapes (from a weights file's header) against the patched
+        layers: the checks of _bind that need no data, made before the data is read."""
+        for key, shape in shapes.items():
+            try:
+                hit = split_key(key)
+            except NotImplementedError as e:
+                raise NotImplementedError(f"{origin}: {e}") from None
+            if hit is None:        # a saved copy of a base parameter (or not LoRA at all): checked
+                continue           # with its data by _bind, within the max_bytes bound
+            module, part = hit
+            ls = self._layers[self._layer_for(module, origin)]
+            want = ("r", ls.in_features) if part == "lora_A" else (ls.out_features, "r")
+            r = shape[0] if part == "lora_A" else (shape[1] if len(shape) == 2 else None)
+            if len(shape) != 2 or shape[1 if part == "lora_A" else 0] != want[1 if part == "lora_A" else 0]:
+                raise ValueError(f"{origin}: module {module!r} does not fit the model: {key!r} has shape "
+                                 f"{tuple(shape)}, expected {part} [{want[0]}, {want[1]}] ({self._layer_for(module, origin)!r} "
+                                 f"maps {ls.in_features} -> {ls.out_features} features)")
+            if r > self.max_rank:
+                raise ValueError(f"{origin}: module {module!r} has rank {r}, above max_rank={self.max_rank}")
 
     def _bind(self, weights: AdapterWeights) -> Dict[str, HostLoRA]:
         """Check an adapter against the patched layers; host weights per layer in their dtype."""

@@ -634,8 +634,26 @@ def test_huge_header_offsets_beyond_the_file(lm, env, tmp_path):
     t0 = time.perf_counter()
     with pytest.raises(AdapterFormatError, match=re.escape(path) + r": truncated safetensors file: tensor .*q_proj"
                                                                     r".* ends at byte 4294967296"):
+        read_safetensors(path)
+    # through a model: its expectation refuses the size first (the most an adapter for it can hold)
+    with pytest.raises(ValueError, match=re.escape(path) + r": safetensors data of \d+ bytes, above the model's "
+                                                            r"limit of max_bytes="):
         lm.load_adapter("huge", str(d))
     assert time.perf_counter() - t0 < 1.0
+    assert_unchanged(lm)
+
+
+def test_huge_file_with_a_header_the_model_refuses(lm, env, tmp_path):
+    """A header within the byte limit whose shapes do not fit: refused from the header, unread."""
+    d = copy_adapter(env, tmp_path, "wide")
+    header = {QA: F32([4, 1 << 14], 0, 4 << 16)}
+    raw = json.dumps(header).encode()
+    path = d / "adapter_model.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + (4 << 16))
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r".*q_proj.*does not fit.*shape \(4, 16384\).*lora_A \[r, 32\]"):
+        lm.load_adapter("wide", str(d))
     assert_unchanged(lm)
 
 
