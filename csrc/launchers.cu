@@ -251,6 +251,7 @@ void run_sgmv(Op op, DType dt, int block_m, const SgmvParams& p, std::uintptr_t 
   q.split_k = plan.split_k;
   q.k_per_split = plan.k_per_split;
   q.cols_per_chunk = plan.cols_per_chunk;
+  q.tile_rows = block_m;
   void* kernel = select_kernel(plan, op, dt);
   const std::string name = plan.kernel + "<" + dtype_name(dt) + ", BM=" + std::to_string(plan.bm) + ">";
   require(kernel != nullptr, "no kernel for " + name);

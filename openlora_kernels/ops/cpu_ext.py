@@ -183,11 +183,11 @@ def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None
     _add(plan, y, x, meta)
 
 
-def shrink(x, a_list, ranks, meta: LoRABatchMeta) -> torch.Tensor:
+def shrink(x, a_list, ranks, meta: LoRABatchMeta, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     if not _native(meta):
-        return torch_ref.shrink(x, a_list, ranks, meta)
+        return torch_ref.shrink(x, a_list, ranks, meta, out=out)
     S, R, K = a_list[0].shape
-    h = torch.zeros((len(a_list), x.shape[0], R), dtype=torch.float32, device=x.device)
+    h = torch_ref.new_h(out, len(a_list), x.shape[0], R, x.device)
     plan, _keep = _plan(_module().OP_SHRINK, x.dtype, K, R, S, a_list=a_list, ranks=ranks)
     T, srt, seg, _ = _meta_ptrs(meta)
     plan.run(T, x.data_ptr(), x.stride(0), x.stride(1), 0, 0, 1,

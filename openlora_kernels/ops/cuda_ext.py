@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..metadata import TENSOR_CORE_MIN_M, LoRABatchMeta
-from . import cuda_build, launch_args
+from . import cuda_build, launch_args, torch_ref
 from .backends import BackendUnavailableError
 from .launch_args import DTYPE_CODES, rank_strides, slice_columns
 
@@ -203,13 +203,14 @@ def _launch(op: int, dtype: torch.dtype, meta: LoRABatchMeta, args: Dict[str, in
 
 
 def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torch.Tensor],
-           meta: LoRABatchMeta) -> torch.Tensor:
-    """h [n_slices, T, R] fp32 = x @ A[slot, :rank].T per row (0 elsewhere), unscaled."""
+           meta: LoRABatchMeta, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """h [n_slices, T, R] fp32 = x @ A[slot, :rank].T per row (0 elsewhere), unscaled; into
+    ``out`` (internal, any strides) when given."""
     T, K = x.shape
     S, R, _ = a_list[0].shape
     n = len(a_list)
     dtype_code(x.dtype)
-    h = torch.zeros((n, T, R), dtype=torch.float32, device=x.device)
+    h = torch_ref.new_h(out, n, T, R, x.device)
     if T == 0 or R == 0 or K == 0 or meta.num_tiles == 0:
         return h
     args = pack_args(meta=meta, K=K, R=R, S=S, ranks=ranks, x=x, h=h)

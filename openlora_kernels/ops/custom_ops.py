@@ -54,11 +54,12 @@ def run_add_lora(y, x, lora_a, lora_b, scalings, ranks, meta: LoRABatchMeta, bac
     backend_module(backend).add_lora(y, x, lora_a, lora_b, scalings, ranks, meta)
 
 
-def run_shrink(x, lora_a, ranks, meta: LoRABatchMeta, backend: str) -> torch.Tensor:
+def run_shrink(x, lora_a, ranks, meta: LoRABatchMeta, backend: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out``: internal, an [n, T, R] float32 tensor (any strides) to write h into instead of a new one."""
     check_batch_meta(meta)
     if ranks is not None:
         check_ranks(ranks, lora_a[0].shape[1])
-    return backend_module(backend).shrink(x, lora_a, ranks, meta)
+    return backend_module(backend).shrink(x, lora_a, ranks, meta, out=out)
 
 
 def run_expand(y, h, lora_b, scalings, ranks, meta: LoRABatchMeta, backend: str) -> None:
