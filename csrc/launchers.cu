@@ -123,7 +123,7 @@ LaunchPlan plan_launch(Op op, DType dt, int block_m, const SgmvParams& p, int sm
   LaunchPlan plan;
   plan.vec_k = op != Op::kExpand && vec_k_ok(p, esz);
   plan.vec_r = op != Op::kShrink && vec_r_ok(p, esz);
-  const bool empty = p.G == 0 || p.T == 0 || p.R == 0 || (op == Op::kShrink ? false : max_n == 0) ||
+  const bool empty = p.G == 0 || p.T == 0 || p.R == 0 || p.S == 0 || (op == Op::kShrink ? false : max_n == 0) ||
                      (op != Op::kExpand && p.K == 0);
 
   if (uses_tensor_cores(op, dt, block_m)) {

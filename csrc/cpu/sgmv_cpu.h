@@ -387,6 +387,7 @@ void process(const Args& p, const Unit& u, std::vector<float>& h_blk, Prefetcher
 inline void make_units(const Args& p, std::vector<Unit>& units) {
   const int64_t n_slices = p.op == kExpand ? p.n_b : p.n_a;
   units.clear();
+  if (p.T <= 0 || p.S <= 0 || p.R <= 0) return;   // nothing to do (and the metadata may be null)
   int64_t col = 0;
   for (int64_t i = 0; i < n_slices; ++i) {
     for (int64_t s = 0; s < p.S; ++s) {

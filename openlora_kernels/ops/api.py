@@ -198,8 +198,9 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: Ten
 
 
 def _launch_add(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, name: str) -> torch.Tensor:
-    if x.shape[0] == 0 or y.shape[1] == 0:
-        return y
+    S, R, K = a_list[0].shape
+    if x.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0 or K == 0:
+        return y      # no row, column, slot, rank or input feature: a zero delta, y is not written
     if torch.compiler.is_compiling():
         torch.ops.openlora.add_lora(y, x, a_list, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
     else:
@@ -249,6 +250,8 @@ class BoundLoRA:
         self._a, self._name = a_list, resolve_backend(backend, x.device)
         self._dtype, self._device, self._S, self._R, self._K, self._N = x.dtype, x.device, S, R, K, y.shape[1]
         bind = getattr(custom_ops.backend_module(self._name), "bind", None)
+        if S == 0 or R == 0 or K == 0 or self._N == 0:
+            bind = None        # a zero delta: the calls only check their arguments (_launch_add)
         self._bound = bind(self._a, self._b, scalings, self.ranks) if bind is not None else None
         self._add_rows = getattr(self._bound, "add_rows", None)
 
@@ -307,8 +310,8 @@ def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: 
     ranks = _check_ranks(ranks, S, len(a_list), x.device)
     meta = _meta_for(indices, x.shape[0], S, x.device)
     name = resolve_backend(backend, x.device)
-    if x.shape[0] == 0:
-        return x.new_zeros((len(a_list), 0, R), dtype=torch.float32)
+    if x.shape[0] == 0 or S == 0 or R == 0 or K == 0:      # nothing to compute: h is all zeros
+        return x.new_zeros((len(a_list), x.shape[0], R), dtype=torch.float32)
     if torch.compiler.is_compiling():
         return torch.ops.openlora.lora_shrink(x, a_list, ranks, *meta.tensors(), meta.block_m, name)
     return custom_ops.run_shrink(x, a_list, ranks, meta, name)
@@ -337,8 +340,8 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices:
     ranks = _check_ranks(ranks, S, len(b_list), y.device)
     meta = _meta_for(indices, y.shape[0], S, y.device)
     name = resolve_backend(backend, y.device)
-    if y.shape[0] == 0 or y.shape[1] == 0:
-        return y
+    if y.shape[0] == 0 or y.shape[1] == 0 or S == 0 or h.shape[2] == 0:
+        return y      # no row, column, slot or rank: a zero delta, y is not written
     if torch.compiler.is_compiling():
         torch.ops.openlora.lora_expand(y, h, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
     else:

@@ -179,6 +179,8 @@ def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None
     if not _native(meta):
         return torch_ref.add_lora(y, x, a_list, b_list, scalings, ranks, meta)
     S, R, K = a_list[0].shape
+    if x.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0 or K == 0:
+        return      # a zero delta: y is not written
     plan, _keep = _plan(_module().OP_ADD, x.dtype, K, R, S, a_list, b_list, scalings, ranks)
     _add(plan, y, x, meta)
 
@@ -188,6 +190,8 @@ def shrink(x, a_list, ranks, meta: LoRABatchMeta, out: Optional[torch.Tensor] = 
         return torch_ref.shrink(x, a_list, ranks, meta, out=out)
     S, R, K = a_list[0].shape
     h = torch_ref.new_h(out, len(a_list), x.shape[0], R, x.device)
+    if x.shape[0] == 0 or S == 0 or R == 0 or K == 0:
+        return h
     plan, _keep = _plan(_module().OP_SHRINK, x.dtype, K, R, S, a_list=a_list, ranks=ranks)
     T, srt, seg, _ = _meta_ptrs(meta)
     plan.run(T, x.data_ptr(), x.stride(0), x.stride(1), 0, 0, 1,
@@ -199,6 +203,8 @@ def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
     if not _native(meta):
         return torch_ref.expand(y, h, b_list, scalings, ranks, meta)
     S, _, R = b_list[0].shape
+    if y.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0:
+        return
     plan, _keep = _plan(_module().OP_EXPAND, y.dtype, 0, R, S, b_list=b_list, scalings=scalings, ranks=ranks)
     T, srt, seg, _ = _meta_ptrs(meta)
     plan.run(T, 0, 0, 1, y.data_ptr(), y.stride(0), y.stride(1),

@@ -425,6 +425,8 @@ def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torc
            out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """h [n, T, R] float32 (into ``out`` when given: internal, any strides)."""
     S, R, K = a_list[0].shape
+    if x.shape[0] == 0 or S == 0 or R == 0 or K == 0:
+        return new_h(out, len(a_list), x.shape[0], R, x.device)
     how = _strategy(meta, R, K, 0)
     if how == "padded":
         return _shrink_padded(x, a_list, ranks, meta, out)
@@ -435,6 +437,8 @@ def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torc
 
 def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
     N = sum(B.shape[1] for B in b_list)
+    if y.shape[0] == 0 or N == 0 or b_list[0].shape[0] == 0 or h.shape[2] == 0:
+        return
     how = _strategy(meta, h.shape[2], 0, N)
     if how == "padded" and _expand_padded(y, h, b_list, scalings, ranks, meta):
         return
@@ -446,6 +450,8 @@ def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
 
 def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
     S, R, K = a_list[0].shape
+    if x.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0 or K == 0:
+        return      # a zero delta: y is not written
     how = _strategy(meta, R, K, y.shape[1])
     if how == "padded" and _add_padded(y, x, a_list, b_list, scalings, ranks, meta):
         return

@@ -359,7 +359,7 @@ def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torc
     S, R, _ = a_list[0].shape
     n = len(a_list)
     h = new_h(out, n, T, R, x.device)
-    if T == 0 or R == 0 or meta.num_tiles == 0:
+    if T == 0 or R == 0 or S == 0 or K == 0 or meta.num_tiles == 0:
         return h
     a_list = same_strides(a_list, (0, 1, 2))
     cfg = kernel_config("shrink", block_m=meta.block_m, K=K, N=0, R=R, n_slices=n, dtype=x.dtype, device=x.device)
@@ -387,7 +387,7 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
     T, N = y.shape
     S, _, R = b_list[0].shape
     n = len(b_list)
-    if T == 0 or R == 0 or N == 0 or meta.num_tiles == 0:
+    if T == 0 or R == 0 or N == 0 or S == 0 or meta.num_tiles == 0:
         return
     b_list = same_strides(b_list, (1, 2))
     cfg = kernel_config("expand", block_m=meta.block_m, K=0, N=N, R=R, n_slices=n, dtype=y.dtype, device=y.device)
@@ -419,7 +419,7 @@ def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_li
     N = y.shape[1]
     S, R, _ = a_list[0].shape
     n = len(a_list)
-    if T == 0 or R == 0 or N == 0 or meta.num_tiles == 0:
+    if T == 0 or R == 0 or N == 0 or S == 0 or K == 0 or meta.num_tiles == 0:
         return
     a_list = same_strides(a_list, (0, 1, 2))
     b_list = same_strides(b_list, (1, 2))
@@ -460,7 +460,9 @@ def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_li
 
 def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
     T, K = x.shape
-    R = a_list[0].shape[1]
+    S, R, _ = a_list[0].shape
+    if T == 0 or K == 0 or R == 0 or S == 0 or y.shape[1] == 0:
+        return      # a zero delta: y is not written
     route = kernel_config("route", block_m=meta.block_m, K=K, N=y.shape[1], R=R, n_slices=len(a_list),
                           dtype=x.dtype, device=x.device)
     if route["FUSED"]:
