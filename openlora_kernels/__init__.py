@@ -19,8 +19,8 @@ Hugging Face names below are loaded on first use.
 """
 from .checks import check_batch_meta, debug_checks_enabled, set_debug_checks
 from .metadata import LoRABatchMeta, build_batch_meta, choose_block_m
-from .ops import (BackendInfo, BackendUnavailableError, BoundLoRA, add_lora, available_backends, lora_expand,
-                  lora_shrink)
+from .ops import (BackendInfo, BackendUnavailableError, BoundLoRA, add_lora, available_backends, forbid_backward,
+                  lora_expand, lora_shrink)
 
 __version__ = "0.1.0"
 
@@ -45,7 +45,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "add_lora", "lora_shrink", "lora_expand", "BoundLoRA",
+    "add_lora", "lora_shrink", "lora_expand", "BoundLoRA", "forbid_backward",
     "LoRABatchMeta", "build_batch_meta", "choose_block_m", "check_batch_meta",
     "available_backends", "BackendInfo", "BackendUnavailableError",
     "set_debug_checks", "debug_checks_enabled",
