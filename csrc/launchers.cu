@@ -123,7 +123,7 @@ LaunchPlan plan_launch(Op op, DType dt, int block_m, const SgmvParams& p, int sm
   LaunchPlan plan;
   plan.vec_k = op != Op::kExpand && vec_k_ok(p, esz);
   plan.vec_r = op != Op::kShrink && vec_r_ok(p, esz);
-  const bool empty = p.G == 0 || p.T == 0 || p.R == 0 || (op == Op::kShrink ? false : max_n == 0) ||
+  const bool empty = p.G == 0 || p.T == 0 || p.R == 0 || p.S == 0 || (op == Op::kShrink ? false : max_n == 0) ||
                      (op != Op::kExpand && p.K == 0);
 
   if (uses_tensor_cores(op, dt, block_m)) {
@@ -251,6 +251,7 @@ void run_sgmv(Op op, DType dt, int block_m, const SgmvParams& p, std::uintptr_t 
   q.split_k = plan.split_k;
   q.k_per_split = plan.k_per_split;
   q.cols_per_chunk = plan.cols_per_chunk;
+  q.tile_rows = block_m;
   void* kernel = select_kernel(plan, op, dt);
   const std::string name = plan.kernel + "<" + dtype_name(dt) + ", BM=" + std::to_string(plan.bm) + ">";
   require(kernel != nullptr, "no kernel for " + name);

@@ -17,10 +17,10 @@ Serving many PEFT adapters through one Hugging Face model (see docs/usage.md)::
 Importing the package touches no GPU and imports neither triton nor transformers / peft: the
 Hugging Face names below are loaded on first use.
 """
-from .checks import debug_checks_enabled, set_debug_checks
+from .checks import check_batch_meta, debug_checks_enabled, set_debug_checks
 from .metadata import LoRABatchMeta, build_batch_meta, choose_block_m
-from .ops import (BackendInfo, BackendUnavailableError, BoundLoRA, add_lora, available_backends, lora_expand,
-                  lora_shrink)
+from .ops import (BackendInfo, BackendUnavailableError, BoundLoRA, add_lora, available_backends, forbid_backward,
+                  lora_expand, lora_shrink)
 
 __version__ = "0.1.0"
 
@@ -45,8 +45,8 @@ def __getattr__(name):
 
 
 __all__ = [
-    "add_lora", "lora_shrink", "lora_expand", "BoundLoRA",
-    "LoRABatchMeta", "build_batch_meta", "choose_block_m",
+    "add_lora", "lora_shrink", "lora_expand", "BoundLoRA", "forbid_backward",
+    "LoRABatchMeta", "build_batch_meta", "choose_block_m", "check_batch_meta",
     "available_backends", "BackendInfo", "BackendUnavailableError",
     "set_debug_checks", "debug_checks_enabled",
     *_LAZY,

@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional, Tuple
 
 import torch
 
-from .checks import check_slot_indices
+from .checks import check_slot_indices, mark_batch_meta_ok, trust_batch_meta_tensors
 
 # Rows per tile the kernels are written for. Values < TENSOR_CORE_MIN_M use CUDA-core
 # dot products (a tensor-core MMA needs 16 rows); larger values use tl.dot / mma.
@@ -88,6 +88,13 @@ class LoRABatchMeta:
     num_slots: int
     block_m: int
 
+    def __post_init__(self) -> None:
+        # Structural checks only (static tensor properties: no data read, no sync, traceable by
+        # torch.compile): what every kernel relies on to index the four tensors. Their CONTENTS
+        # are checked by checks.check_batch_meta (CPU always, GPU in debug mode), and whatever
+        # they hold no kernel reads or writes out of bounds (docs/kernels.md).
+        _check_structure(self)
+
     @property
     def num_tokens(self) -> int:
         return self.token_slots.shape[0]
@@ -137,6 +144,61 @@ class LoRABatchMeta:
         return cache[key]
 
 
+def _check_structure(meta: "LoRABatchMeta") -> None:
+    """The structural checks of __post_init__: one boolean expression in the usual case (a few
+    microseconds: the custom ops rebuild the object on every call), the detailed checks that name
+    the field only when it fails."""
+    ts, st, seg, ti = meta.token_slots, meta.sorted_tokens, meta.seg_info, meta.tile_info
+    S, bm, i32 = meta.num_slots, meta.block_m, torch.int32
+    try:
+        ok = (ts.dtype is i32 and st.dtype is i32 and seg.dtype is i32 and ti.dtype is i32
+              and ts.dim() == 1 and st.dim() == 1 and seg.dim() == 2 and ti.dim() == 2
+              and type(S) is int and S >= 0 and type(bm) is int and bm in BLOCK_M_CHOICES
+              and st.shape[0] == ts.shape[0] and seg.shape[0] == 2 and seg.shape[1] == S and ti.shape[0] == 3
+              and ts.is_contiguous() and st.is_contiguous() and seg.is_contiguous() and ti.is_contiguous()
+              and ((ts.is_cpu and st.is_cpu and seg.is_cpu and ti.is_cpu)
+                   or ts.device == st.device == seg.device == ti.device))
+    except AttributeError:           # not a tensor: the detailed checks name it
+        ok = False
+    if not ok:
+        _check_structure_detailed(meta)
+
+
+def _check_structure_detailed(meta: "LoRABatchMeta") -> None:
+    fields = (("token_slots", meta.token_slots, 1), ("sorted_tokens", meta.sorted_tokens, 1),
+              ("seg_info", meta.seg_info, 2), ("tile_info", meta.tile_info, 2))
+    for name, t, dims in fields:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"LoRABatchMeta.{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != torch.int32:
+            raise TypeError(f"LoRABatchMeta.{name}: expected dtype int32, got {t.dtype}")
+        if t.dim() != dims:
+            raise ValueError(f"LoRABatchMeta.{name}: expected a {dims}-D tensor, got shape {tuple(t.shape)}")
+    S, bm = meta.num_slots, meta.block_m
+    if not isinstance(S, (int, torch.SymInt)) or isinstance(S, bool) or S < 0:
+        raise ValueError(f"LoRABatchMeta.num_slots: expected a non-negative int, got {S!r}")
+    if not isinstance(bm, int) or isinstance(bm, bool) or bm not in BLOCK_M_CHOICES:
+        raise ValueError(f"LoRABatchMeta.block_m: expected one of {BLOCK_M_CHOICES}, got {bm!r}")
+    T = meta.token_slots.shape[0]
+    if meta.sorted_tokens.shape[0] != T:
+        raise ValueError(f"LoRABatchMeta.sorted_tokens: expected shape [{T}] (token_slots has {T} rows), "
+                         f"got {tuple(meta.sorted_tokens.shape)}")
+    if meta.seg_info.shape[0] != 2 or meta.seg_info.shape[1] != S:
+        raise ValueError(f"LoRABatchMeta.seg_info: expected shape [2, {S}] (start, length per slot; "
+                         f"num_slots={S}), got {tuple(meta.seg_info.shape)}")
+    if meta.tile_info.shape[0] != 3:
+        raise ValueError(f"LoRABatchMeta.tile_info: expected shape [3, G] (slot, start, end per tile), "
+                         f"got {tuple(meta.tile_info.shape)}")
+    device = meta.token_slots.device
+    for name, t, _ in fields[1:]:
+        if t.device != device:
+            raise ValueError(f"LoRABatchMeta.{name}: on {t.device}, but token_slots is on {device} "
+                             "(all four tensors must share one device)")
+    for name, t, _ in fields:
+        if not t.is_contiguous():
+            raise ValueError(f"LoRABatchMeta.{name}: must be contiguous (the kernels index it densely)")
+
+
 def build_batch_meta(indices: torch.Tensor, num_slots: int, *, block_m: Optional[int] = None) -> LoRABatchMeta:
     """Build the batch metadata from per-row slot indices ([T] int32/int64, -1 = no adapter).
 
@@ -159,9 +221,11 @@ def build_batch_meta(indices: torch.Tensor, num_slots: int, *, block_m: Optional
         raise ValueError(f"block_m: expected one of {BLOCK_M_CHOICES}, got {block_m!r}")
     if torch.compiler.is_compiling():
         parts = torch.ops.openlora.build_batch_meta(indices, num_slots, block_m)
-    else:  # eager: skip the custom-op dispatch (tens of microseconds), same code
-        parts = _build_checked(indices, num_slots, block_m)
-    return LoRABatchMeta(*parts, num_slots=num_slots, block_m=block_m)
+        return LoRABatchMeta(*parts, num_slots=num_slots, block_m=block_m)
+    # eager: skip the custom-op dispatch (tens of microseconds), same code
+    meta = LoRABatchMeta(*_build_checked(indices, num_slots, block_m), num_slots=num_slots, block_m=block_m)
+    mark_batch_meta_ok(meta)     # consistent by construction: checks.check_batch_meta need not read it
+    return meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,7 +239,9 @@ def build_batch_meta(indices: torch.Tensor, num_slots: int, *, block_m: Optional
 def _build_batch_meta_op(
     indices: torch.Tensor, num_slots: int, block_m: int
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _build_checked(indices, num_slots, block_m)
+    parts = _build_checked(indices, num_slots, block_m)
+    trust_batch_meta_tensors(parts, block_m)   # the ops' metadata rebuilt from these is not re-read
+    return parts
 
 
 def _build_checked(indices: torch.Tensor, num_slots: int, block_m: int):

@@ -1,4 +1,7 @@
-"""Bad input raises a Python exception naming the argument, before anything is written."""
+"""Bad input raises a Python exception naming the argument, before anything is written; so does an
+argument that requires grad (inference only), on every backend."""
+import re
+
 import pytest
 import torch
 
@@ -143,3 +146,133 @@ def test_debug_switch_roundtrip():
     assert olk.debug_checks_enabled()
     olk.set_debug_checks(prev)
     assert olk.debug_checks_enabled() == prev
+
+
+# ------------------------------------------------------------------------------ autograd
+
+GRAD_BACKENDS = [b for b in ("torch", "cpu", "triton") if olk.available_backends("cpu")[b].usable]
+IDX = torch.tensor([0, 1, -1, 2, 0, 1])
+
+
+def grad_args(multi: bool, grad: str = ""):
+    """Fresh arguments of every op; the one named ``grad`` (e.g. "x", "lora_a[1]") requires grad."""
+    g = torch.Generator().manual_seed(3)
+    widths = [5, 3] if multi else [N]
+    t = dict(y=torch.randn(T, N, generator=g), x=torch.randn(T, K, generator=g),
+             lora_a=[torch.randn(S, R, K, generator=g) for _ in widths],
+             lora_b=[torch.randn(S, w, R, generator=g) for w in widths],
+             scalings=torch.rand(S, generator=g), h=torch.randn(len(widths), T, R, generator=g))
+    if grad:
+        name, _, i = grad.partition("[")
+        target = t[name][int(i[:-1])] if i else (t[name][0] if name.startswith("lora") else t[name])
+        target.requires_grad_(True)
+    if not multi:
+        t["lora_a"], t["lora_b"] = t["lora_a"][0], t["lora_b"][0]
+    return t
+
+
+def run_op(op, t, backend):
+    if op == "add_lora":
+        return olk.add_lora(t["y"], t["x"], t["lora_a"], t["lora_b"], IDX, t["scalings"], backend=backend)
+    if op == "lora_shrink":
+        return olk.lora_shrink(t["x"], t["lora_a"], IDX, backend=backend)
+    if op == "lora_expand":
+        return olk.lora_expand(t["y"], t["h"], t["lora_b"], IDX, t["scalings"], backend=backend)
+    bound = olk.BoundLoRA(t["lora_a"], t["lora_b"], t["scalings"], backend=backend)
+    return bound(t["y"], t["x"], olk.build_batch_meta(IDX, S))
+
+
+GRAD_ARGS = {
+    "add_lora": ["y", "x", "lora_a", "lora_b", "scalings"],
+    "lora_shrink": ["x", "lora_a"],
+    "lora_expand": ["y", "h", "lora_b", "scalings"],
+    "BoundLoRA": ["y", "x", "lora_a", "lora_b", "scalings"],
+}
+GRAD_CASES = [(op, arg, multi) for op, args in GRAD_ARGS.items() for arg in args for multi in (False, True)]
+
+
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
+@pytest.mark.parametrize("op,arg,multi", GRAD_CASES,
+                         ids=[f"{o}-{a}-{'multi' if m else 'single'}" for o, a, m in GRAD_CASES])
+def test_requires_grad_raises_naming_the_argument(backend, op, arg, multi):
+    """With grad mode on, an argument that requires grad is refused (the result would lack the
+    LoRA term's gradients); nothing is written. Under no_grad / inference_mode the op runs."""
+    name = f"{arg}[1]" if multi and arg.startswith("lora") else arg
+    t = grad_args(multi, name)
+    y0 = t["y"].detach().clone()
+    with pytest.raises(RuntimeError, match=rf"^{re.escape(name)}: requires grad, .*torch\.no_grad\(\)"):
+        run_op(op, t, backend)
+    assert torch.equal(t["y"].detach(), y0), "nothing may be written when the call is refused"
+    want = run_op("add_lora" if op == "BoundLoRA" else op, grad_args(multi), "torch")   # plain tensors
+    assert not torch.equal(want, y0[:, :want.shape[1]] if op != "lora_shrink" else torch.zeros_like(want))
+    for ctx in (torch.no_grad, torch.inference_mode):
+        t = grad_args(multi, name)
+        with ctx():
+            got = run_op(op, t, backend)
+        torch.testing.assert_close(got.detach(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_add_rows_declines_when_x_or_y_requires_grad():
+    if "cpu" not in GRAD_BACKENDS:
+        pytest.skip("the native CPU extension is not built")
+    from openlora_kernels.ops import cpu_ext
+    t = grad_args(False)
+    op = olk.BoundLoRA(t["lora_a"], t["lora_b"], t["scalings"], backend="cpu")
+    meta = olk.build_batch_meta(IDX, S, block_m=1)
+    rows = cpu_ext.row_args(meta)
+    y = t["y"].clone()
+    assert op.add_rows(y, t["x"], rows)                      # the fast path serves plain tensors
+    for which in ("x", "y"):
+        x2, y2 = t["x"].clone(), t["y"].clone()
+        (x2 if which == "x" else y2).requires_grad_(True)
+        before = y2.detach().clone()
+        assert op.add_rows(y2, x2, rows) is False, f"add_rows must decline when {which} requires grad"
+        assert torch.equal(y2.detach(), before)
+        with pytest.raises(RuntimeError, match=f"^{which}: requires grad"):
+            op(y2, x2, meta)                                  # the checked path the caller falls back to
+
+
+@pytest.mark.parametrize("backend", GRAD_BACKENDS)
+def test_requires_grad_raises_under_torch_compile(backend):
+    torch._dynamo.reset()
+
+    def f(y, x, a, b, sc):
+        return olk.add_lora(y, x, a, b, IDX, sc, backend=backend)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    t = grad_args(False)
+    x = t["x"].clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="x: requires grad"):
+        compiled(t["y"].clone(), x, t["lora_a"], t["lora_b"], t["scalings"])
+    with torch.no_grad():
+        got = compiled(t["y"].clone(), x, t["lora_a"], t["lora_b"], t["scalings"])
+    want = olk.add_lora(t["y"].clone(), t["x"], t["lora_a"], t["lora_b"], IDX, t["scalings"], backend="torch")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_forbid_backward_keeps_values_and_raises_on_backward():
+    t = grad_args(False)
+    lin = torch.nn.Linear(K, N)
+    y = lin(t["x"])                                          # requires grad, not a leaf
+    with torch.no_grad():                                    # the patched layer's delta, in place
+        olk.add_lora(y, t["x"], t["lora_a"], t["lora_b"], IDX, t["scalings"])
+    values = y.detach().clone()
+    out = olk.forbid_backward(y, "model.layers.0.self_attn.q_proj")
+    assert out is y and out.requires_grad                    # the same tensor: no copy
+    assert torch.equal(out.detach(), values)
+    with pytest.raises(RuntimeError, match=r"^model\.layers\.0\.self_attn\.q_proj: gradients through the LoRA "
+                                           r"delta are not implemented yet \(inference only\)"):
+        out.sum().backward()
+    # a 3-D (batch, seq, features) output, which nn.Linear returns as a view, and a leaf
+    y3 = lin(torch.randn(2, T, K))
+    out3 = olk.forbid_backward(y3, "mlp.up_proj")
+    assert out3 is y3 and torch.equal(out3.detach(), y3.detach())
+    with pytest.raises(RuntimeError, match="^mlp.up_proj: gradients"):
+        (out3 * 2).sum().backward()
+    leaf = torch.randn(3, requires_grad=True)
+    out_leaf = olk.forbid_backward(leaf, "leaf")
+    assert out_leaf.data_ptr() == leaf.data_ptr() and torch.equal(out_leaf.detach(), leaf.detach())
+    with pytest.raises(RuntimeError, match="^leaf: gradients"):
+        out_leaf.sum().backward()
+    with pytest.raises(TypeError, match="t: expected a torch.Tensor"):
+        olk.forbid_backward([1.0], "x")

@@ -139,3 +139,23 @@ def test_rows_already_grouped_by_slot_skip_the_gather(monkeypatch):
     olk.lora_expand(y1, h, b[0], meta, scal, backend="torch")
     assert torch.equal(h, h0), "lora_expand must not modify h"
     torch.testing.assert_close(y1, y)
+
+
+@pytest.mark.parametrize("h_dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", ["skewed", "few_active"])
+def test_expand_takes_a_half_precision_h_on_every_strategy(strategy, batch, h_dtype):
+    """lora_expand accepts an fp16 / bf16 h (the contract); the segment strategy used to multiply
+    it with fp32 weights and raise a dtype mismatch."""
+    T, S, pattern = BATCHES[batch]
+    x, y, a, b, idx, scal, rk = problem(T, 24, [12, 5], S, 8, ranks="mixed", idx=pattern(T, S), poison=False, seed=5)
+    h = torch.randn(2, T, 8, generator=torch.Generator().manual_seed(6)).to(h_dtype)
+    got = olk.lora_expand(y.clone(), h, b, idx, scal, rk, backend="torch")
+    want = y.double().clone()
+    for t, s in enumerate(idx.tolist()):
+        if s < 0:
+            continue
+        r, col = int(rk[s]), 0
+        for i, B in enumerate(b):
+            want[t, col:col + B.shape[1]] += scal[s].double() * (B[s, :, :r].double() @ h[i, t, :r].double())
+            col += B.shape[1]
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)

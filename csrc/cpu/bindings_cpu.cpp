@@ -117,7 +117,7 @@ class Plan {
     if (op != kShrink && (b.empty() || widths.size() != b.size() || b_ss.size() != b.size()))
       throw std::invalid_argument("b: lora_b slices, widths and slot strides must have the same length");
     if (op == kAdd && a.size() != b.size()) throw std::invalid_argument("a, b: different numbers of slices");
-    if (op != kShrink && scal == 0) throw std::invalid_argument("scalings: null pointer");
+    if (op != kShrink && scal == 0 && S > 0) throw std::invalid_argument("scalings: null pointer");
     p_.op = op; p_.K = K; p_.R = R; p_.S = S;
     for (int64_t v : a) a_.push_back(ptr(v));
     for (int64_t v : b) b_.push_back(ptr(v));
@@ -149,7 +149,9 @@ class Plan {
   // shrink: h[n, T, R] fp32 (zero-filled by the caller) from x; expand: y from h (any float dtype)
   void run(int64_t T, int64_t x, int64_t sx_t, int64_t sx_k, int64_t y, int64_t sy_t, int64_t sy_n,
            int64_t h, int h_dtype, int64_t sh_n, int64_t sh_t, int64_t sh_r, int64_t sorted, int64_t seg) {
-    if (p_.op != kAdd && h == 0) throw std::invalid_argument("h: the intermediate is required for shrink / expand");
+    // (an empty h, T == 0 or R == 0, may have a null data pointer: nothing is read or written then)
+    if (p_.op != kAdd && h == 0 && T > 0 && p_.R > 0)
+      throw std::invalid_argument("h: the intermediate is required for shrink / expand");
     if (h_dtype < kF16 || h_dtype > kF32) throw std::invalid_argument("h_dtype: unknown dtype code");
     Args p = batch(T, sorted, seg);
     p.x = ptr(x); p.sx_t = sx_t; p.sx_k = sx_k;
@@ -161,7 +163,9 @@ class Plan {
  private:
   Args batch(int64_t T, int64_t sorted, int64_t seg) const {
     if (T < 0) throw std::invalid_argument("T: must be >= 0");
-    if (sorted == 0 || seg == 0) throw std::invalid_argument("metadata: null pointer");
+    // Empty metadata tensors (T == 0 rows, S == 0 slots) may have null data pointers: no unit
+    // is made then (make_units), so nothing is read through them.
+    if ((sorted == 0 && T > 0) || (seg == 0 && p_.S > 0)) throw std::invalid_argument("metadata: null pointer");
     Args p = p_;
     p.T = T;
     p.sorted = static_cast<const int32_t*>(ptr(sorted));

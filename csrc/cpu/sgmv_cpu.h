@@ -13,8 +13,12 @@
 // So a forward reads each active adapter's r rows of A and B once per block of 4 rows, does
 // r*(K+N) multiply-adds per row, and never materialises a gathered copy of the weights. All
 // arithmetic is fp32; 16-bit outputs are rounded once (round to nearest even, as torch does).
-// Rows with slot -1 are in no segment: never read or written. Slots outside [0, S) cannot
-// occur (the loop is over [0, S)), row ids outside [0, T) are skipped, ranks clamp to [0, R].
+// Rows with slot -1 are in no segment: never read or written. Whatever the metadata holds, no
+// access is out of bounds (docs/kernels.md): slots outside [0, S) cannot occur (the loop is over
+// [0, S); token_slots and tile_info are not read), each segment is clipped to [0, T) of
+// sorted_tokens, row ids outside [0, T) are skipped, ranks clamp to [0, R]. Corrupt metadata
+// that lists a row in two segments may give it wrong values (two units, maybe two threads,
+// update it), never an access outside x, y, h or the weights.
 //
 // Threads. A call's units (slice, slot with rows) are listed in memory order and claimed one at
 // a time by the threads of the call (bindings_cpu.cpp runs them in PyTorch's own OpenMP team;
@@ -383,13 +387,16 @@ void process(const Args& p, const Unit& u, std::vector<float>& h_blk, Prefetcher
 inline void make_units(const Args& p, std::vector<Unit>& units) {
   const int64_t n_slices = p.op == kExpand ? p.n_b : p.n_a;
   units.clear();
+  if (p.T <= 0 || p.S <= 0 || p.R <= 0) return;   // nothing to do (and the metadata may be null)
   int64_t col = 0;
   for (int64_t i = 0; i < n_slices; ++i) {
     for (int64_t s = 0; s < p.S; ++s) {
-      const int64_t start = p.seg[s];
-      const int64_t len = std::min<int64_t>(p.seg[p.S + s], p.T - start);   // never past sorted[T)
+      // the segment [start, start + len) clipped to [0, T) of sorted_tokens (int64: no overflow)
+      const int64_t start = std::min<int64_t>(std::max<int64_t>(p.seg[s], 0), p.T);
+      const int64_t end = std::min<int64_t>(std::max<int64_t>(static_cast<int64_t>(p.seg[s]) + p.seg[p.S + s], start), p.T);
+      const int64_t len = end - start;
       const int rank = slot_rank(p, i, s);
-      if (start < 0 || len <= 0 || rank == 0) continue;
+      if (len <= 0 || rank == 0) continue;
       units.push_back(Unit{i, s, col, start, len, rank});
     }
     col += p.op == kShrink ? 0 : p.widths[i];

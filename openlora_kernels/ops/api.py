@@ -6,7 +6,9 @@ call the registered custom op (``custom_ops.py``; in eager mode its implementati
 the dispatch cost). They are plain Python over static tensor properties, so
 torch.compile(fullgraph=True) traces straight through them.
 
-Inference only: the ops have no autograd formula.
+Inference only: the ops have no autograd formula. Called with grad mode on and an argument that
+requires grad they raise RuntimeError naming it (rather than silently dropping the LoRA term from
+the gradients); a model-patching layer marks its outputs with :func:`forbid_backward`.
 """
 from __future__ import annotations
 
@@ -154,6 +156,69 @@ def _x_y(x, y) -> None:
         raise ValueError(f"y: has {y.shape[0]} rows, but x has {x.shape[0]}")
 
 
+def _grad_error(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"{name}: requires grad, but the LoRA ops have no autograd formula yet (inference only): their "
+        "result would silently lack the LoRA term's gradients. Run them under torch.no_grad() or "
+        "torch.inference_mode()")
+
+
+def _forbid_grad(*named) -> None:
+    """RuntimeError naming the first (name, tensor or list of tensors) that requires grad, when
+    grad mode is on (the caller tests torch.is_grad_enabled() first)."""
+    for name, v in named:
+        if isinstance(v, torch.Tensor):
+            if v.requires_grad:
+                raise _grad_error(name)
+        elif isinstance(v, (list, tuple)):
+            for i, t in enumerate(v):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    raise _grad_error(f"{name}[{i}]")
+
+
+class _ForbidBackward(torch.autograd.Function):
+    """Identity whose backward raises (see :func:`forbid_backward`)."""
+
+    @staticmethod
+    def forward(ctx, t, what):
+        ctx.what = what
+        if t.grad_fn is not None:
+            ctx.mark_dirty(t)    # t itself, its history rebased onto this node: no copy, no view
+        return t                 # (a leaf: autograd returns a view of it, no copy either)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            f"{ctx.what}: gradients through the LoRA delta are not implemented yet (inference only); "
+            "run the model under torch.no_grad() or torch.inference_mode(), or detach the output")
+
+
+def forbid_backward(t: torch.Tensor, what: str) -> torch.Tensor:
+    """``t`` itself for autograd's purposes (same values, no copy) whose backward raises
+    RuntimeError: '<what>: gradients through the LoRA delta are not implemented yet (inference
+    only); ...'. For a model-patching layer that adds the LoRA delta into a module's output under
+    ``torch.no_grad()``: the output keeps requiring grad, and a backward through it fails loudly
+    instead of returning gradients without the LoRA term. Call only when
+    ``torch.is_grad_enabled()`` and ``t.requires_grad``.
+
+    A non-leaf ``t`` (e.g. the output of an ``nn.Linear``) is returned as the same tensor object,
+    its autograd history rebased onto the raising node (like an in-place op); a leaf gives a view.
+
+        >>> import torch
+        >>> lin = torch.nn.Linear(4, 3)
+        >>> y = lin(torch.randn(2, 4))
+        >>> forbid_backward(y, "layers.0.q_proj") is y
+        True
+        >>> y.sum().backward()
+        Traceback (most recent call last):
+        ...
+        RuntimeError: layers.0.q_proj: gradients through the LoRA delta are not implemented yet (inference only); ...
+    """
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t: expected a torch.Tensor, got {type(t).__name__}")
+    return _ForbidBackward.apply(t, str(what))
+
+
 # ---------------------------------------------------------------------------------- the ops
 
 
@@ -185,7 +250,11 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: Ten
         >>> out = olk.add_lora(y, x, A, B, idx, torch.tensor([0.5, 2.0]))
         >>> torch.allclose(out[0], 2.0 * (x[0] @ A[1].T) @ B[1].T, atol=1e-5), bool(out[1].eq(0).all())
         (True, True)
+
+    Inference only: with grad mode on, an argument that requires grad raises RuntimeError.
     """
+    if torch.is_grad_enabled():
+        _forbid_grad(("y", y), ("x", x), ("lora_a", lora_a), ("lora_b", lora_b), ("scalings", scalings))
     _x_y(x, y)
     a_list = _check_a(lora_a, x)
     S, R, K = a_list[0].shape
@@ -198,8 +267,9 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: Ten
 
 
 def _launch_add(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, name: str) -> torch.Tensor:
-    if x.shape[0] == 0 or y.shape[1] == 0:
-        return y
+    S, R, K = a_list[0].shape
+    if x.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0 or K == 0:
+        return y      # no row, column, slot, rank or input feature: a zero delta, y is not written
     if torch.compiler.is_compiling():
         torch.ops.openlora.add_lora(y, x, a_list, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
     else:
@@ -232,7 +302,7 @@ class BoundLoRA:
     """
 
     __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend", "_a", "_b", "_name", "_dtype", "_device",
-                 "_S", "_R", "_K", "_N", "_bound", "_add_rows")
+                 "_S", "_R", "_K", "_N", "_bound", "_add_rows", "_weights")
 
     def __init__(self, lora_a: TensorOrList, lora_b: TensorOrList, scalings: torch.Tensor,
                  ranks: Optional[torch.Tensor] = None, *, backend: str = "auto"):
@@ -247,12 +317,20 @@ class BoundLoRA:
         self.ranks = _check_ranks(ranks, S, len(a_list), x.device)
         self.lora_a, self.lora_b, self.scalings, self.backend = lora_a, lora_b, scalings, backend
         self._a, self._name = a_list, resolve_backend(backend, x.device)
+        # (name, tensor) of every weight argument, for the requires-grad check of a call
+        a_names = [f"lora_a[{i}]" for i in range(len(a_list))] if isinstance(lora_a, (list, tuple)) else ["lora_a"]
+        b_names = [f"lora_b[{i}]" for i in range(len(self._b))] if isinstance(lora_b, (list, tuple)) else ["lora_b"]
+        self._weights = (*zip(a_names, a_list), *zip(b_names, self._b), ("scalings", scalings))
         self._dtype, self._device, self._S, self._R, self._K, self._N = x.dtype, x.device, S, R, K, y.shape[1]
         bind = getattr(custom_ops.backend_module(self._name), "bind", None)
+        if S == 0 or R == 0 or K == 0 or self._N == 0:
+            bind = None        # a zero delta: the calls only check their arguments (_launch_add)
         self._bound = bind(self._a, self._b, scalings, self.ranks) if bind is not None else None
         self._add_rows = getattr(self._bound, "add_rows", None)
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, indices: Indices) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            self._refuse_grad(y, x)
         if type(x) is torch.Tensor and type(y) is torch.Tensor and type(indices) is LoRABatchMeta:
             xs, ys = x.shape, y.shape
             if (len(xs) == 2 and len(ys) == 2 and xs[1] == self._K and ys[1] == self._N and xs[0] == ys[0]
@@ -274,18 +352,30 @@ class BoundLoRA:
         done nothing, when any of that does not hold (then call the op as usual). It checks the
         call's arguments only: the weights, scalings and ranks are a pool's, validated when it
         bound them (the kernel also clamps each rank to [0, R]), and the result carries no
-        autograd record (y must not require grad)."""
+        autograd record: it declines when x or y requires grad (the checked call then raises
+        under grad mode, or runs under no_grad)."""
         fn = self._add_rows
         if fn is None or rows is None or type(x) is not torch.Tensor or type(y) is not torch.Tensor:
             return False
         T = rows[0]
         if (x.dtype is not self._dtype or y.dtype is not self._dtype or not x.is_cpu or not y.is_cpu
-                or y.requires_grad or not x.is_contiguous() or not y.is_contiguous()
+                or y.requires_grad or x.requires_grad or not x.is_contiguous() or not y.is_contiguous()
                 or x.shape[-1] != self._K or y.shape[-1] != self._N
                 or x.numel() != T * self._K or y.numel() != T * self._N or not T or not self._N):
             return False
         fn(T, x.data_ptr(), y.data_ptr(), rows[1], rows[2])
         return True
+
+    def _refuse_grad(self, y, x) -> None:
+        """RuntimeError naming the argument of a call that requires grad (grad mode is on)."""
+        need = getattr(y, "requires_grad", False) or getattr(x, "requires_grad", False)
+        if not need:
+            for _, t in self._weights:
+                if t.requires_grad:
+                    need = True
+                    break
+        if need:
+            _forbid_grad(("y", y), ("x", x), *self._weights)
 
     def _on_device(self, x: torch.Tensor, y: torch.Tensor, meta: LoRABatchMeta) -> bool:
         if self._device.type == "cpu":     # (is_cpu: no torch.device object per check)
@@ -299,7 +389,10 @@ def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: 
 
     Returns a new [n_slices, T, R] float32 tensor; rows with slot -1 and columns at or beyond a
     slot's rank are 0. No scaling is applied (``lora_expand`` applies it).
+    Inference only: with grad mode on, an argument that requires grad raises RuntimeError.
     """
+    if torch.is_grad_enabled():
+        _forbid_grad(("x", x), ("lora_a", lora_a))
     _tensor(x, "x", 2)
     _float(x, "x")
     a_list = _check_a(lora_a, x)
@@ -307,8 +400,8 @@ def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: 
     ranks = _check_ranks(ranks, S, len(a_list), x.device)
     meta = _meta_for(indices, x.shape[0], S, x.device)
     name = resolve_backend(backend, x.device)
-    if x.shape[0] == 0:
-        return x.new_zeros((len(a_list), 0, R), dtype=torch.float32)
+    if x.shape[0] == 0 or S == 0 or R == 0 or K == 0:      # nothing to compute: h is all zeros
+        return x.new_zeros((len(a_list), x.shape[0], R), dtype=torch.float32)
     if torch.compiler.is_compiling():
         return torch.ops.openlora.lora_shrink(x, a_list, ranks, *meta.tensors(), meta.block_m, name)
     return custom_ops.run_shrink(x, a_list, ranks, meta, name)
@@ -319,7 +412,10 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices:
     """Second half of :func:`add_lora`: ``y[t, cols_i] += scalings[s] * h[i, t, :r_s] @ B_i[s, :, :r_s].T``.
 
     ``h`` is [n_slices, T, R] (float32 from :func:`lora_shrink`, or float16/bfloat16). Returns ``y``.
+    Inference only: with grad mode on, an argument that requires grad raises RuntimeError.
     """
+    if torch.is_grad_enabled():
+        _forbid_grad(("y", y), ("h", h), ("lora_b", lora_b), ("scalings", scalings))
     _tensor(y, "y", 2)
     _float(y, "y")
     _tensor(h, "h", 3)
@@ -337,8 +433,8 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices:
     ranks = _check_ranks(ranks, S, len(b_list), y.device)
     meta = _meta_for(indices, y.shape[0], S, y.device)
     name = resolve_backend(backend, y.device)
-    if y.shape[0] == 0 or y.shape[1] == 0:
-        return y
+    if y.shape[0] == 0 or y.shape[1] == 0 or S == 0 or h.shape[2] == 0:
+        return y      # no row, column, slot or rank: a zero delta, y is not written
     if torch.compiler.is_compiling():
         torch.ops.openlora.lora_expand(y, h, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
     else:

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from ..checks import check_batch_meta
 from ..metadata import TENSOR_CORE_MIN_M, LoRABatchMeta
 from . import torch_ref
 from .launch_args import DTYPE_CODES, rank_strides, same_strides
@@ -112,12 +113,23 @@ def _plan(op: int, dtype: torch.dtype, K: int, R: int, S: int, a_list=(), b_list
 
 def _meta_ptrs(meta: LoRABatchMeta):
     """(num_tokens, sorted_tokens pointer, seg_info pointer), once per metadata object (every
-    layer of a forward passes the same one); the tuple keeps contiguous copies alive."""
+    layer of a forward passes the same one). The metadata is contiguous (LoRABatchMeta's
+    structural check); the tuple keeps the tensors alive. Its contents are not checked here:
+    the ops check them before calling the backend, and the kernel stays in bounds regardless."""
     def build():
-        seg = meta.seg_info if meta.seg_info.is_contiguous() else meta.seg_info.contiguous()
-        srt = meta.sorted_tokens if meta.sorted_tokens.is_contiguous() else meta.sorted_tokens.contiguous()
+        srt, seg = meta.sorted_tokens, meta.seg_info
         return meta.num_tokens, srt.data_ptr(), seg.data_ptr(), (srt, seg)
     return meta.memo("cpu_ext.ptrs", build)
+
+
+def _checked_ptrs(meta: LoRABatchMeta):
+    """:func:`_meta_ptrs` after checks.check_batch_meta, once per metadata object: for the paths
+    that bypass the ops' checks (BoundLoRA's bound call, add_rows via row_args), so that a call
+    pays one lookup for both."""
+    def build():
+        check_batch_meta(meta)
+        return _meta_ptrs(meta)
+    return meta.memo("cpu_ext.checked_ptrs", build)
 
 
 def row_args(meta: LoRABatchMeta):
@@ -127,11 +139,11 @@ def row_args(meta: LoRABatchMeta):
     per forward, then every layer passes it)."""
     if not _native(meta) or not meta.token_slots.is_cpu or _module() is None:
         return None
-    return _meta_ptrs(meta)[:3]
+    return _checked_ptrs(meta)[:3]
 
 
-def _add(plan, y, x, meta: LoRABatchMeta) -> None:
-    T, srt, seg, _ = _meta_ptrs(meta)
+def _add(plan, y, x, meta: LoRABatchMeta, ptrs=_meta_ptrs) -> None:
+    T, srt, seg, _ = ptrs(meta)
     sx, sy = x.stride(), y.stride()
     plan.add(T, x.data_ptr(), sx[0], sx[1], y.data_ptr(), sy[0], sy[1], srt, seg)
 
@@ -152,8 +164,9 @@ class BoundAdd:
 
     def __call__(self, y, x, meta: LoRABatchMeta) -> None:
         if not _native(meta):
+            check_batch_meta(meta)        # (memoised on the metadata object)
             return self._fallback(y, x, meta)
-        _add(self._plan, y, x, meta)
+        _add(self._plan, y, x, meta, _checked_ptrs)
 
 
 def bind(a_list, b_list, scalings, ranks) -> BoundAdd:
@@ -166,15 +179,19 @@ def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None
     if not _native(meta):
         return torch_ref.add_lora(y, x, a_list, b_list, scalings, ranks, meta)
     S, R, K = a_list[0].shape
+    if x.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0 or K == 0:
+        return      # a zero delta: y is not written
     plan, _keep = _plan(_module().OP_ADD, x.dtype, K, R, S, a_list, b_list, scalings, ranks)
     _add(plan, y, x, meta)
 
 
-def shrink(x, a_list, ranks, meta: LoRABatchMeta) -> torch.Tensor:
+def shrink(x, a_list, ranks, meta: LoRABatchMeta, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     if not _native(meta):
-        return torch_ref.shrink(x, a_list, ranks, meta)
+        return torch_ref.shrink(x, a_list, ranks, meta, out=out)
     S, R, K = a_list[0].shape
-    h = torch.zeros((len(a_list), x.shape[0], R), dtype=torch.float32, device=x.device)
+    h = torch_ref.new_h(out, len(a_list), x.shape[0], R, x.device)
+    if x.shape[0] == 0 or S == 0 or R == 0 or K == 0:
+        return h
     plan, _keep = _plan(_module().OP_SHRINK, x.dtype, K, R, S, a_list=a_list, ranks=ranks)
     T, srt, seg, _ = _meta_ptrs(meta)
     plan.run(T, x.data_ptr(), x.stride(0), x.stride(1), 0, 0, 1,
@@ -186,6 +203,8 @@ def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
     if not _native(meta):
         return torch_ref.expand(y, h, b_list, scalings, ranks, meta)
     S, _, R = b_list[0].shape
+    if y.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0:
+        return
     plan, _keep = _plan(_module().OP_EXPAND, y.dtype, 0, R, S, b_list=b_list, scalings=scalings, ranks=ranks)
     T, srt, seg, _ = _meta_ptrs(meta)
     plan.run(T, 0, 0, 1, y.data_ptr(), y.stride(0), y.stride(1),

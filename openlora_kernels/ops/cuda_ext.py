@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..metadata import TENSOR_CORE_MIN_M, LoRABatchMeta
-from . import cuda_build, launch_args
+from . import cuda_build, launch_args, torch_ref
 from .backends import BackendUnavailableError
 from .launch_args import DTYPE_CODES, rank_strides, slice_columns
 
@@ -203,14 +203,15 @@ def _launch(op: int, dtype: torch.dtype, meta: LoRABatchMeta, args: Dict[str, in
 
 
 def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torch.Tensor],
-           meta: LoRABatchMeta) -> torch.Tensor:
-    """h [n_slices, T, R] fp32 = x @ A[slot, :rank].T per row (0 elsewhere), unscaled."""
+           meta: LoRABatchMeta, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """h [n_slices, T, R] fp32 = x @ A[slot, :rank].T per row (0 elsewhere), unscaled; into
+    ``out`` (internal, any strides) when given."""
     T, K = x.shape
     S, R, _ = a_list[0].shape
     n = len(a_list)
     dtype_code(x.dtype)
-    h = torch.zeros((n, T, R), dtype=torch.float32, device=x.device)
-    if T == 0 or R == 0 or K == 0 or meta.num_tiles == 0:
+    h = torch_ref.new_h(out, n, T, R, x.device)
+    if T == 0 or R == 0 or K == 0 or S == 0 or meta.num_tiles == 0:
         return h
     args = pack_args(meta=meta, K=K, R=R, S=S, ranks=ranks, x=x, h=h)
     _launch(OP_SHRINK, x.dtype, meta, args, a_list, None, n, x.device)
@@ -224,7 +225,7 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
     S, _, R = b_list[0].shape
     n = len(b_list)
     dtype_code(y.dtype, "y")
-    if T == 0 or R == 0 or N == 0 or meta.num_tiles == 0:
+    if T == 0 or R == 0 or N == 0 or S == 0 or meta.num_tiles == 0:
         return
     h32 = h if h.dtype == torch.float32 else h.to(torch.float32)  # exact for fp16 / bf16
     args = pack_args(meta=meta, K=0, R=R, S=S, ranks=ranks, y=y, h=h32, scalings=scalings)
@@ -237,7 +238,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b
     S, R, _ = a_list[0].shape
     N = y.shape[1]
     dtype_code(x.dtype)
-    if T == 0 or R == 0 or N == 0 or K == 0 or meta.num_tiles == 0:
+    if T == 0 or R == 0 or N == 0 or K == 0 or S == 0 or meta.num_tiles == 0:
         return
     if meta.block_m >= TENSOR_CORE_MIN_M:
         expand(y, shrink(x, a_list, ranks, meta), b_list, scalings, ranks, meta)

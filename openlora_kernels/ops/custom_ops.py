@@ -3,7 +3,7 @@
 They take already-validated arguments (see ``api.py``) and a concrete backend name, so
 torch.compile sees one opaque op per call (fake implementations give output shapes; the mutated
 ``y`` is declared) and CUDA-graph capture records whatever the backend launches. Value checks
-that read tensor contents (ranks <= R) run inside the real implementations: always on CPU,
+that read tensor contents (metadata consistency, ranks <= R) run inside the real implementations: always on CPU,
 with debug checks on GPU (``checks.py``).
 
 Backends are imported on first use, so importing the package never imports triton or touches a GPU.
@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import torch
 
-from ..checks import check_ranks
+from ..checks import check_batch_meta, check_ranks
 from ..metadata import LoRABatchMeta
 
 _BACKEND_MODULES = {"torch": "torch_ref", "cpu": "cpu_ext", "triton": "triton_sgmv", "cuda": "cuda_ext"}
@@ -35,23 +35,35 @@ def backend_module(name: str):
     return mod
 
 
-def _meta(token_slots, sorted_tokens, seg_info, tile_info, num_slots: int, block_m: int) -> LoRABatchMeta:
-    return LoRABatchMeta(token_slots, sorted_tokens, seg_info, tile_info, num_slots=num_slots, block_m=block_m)
+def _meta(token_slots, sorted_tokens, seg_info, tile_info, num_slots: int, block_m: int, rows: int) -> LoRABatchMeta:
+    """The metadata object of an op call (its structure is checked in __post_init__, a few
+    attribute compares); ``rows``: the T of x / y, which the metadata must cover."""
+    meta = LoRABatchMeta(token_slots, sorted_tokens, seg_info, tile_info, num_slots=num_slots, block_m=block_m)
+    if meta.num_tokens != rows:
+        raise ValueError(f"indices: the batch metadata covers {meta.num_tokens} rows, but x/y have {rows}")
+    return meta
 
+
+# The value checks (metadata contents, ranks <= R) run here, before the backend: on CPU always,
+# on GPU in debug mode; each memoises its verdict, so a layer's call pays a lookup.
 
 def run_add_lora(y, x, lora_a, lora_b, scalings, ranks, meta: LoRABatchMeta, backend: str) -> None:
+    check_batch_meta(meta)
     if ranks is not None:
         check_ranks(ranks, lora_a[0].shape[1])
     backend_module(backend).add_lora(y, x, lora_a, lora_b, scalings, ranks, meta)
 
 
-def run_shrink(x, lora_a, ranks, meta: LoRABatchMeta, backend: str) -> torch.Tensor:
+def run_shrink(x, lora_a, ranks, meta: LoRABatchMeta, backend: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``out``: internal, an [n, T, R] float32 tensor (any strides) to write h into instead of a new one."""
+    check_batch_meta(meta)
     if ranks is not None:
         check_ranks(ranks, lora_a[0].shape[1])
-    return backend_module(backend).shrink(x, lora_a, ranks, meta)
+    return backend_module(backend).shrink(x, lora_a, ranks, meta, out=out)
 
 
 def run_expand(y, h, lora_b, scalings, ranks, meta: LoRABatchMeta, backend: str) -> None:
+    check_batch_meta(meta)
     if ranks is not None:
         check_ranks(ranks, lora_b[0].shape[2])
     backend_module(backend).expand(y, h, lora_b, scalings, ranks, meta)
@@ -64,7 +76,7 @@ def add_lora_op(
     token_slots: torch.Tensor, sorted_tokens: torch.Tensor, seg_info: torch.Tensor, tile_info: torch.Tensor,
     block_m: int, backend: str,
 ) -> None:
-    meta = _meta(token_slots, sorted_tokens, seg_info, tile_info, lora_a[0].shape[0], block_m)
+    meta = _meta(token_slots, sorted_tokens, seg_info, tile_info, lora_a[0].shape[0], block_m, x.shape[0])
     run_add_lora(y, x, lora_a, lora_b, scalings, ranks, meta, backend)
 
 
@@ -79,7 +91,7 @@ def lora_shrink_op(
     token_slots: torch.Tensor, sorted_tokens: torch.Tensor, seg_info: torch.Tensor, tile_info: torch.Tensor,
     block_m: int, backend: str,
 ) -> torch.Tensor:
-    meta = _meta(token_slots, sorted_tokens, seg_info, tile_info, lora_a[0].shape[0], block_m)
+    meta = _meta(token_slots, sorted_tokens, seg_info, tile_info, lora_a[0].shape[0], block_m, x.shape[0])
     return run_shrink(x, lora_a, ranks, meta, backend)
 
 
@@ -94,7 +106,7 @@ def lora_expand_op(
     token_slots: torch.Tensor, sorted_tokens: torch.Tensor, seg_info: torch.Tensor, tile_info: torch.Tensor,
     block_m: int, backend: str,
 ) -> None:
-    meta = _meta(token_slots, sorted_tokens, seg_info, tile_info, lora_b[0].shape[0], block_m)
+    meta = _meta(token_slots, sorted_tokens, seg_info, tile_info, lora_b[0].shape[0], block_m, y.shape[0])
     run_expand(y, h, lora_b, scalings, ranks, meta, backend)
 
 

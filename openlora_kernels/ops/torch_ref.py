@@ -20,6 +20,12 @@ Three strategies, all vectorised over rows (never a Python loop over tokens):
            a CPU need (a tiny op costs as much as a small GEMM there). The row layout is
            memoised on the batch metadata, so every layer of a forward reuses it.
 The CPU choice between padded and segment is a cost model (``_cpu_strategy``) over the sizes.
+
+Whatever the metadata holds, nothing is read or written outside the tensors (docs/kernels.md):
+gather takes each row's slot from ``token_slots`` (outside [0, S): no adapter); segment and
+padded take the rows of each slot's segment of ``sorted_tokens``, the segment clipped to [0, T)
+and row ids outside [0, T) skipped (``_segments``, once per metadata object), so their work is
+bounded by S·T rows whatever the segment lengths say.
 Padding columns of A/B beyond a slot's rank are multiplied by zero in the padded strategy, and
 0 * NaN is NaN: a non-finite result makes it redo the call with the segment strategy (which
 slices to the rank), so whatever sits in the padding stays ignored.
@@ -52,6 +58,17 @@ def _rank_mask(ranks_i: Optional[torch.Tensor], slots: torch.Tensor, R: int) -> 
     return torch.arange(R, device=slots.device)[None, :] < r[:, None]
 
 
+def new_h(out: Optional[torch.Tensor], n: int, T: int, R: int, device) -> torch.Tensor:
+    """The [n, T, R] float32 intermediate, zero-filled: ``out`` (the caller's buffer, any
+    strides) when given, else a new tensor."""
+    if out is None:
+        return torch.zeros((n, T, R), dtype=torch.float32, device=device)
+    if out.shape != (n, T, R) or out.dtype != torch.float32 or out.device != torch.device(device):
+        raise ValueError(f"out: expected a float32 [{n}, {T}, {R}] tensor on {device}, got "
+                         f"{out.dtype} {tuple(out.shape)} on {out.device}")
+    return out.zero_()
+
+
 def _chunk_rows(T: int, R: int, width: int) -> int:
     return max(1, _GATHER_BUDGET // max(1, R * width))
 
@@ -59,16 +76,16 @@ def _chunk_rows(T: int, R: int, width: int) -> int:
 # ------------------------------------------------------------------------------------ gather
 
 
-def _shrink_gather(x, a_list, ranks, meta) -> torch.Tensor:
+def _shrink_gather(x, a_list, ranks, meta, out=None) -> torch.Tensor:
     n, T = len(a_list), x.shape[0]
     S, R, K = a_list[0].shape
-    h = torch.zeros((n, T, R), dtype=torch.float32, device=x.device)
+    h = new_h(out, n, T, R, x.device)
     slots_all = meta.token_slots.to(torch.int64)
     step = _chunk_rows(T, R, K)
     for t0 in range(0, T, step):
         slots = slots_all[t0:t0 + step]
-        valid = slots >= 0
-        safe = slots.clamp(min=0)
+        valid = (slots >= 0) & (slots < S)
+        safe = torch.where(valid, slots, 0)
         xc = x[t0:t0 + step].to(torch.float32)
         for i, A in enumerate(a_list):
             Ag = A.index_select(0, safe).to(torch.float32)                       # [t, R, K]
@@ -84,13 +101,14 @@ def _shrink_gather(x, a_list, ranks, meta) -> torch.Tensor:
 def _expand_gather(y, h, b_list, scalings, ranks, meta) -> None:
     T = y.shape[0]
     R = h.shape[2]
+    S = b_list[0].shape[0]
     slots_all = meta.token_slots.to(torch.int64)
     widths = [B.shape[1] for B in b_list]
     step = _chunk_rows(T, R, max(widths))
     for t0 in range(0, T, step):
         slots = slots_all[t0:t0 + step]
-        valid = slots >= 0
-        safe = slots.clamp(min=0)
+        valid = (slots >= 0) & (slots < S)
+        safe = torch.where(valid, slots, 0)
         scale = scalings.index_select(0, safe).to(torch.float32)[:, None]
         off = 0
         for i, B in enumerate(b_list):
@@ -110,11 +128,55 @@ def _expand_gather(y, h, b_list, scalings, ranks, meta) -> None:
 # ----------------------------------------------------------------------------------- segment
 
 
+@dataclass(frozen=True)
+class _Segments:
+    """The rows of each slot's segment, sanitised (memoised per batch metadata): each segment
+    of ``sorted_tokens`` clipped to [0, T), row ids outside [0, T) dropped."""
+    rows: torch.Tensor             # [P] int64: the segments' rows, slot after slot, all in [0, T)
+    active: List[int]              # slots with rows, ascending
+    start: List[int]               # offset in ``rows`` of each active slot's rows
+    length: List[int]              # number of rows of each active slot (> 0)
+
+    def of(self, u: int) -> torch.Tensor:
+        return self.rows[self.start[u]:self.start[u] + self.length[u]]
+
+
+def _segments(meta: LoRABatchMeta) -> _Segments:
+    def build():
+        T, S, dev = meta.num_tokens, meta.num_slots, meta.device
+        none = _Segments(torch.zeros(0, dtype=torch.int64, device=dev), [], [], [])
+        if T == 0 or S == 0:
+            return none
+        starts, lens = meta.seg_info.tolist()
+        lo = [min(max(st, 0), T) for st in starts]                      # Python ints: no overflow
+        n = [min(max(st + ln, lo_s), T) - lo_s for st, ln, lo_s in zip(starts, lens, lo)]
+        P = sum(n)                                                      # <= S * T
+        if P == 0:
+            return none
+        n_t = torch.tensor(n, dtype=torch.int64, device=dev)
+        seg = torch.repeat_interleave(torch.arange(S, device=dev), n_t)   # slot of each position
+        first = torch.cumsum(n_t, 0) - n_t
+        pos = (torch.tensor(lo, dtype=torch.int64, device=dev).index_select(0, seg)
+               + torch.arange(P, device=dev) - first.index_select(0, seg))
+        rows = meta.sorted_tokens.to(torch.int64).index_select(0, pos)
+        ok = (rows >= 0) & (rows < T)
+        if not bool(ok.all()):
+            rows, seg = rows[ok], seg[ok]
+            n = torch.bincount(seg, minlength=S).tolist()
+        active = [s for s in range(S) if n[s] > 0]
+        length = [n[s] for s in active]
+        start, acc = [], 0
+        for ln in length:
+            start.append(acc)
+            acc += ln
+        return _Segments(rows, active, start, length)
+    return meta.memo("torch_ref.segments", build)
+
+
 def _active_segments(meta: LoRABatchMeta):
-    starts, lens = meta.seg_info.tolist()
-    for s, (st, ln) in enumerate(zip(starts, lens)):
-        if ln > 0:
-            yield s, meta.sorted_tokens[st:st + ln].to(torch.int64)
+    segs = _segments(meta)
+    for u, s in enumerate(segs.active):
+        yield s, segs.of(u)
 
 
 def _ranks_host(ranks, n: int, S: int, R: int) -> List[List[int]]:
@@ -126,10 +188,10 @@ def _ranks_host(ranks, n: int, S: int, R: int) -> List[List[int]]:
     return r.tolist()
 
 
-def _shrink_segment(x, a_list, ranks, meta) -> torch.Tensor:
+def _shrink_segment(x, a_list, ranks, meta, out=None) -> torch.Tensor:
     n, T = len(a_list), x.shape[0]
     S, R, K = a_list[0].shape
-    h = torch.zeros((n, T, R), dtype=torch.float32, device=x.device)
+    h = new_h(out, n, T, R, x.device)
     rk = _ranks_host(ranks, n, S, R)
     for s, rows in _active_segments(meta):
         xs = x.index_select(0, rows).to(torch.float32)
@@ -150,7 +212,7 @@ def _expand_segment(y, h, b_list, scalings, ranks, meta) -> None:
         for i, B in enumerate(b_list):
             Ni, r = B.shape[1], rk[i][s]
             if r:
-                d = (h[i].index_select(0, rows)[:, :r] @ B[s, :, :r].to(torch.float32).T) * scal[s]
+                d = (_f32(h[i].index_select(0, rows)[:, :r]) @ B[s, :, :r].to(torch.float32).T) * scal[s]
                 cur = y[rows, off:off + Ni]
                 y[rows, off:off + Ni] = (cur.to(torch.float32) + d).to(y.dtype)
             off += Ni
@@ -178,31 +240,34 @@ class _PaddedRows:
 
 def _padded_rows(meta: LoRABatchMeta) -> Optional[_PaddedRows]:
     def build():
-        start, length = meta.seg_info.tolist()
-        active = [s for s, n in enumerate(length) if n > 0]
+        segs = _segments(meta)
+        active, length = segs.active, segs.length
         if not active:
             return None
         S, T = meta.num_slots, meta.num_tokens
         U, L = len(active), max(length)
         act = torch.tensor(active, dtype=torch.int64)
-        st = torch.tensor(start, dtype=torch.int64)[act]
-        ln = torch.tensor(length, dtype=torch.int64)[act]
+        st = torch.tensor(segs.start, dtype=torch.int64)
+        ln = torch.tensor(length, dtype=torch.int64)
         n_valid = sum(length)
         if U * L == n_valid:     # equal segments: the sorted rows are the padded layout
-            index, keep = meta.sorted_tokens[:n_valid].to(torch.int64), None
+            index, keep = segs.rows, None
         else:
             pos = torch.arange(L).unsqueeze(0)
             real = (pos < ln.unsqueeze(1)).reshape(-1)
             src = torch.minimum(st.unsqueeze(1) + pos, (st + ln - 1).unsqueeze(1))   # pad: repeat the last row
-            index = meta.sorted_tokens.to(torch.int64)[src.reshape(-1)]
+            index = segs.rows[src.reshape(-1)]
             keep = real.nonzero().squeeze(1)
         rows = index if keep is None else index[keep]
         # y += out[inverse]: a row without slot reads the extra row of -0.0 (x + -0.0 == x bit for
         # bit, -0.0 and NaN included), so every row is updated by one index_select + add_.
-        zero_row = rows.numel() < T
+        # (With valid metadata each row is in at most one segment; a row listed twice by corrupt
+        # metadata gets one of its results.)
         inverse = torch.full((T,), U * L, dtype=torch.int64)
         inverse[rows] = keep if keep is not None else torch.arange(U * L)
-        identity = not zero_row and keep is None and bool((index == torch.arange(T)).all())
+        zero_row = bool((inverse == U * L).any())
+        identity = (not zero_row and keep is None and index.numel() == T
+                    and bool((index == torch.arange(T)).all()))
         if U == S:
             slots = None
         elif active[-1] - active[0] + 1 == U:   # contiguous slots (the usual pool case): views, no copies
@@ -308,10 +373,12 @@ def _padded_expand_slices(y, hp_list, b_list, scalings, ranks, pr: _PaddedRows) 
     return True
 
 
-def _shrink_padded(x, a_list, ranks, meta) -> torch.Tensor:
+def _shrink_padded(x, a_list, ranks, meta, out=None) -> torch.Tensor:
     pr = _padded_rows(meta)
     S, R, K = a_list[0].shape
-    h = torch.zeros((len(a_list), x.shape[0], R), dtype=torch.float32)
+    h = new_h(out, len(a_list), x.shape[0], R, x.device)
+    if pr is None:           # no row has an adapter
+        return h
     xp = _padded_x(x, pr)
     slots = _active(torch.arange(S), pr).repeat_interleave(pr.L)
     if pr.keep is not None:
@@ -327,6 +394,8 @@ def _shrink_padded(x, a_list, ranks, meta) -> torch.Tensor:
 
 def _expand_padded(y, h, b_list, scalings, ranks, meta) -> bool:
     pr = _padded_rows(meta)
+    if pr is None:
+        return True
     # fresh copies (index_select), since _padded_expand_slices scales them in place
     hp = [_f32(h[i].index_select(0, pr.index)).view(pr.U, pr.L, -1) for i in range(len(b_list))]
     return _padded_expand_slices(y, hp, b_list, scalings, ranks, pr)
@@ -334,6 +403,8 @@ def _expand_padded(y, h, b_list, scalings, ranks, meta) -> bool:
 
 def _add_padded(y, x, a_list, b_list, scalings, ranks, meta) -> bool:
     pr = _padded_rows(meta)
+    if pr is None:
+        return True
     xp = _padded_x(x, pr)
     hp = [_padded_shrink_slice(xp, A, pr) for A in a_list]
     return _padded_expand_slices(y, hp, b_list, scalings, ranks, pr)
@@ -350,18 +421,24 @@ def _strategy(meta: LoRABatchMeta, R: int, K: int, N: int) -> str:
     return _cpu_strategy(meta, R, K, N)
 
 
-def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> torch.Tensor:
+def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torch.Tensor], meta: LoRABatchMeta,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """h [n, T, R] float32 (into ``out`` when given: internal, any strides)."""
     S, R, K = a_list[0].shape
+    if x.shape[0] == 0 or S == 0 or R == 0 or K == 0:
+        return new_h(out, len(a_list), x.shape[0], R, x.device)
     how = _strategy(meta, R, K, 0)
     if how == "padded":
-        return _shrink_padded(x, a_list, ranks, meta)
+        return _shrink_padded(x, a_list, ranks, meta, out)
     if how == "segment":
-        return _shrink_segment(x, a_list, ranks, meta)
-    return _shrink_gather(x, a_list, ranks, meta)
+        return _shrink_segment(x, a_list, ranks, meta, out)
+    return _shrink_gather(x, a_list, ranks, meta, out)
 
 
 def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
     N = sum(B.shape[1] for B in b_list)
+    if y.shape[0] == 0 or N == 0 or b_list[0].shape[0] == 0 or h.shape[2] == 0:
+        return
     how = _strategy(meta, h.shape[2], 0, N)
     if how == "padded" and _expand_padded(y, h, b_list, scalings, ranks, meta):
         return
@@ -373,6 +450,8 @@ def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
 
 def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
     S, R, K = a_list[0].shape
+    if x.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0 or K == 0:
+        return      # a zero delta: y is not written
     how = _strategy(meta, R, K, y.shape[1])
     if how == "padded" and _add_padded(y, x, a_list, b_list, scalings, ranks, meta):
         return

@@ -29,8 +29,11 @@ arithmetic accumulates in fp32. Multi-slice outputs (fused QKV, gate_up) run in 
 to MAX_SLICES_PER_LAUNCH slices, each with its own A/B tensors selected by program id (plain
 pointer arguments: no device pointer tables, which Triton's interpreter cannot read).
 
-Index safety: slots come from the metadata and are re-checked against S in-kernel; ranks are
-clamped to [0, R]; every load and store is masked; row/slot offsets are computed in int64.
+Index safety, whatever the metadata holds (docs/kernels.md): slots are re-checked against S
+in-kernel (outside [0, S): the tile is skipped); a tile's start and end are clamped to [0, T] and
+it covers at most BLOCK_M positions; row ids outside [0, T) are masked out of every load and
+store (x, h, y); ranks are clamped to [0, R]; every load and store is masked; row and slot
+offsets are computed in int64.
 
 Interpreter (TRITON_INTERPRET=1): its bf16 tl.dot is wrong, so bf16 dots are upcast to fp32 there.
 """
@@ -46,12 +49,16 @@ from ..metadata import TENSOR_CORE_MIN_M, LoRABatchMeta
 from .backends import triton_interpreter_enabled
 from .configs import device_facts, kernel_config, next_pow2
 from .launch_args import rank_strides, same_strides, slice_columns, slice_groups
+from .torch_ref import new_h
 
 MAX_SLICES_PER_LAUNCH = 4
 # Per-slice ints are selected by program id (_pick); Triton turns an int argument equal to 1
 # into a constant, and a branch merging a constant with a runtime int does not compile, so
 # these are never specialised.
 _PER_SLICE_INTS = [f"{p}{i}" for p in ("n", "c", "bs") for i in range(MAX_SLICES_PER_LAUNCH)]
+# T (the batch's row count, a bound of the index checks) changes every batch: not specialised,
+# so it never adds a compiled variant (T == 1, T % 16 == 0).
+_NO_SPECIALIZE = ["T", *_PER_SLICE_INTS]
 
 
 # ------------------------------------------------------------------------------ jit helpers
@@ -72,12 +79,26 @@ def _pick(sid, v0, v1, v2, v3):
 
 
 @triton.jit
-def _tile(tile_ptr, G, pid):
-    """(slot, start, end) of tile ``pid`` from tile_info [3, G] int32."""
+def _tile(tile_ptr, G, pid, T):
+    """(slot, start, end) of tile ``pid`` from tile_info [3, G] int32, the sorted positions
+    clamped to 0 <= start <= end <= T (whatever the metadata holds)."""
     slot = tl.load(tile_ptr + pid)
     start = tl.load(tile_ptr + G + pid)
     end = tl.load(tile_ptr + 2 * G + pid)
+    start = tl.minimum(tl.maximum(start, 0), T)
+    end = tl.minimum(tl.maximum(end, start), T)
     return slot, start, end
+
+
+@triton.jit
+def _tile_rows(sorted_ptr, start, end, T, BLOCK_M: tl.constexpr):
+    """(rows int64, mask) of the tile's first BLOCK_M sorted positions: a position at or past
+    ``end`` or a row id outside [0, T) is masked out of every load and store (its row reads 0)."""
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < end
+    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0)
+    m_mask = m_mask & (rows >= 0) & (rows < T)
+    return tl.where(m_mask, rows, 0).to(tl.int64), m_mask
 
 
 @triton.jit
@@ -140,7 +161,7 @@ def _shrink_rows(x_ptr, a_ptr, rows, m_mask, offs_r, r_mask, k_lo, k_hi,
 # ----------------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _sgmv_shrink_kernel(
     x_ptr,                              # [T, K] fp16/bf16/fp32
     a0_ptr, a1_ptr, a2_ptr, a3_ptr,     # [S, R, K] per slice, x's dtype, strides shared
@@ -148,7 +169,7 @@ def _sgmv_shrink_kernel(
     ranks_ptr,                          # [n_slices, S] int32/int64 via (stride_rn, stride_rs)
     sorted_ptr,                         # [T] int32: rows sorted by slot
     tile_ptr,                           # [3, G] int32: (slot, start, end) per tile
-    G, K, R, S,
+    G, T, K, R, S,
     stride_xt, stride_xk,
     stride_as, stride_ar, stride_ak,
     stride_hn, stride_ht, stride_hr,
@@ -162,8 +183,8 @@ def _sgmv_shrink_kernel(
     pid_z = tl.program_id(2)
     sid = pid_z // SPLIT_K
     kid = pid_z % SPLIT_K
-    slot, start, end = _tile(tile_ptr, G, pid_t)
-    if (slot < 0) | (slot >= S):
+    slot, start, end = _tile(tile_ptr, G, pid_t, T)
+    if (slot < 0) | (slot >= S) | (start >= end):
         return
     gsid = slice_base + sid
     rank = _rank(ranks_ptr, gsid, slot, stride_rn, stride_rs, R, HAS_RANKS)
@@ -174,9 +195,7 @@ def _sgmv_shrink_kernel(
     k_lo = kid * k_span
     k_hi = tl.minimum(K, k_lo + k_span)
 
-    offs_m = start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    rows, m_mask = _tile_rows(sorted_ptr, start, end, T, BLOCK_M)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     a_ptr = _pick(sid, a0_ptr, a1_ptr, a2_ptr, a3_ptr) + slot.to(tl.int64) * stride_as
@@ -192,14 +211,14 @@ def _sgmv_shrink_kernel(
         tl.atomic_add(h_ptrs, acc, mask=mask)
 
 
-@triton.jit(do_not_specialize=_PER_SLICE_INTS)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _sgmv_expand_kernel(
     h_ptr,                              # [n_slices, T, R] fp32/fp16/bf16
     b0_ptr, b1_ptr, b2_ptr, b3_ptr,     # [S, N_i, R] per slice, y's dtype
     y_ptr,                              # [T, N] updated in place, N = sum N_i
     scal_ptr,                           # [S] fp32
     ranks_ptr, sorted_ptr, tile_ptr,    # as in the shrink kernel
-    G, R, S,
+    G, T, R, S,
     n0, n1, n2, n3,                     # N_i of each slice
     c0, c1, c2, c3,                     # first column of each slice in y
     bs0, bs1, bs2, bs3,                 # slot stride of each B_i
@@ -214,8 +233,8 @@ def _sgmv_expand_kernel(
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     sid = tl.program_id(2)
-    slot, start, end = _tile(tile_ptr, G, pid_t)
-    if (slot < 0) | (slot >= S):
+    slot, start, end = _tile(tile_ptr, G, pid_t, T)
+    if (slot < 0) | (slot >= S) | (start >= end):
         return
     gsid = slice_base + sid
     rank = _rank(ranks_ptr, gsid, slot, stride_rn, stride_rs, R, HAS_RANKS)
@@ -224,9 +243,7 @@ def _sgmv_expand_kernel(
     if (rank == 0) | (n_lo >= n_i):
         return
 
-    offs_m = start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    rows, m_mask = _tile_rows(sorted_ptr, start, end, T, BLOCK_M)
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_i
     b_ptr = _pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot.to(tl.int64) * _pick(sid, bs0, bs1, bs2, bs3)
@@ -252,7 +269,7 @@ def _sgmv_expand_kernel(
     tl.store(y_ptrs, (yv.to(tl.float32) + acc * scale).to(yv.dtype), mask=mask)
 
 
-@triton.jit(do_not_specialize=_PER_SLICE_INTS)
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _sgmv_fused_kernel(
     x_ptr,                              # [T, K]
     a0_ptr, a1_ptr, a2_ptr, a3_ptr,     # [S, R, K] per slice
@@ -260,7 +277,7 @@ def _sgmv_fused_kernel(
     y_ptr,                              # [T, N] updated in place
     scal_ptr,                           # [S] fp32
     ranks_ptr, sorted_ptr, tile_ptr,
-    G, K, R, S,
+    G, T, K, R, S,
     n0, n1, n2, n3,
     c0, c1, c2, c3,
     bs0, bs1, bs2, bs3,
@@ -277,8 +294,8 @@ def _sgmv_fused_kernel(
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     sid = tl.program_id(2)
-    slot, start, end = _tile(tile_ptr, G, pid_t)
-    if (slot < 0) | (slot >= S):
+    slot, start, end = _tile(tile_ptr, G, pid_t, T)
+    if (slot < 0) | (slot >= S) | (start >= end):
         return
     gsid = slice_base + sid
     rank = _rank(ranks_ptr, gsid, slot, stride_rn, stride_rs, R, HAS_RANKS)
@@ -288,9 +305,7 @@ def _sgmv_fused_kernel(
     if (rank == 0) | (nt_lo >= nt_hi):
         return
 
-    offs_m = start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < end
-    rows = tl.load(sorted_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    rows, m_mask = _tile_rows(sorted_ptr, start, end, T, BLOCK_M)
     offs_r = tl.arange(0, R_PAD)
     r_mask = offs_r < rank
     slot64 = slot.to(tl.int64)
@@ -339,12 +354,12 @@ def _pad4(items: Sequence, fill=None) -> List:
 
 
 def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torch.Tensor],
-           meta: LoRABatchMeta) -> torch.Tensor:
+           meta: LoRABatchMeta, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     T, K = x.shape
     S, R, _ = a_list[0].shape
     n = len(a_list)
-    h = torch.zeros((n, T, R), dtype=torch.float32, device=x.device)
-    if T == 0 or R == 0 or meta.num_tiles == 0:
+    h = new_h(out, n, T, R, x.device)
+    if T == 0 or R == 0 or S == 0 or K == 0 or meta.num_tiles == 0:
         return h
     a_list = same_strides(a_list, (0, 1, 2))
     cfg = kernel_config("shrink", block_m=meta.block_m, K=K, N=0, R=R, n_slices=n, dtype=x.dtype, device=x.device)
@@ -355,7 +370,7 @@ def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torc
         grid = (meta.num_tiles, triton.cdiv(R, cfg["BLOCK_R"]), cnt * cfg["SPLIT_K"])
         _sgmv_shrink_kernel[grid](
             x, a[0], a[1], a[2], a[3], h, rk, meta.sorted_tokens, meta.tile_info,
-            meta.num_tiles, K, R, S,
+            meta.num_tiles, T, K, R, S,
             x.stride(0), x.stride(1),
             A0.stride(0), A0.stride(1), A0.stride(2),
             h.stride(0), h.stride(1), h.stride(2),
@@ -372,7 +387,7 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
     T, N = y.shape
     S, _, R = b_list[0].shape
     n = len(b_list)
-    if T == 0 or R == 0 or N == 0 or meta.num_tiles == 0:
+    if T == 0 or R == 0 or N == 0 or S == 0 or meta.num_tiles == 0:
         return
     b_list = same_strides(b_list, (1, 2))
     cfg = kernel_config("expand", block_m=meta.block_m, K=0, N=N, R=R, n_slices=n, dtype=y.dtype, device=y.device)
@@ -386,7 +401,7 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
         bp, nn, cc, bs = _pad4(b), _pad4(widths, 0), _pad4(cols[base:base + cnt], 0), _pad4([B.stride(0) for B in b], 0)
         _sgmv_expand_kernel[grid](
             h, bp[0], bp[1], bp[2], bp[3], y, scalings, rk, meta.sorted_tokens, meta.tile_info,
-            meta.num_tiles, R, S,
+            meta.num_tiles, T, R, S,
             nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
             B0.stride(1), B0.stride(2),
             h.stride(0), h.stride(1), h.stride(2),
@@ -404,7 +419,7 @@ def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_li
     N = y.shape[1]
     S, R, _ = a_list[0].shape
     n = len(a_list)
-    if T == 0 or R == 0 or N == 0 or meta.num_tiles == 0:
+    if T == 0 or R == 0 or N == 0 or S == 0 or K == 0 or meta.num_tiles == 0:
         return
     a_list = same_strides(a_list, (0, 1, 2))
     b_list = same_strides(b_list, (1, 2))
@@ -430,7 +445,7 @@ def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_li
         _sgmv_fused_kernel[(meta.num_tiles, chunks, cnt)](
             x, ap[0], ap[1], ap[2], ap[3], bp[0], bp[1], bp[2], bp[3], y, scalings,
             rk, meta.sorted_tokens, meta.tile_info,
-            meta.num_tiles, K, R, S,
+            meta.num_tiles, T, K, R, S,
             nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
             x.stride(0), x.stride(1),
             A0.stride(0), A0.stride(1), A0.stride(2),
@@ -445,7 +460,9 @@ def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_li
 
 def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
     T, K = x.shape
-    R = a_list[0].shape[1]
+    S, R, _ = a_list[0].shape
+    if T == 0 or K == 0 or R == 0 or S == 0 or y.shape[1] == 0:
+        return      # a zero delta: y is not written
     route = kernel_config("route", block_m=meta.block_m, K=K, N=y.shape[1], R=R, n_slices=len(a_list),
                           dtype=x.dtype, device=x.device)
     if route["FUSED"]:

@@ -83,10 +83,13 @@ struct Tile {
 
 // Tile g of tile_info [3, G]. False when the tile is unused (slot -1), names a slot outside
 // [0, S) or is empty after clamping its bounds to [0, T): corrupt metadata never reaches memory.
+// A tile covers at most tile_rows (block_m) sorted positions, so a CTA's work is bounded by the
+// batch's tiling whatever end - start says. Every kernel starts with load_task -> load_tile and
+// reads rows through load_row / load_tile_rows (ids outside [0, T) masked).
 OLK_DEVICE bool load_tile(const SgmvParams& p, int64_t g, Tile& t) {
   t.slot = p.tile_info[g];
   t.start = max(static_cast<int64_t>(p.tile_info[p.G + g]), int64_t(0));
-  t.end = min(static_cast<int64_t>(p.tile_info[2 * p.G + g]), p.T);
+  t.end = min(min(static_cast<int64_t>(p.tile_info[2 * p.G + g]), p.T), t.start + p.tile_rows);
   return t.slot >= 0 && t.slot < p.S && t.start < t.end;
 }
 

@@ -52,6 +52,7 @@ struct SgmvParams {
   int split_k;                    // tensor-core shrink: CTAs sharing one tile's K (fp32 atomics)
   int64_t k_per_split;            // K elements per split (multiple of the K tile)
   int64_t cols_per_chunk;         // CUDA-core fused/expand: output columns per CTA
+  int64_t tile_rows;              // the metadata's block_m: no tile covers more sorted positions
   SliceArgs slices[kMaxSlices];
 };
 
