@@ -27,9 +27,9 @@ __version__ = "0.1.0"
 # Names served lazily from their modules (PEP 562), so `import openlora_kernels` stays light.
 _LAZY = {
     "patch_model": "hf_patch", "MultiLoRAModel": "hf_patch",
-    "AdapterPool": "pool", "MemoryReport": "pool", "AdapterMemory": "pool",
+    "AdapterPool": "pool", "MemoryReport": "pool", "AdapterMemory": "pool", "Lease": "pool",
     "AdapterSource": "adapters", "LocalSource": "adapters", "HubSource": "adapters",
-    "CallableSource": "adapters", "AdapterFormatError": "adapters",
+    "CallableSource": "adapters", "AdapterFormatError": "adapters", "Expectation": "adapters",
 }
 
 

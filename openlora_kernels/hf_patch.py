@@ -52,6 +52,7 @@ from torch import nn
 from .adapters import AdapterWeights, Expectation, load_adapter_weights, resolve_source, split_key
 from .metadata import LoRABatchMeta, build_batch_meta
 from .ops import cpu_ext
+from .ops.api import forbid_backward
 from .ops.backends import BACKEND_CHOICES, resolve_backend
 from .pool import AdapterPool, HostLoRA, HostSlotArena, LayerSlots, Lease, MemoryReport
 
@@ -262,9 +263,13 @@ def _lora_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallSt
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
         # add_lora(y, x2, A_slots, B_slots, meta, scalings, ranks), weights checked once (BoundLoRA).
-        # Inference only: no autograd records for the delta.
-        with torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext():
-            op(y.view(-1, y.shape[-1]), x2, meta)
+        # Inference only: the delta is added under no_grad; an output that autograd tracks is
+        # marked so that a backward through it raises instead of missing the LoRA term.
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                op(y.view(-1, y.shape[-1]), x2, meta)
+            return forbid_backward(y, f"layer {name!r}") if y.requires_grad else y
+        op(y.view(-1, y.shape[-1]), x2, meta)
         return y
 
     return hook

@@ -644,7 +644,14 @@ def test_huge_header_offsets_beyond_the_file(lm, env, tmp_path):
 
 
 def test_huge_file_with_a_header_the_model_refuses(lm, env, tmp_path):
-    """A header within the byte limit whose shapes do not fit: refused from the header, unread."""
+    """A consistent 4 GiB file: refused by the model's byte bound, unread. A header within the
+    byte bound whose shapes do not fit: refused from the header, unread."""
+    big, big_path = sparse_adapter(env, tmp_path)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=re.escape(big_path) + r": safetensors data of 4294967296 bytes, above"):
+        lm.load_adapter("huge", str(big))
+    assert time.perf_counter() - t0 < 1.0
+    assert_unchanged(lm)
     d = copy_adapter(env, tmp_path, "wide")
     header = {QA: F32([4, 1 << 14], 0, 4 << 16)}
     raw = json.dumps(header).encode()

@@ -242,3 +242,29 @@ def test_decode_batches_take_the_native_fast_path(mlp_env, monkeypatch):
     assert torch.equal(fast, checked)
     want = per_token_reference(base, paths, x[:, 0], names)
     torch.testing.assert_close(fast[:, 0], want, atol=ATOL, rtol=RTOL)
+
+
+def test_forward_with_grad_enabled_serves_and_a_backward_raises(mlp_env):
+    """Inference only for now: with grad enabled (the base parameters require grad) the forward
+    gives the served values, and a backward through a layer whose output got a LoRA delta raises,
+    naming the layer, instead of returning gradients without the LoRA term. Base rows only: the
+    base model's own gradients, unchanged."""
+    base, paths = mlp_env
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=3, max_rank=8)
+    for n, p in paths.items():
+        lm.load_adapter(n, p)
+    assert all(p.requires_grad for p in lm.model.parameters())
+    x = torch.randn(5, 24)
+    names = ["A", "B", None, "C", "A"]
+    with lm.batch(names):
+        with torch.no_grad():
+            want = lm.model(x)
+        got = lm.model(x)
+        assert got.requires_grad and torch.equal(got, want)
+        with pytest.raises(RuntimeError, match=r"layer 'fc[12]'.*not implemented yet \(inference only\)"):
+            got.sum().backward()
+    plain = lm.model(x)                                  # no batch: the base model, gradients as usual
+    plain.sum().backward()
+    ref = copy.deepcopy(base)
+    ref(x).sum().backward()
+    assert torch.equal(lm.model.fc1.weight.grad, ref.fc1.weight.grad)
