@@ -43,6 +43,7 @@ import contextvars
 import functools
 import re
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -52,9 +53,9 @@ from torch import nn
 from .adapters import AdapterWeights, Expectation, load_adapter_weights, resolve_source, split_key
 from .metadata import LoRABatchMeta, build_batch_meta
 from .ops import cpu_ext
-from .ops.api import forbid_backward
 from .ops.backends import BACKEND_CHOICES, resolve_backend
 from .pool import AdapterPool, HostLoRA, HostSlotArena, LayerSlots, Lease, MemoryReport
+from .training import SlotDelta, TrainableAdapter, fresh_adapter, save_adapter, slot_parameters
 
 BASE = "__base__"
 TargetModules = Union[None, str, Sequence[str]]
@@ -163,13 +164,17 @@ class _CallState:
     set_batch() .. clear_batch() span. It lives in a context variable, so it belongs to the thread
     (or asyncio task) that made it: concurrent calls never see each other's batch."""
 
-    __slots__ = ("row_key", "fixed", "lease", "meta", "rows_now", "layouts", "rows")
+    __slots__ = ("row_key", "fixed", "lease", "train", "meta", "rows_now", "layouts", "rows", "__weakref__")
 
     def __init__(self, row_key: Optional[Tuple[int, ...]] = None, fixed: Optional[LoRABatchMeta] = None,
-                 lease: Optional[Lease] = None):
+                 lease: Optional[Lease] = None, train: Optional[Dict[str, Tuple[tuple, tuple]]] = None):
         self.row_key = row_key      # slot per row ("rows" mode: adapter_names); None: every row is base
         self.fixed = fixed          # per-token metadata (serving-stack mode: set_batch)
-        self.lease = lease          # what set_batch(names) holds until clear_batch
+        self.lease = lease          # the adapters this state's batch holds (released with the state)
+        # trainable adapters of the batch, per layer: (((slot, rank, is_a), ...), (Parameter, ...))
+        self.train = train
+        if lease is not None:       # a graph built over this batch keeps it (and the lease) alive
+            weakref.finalize(self, lease.release)
         self.meta: Optional[LoRABatchMeta] = None       # this forward's metadata
         self.rows_now: Optional[torch.Tensor] = None    # this forward's per-row slots
         self.layouts: Dict[Tuple[Any, ...], LoRABatchMeta] = {}
@@ -178,7 +183,8 @@ class _CallState:
     def begin_forward(self, args: tuple, kwargs: dict, cache: _MetaCache) -> None:
         self._set_meta(args, kwargs, cache)
         meta = self.meta
-        self.rows = cpu_ext.row_args(meta) if meta is not None and not torch.compiler.is_compiling() else None
+        fast = meta is not None and not torch.compiler.is_compiling() and not (self.train and torch.is_grad_enabled())
+        self.rows = cpu_ext.row_args(meta) if fast else None
 
     def _set_meta(self, args: tuple, kwargs: dict, cache: _MetaCache) -> None:
         self.layouts = {}
@@ -263,12 +269,14 @@ def _lora_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallSt
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
         # add_lora(y, x2, A_slots, B_slots, meta, scalings, ranks), weights checked once (BoundLoRA).
-        # Inference only: the delta is added under no_grad; an output that autograd tracks is
-        # marked so that a backward through it raises instead of missing the LoRA term.
+        # Building a graph (grad enabled and something requires grad: x, the base output, or a
+        # trainable adapter of the batch here): the same call inside SlotDelta (training.py).
         if torch.is_grad_enabled():
-            with torch.no_grad():
-                op(y.view(-1, y.shape[-1]), x2, meta)
-            return forbid_backward(y, f"layer {name!r}") if y.requires_grad else y
+            train = state.train.get(name) if state.train else None
+            if train is not None or y.requires_grad or x2.requires_grad:
+                owners, params = train or ((), ())
+                SlotDelta.apply(y.view(-1, y.shape[-1]), x2, op, meta, state, owners, *params)
+                return y
         op(y.view(-1, y.shape[-1]), x2, meta)
         return y
 
@@ -334,6 +342,14 @@ class MultiLoRAModel:
         for name, mod, _, _ in picked:
             self._hooks.append(mod.register_forward_hook(_lora_hook(self._layers[name], self._call),
                                                          with_kwargs=True))
+        # Gradient checkpointing replays a layer's forward during the backward, outside the call:
+        # the checkpoint function of every layer that has one is wrapped so the replay sees the batch
+        # it first ran with (training.py).
+        for mod in model.modules():
+            if hasattr(mod, "gradient_checkpointing"):
+                self._hooks.append(mod.register_forward_pre_hook(self._wrap_checkpointing))
+        self._trainable: Dict[str, TrainableAdapter] = {}
+        self._conv1d = any(linear_dims(mod) is not None and not isinstance(mod, nn.Linear) for _, mod, _, _ in picked)
         model._openlora_patched = True
 
     # ------------------------------------------------------------------------------ adapters
@@ -347,22 +363,51 @@ class MultiLoRAModel:
     def patched_modules(self) -> Tuple[str, ...]:
         return tuple(self._layers)
 
-    def load_adapter(self, name: str, source: Any, *, pin: bool = False) -> None:
+    def load_adapter(self, name: str, source: Any, *, pin: bool = False, trainable: bool = False,
+                     r: Optional[int] = None, lora_alpha: Optional[float] = None, target_modules: Any = None,
+                     use_rslora: Optional[bool] = None) -> None:
         """Register adapter ``name`` from ``source``: a PEFT adapter directory, a Hub repo id
         ("org/name"), an :class:`~openlora_kernels.adapters.AdapterSource` or a callable returning
         ``(config, tensors)``. It is read and checked now and kept in host memory; it is copied to
         a device slot when a batch first needs it (``pin=True``: now, and kept there).
+
+        ``trainable=True`` (docs/training.md): the adapter is pinned and its weights become
+        Parameters (:meth:`adapter_parameters`) that a batch's backward gives gradients to. With
+        ``source=None`` a new adapter is created as PEFT creates one (lora_A Kaiming-uniform,
+        lora_B zero) from ``r``, ``lora_alpha`` (default 8), ``target_modules`` (PEFT's rules over
+        the patched modules; None: all of them) and ``use_rslora``; with a source, its config rules
+        and passing any of those raises ValueError.
 
         Any error (missing files, unsupported config, shapes that do not fit, rank above
         max_rank...) leaves everything as it was: the name is not registered.
         """
         self._check_open()
         _check_name(name, "name")
-        src = resolve_source(source)
+        given = {k: v for k, v in (("r", r), ("lora_alpha", lora_alpha), ("target_modules", target_modules),
+                                   ("use_rslora", use_rslora)) if v is not None}
+        if source is None:
+            if not trainable:
+                raise ValueError("source: None creates a new adapter, which needs trainable=True")
+            if r is None:
+                raise ValueError("r: a new adapter (source=None) needs its rank")
+            layers = {n: (ls.in_features, ls.out_features) for n, ls in self._layers.items()}
+            config, tensors = fresh_adapter(layers, r=r, lora_alpha=lora_alpha, target_modules=target_modules,
+                                            use_rslora=bool(use_rslora), fan_in_fan_out=self._conv1d)
+            src = resolve_source(lambda: (config, tensors))
+        else:
+            if given:
+                raise ValueError(f"{', '.join(given)}: given with a source, whose adapter_config decides them; "
+                                 "pass them only with source=None (a new adapter)")
+            src = resolve_source(source)
+        if not isinstance(trainable, bool):
+            raise TypeError(f"trainable: expected a bool, got {type(trainable).__name__}")
         self.pool.register(name, src)
-        if pin:
+        if pin or trainable:
             try:
-                self.pool.pin(name)
+                slot = self.pool.pin(name)
+                if trainable:
+                    config, ranks = self.pool.adapter_info(name)
+                    self._trainable[name] = slot_parameters(name, slot, config, self._layers, ranks)
             except BaseException:
                 self.pool.unregister(name)
                 raise
@@ -370,9 +415,11 @@ class MultiLoRAModel:
     def unload_adapter(self, name: str) -> None:
         """Forget ``name``: its host memory is dropped and the name can be loaded again at once;
         its slot is freed now, or when the last batch being served with it ends (those finish with
-        it). An adapter held with :meth:`acquire` must be released first (RuntimeError)."""
+        it). An adapter held with :meth:`acquire` must be released first (RuntimeError). A
+        trainable adapter's weights are gone with it: :meth:`save_adapter` it first."""
         self._check_open()
         self.pool.unregister(name)
+        self._trainable.pop(name, None)
 
     def pin(self, name: str) -> int:
         """Load ``name`` into a device slot now and never evict it until :meth:`unpin`."""
@@ -381,7 +428,42 @@ class MultiLoRAModel:
 
     def unpin(self, name: str) -> None:
         self._check_open()
+        if name in self._trainable:
+            raise ValueError(f"name: adapter {name!r} is trainable: its weights live in its slot, which stays "
+                             "pinned until unload_adapter (save_adapter it first)")
         self.pool.unpin(name)
+
+    def adapter_parameters(self, name: str) -> Dict[str, nn.Parameter]:
+        """``{f"{module}.lora_A": Parameter [r, K], f"{module}.lora_B": Parameter [N, r]}`` for each
+        module the adapter targets (names as in ``model.named_modules()``, PEFT's shapes). For a
+        trainable adapter they are views of its device slot, the same objects on every call: give
+        them to an optimizer, and a step changes what the next forward computes. For a frozen one,
+        detached copies of its weights that never receive a gradient."""
+        self._check_open()
+        t = self._trainable.get(name)
+        if t is not None:
+            return t.parameters()
+        if name not in self.pool:
+            raise KeyError(f"name: adapter {name!r} is not loaded")
+        host = self.pool._host(self.pool._entry(name))
+        out = {}
+        for layer, w in host.items():
+            out[f"{layer}.lora_A"] = nn.Parameter(w.a.detach().clone(), requires_grad=False)
+            out[f"{layer}.lora_B"] = nn.Parameter(w.bt.detach().t().clone(), requires_grad=False)
+        return out
+
+    def save_adapter(self, name: str, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Write ``name`` as a PEFT adapter directly in ``path`` (adapter_config.json and
+        adapter_model.safetensors; ``PeftModel.from_pretrained(base, path)`` loads it back), with
+        its current weights: a trainable adapter's as trained."""
+        self._check_open()
+        config, _ = self.pool.adapter_info(name)
+        params = self.adapter_parameters(name)
+        weights = {}
+        for key, p in params.items():
+            module, part = key.rsplit(".", 1)
+            weights.setdefault(module, [None, None])[0 if part == "lora_A" else 1] = p
+        save_adapter(path, config, {m: (a, b) for m, (a, b) in weights.items()})
 
     def memory_report(self) -> MemoryReport:
         """Bytes per adapter, device bytes of the slot buffers, host bytes (print it for a table)."""
@@ -485,8 +567,10 @@ class MultiLoRAModel:
         None or "__base__" = the base model). Without adapter_names: the batch set with
         :meth:`set_batch`, else the base model."""
         self._check_open()
-        with self._rows(adapter_names, args, kwargs), torch.no_grad():
-            return self.model(*args, **kwargs)
+        with self._rows(adapter_names, args, kwargs) as training:
+            # a graph only when grad is enabled and a trainable adapter is in the batch
+            with contextlib.nullcontext() if training and torch.is_grad_enabled() else torch.no_grad():
+                return self.model(*args, **kwargs)
 
     def generate(self, *args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
         """``model.generate`` with one adapter per batch row (beams and num_return_sequences follow
@@ -499,9 +583,13 @@ class MultiLoRAModel:
         return self(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _rows(self, adapter_names, args, kwargs) -> Iterator[None]:
+    def _rows(self, adapter_names, args, kwargs) -> Iterator[bool]:
+        """This call's batch state for ``adapter_names``; yields whether a trainable adapter is in
+        it (the call may then build a graph, which keeps the state and its lease until it is
+        freed)."""
         if adapter_names is None:
-            yield
+            state = self._call.get()
+            yield bool(state is not None and state.train)
             return
         if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
             raise TypeError(f"adapter_names: expected a list with one name (or None) per batch row, "
@@ -528,14 +616,56 @@ class MultiLoRAModel:
         try:
             # row_key None: every row is the base model (no metadata, the hooks do nothing)
             row_key = tuple(-1 if (n is None or n == BASE) else lease.slots[n] for n in adapter_names) if lease else None
-            token = self._call.set(_CallState(row_key))
-            try:
-                yield
-            finally:
-                self._call.reset(token)
-        finally:
+            state = _CallState(row_key, lease=lease, train=self._train_layers(names))
+        except BaseException:
             if lease is not None:
                 lease.release()
+            raise
+        token = self._call.set(state)
+        try:
+            yield state.train is not None
+        finally:
+            self._call.reset(token)
+            if lease is not None and not (state.train and torch.is_grad_enabled()):
+                lease.release()              # else with the state: when the graph built over it is freed
+
+    def _train_layers(self, names: Sequence[str]) -> Optional[Dict[str, Tuple[tuple, tuple]]]:
+        """Per layer, the (owner, Parameter) pairs of the trainable adapters among ``names``."""
+        picked = [self._trainable[n] for n in names if n in self._trainable]
+        if not picked:
+            return None
+        out: Dict[str, Tuple[list, list]] = {}
+        for t in picked:
+            for layer, (r, a, b) in t.layers.items():
+                owners, params = out.setdefault(layer, ([], []))
+                owners += [(t.slot, r, True, a.dtype), (t.slot, r, False, b.dtype)]
+                params += [a, b]
+        return {layer: (tuple(o), tuple(p)) for layer, (o, p) in out.items()}
+
+    def _wrap_checkpointing(self, module, args):
+        """(pre-forward hook of layers that can checkpoint) Wrap their checkpoint function once so
+        that the replay during the backward runs with the batch state of the first run."""
+        fn = module.__dict__.get("_gradient_checkpointing_func")
+        if fn is None or getattr(fn, "_openlora_call", None) is self._call:
+            return None
+        call = self._call
+
+        def checkpointed(function, *a, **kw):
+            state = call.get()
+            if state is None:
+                return fn(function, *a, **kw)
+
+            def run(*ra, **rk):
+                token = call.set(state)
+                try:
+                    return function(*ra, **rk)
+                finally:
+                    call.reset(token)
+            return fn(run, *a, **kw)
+
+        checkpointed._openlora_call = call
+        module._gradient_checkpointing_func = checkpointed
+        return None
 
     def _pre_forward(self, module, args, kwargs):
         state = self._call.get()
@@ -600,7 +730,8 @@ class MultiLoRAModel:
         else:
             raise TypeError(f"slots: expected a LoRABatchMeta, a tensor of slot ids or a list of adapter names, "
                             f"got {type(slots).__name__}")
-        state = _CallState(fixed=meta, lease=lease)
+        train = self._train_layers([n for n in slots if n is not None and n != BASE]) if lease is not None else None
+        state = _CallState(fixed=meta, lease=lease, train=train)
         self._fixed[id(state)] = threading.current_thread().name
         self._call.set(state)
         return meta
@@ -613,8 +744,8 @@ class MultiLoRAModel:
             return
         self._call.set(None)
         self._fixed.pop(id(state), None)
-        if state.lease is not None:
-            state.lease.release()
+        if state.lease is not None and not state.train:
+            state.lease.release()       # with trainable adapters: when the graphs built over it are freed
 
     @contextlib.contextmanager
     def batch(self, slots) -> Iterator[LoRABatchMeta]:

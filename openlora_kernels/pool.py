@@ -235,8 +235,8 @@ class _Entry:
     """A registered adapter. Every field but ``host`` (set under ``read_lock`` too) is guarded by
     the pool's state lock."""
 
-    def __init__(self, name: str, source: AdapterSource, host: Bound):
-        self.name, self.source, self.host = name, source, host
+    def __init__(self, name: str, source: AdapterSource, host: Bound, config: Dict[str, Any]):
+        self.name, self.source, self.host, self.config = name, source, host, config
         self.nbytes = sum(w.nbytes for w in host.values())
         self.fingerprint = {layer: (w.rank, w.scaling) for layer, w in host.items()}
         self.slot: Optional[int] = None
@@ -316,10 +316,10 @@ class AdapterPool:
         is read under no lock: serving goes on meanwhile."""
         with self._lock:
             self._check_free(name)
-        host = self._read(source)
+        host, config = self._read(source)
         with self._lock:
             self._check_free(name)
-            entry = _Entry(name, source, host)
+            entry = _Entry(name, source, host, config)
             entry.last_used = next(self._clock)
             self._entries[name] = entry
             self._trim_host(protect={name})
@@ -423,6 +423,12 @@ class AdapterPool:
         with self._lock:
             return self._entry(name).slot
 
+    def adapter_info(self, name: str) -> Tuple[Dict[str, Any], Dict[str, int]]:
+        """(its adapter_config as parsed, {layer: rank})."""
+        with self._lock:
+            e = self._entry(name)
+            return dict(e.config), {layer: r for layer, (r, _) in e.fingerprint.items()}
+
     # --------------------------------------------------------------------------------- memory
 
     def memory_report(self) -> MemoryReport:
@@ -446,8 +452,9 @@ class AdapterPool:
         if name in self._entries:
             raise ValueError(f"name: adapter {name!r} is already loaded; unload_adapter({name!r}) first")
 
-    def _read(self, source: AdapterSource) -> Bound:
-        return self._bind(self._load(source))
+    def _read(self, source: AdapterSource) -> Tuple[Bound, Dict[str, Any]]:
+        weights = self._load(source)
+        return self._bind(weights), weights.config
 
     def _host(self, entry: _Entry) -> Bound:
         """The adapter's host weights, re-read from its source if they were dropped (no pool lock
@@ -458,7 +465,7 @@ class AdapterPool:
         with entry.read_lock:
             if entry.host is not None:
                 return entry.host
-            host = self._read(entry.source)
+            host, _ = self._read(entry.source)
             if {layer: (w.rank, w.scaling) for layer, w in host.items()} != entry.fingerprint:
                 raise RuntimeError(f"adapter {entry.name!r}: its source {entry.source!r} changed since it was "
                                    "loaded (other modules, ranks or scalings); unload and load it again")

@@ -244,27 +244,33 @@ def test_decode_batches_take_the_native_fast_path(mlp_env, monkeypatch):
     torch.testing.assert_close(fast[:, 0], want, atol=ATOL, rtol=RTOL)
 
 
-def test_forward_with_grad_enabled_serves_and_a_backward_raises(mlp_env):
-    """Inference only for now: with grad enabled (the base parameters require grad) the forward
-    gives the served values, and a backward through a layer whose output got a LoRA delta raises,
-    naming the layer, instead of returning gradients without the LoRA term. Base rows only: the
-    base model's own gradients, unchanged."""
+def test_frozen_adapters_give_the_base_its_true_gradients(mlp_env):
+    """Grad enabled with base parameters that require grad, frozen adapters in the batch: the
+    forward gives the served values and the backward gives the base weights the gradients PEFT
+    gives them (the LoRA path's share of x's gradient included), base rows as the plain model."""
+    from peft import PeftModel
+
     base, paths = mlp_env
     lm = olk.patch_model(copy.deepcopy(base), max_adapters=3, max_rank=8)
     for n, p in paths.items():
         lm.load_adapter(n, p)
     assert all(p.requires_grad for p in lm.model.parameters())
     x = torch.randn(5, 24)
-    names = ["A", "B", None, "C", "A"]
-    with lm.batch(names):
+    with lm.batch(["B"] * 5):
         with torch.no_grad():
             want = lm.model(x)
         got = lm.model(x)
         assert got.requires_grad and torch.equal(got, want)
-        with pytest.raises(RuntimeError, match=r"layer 'fc[12]'.*not implemented yet \(inference only\)"):
-            got.sum().backward()
-    plain = lm.model(x)                                  # no batch: the base model, gradients as usual
-    plain.sum().backward()
-    ref = copy.deepcopy(base)
-    ref(x).sum().backward()
-    assert torch.equal(lm.model.fc1.weight.grad, ref.fc1.weight.grad)
+        (got * torch.arange(24.0)).sum().backward()
+    ref = PeftModel.from_pretrained(copy.deepcopy(base), paths["B"])
+    for n, p in ref.named_parameters():
+        p.requires_grad_("lora_" not in n)
+    (ref(x) * torch.arange(24.0)).sum().backward()
+    for mod in ("fc1", "fc2"):
+        torch.testing.assert_close(getattr(lm.model, mod).weight.grad, getattr(ref.base_model.model, mod).base_layer.weight.grad,
+                                   atol=ATOL, rtol=RTOL)
+    lm.model.zero_grad()
+    lm.model(x).sum().backward()                         # no batch: the base model, gradients as usual
+    ref2 = copy.deepcopy(base)
+    ref2(x).sum().backward()
+    assert torch.equal(lm.model.fc1.weight.grad, ref2.fc1.weight.grad)
