@@ -303,6 +303,86 @@ def test_add_lora_linear_with_a_scale_and_the_cpu_wrappers_buffer(V):
         check_rows(out, y0, want, ref, lora_rows(case.tok_slots), slice(None), torch.float32, what)
 
 
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_the_gpu_metadata_path_run_on_the_cpu(V, mode):
+    """What a GPU runs: one host-to-device copy into the static buffers, the metadata built by the
+    first call of the forward from them (device ops, no numpy), here on CPU tensors."""
+    case, A, B, x, y0, theirs, ours = _linear_case(V, "torch", torch.float32, mode, 3, seed=14, S=5)
+    ours._host = False
+    bigger = Case(mode, 5, seed=15, n_req=12)
+    assert bigger.T > case.T
+    ours.update_metadata(bigger.mapping, bigger.lora_index_to_id, 6, 64)
+    ours.update_metadata(case.mapping, case.lora_index_to_id, case.S + 1, 64)   # a smaller batch after a larger one
+    assert not ours._metas
+    for name in ("token_lora_indices", "sampler_indices", "sampler_indices_padded"):
+        assert torch.equal(getattr(ours, name), getattr(theirs, name)), name
+    assert torch.equal(ours._embeddings_indices[:case.T], theirs._embeddings_indices[:case.T])
+    assert bool((ours._slots["tok"][case.T:] == -1).all()) and bool((ours._slots["smp"][case.Ts:] == -1).all())
+    with torch.inference_mode():
+        want = y0.clone()
+        theirs.add_lora_linear(want, x, A, B, 1.0, WIDTHS[3])
+        got = y0.clone()
+        ours.add_lora_linear(got, x, A, B, 1.0, WIDTHS[3])
+    assert set(ours._metas) == {"tok"}
+    ref = y0.double() + ref_delta(x, A, B, case.tok_slots)
+    check_rows(got, y0, want, ref, lora_rows(case.tok_slots), slice(None), torch.float32, "device path")
+
+
+def test_gpu_metadata_is_built_once_per_forward_and_never_reused_across_captures(V, monkeypatch):
+    """On the device path a metadata belongs to the vLLM forward (ForwardContext) that built it: a
+    later forward, or a CUDA-graph capture (which must record the build), builds its own; inside a
+    capture with no forward to scope by, every call builds, and no cached tensor is made."""
+    case, A, B, x, y0, theirs, ours = _linear_case(V, "torch", torch.float32, "decode", 3, seed=6, S=4)
+    ours._host = False
+    ours.update_metadata(case.mapping, case.lora_index_to_id, case.S + 1, 64)
+    ctx = [object()]
+    monkeypatch.setattr(V.ours, "_forward_token", lambda: ctx[0])
+    with torch.inference_mode():
+        want = y0.clone()
+        theirs.add_lora_linear(want, x, A, B, 1.0, WIDTHS[3])
+
+        def call(scale=1.0):
+            out = y0.clone()
+            ours.add_lora_linear(out, x, A, B, scale, WIDTHS[3])
+            return out, ours._metas["tok"][0]
+
+        (g1, m1), (g2, m2) = call(), call()
+        assert m1 is m2                                    # the later layers of a forward reuse it
+        ctx[0] = object()
+        g3, m3 = call()
+        assert m3 is not m1                                # the next forward builds its own
+        n_states, n_scal = len(ours._weights), len(ours._scalings)
+        monkeypatch.setattr(ours, "_capturing", lambda: True)
+        monkeypatch.setattr(V.ours, "_forward_token", lambda: None)
+        (g4, m4), (g5, m5) = call(0.5), call(0.5)
+        assert m4 is not m5 and m4 is not m3               # capture without a forward: per call
+        assert (len(ours._weights), len(ours._scalings)) == (n_states, n_scal)
+    ref = y0.double() + ref_delta(x, A, B, case.tok_slots)
+    for out in (g1, g2, g3):
+        check_rows(out, y0, want, ref, lora_rows(case.tok_slots), slice(None), torch.float32, "device path")
+    ref_half = y0.double() + ref_delta(x, A, B, case.tok_slots, scale=0.5)
+    for out in (g4, g5):
+        assert_close(out[lora_rows(case.tok_slots)], ref_half[lora_rows(case.tok_slots)], TOL[torch.float32], "capture")
+
+
+def test_a_new_slot_layout_refreshes_the_ranks_before_any_layer_runs(V):
+    """CUDA-graph replays run no Python: update_metadata refreshes the ranks when vLLM put new
+    adapters in slots (it calls update_metadata after writing them)."""
+    case, A, B, x, y0, theirs, ours = _linear_case(V, "torch", torch.float32, "decode", 2, seed=12, S=3)
+    ours._host = False
+    with torch.inference_mode():
+        ours.add_lora_linear(y0.clone(), x, A, B, 1.0, WIDTHS[2])
+    st = ours._state(A, B, 1.0)
+    before = st.ranks.clone()
+    with torch.inference_mode():
+        for a in A:
+            a[:, 0, 1:] = 0                                # every slot now rank 1 (or 0)
+    ids = list(case.lora_index_to_id)
+    ids.reverse()
+    ours.update_metadata(Mapping((0,), (0,), True), ids, case.S + 1, 64)
+    assert st.ranks.tolist() == [[min(int(r), 1) for r in row] for row in before.tolist()]
+
+
 def test_rows_past_the_mapping_are_untouched(V):
     """A CUDA graph pads x past the batch's tokens: those rows get no LoRA (as in vLLM's GPU wrapper)."""
     case, A, B, x, y0, theirs, ours = _linear_case(V, "torch", torch.float32, "decode", 3, seed=2, S=3)
@@ -481,11 +561,12 @@ def test_ranks_are_found_from_the_weights_and_follow_slot_updates(V):
     # vLLM's set_lora: reset the slot, then copy an adapter of another rank into it
     s = next(i for i, lid in enumerate(case.lora_index_to_id) if lid is not None)
     g = torch.Generator().manual_seed(4)
-    for a, b in zip(A, B):
-        a[s] = 0
-        b[s] = 0
-        a[s, 0, :3] = rnd(g, 3, a.shape[-1], scale=0.2)
-        b[s, 0, :, :3] = rnd(g, b.shape[2], 3, scale=0.5)
+    with torch.inference_mode():          # in-place writes into the (normal) stacked tensors still count
+        for a, b in zip(A, B):
+            a[s] = 0
+            b[s] = 0
+            a[s, 0, :3].copy_(rnd(g, 3, a.shape[-1], scale=0.2))
+            b[s, 0, :, :3].copy_(rnd(g, b.shape[2], 3, scale=0.5))
     with torch.inference_mode():
         want = y0.clone()
         theirs.add_lora_linear(want, x, A, B, 1.0, WIDTHS[3])
@@ -507,6 +588,41 @@ def test_a_batch_without_lora_changes_nothing(V):
         ours.add_expand(got, buf, B, WIDTHS[2], add_inputs=False)
         ours.add_shrink(buf, x, A, 1.0)
     assert same_bits(got, y0) and bool((buf == 0).all())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_one_compiled_graph_serves_successive_batches(V, backend):
+    """Under torch.compile(fullgraph=True) (vLLM compiles its model), the metadata is built inside the
+    graph from the static slot buffers: one graph, no recompiles, right results for new mappings."""
+    from torch._dynamo.utils import counters
+
+    S, K, R, widths = 3, 32, 8, (16, 8, 8)
+    ids = [4, None, 9]                                  # slot 1 empty
+    batches = [(4, 0, 9, 9, 4, 0), (9, 9, 0, 4, 4, 4), (0, 4, 9, 0, 9, 4), (4, 0, 9, 9, 4, 0)]
+    g = torch.Generator().manual_seed(3)
+    A, B = vllm_weights(g, S, R, K, widths, [R, 0, 5], torch.float32)
+    ours = V.ours.PunicaWrapperOpenLoRA(64, 8, "cpu", backend=backend)
+    x, y0 = rnd(g, 6, K), rnd(g, 6, sum(widths))
+
+    def step(y, x):
+        ours.add_lora_linear(y, x, A, B, 1.0, widths)
+        ours.add_lora_logits(y[:, :16], x, A[0], B[0], 1.0)
+        return y
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    results = []
+    with torch.inference_mode():
+        for ids_per_row in batches:
+            ours.update_metadata(Mapping(ids_per_row, ids_per_row, True), ids, S + 1, 10)
+            want = step(y0.clone(), x)
+            got = compiled(y0.clone(), x)
+            assert_close(got, want, TOL[torch.float32], "compiled vs eager")
+            results.append(got)
+    assert not torch.equal(results[0], results[1]) and torch.equal(results[0], results[3])
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"]
+    torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------------- not accelerated, errors
@@ -699,3 +815,22 @@ def test_importing_the_package_and_an_inert_plugin_imports_no_vllm():
     env = {k: v for k, v in os.environ.items() if k != "OPENLORA_VLLM"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_benchmark_runs_and_writes_wellformed_rows(V, tmp_path):
+    from benchmarks import bench_vllm_wrapper
+    from benchmarks.common import read_rows
+
+    out = str(tmp_path / "vllm_wrapper.csv")
+    assert bench_vllm_wrapper.main(["--quick", "--rounds", "1", "--reps", "1", "--dtypes", "fp32", "--out", out]) == 0
+    rows = read_rows(out)
+    got = {(r["kernel"], r["contender"], r["shape"].split(",")[0]) for r in rows}
+    for case in ("case=decode", "case=prefill", "case=decode_padded"):
+        for op in ("add_lora_linear", "update_metadata"):
+            assert {(op, "vllm_cpu", case), (op, "openlora", case)} <= got
+    assert ("add_lora_linear", "openlora_no_ranks", "case=decode_padded") in got
+    for r in rows:
+        assert r["median"] > 0 and r["p20"] <= r["median"] <= r["p80"] and r["unit"] == "ms"
+        assert r["device"].startswith("CPU") and r["commit"] and r["extra"]["vllm"].startswith("0.33")
+        if r["kernel"] == "add_lora_linear":     # the timed problem agrees with vLLM's
+            assert r["extra"]["max_abs_diff_vs_vllm_cpu"] <= 1e-4 * max(1.0, r["extra"]["max_abs_lora_delta"])

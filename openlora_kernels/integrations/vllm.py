@@ -161,61 +161,100 @@ def _ints(seq) -> np.ndarray:
     return np.fromiter(seq, dtype=np.int64, count=len(seq))
 
 
-def _slot_lookup(lora_index_to_id: Sequence[Optional[int]]) -> Tuple[np.ndarray, np.ndarray]:
-    """(sorted LoRA ids, their slots): vLLM's id -> slot map (a repeated id: its last slot)."""
-    last = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None}
+_DENSE_IDS = 1 << 20          # LoRA ids below this go through a dense table
+
+
+def _slot_lookup(lora_index_to_id: Sequence[Optional[int]]):
+    """vLLM's LoRA id -> slot map (a repeated id: its last slot), as a dense table indexed by id
+    (-1 at index 0 and for ids <= 0: no LoRA; -2: an id in no slot; the last entry stands for every
+    larger id), or, for very large ids, (sorted ids, their slots)."""
+    last = {lid: i for i, lid in enumerate(lora_index_to_id) if lid is not None and lid > 0}
+    top = max(last, default=0)
+    if top < _DENSE_IDS:
+        lut = np.full(top + 2, -2, dtype=np.int64)
+        lut[0] = -1
+        for lid, i in last.items():
+            lut[lid] = i
+        return lut
     ids = sorted(last)
     return np.array(ids, dtype=np.int64), np.array([last[i] for i in ids], dtype=np.int64)
 
 
-def _to_slots(ids: np.ndarray, keys: np.ndarray, slots: np.ndarray, name: str) -> np.ndarray:
+def _to_slots(ids: np.ndarray, lookup, name: str) -> np.ndarray:
     """Slot of each LoRA id (ids <= 0: -1, no LoRA), or KeyError naming an id in no slot."""
-    out = np.full(ids.shape, -1, dtype=np.int64)
-    lora = ids > 0
-    if not lora.any():
+    if isinstance(lookup, np.ndarray):
+        out = lookup.take(ids, mode="clip")                   # ids <= 0 -> entry 0, large ids -> the last
+        if ids.size and out.min() < -1:
+            p = int(np.argmax(out < -1))
+            known = np.flatnonzero(lookup >= 0).tolist()
+            raise KeyError(f"{name}: LoRA id {int(ids[p])} at position {p} is in no slot of lora_index_to_id "
+                           f"(ids in slots: {known})")
         return out
-    if keys.size == 0:
-        j = np.zeros(ids.shape, dtype=np.int64)
-        found = np.zeros(ids.shape, dtype=bool)
-    else:
-        j = np.minimum(np.searchsorted(keys, ids), keys.size - 1)
-        found = keys[j] == ids
-    bad = lora & ~found
+    keys, slots = lookup
+    j = np.minimum(np.searchsorted(keys, ids), keys.size - 1)
+    bad = (ids > 0) & (keys[j] != ids)
     if bad.any():
         p = int(np.argmax(bad))
         raise KeyError(f"{name}: LoRA id {int(ids[p])} at position {p} is in no slot of lora_index_to_id "
                        f"(ids in slots: {keys.tolist()})")
-    return np.where(lora, slots[j], out) if keys.size else out
+    return np.where(ids > 0, slots[j], -1)
+
+
+_ARANGE = np.arange(1, dtype=np.int64)
+
+
+def _arange(n: int) -> np.ndarray:
+    """0..n (n + 1 values), from one cached array (read-only use)."""
+    global _ARANGE
+    if _ARANGE.shape[0] <= n:
+        _ARANGE = np.arange(max(2 * n, 1024) + 1, dtype=np.int64)
+    return _ARANGE[:n + 1]
 
 
 def host_batch_meta(slots: np.ndarray, num_slots: int, block_m: int) -> LoRABatchMeta:
     """``build_batch_meta(torch.from_numpy(slots), num_slots, block_m=block_m)`` computed with numpy
-    on the host, for CPU batches: the same fields (tested equal), in a few microseconds instead of
-    a few hundred (about twenty small torch ops). ``slots``: [T] int array, -1 = no adapter."""
+    on the host, for CPU batches: the same fields (tested equal), in tens of microseconds instead of
+    hundreds (about twenty small torch ops). ``slots``: [T] int array, -1 = no adapter."""
     T, S, bm = int(slots.shape[0]), int(num_slots), int(block_m)
     if T == 0 or S == 0:
         return build_batch_meta(torch.from_numpy(np.ascontiguousarray(slots, dtype=np.int32)), S, block_m=bm)
-    s = slots.astype(np.int64, copy=False)
-    valid = (s >= 0) & (s < S)
-    key = np.where(valid, s, S)
+    s = np.asarray(slots)
+    return _host_meta(np.where((s >= 0) & (s < S), s, S), S, bm)
+
+
+def _host_meta(key: np.ndarray, S: int, bm: int) -> LoRABatchMeta:
+    """host_batch_meta from ``key``: each row's slot in [0, S), or S for no adapter (T, S > 0)."""
+    T = key.shape[0]
     order = np.argsort(key, kind="stable")
     seg_len = np.bincount(key, minlength=S + 1)[:S]
     seg_end = np.cumsum(seg_len)
     seg_start = seg_end - seg_len
-    G = int(max_tiles(T, S, bm))
-    tiles = (seg_len + (bm - 1)) // bm
-    tiles_end = np.cumsum(tiles)
-    p = np.arange(G, dtype=np.int64)
-    tslot = np.searchsorted(tiles_end, p, side="right")
-    has = tslot < S
-    ts = np.minimum(tslot, S - 1)
-    start = seg_start[ts] + (p - (tiles_end[ts] - tiles[ts])) * bm
-    end = np.minimum(start + bm, seg_end[ts])
-    tile_info = np.stack((np.where(has, tslot, -1), np.where(has, start, 0), np.where(has, end, 0))).astype(np.int32)
-    return LoRABatchMeta(torch.from_numpy(np.where(valid, s, -1).astype(np.int32)),
-                         torch.from_numpy(order.astype(np.int32)),
-                         torch.from_numpy(np.stack((seg_start, seg_len)).astype(np.int32)),
-                         torch.from_numpy(tile_info), num_slots=S, block_m=bm)
+    seg_info = np.empty((2, S), dtype=np.int32)
+    seg_info[0], seg_info[1] = seg_start, seg_len
+    n = int(seg_end[-1])                                      # rows with a slot
+    if bm == 1:                                               # tile p = sorted row p
+        tile_info = np.zeros((3, T), dtype=np.int32)
+        tile_info[0, n:] = -1
+        tile_info[0, :n] = key[order[:n]]
+        ar = _arange(n)
+        tile_info[1, :n], tile_info[2, :n] = ar[:n], ar[1:]
+    else:
+        G = int(max_tiles(T, S, bm))
+        tiles = (seg_len + (bm - 1)) // bm
+        tiles_end = np.cumsum(tiles)
+        p = _arange(G)[:G]
+        tslot = np.searchsorted(tiles_end, p, side="right")
+        has = tslot < S
+        ts = np.minimum(tslot, S - 1)
+        start = seg_start[ts] + (p - (tiles_end[ts] - tiles[ts])) * bm
+        end = np.minimum(start + bm, seg_end[ts])
+        tile_info = np.zeros((3, G), dtype=np.int32)
+        tile_info[0] = np.where(has, tslot, -1)
+        tile_info[1] = np.where(has, start, 0)
+        tile_info[2] = np.where(has, end, 0)
+    token_slots = np.where(key < S, key, -1).astype(np.int32)
+    return LoRABatchMeta(torch.from_numpy(token_slots), torch.from_numpy(order.astype(np.int32)),
+                         torch.from_numpy(seg_info), torch.from_numpy(tile_info), num_slots=S, block_m=bm)
 
 
 def _not_moe(method: str):
@@ -223,6 +262,23 @@ def _not_moe(method: str):
         f"PunicaWrapperOpenLoRA.{method}: LoRA on MoE experts is not served by openlora_kernels. Restrict LoRA "
         "to the non-expert modules (LoRAConfig.target_modules, e.g. --lora-target-modules qkv_proj o_proj), or "
         f"unset {VLLM_ENABLE_ENV} to use vLLM's own punica wrapper for this model")
+
+
+_FORWARD = []          # [get_forward_context, is_forward_context_available], or [None] without them
+
+
+def _forward_token():
+    """The current vLLM forward's ForwardContext (a new object per forward, CUDA-graph captures
+    included), or None outside one. Metadata built on a GPU is reused within one forward only."""
+    if not _FORWARD:
+        try:
+            from vllm.forward_context import get_forward_context, is_forward_context_available
+            _FORWARD[:] = [get_forward_context, is_forward_context_available]
+        except Exception:      # a CPU install without vLLM's dependencies: no forward contexts
+            _FORWARD[:] = [None]
+    if _FORWARD[0] is None or not _FORWARD[1]():
+        return None
+    return _FORWARD[0]()
 
 
 # ------------------------------------------------------------------------------ layer weights
@@ -235,23 +291,25 @@ class _Weights:
 
     __slots__ = ("src", "a", "b", "ranks", "versions", "bound", "scal", "dtype")
 
-    def __init__(self, src, a, b, scal):
+    def __init__(self, src, a, b, scal, find_ranks: bool = True):
         self.src, self.a, self.b, self.scal = src, a, b, scal
         self.dtype = (b or a)[0].dtype
         self.versions = None
         self.bound = None
         ref = (a or b)[0]
-        S, R = ref.shape[0], (ref.shape[1] if a else ref.shape[2])
-        self.ranks: Optional[torch.Tensor] = torch.zeros((len(a or b), S), dtype=torch.int32, device=ref.device)
-        if _versions(src) is None:      # inference tensors carry no version counter: pay the padding
-            self.ranks = None
+        self.ranks: Optional[torch.Tensor] = None
+        if find_ranks and _versions(src) is not None:   # inference tensors carry no version counter: pay the padding
+            # a normal tensor even inside inference_mode: its version counter lets the ops' rank check
+            # skip re-reading it on every call
+            with torch.inference_mode(False):
+                self.ranks = torch.zeros((len(a or b), ref.shape[0]), dtype=torch.int32, device=ref.device)
 
     def refresh(self) -> None:
         if self.ranks is None:
             return
         v = _versions(self.src)
         if v != self.versions:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():
                 self.ranks.copy_(torch.stack([_rank_of(W, self.a is not None) for W in (self.a or self.b)]))
             self.versions = v
 
@@ -299,7 +357,8 @@ class PunicaWrapperOpenLoRA(PunicaWrapperBase):
 
     Built by vLLM as ``(max_num_batched_tokens, max_batches=max_num_seqs, device=..., lora_config=...)``.
     ``backend=`` (or ``OPENLORA_VLLM_BACKEND``) picks the kernel backend ("auto" by default: triton
-    on a GPU, the native cpu kernels on the CPU).
+    on a GPU, the native cpu kernels on the CPU); ``find_ranks=False`` computes every slot at
+    ``max_lora_rank`` like vLLM does (to measure what the padding costs).
 
     Metadata: ``update_metadata`` converts vLLM's mapping on the host (it arrives as Python tuples),
     fills the base class's buffers and our per-row slot buffers ``[max_num_batched_tokens]``
@@ -320,18 +379,18 @@ class PunicaWrapperOpenLoRA(PunicaWrapperBase):
         resolve_backend(self.backend, dev)            # an unusable backend fails here, not in a forward
         self._dev = dev
         self._host = dev.type == "cpu"
+        self._find_ranks = bool(kwargs.get("find_ranks", True))
         self._slots = {k: torch.full((max_num_batched_tokens,), -1, dtype=torch.int32, device=dev)
                        for k in ("tok", "smp")}
         self._high = {"tok": 0, "smp": 0}             # rows of _slots that may hold a slot id
         self._block_m = {"tok": 1, "smp": 1}
         self._no_lora = {"tok": True, "smp": True}
-        self._num_slots = 0
-        self._metas: Dict[str, LoRABatchMeta] = {}    # this forward's metadata (eager)
+        self._metas: Dict[str, tuple] = {}            # kind -> (metadata, the forward it belongs to)
         self._traced: Dict[str, LoRABatchMeta] = {}   # the same, inside a torch.compile trace
         self._weights: Dict[tuple, _Weights] = {}
         self._scalings: Dict[tuple, torch.Tensor] = {}
         self._lookup_key: Optional[tuple] = None
-        self._lookup = (np.zeros(0, np.int64), np.zeros(0, np.int64))
+        self._lookup = _slot_lookup([])
         if self._host:
             self._np = {"token_lora_indices": self._token_lora_indices.numpy(),
                         "sampler_indices": self._sampler_indices.numpy(),
@@ -353,12 +412,13 @@ class PunicaWrapperOpenLoRA(PunicaWrapperBase):
             if n > cap:
                 raise ValueError(f"{name}: {n} entries, more than max_num_batched_tokens={cap}")
         key = tuple(lora_index_to_id)
-        if key != self._lookup_key:
+        key_changed = key != self._lookup_key
+        if key_changed:
             self._lookup, self._lookup_key = _slot_lookup(lora_index_to_id), key
-        tok = _to_slots(idx, *self._lookup, "mapping.index_mapping")
-        smp = _to_slots(prm, *self._lookup, "mapping.prompt_mapping")
-        emb = np.where(idx > 0, tok, 0) * vocab_size
-        padded = np.where(smp == -1, max_loras - 1, smp) * Ts + np.arange(Ts, dtype=np.int64)
+        tok = _to_slots(idx, self._lookup, "mapping.index_mapping")
+        smp = _to_slots(prm, self._lookup, "mapping.prompt_mapping")
+        emb = np.maximum(tok, 0) * vocab_size                    # rows without LoRA read slot 0's rows
+        padded = np.where(smp < 0, max_loras - 1, smp) * Ts + _arange(Ts)[:Ts]
         if self._host:
             v = self._np
             v["token_lora_indices"][:T] = tok
@@ -374,15 +434,19 @@ class PunicaWrapperOpenLoRA(PunicaWrapperBase):
         self._high = {"tok": T, "smp": Ts}
         self.indices_len[:] = [T, Ts, Ts, T]
         self.is_prefill = bool(mapping.is_prefill)
-        S = self._num_slots = len(lora_index_to_id)
-        self._no_lora = {"tok": not bool((tok >= 0).any()), "smp": not bool((smp >= 0).any())}
+        S = len(lora_index_to_id)
+        self._no_lora = {"tok": T == 0 or int(tok.max()) < 0, "smp": Ts == 0 or int(smp.max()) < 0}
         self.no_lora = self._no_lora["tok"]
         self._block_m = {"tok": choose_block_m(T, S), "smp": choose_block_m(Ts, S)}
         self._metas.clear()
         self._traced.clear()
-        if self._host:           # CPU: no graphs to capture the build, so build now (numpy, microseconds)
-            for kind, vals in (("tok", tok), ("smp", smp)):
-                self._metas[kind] = host_batch_meta(vals, S, self._block_m[kind])
+        if self._host:     # CPU: no graph to capture the build, so build the token rows' now (numpy);
+            # the sampled rows' (logits, classification heads: rarely LoRA-targeted) on first use
+            if T and S:
+                self._metas["tok"] = (_host_meta(np.where(tok < 0, S, tok), S, self._block_m["tok"]), None)
+        elif key_changed:  # new adapters in slots: refresh the ranks a CUDA graph replays (no call refreshes them)
+            for st in self._weights.values():
+                st.refresh()
 
     def _write_device(self, T, Ts, tok, emb, smp, padded) -> None:
         """One pinned host-to-device copy, then device copies into the static buffers (no sync)."""
@@ -399,12 +463,26 @@ class PunicaWrapperOpenLoRA(PunicaWrapperBase):
             if self._high[kind] > n:
                 self._slots[kind][n:self._high[kind]].fill_(-1)
 
+    def _capturing(self) -> bool:
+        return self._dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
     def _meta(self, kind: str, T: int, S: int) -> LoRABatchMeta:
-        """This forward's metadata for ``T`` rows over ``S`` slots (built on first use)."""
+        """This forward's metadata for ``T`` rows over ``S`` slots, built by its first use.
+
+        CPU: the one update_metadata built stays valid until the next. GPU: built from the static
+        slot buffers by the first call of each vLLM forward (a CUDA-graph capture records the
+        build; a metadata built outside the capture, or in another, is never baked into it). Inside
+        a torch.compile trace: built in the graph, reused by the later layers of the trace."""
         compiling = torch.compiler.is_compiling()
-        store = self._traced if compiling else self._metas
-        m = store.get(kind)
-        if m is None or m.num_tokens != T or m.num_slots != S:
+        if compiling:
+            m = self._traced.get(kind)
+            fresh = m is not None and m.num_tokens == T and m.num_slots == S
+        else:
+            token = None if self._host else _forward_token()
+            m, owner = self._metas.get(kind, (None, None))
+            fresh = (m is not None and m.num_tokens == T and m.num_slots == S
+                     and (self._host or (owner is token and not (token is None and self._capturing()))))
+        if not fresh:
             buf = self._slots[kind]
             if T > buf.shape[0]:
                 raise ValueError(f"x: {T} rows, more than max_num_batched_tokens={buf.shape[0]}")
@@ -415,7 +493,10 @@ class PunicaWrapperOpenLoRA(PunicaWrapperBase):
                 m = host_batch_meta(self._np[kind][:T], S, bm)
             else:
                 m = build_batch_meta(buf[:T], S, block_m=bm)
-            store[kind] = m
+            if compiling:
+                self._traced[kind] = m
+            else:
+                self._metas[kind] = (m, token)
         return m
 
     def _skip(self, kind: str) -> bool:
@@ -438,7 +519,9 @@ class PunicaWrapperOpenLoRA(PunicaWrapperBase):
         key = (S, float(scale))
         t = self._scalings.get(key)
         if t is None:
-            t = self._scalings[key] = torch.full((S,), float(scale), dtype=torch.float32, device=self._dev)
+            t = torch.full((S,), float(scale), dtype=torch.float32, device=self._dev)
+            if not self._capturing():    # made inside a capture, it would hold its value only in replays
+                self._scalings[key] = t
         return t
 
     def _state(self, a_src: tuple, b_src: tuple, scale: float) -> _Weights:
@@ -452,19 +535,27 @@ class PunicaWrapperOpenLoRA(PunicaWrapperBase):
             S = (a or b)[0].shape[0]
             if len(self._weights) >= 4096:
                 self._weights.clear()
-            st = self._weights[key] = _Weights(src, a, b, self._scal(S, scale))
+            st = self._weights[key] = _Weights(src, a, b, self._scal(S, scale), self._find_ranks)
         st.refresh()
         return st
 
     def _views(self, a_src: tuple, b_src: tuple, scale: float):
         """(a views, b views, scalings, ranks, state or None). Inside a torch.compile trace: plain
         views and no ranks (version counters and tensor identities are not traceable)."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (self._capturing() and not self._ready(a_src, b_src, scale)):
+            # (a state made inside a CUDA-graph capture would hold its ranks only in replays)
             a = [_view3(t, f"lora_a_stacked[{i}]") for i, t in enumerate(a_src)]
             b = [_view3(t, f"lora_b_stacked[{i}]") for i, t in enumerate(b_src)]
             return a, b, self._scal((a or b)[0].shape[0], scale), None, None
         st = self._state(a_src, b_src, scale)
         return st.a, st.b, st.scal, st.ranks, st
+
+    def _ready(self, a_src: tuple, b_src: tuple, scale: float) -> bool:
+        """These weights have a state whose ranks are current (nothing to make or recompute)."""
+        src = a_src + b_src
+        st = self._weights.get((tuple(map(id, src)), len(a_src), float(scale)))
+        return (st is not None and all(p is q for p, q in zip(st.src, src))
+                and (st.ranks is None or st.versions == _versions(src)))
 
     # ----------------------------------------------------------------------- the computations
 
