@@ -13,3 +13,14 @@ def test_usage_python_blocks_run():
     for code in blocks:           # later blocks reuse the names of earlier ones
         exec(compile(code, "docs/usage.md", "exec"), env)
     assert env["lm"].adapters == ("legal",) and env["y"].shape == (6, 64)
+
+
+def test_training_python_blocks_run(tmp_path, monkeypatch):
+    with open(os.path.join(ROOT, "docs", "training.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+    assert blocks
+    env = {}
+    for code in blocks:
+        exec(compile(code.replace("/tmp/alice", str(tmp_path / "alice")), "docs/training.md", "exec"), env)
+    assert sorted(os.listdir(tmp_path / "alice")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert all(p.grad is not None for p in env["params"])
