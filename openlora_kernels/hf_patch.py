@@ -383,6 +383,8 @@ class MultiLoRAModel:
         """
         self._check_open()
         _check_name(name, "name")
+        if not isinstance(trainable, bool):
+            raise TypeError(f"trainable: expected a bool, got {type(trainable).__name__}")
         given = {k: v for k, v in (("r", r), ("lora_alpha", lora_alpha), ("target_modules", target_modules),
                                    ("use_rslora", use_rslora)) if v is not None}
         if source is None:
@@ -399,8 +401,6 @@ class MultiLoRAModel:
                 raise ValueError(f"{', '.join(given)}: given with a source, whose adapter_config decides them; "
                                  "pass them only with source=None (a new adapter)")
             src = resolve_source(source)
-        if not isinstance(trainable, bool):
-            raise TypeError(f"trainable: expected a bool, got {type(trainable).__name__}")
         self.pool.register(name, src)
         if pin or trainable:
             try:
@@ -443,9 +443,7 @@ class MultiLoRAModel:
         t = self._trainable.get(name)
         if t is not None:
             return t.parameters()
-        if name not in self.pool:
-            raise KeyError(f"name: adapter {name!r} is not loaded")
-        host = self.pool._host(self.pool._entry(name))
+        host = self.pool.host_weights(name)
         out = {}
         for layer, w in host.items():
             out[f"{layer}.lora_A"] = nn.Parameter(w.a.detach().clone(), requires_grad=False)
@@ -493,13 +491,15 @@ class MultiLoRAModel:
             if hit is None:        # a saved copy of a base parameter (or not LoRA at all): checked
                 continue           # with its data by _bind, within the max_bytes bound
             module, part = hit
-            ls = self._layers[self._layer_for(module, origin)]
-            want = ("r", ls.in_features) if part == "lora_A" else (ls.out_features, "r")
-            r = shape[0] if part == "lora_A" else (shape[1] if len(shape) == 2 else None)
-            if len(shape) != 2 or shape[1 if part == "lora_A" else 0] != want[1 if part == "lora_A" else 0]:
+            layer = self._layer_for(module, origin)
+            ls = self._layers[layer]
+            is_a = part == "lora_A"
+            if len(shape) != 2 or shape[1 if is_a else 0] != (ls.in_features if is_a else ls.out_features):
+                want = f"[r, {ls.in_features}]" if is_a else f"[{ls.out_features}, r]"
                 raise ValueError(f"{origin}: module {module!r} does not fit the model: {key!r} has shape "
-                                 f"{tuple(shape)}, expected {part} [{want[0]}, {want[1]}] ({self._layer_for(module, origin)!r} "
-                                 f"maps {ls.in_features} -> {ls.out_features} features)")
+                                 f"{tuple(shape)}, expected {part} {want} ({layer!r} maps {ls.in_features} -> "
+                                 f"{ls.out_features} features)")
+            r = shape[0] if is_a else shape[1]
             if r > self.max_rank:
                 raise ValueError(f"{origin}: module {module!r} has rank {r}, above max_rank={self.max_rank}")
 

@@ -423,6 +423,12 @@ class AdapterPool:
         with self._lock:
             return self._entry(name).slot
 
+    def host_weights(self, name: str) -> Bound:
+        """``name``'s host weights per layer (re-read from its source if they were dropped)."""
+        with self._lock:
+            entry = self._entry(name)
+        return self._host(entry)
+
     def adapter_info(self, name: str) -> Tuple[Dict[str, Any], Dict[str, int]]:
         """(its adapter_config as parsed, {layer: rank})."""
         with self._lock:
