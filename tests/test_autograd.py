@@ -465,3 +465,47 @@ def test_lora_backward_checks_its_arguments():
     for over, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             call(**over)
+
+
+@pytest.mark.parametrize("triton_on_gpu", [False, True], ids=["dAdB=torch", "dAdB=triton"])
+def test_cuda_backend_backward_glue(monkeypatch, triton_on_gpu):
+    """backend "cuda" without a GPU: its shrink / expand stand-ins (the torch backend's, asserting
+    what the CUDA kernels require: weights and y of one dtype) show that the backward reuses them
+    with swapped roles, sums multi-slice dx from 16-bit parts, and routes dA / dB to the Triton
+    kernel when Triton can run on the GPU, else to the torch backend's sync-free gather."""
+    from types import SimpleNamespace
+
+    from openlora_kernels.ops import backends, cuda_ext, custom_ops
+    if triton_on_gpu and "triton" not in BACKENDS:
+        pytest.skip("triton not usable here")
+    seen = []
+
+    def shrink(x, a_list, ranks, meta, out=None):
+        assert all(A.dtype == x.dtype for A in a_list)
+        seen.append("shrink")
+        return torch_ref.shrink(x, a_list, ranks, meta, out=out)
+
+    def expand(y, h, b_list, scalings, ranks, meta):
+        assert all(B.dtype == y.dtype for B in b_list), "the CUDA expand writes y in the weights' dtype"
+        seen.append("expand")
+        torch_ref.expand(y, h, b_list, scalings, ranks, meta)
+
+    fake = SimpleNamespace(shrink=shrink, expand=expand, EXPAND_FP32_Y=cuda_ext.EXPAND_FP32_Y,
+                           weight_grads=cuda_ext.weight_grads)
+    monkeypatch.setitem(custom_ops._loaded, "cuda", fake)
+    monkeypatch.setattr(backends, "_triton_reason", lambda dev: None if triton_on_gpu else "no GPU here")
+    monkeypatch.setattr(torch_ref, "_strategy", lambda *a, **k: "gather")       # what a GPU tensor gets
+    from openlora_kernels.ops import triton_sgmv
+    wg = []
+    monkeypatch.setattr(triton_sgmv, "weight_grads", lambda *a, _f=triton_sgmv.weight_grads: (wg.append(1), _f(*a)))
+    for dtype in (torch.float32, torch.bfloat16):
+        p, meta = problem("multi", dtype, seed=12)
+        dy = upstream(p, 12)
+        dx, dA, dB, ds = bw.add_lora_backward(dy, p.x, p.a, p.b, p.scalings, p.ranks, meta, "cuda",
+                                              True, [True] * 3, [True] * 3, True)
+        ref = reference_grads(p, dy)
+        assert_grad_close(dx, ref["x"], dtype, "dx")
+        check_weights(p, ref, dA, dB, dtype)
+        assert_grad_close(ds, ref["scalings"], torch.float32, "dscalings")
+    assert seen.count("expand") == 2 and seen.count("shrink") == 2 * (3 + 1)    # per call: 1 expand, 3 + 1 shrinks
+    assert bool(wg) == triton_on_gpu
