@@ -509,3 +509,24 @@ def test_cuda_backend_backward_glue(monkeypatch, triton_on_gpu):
         assert_grad_close(ds, ref["scalings"], torch.float32, "dscalings")
     assert seen.count("expand") == 2 and seen.count("shrink") == 2 * (3 + 1)    # per call: 1 expand, 3 + 1 shrinks
     assert bool(wg) == triton_on_gpu
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shrink_then_expand_chain_equals_add_lora(backend):
+    """lora_expand(lora_shrink(x)) under autograd gives add_lora's gradients (h's gradient flows
+    from the expand's backward into the shrink's)."""
+    p, meta = problem("single", torch.float32, seed=13)
+    dy = upstream(p, 13)
+    grads = []
+    for chain in (False, True):
+        x, a, b, sc = leaves(p, torch.float32)
+        y = p.y.clone()
+        if chain:
+            olk.lora_expand(y, olk.lora_shrink(x, a[0], meta, p.ranks, backend=backend), b[0], meta, sc, p.ranks,
+                            backend=backend)
+        else:
+            olk.add_lora(y, x, a[0], b[0], meta, sc, p.ranks, backend=backend)
+        y.backward(dy)
+        grads.append([x.grad, a[0].grad, b[0].grad, sc.grad])
+    for u, v in zip(*grads):
+        torch.testing.assert_close(u, v, atol=1e-5, rtol=1e-5)
