@@ -286,8 +286,7 @@ def _add_autograd(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, na
     into y (custom_ops.py explains why). Degenerate sizes go through it too (zero gradients)."""
     _check_in_place(y)
     if not torch.compiler.is_compiling():
-        if not torch.compiler.is_compiling():
-            custom_ops.remember_meta(meta)
+        custom_ops.remember_meta(meta)
     y.copy_(torch.ops.openlora.add_lora_functional(y, x, a_list, b_list, scalings, ranks, *meta.tensors(),
                                                    meta.block_m, name))
     return y

@@ -17,8 +17,9 @@ Autograd: why two ops per mutating function
 -------------------------------------------
 ``add_lora`` and ``lora_expand`` update ``y`` in place. torch.library's ``register_autograd``
 accepts only FUNCTIONAL ops: it refuses a schema that mutates an argument ("Cannot register
-autograd formula for non-functional operator ... Please create a functional operator"), in torch
-2.4 through 2.13, so also in 2.11 (the GPU machines) and 2.13 (here). A hand-written Autograd
+autograd formula for non-functional operator ... Please create a functional operator"): the check
+is in ``CustomOpDef.register_autograd`` from torch 2.4 on, so in 2.11 (the GPU machines) as in
+2.13 (here, where it was run). A hand-written Autograd
 kernel or an autograd.Function with ``mark_dirty`` around the mutating op would work in eager
 mode, but is not what opcheck's autograd-registration test accepts, nor what AOTAutograd traces
 reliably under torch.compile. So each mutating function has two registrations:
