@@ -5,6 +5,7 @@ Kernel contract (see docs/kernels.md)::
     add_lora(y, x, lora_a, lora_b, indices, scalings, ranks=None, *, backend="auto") -> y
     lora_shrink(x, lora_a, indices, ranks=None, *, backend="auto") -> h [n_slices, T, R] fp32
     lora_expand(y, h, lora_b, indices, scalings, ranks=None, *, backend="auto") -> y
+    lora_backward(dy, x, lora_a, lora_b, indices, scalings, ranks=None) -> (dx, [dA_i], [dB_i])
     build_batch_meta(indices, num_slots) -> LoRABatchMeta   (once per forward, reused by every layer)
     available_backends(device=None) -> {name: BackendInfo(usable, reason)}
 
@@ -20,7 +21,7 @@ Hugging Face names below are loaded on first use.
 from .checks import check_batch_meta, debug_checks_enabled, set_debug_checks
 from .metadata import LoRABatchMeta, build_batch_meta, choose_block_m
 from .ops import (BackendInfo, BackendUnavailableError, BoundLoRA, add_lora, available_backends, forbid_backward,
-                  lora_expand, lora_shrink)
+                  lora_backward, lora_expand, lora_shrink)
 
 __version__ = "0.1.0"
 
@@ -45,7 +46,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "add_lora", "lora_shrink", "lora_expand", "BoundLoRA", "forbid_backward",
+    "add_lora", "lora_shrink", "lora_expand", "lora_backward", "BoundLoRA", "forbid_backward",
     "LoRABatchMeta", "build_batch_meta", "choose_block_m", "check_batch_meta",
     "available_backends", "BackendInfo", "BackendUnavailableError",
     "set_debug_checks", "debug_checks_enabled",

@@ -150,3 +150,125 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
         raise AssertionError(f"{what}: {int(bad.sum())} of {err.numel()} elements off; worst at flat index {i}: "
                              f"got {out64.flatten()[i].item():.6g}, want {ref.flatten()[i].item():.6g} "
                              f"(tol atol={tol['atol']}, rtol={tol['rtol']})")
+
+
+# ----------------------------------------------------------------------------- gradients
+
+# Per-dtype tolerances for gradients: |got - ref| <= atol + rtol * mag, where mag is the same
+# float64 formula over absolute values (|dy| |B| |A| ...): the bound of rounding errors in a sum of
+# products, whatever cancellation the exact value has. rtol matches TOL's: the fp32 sums, the
+# rank-r intermediate rounded to the input dtype on tensor-core paths, and the result rounded to
+# its dtype (dx; multi-slice dx on cpu sums per-slice 16-bit parts) each cost about one unit
+# roundoff u of |mag| (fp16 u = 4.9e-4, bf16 u = 3.9e-3).
+GRAD_TOL = {
+    torch.float32: dict(atol=1e-6, rtol=2e-5),
+    torch.float16: dict(atol=1e-5, rtol=2e-3),
+    torch.bfloat16: dict(atol=1e-4, rtol=1.6e-2),
+}
+
+
+def _rank_of(p: Problem, i: int, s: int) -> int:
+    R = p.a[0].shape[1]
+    if p.ranks is None:
+        return R
+    rk = p.ranks.cpu()
+    return int(rk[i, s] if rk.dim() == 2 else rk[s])
+
+
+def reference_grads(p: Problem, dy: torch.Tensor, h: Optional[torch.Tensor] = None):
+    """float64 gradients of ``y += delta`` (or, with ``h`` [n, T, R], of lora_expand's
+    ``y += scale * h Bᵀ``) for the upstream gradient ``dy`` [T, N], by a loop over rows, from the
+    contract alone. Returns {name: (value, magnitude)} for "x" [T, K], "a" / "b" (lists per slice,
+    [S, R, K] / [S, N_i, R]), "scalings" [S], and "h" [n, T, R]; magnitude is the same formula
+    over absolute values (see GRAD_TOL)."""
+    T, K = p.x.shape
+    n, S, R = len(p.a), p.a[0].shape[0], p.a[0].shape[1]
+    x = p.x.double().cpu()
+    d = dy.double().cpu()
+    sc = p.scalings.double().cpu()
+    idx = p.indices.cpu().tolist()
+    z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+    out = {"x": (z(T, K), z(T, K)), "scalings": (z(S), z(S)), "h": (z(n, T, R), z(n, T, R)),
+           "a": ([z(S, R, K) for _ in range(n)], [z(S, R, K) for _ in range(n)]),
+           "b": ([z(S, B.shape[1], R) for B in p.b], [z(S, B.shape[1], R) for B in p.b])}
+    col = 0
+    for i, (A, B) in enumerate(zip(p.a, p.b)):
+        A, B = A.double().cpu(), B.double().cpu()
+        w = B.shape[1]
+        for t in range(T):
+            s = idx[t]
+            if s < 0:
+                continue
+            r = _rank_of(p, i, s)
+            if r == 0:
+                continue
+            dyt = d[t, col:col + w]
+            g, gm = dyt @ B[s, :, :r], dyt.abs() @ B[s, :, :r].abs()                  # [r]
+            if h is None:
+                hv, hm = A[s, :r] @ x[t], A[s, :r].abs() @ x[t].abs()
+            else:
+                hv = h[i, t, :r].double().cpu()
+                hm = hv.abs()
+            out["x"][0][t] += sc[s] * (g @ A[s, :r])
+            out["x"][1][t] += sc[s].abs() * (gm @ A[s, :r].abs())
+            out["a"][0][i][s, :r] += sc[s] * torch.outer(g, x[t])
+            out["a"][1][i][s, :r] += sc[s].abs() * torch.outer(gm, x[t].abs())
+            out["b"][0][i][s, :, :r] += sc[s] * torch.outer(dyt, hv)
+            out["b"][1][i][s, :, :r] += sc[s].abs() * torch.outer(dyt.abs(), hm)
+            out["scalings"][0][s] += g @ hv
+            out["scalings"][1][s] += gm @ hm
+            out["h"][0][i, t, :r] = sc[s] * g
+            out["h"][1][i, t, :r] = sc[s].abs() * gm
+        col += w
+    return out
+
+
+def reference_shrink_grads(p: Problem, dh: torch.Tensor):
+    """float64 gradients of h = lora_shrink(x, A) for the upstream ``dh`` [n, T, R]:
+    {"x": (value, magnitude) [T, K], "a": ([S, R, K] per slice, magnitudes)}."""
+    T, K = p.x.shape
+    n, S, R = len(p.a), p.a[0].shape[0], p.a[0].shape[1]
+    x = p.x.double().cpu()
+    d = dh.double().cpu()
+    idx = p.indices.cpu().tolist()
+    z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+    out = {"x": (z(T, K), z(T, K)), "a": ([z(S, R, K) for _ in range(n)], [z(S, R, K) for _ in range(n)])}
+    for i, A in enumerate(p.a):
+        A = A.double().cpu()
+        for t in range(T):
+            s = idx[t]
+            if s < 0:
+                continue
+            r = _rank_of(p, i, s)
+            if r == 0:
+                continue
+            g = d[i, t, :r]
+            out["x"][0][t] += g @ A[s, :r]
+            out["x"][1][t] += g.abs() @ A[s, :r].abs()
+            out["a"][0][i][s, :r] += torch.outer(g, x[t])
+            out["a"][1][i][s, :r] += torch.outer(g.abs(), x[t].abs())
+    return out
+
+
+def assert_grad_close(got: torch.Tensor, ref, dtype: torch.dtype, what: str) -> None:
+    """``got`` against (value, magnitude) from reference_grads, with GRAD_TOL[dtype]; entries whose
+    magnitude is 0 (beyond a rank, unused slots, rows without adapter) must be exactly 0."""
+    val, mag = ref
+    g = got.detach().double().cpu()
+    assert g.shape == val.shape, f"{what}: shape {tuple(g.shape)}, want {tuple(val.shape)}"
+    assert torch.isfinite(g).all(), f"{what}: non-finite values"
+    zero = mag == 0
+    if zero.any() and not torch.equal(g[zero], torch.zeros_like(g[zero])):
+        k = int(torch.nonzero(zero & (g != 0))[0].tolist()[0]) if g.dim() == 1 else \
+            tuple(torch.nonzero(zero & (g != 0))[0].tolist())
+        raise AssertionError(f"{what}: must be exactly 0 where nothing contributes (beyond ranks, unused slots, "
+                             f"-1 rows), got {g[zero & (g != 0)][0].item():.3g} at {k}")
+    tol = GRAD_TOL[dtype]
+    err = (g - val).abs()
+    bound = tol["atol"] + tol["rtol"] * mag
+    bad = err > bound
+    if bad.any():
+        i = int(torch.argmax((err - bound).flatten()))
+        raise AssertionError(f"{what}: {int(bad.sum())} of {err.numel()} elements off; worst at flat index {i}: "
+                             f"got {g.flatten()[i].item():.6g}, want {val.flatten()[i].item():.6g} "
+                             f"(magnitude {mag.flatten()[i].item():.3g}, tol atol={tol['atol']}, rtol={tol['rtol']})")

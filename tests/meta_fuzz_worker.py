@@ -15,11 +15,13 @@ What one example is (hypothesis draws it; ``derandomize`` makes the run the same
   2**31-1, small values...), or a valid build_batch_meta result with 1-4 entries overwritten;
 * ranks None, [S] or [n, S], int32 or int64, values including negatives, > R and the int32 extremes.
 
-Each backend's own entry points (``add_lora``, ``shrink(out=)``, ``expand``; for "triton" also
-``fused``; for "cpu" also the bound plan and its ``add_rows``; for "torch" each of the gather /
-segment / padded strategies) are called directly, as the GPU path runs without debug checks: they
-must neither raise nor write outside y / h. Then the public ops, which on the CPU check the metadata
-and ranks first: they may raise ValueError / IndexError (documented), nothing else.
+Each backend's own entry points (``add_lora``, ``shrink(out=)``, ``expand``, the backward's
+``weight_grads`` for dA and for dB; for "triton" also ``fused`` and the weight-gradient kernel
+split over rows (fp32 atomics); for "cpu" also the bound plan and its ``add_rows``; for "torch"
+each of the gather / segment / padded strategies) are called directly, as the GPU path runs without
+debug checks: they must neither raise nor write outside y / h / the gradient buffers. Then the
+public ops (and lora_backward), which on the CPU check the metadata and ranks first: they may raise
+ValueError / IndexError (documented), nothing else.
 
 Guards: y is a strided view in the middle of a buffer filled with a sentinel (rows padded with
 guard columns); the shrink writes h into such a view too; after each call every element outside
@@ -228,6 +230,10 @@ def run_case(c, backends) -> None:
     scal = _input(g, (S,), torch.float32) * 2
     h_in = _input(g, (n, T, R), c["h_dtype"])
     y0 = _values(g, (T, N), dtype)
+    g_list = [_input(g, (T, R), torch.float32) for _ in range(n)]          # the backward's dY B
+    dy_list = [_input(g, (T, w), dtype) for w in widths]                    # dY's slices
+    h_list = [_input(g, (T, R), torch.float32) for _ in range(n)]          # x Aᵀ
+    dy_full = _input(g, (T, N), dtype)
 
     def with_y(what, fn, flat=False, allowed=()):
         gd = (GuardedFlat if flat else Guarded)((T, N), dtype, SENTINEL)
@@ -236,6 +242,24 @@ def run_case(c, backends) -> None:
         _, err = _run(what, lambda: fn(gd.view), allowed)
         _check_written(what, gd, before, gd.view)
         return err
+
+    def with_grads(what, fn, shapes):
+        """fn(list of zero-filled fp32 views [S, P_i, Q_i] inside sentinel-filled buffers)."""
+        gds = [Guarded(shape, torch.float32, SENTINEL, pad=(1, 2, 1)) for shape in shapes]
+        for gd in gds:
+            gd.view.zero_()
+        before = [gd.snapshot() for gd in gds]
+        _run(what, lambda: fn([gd.view for gd in gds]))
+        for gd, b in zip(gds, before):
+            _check_written(what, gd, b, gd.view)
+
+    def weight_grads(label, mod):
+        rk = [None if ranks is None else (ranks[i] if ranks.dim() == 2 else ranks) for i in range(n)]
+        with_grads(f"{label}.weight_grads(dA)",
+                   lambda outs: mod.weight_grads(g_list, [x] * n, scal, rk, meta, True, outs), [(S, R, K)] * n)
+        with_grads(f"{label}.weight_grads(dB)",
+                   lambda outs: mod.weight_grads(dy_list, h_list, scal, rk, meta, False, outs),
+                   [(S, w, R) for w in widths])
 
     def with_h(what, fn, allowed=()):
         gd = Guarded((n, T, R), torch.float32, SENTINEL, pad=(1, 2, 3))
@@ -259,6 +283,8 @@ def run_case(c, backends) -> None:
                 with_y(f"{label}.add_lora", lambda y: mod.add_lora(y, x, a_list, b_list, scal, ranks, meta))
                 with_h(f"{label}.shrink", lambda h: mod.shrink(x, a_list, ranks, meta, out=h))
                 with_y(f"{label}.expand", lambda y: mod.expand(y, h_in, b_list, scal, ranks, meta))
+                if name != "triton":
+                    weight_grads(label, mod)
             finally:
                 torch_ref._strategy = saved
         if name == "triton":
@@ -266,6 +292,11 @@ def run_case(c, backends) -> None:
             with override_config("shrink", SPLIT_K=c["split_k"]):
                 with_h("triton.shrink(SPLIT_K)", lambda h: mod.shrink(x, a_list, ranks, meta, out=h))
             with_y("triton.fused", lambda y: mod.fused(y, x, a_list, b_list, scal, ranks, meta))
+            if c["split_k"] > 1:          # (a third of the cases: the split weight-gradient kernel too)
+                with override_config("wgrad", SPLIT_T=2):
+                    weight_grads("triton(SPLIT_T=2)", mod)
+            else:
+                weight_grads(name, mod)
         if name == "cpu" and S and R and K and N and T:
             # the bound plan (BoundLoRA's), unchecked metadata pointers: the kernel on its own
             bound = mod.bind(a_list, b_list, scal, ranks)
@@ -284,6 +315,8 @@ def run_case(c, backends) -> None:
         _run(f"olk.lora_shrink[{name}]", lambda: olk.lora_shrink(x, la, meta, ranks, backend=name), API_ERRORS)
         with_y(f"olk.lora_expand[{name}]", lambda y: olk.lora_expand(y, h_in, lb, meta, scal, ranks, backend=name),
                allowed=API_ERRORS)
+        _run(f"olk.lora_backward[{name}]",
+             lambda: olk.lora_backward(dy_full, x, la, lb, meta, scal, ranks, backend=name), API_ERRORS)
 
 
 def describe(c) -> str:

@@ -92,6 +92,8 @@ def test_triton_kernels_compile_for_sm80_sm90_without_spills():
     """tests/triton_compile_check.py: every launch the launchers make compiles to cubin, no spills."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])   # this checkout's package
     script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
     out = subprocess.run([sys.executable, script, "--archs", "80,90"], capture_output=True, text=True, env=env,
                          timeout=1200)

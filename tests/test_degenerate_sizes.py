@@ -10,6 +10,11 @@ against the torch backend:
 * lora_shrink: h is [n, T, R] float32, all zeros, except when only N is 0 (N plays no part:
   the real h);
 * lora_expand: y unchanged, except when only K is 0 (K plays no part: the real update).
+
+The backward too (test_degenerate_sizes_backward): lora_backward and the gradients of the three
+ops through autograd have the right shapes and dtypes and are zero, except the two real cases
+(shrink when only N is 0, expand when only K is 0), checked against autograd through the float64
+loops here; y's gradient passes through.
 """
 import itertools
 
@@ -116,6 +121,64 @@ def test_degenerate_sizes(backend, combo, n_slices, with_ranks):
         if not op.add_rows(y, p["x"], rows):
             op(y, p["x"], meta)
         assert torch.equal(y, p["y"]), "add_rows must leave y unchanged"
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_() for t in ts]
+
+
+def _grads(out, dout, leaves):
+    """Gradients of ``out`` (None where a leaf does not contribute; all None when nothing does)."""
+    if not out.requires_grad:
+        return [None] * len(leaves)
+    return torch.autograd.grad(out, leaves, dout, allow_unused=True)
+
+
+@pytest.mark.parametrize("with_ranks", [False, True], ids=["ranks=None", "ranks"])
+@pytest.mark.parametrize("n_slices", [1, 2], ids=["single", "multi"])
+@pytest.mark.parametrize("combo", COMBOS, ids=combo_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_degenerate_sizes_backward(backend, combo, n_slices, with_ranks):
+    p = problem(combo, n_slices, with_ranks)
+    la, lb = args(p, n_slices)
+    meta = olk.build_batch_meta(p["idx"], p["S"])
+    g = torch.Generator().manual_seed(1)
+    dy = torch.randn(p["T"], p["N"], generator=g)
+    # lora_backward: zeros of the right shapes (every combination has a zero delta)
+    dx, dA, dB = olk.lora_backward(dy, p["x"], la, lb, meta, p["scal"], p["ranks"], backend=backend)
+    assert dx.shape == (p["T"], p["K"]) and not dx.any()
+    assert [t.shape for t in dA] == [A.shape for A in p["a"]] and not any(t.any() for t in dA)
+    assert [t.shape for t in dB] == [B.shape for B in p["b"]] and not any(t.any() for t in dB)
+    # add_lora through autograd: the same zeros, y's gradient passes through
+    y0, x, sc, *ab = _leaves(p["y"], p["x"], p["scal"], *p["a"], *p["b"])
+    a, b = ab[:n_slices], ab[n_slices:]
+    y = y0 * 1
+    olk.add_lora(y, x, a if n_slices > 1 else a[0], b if n_slices > 1 else b[0], meta, sc, p["ranks"],
+                 backend=backend)
+    assert torch.equal(y.detach(), p["y"])
+    grads = _grads(y, dy, [y0, x, sc, *ab])
+    assert torch.equal(grads[0], dy)
+    for got, leaf in zip(grads[1:], [x, sc, *ab]):
+        assert got.shape == leaf.shape and not got.any()
+    # lora_shrink / lora_expand through autograd against autograd through the float64 loops
+    x, *a = _leaves(p["x"], *p["a"])
+    h = olk.lora_shrink(x, a if n_slices > 1 else a[0], meta, p["ranks"], backend=backend)
+    dh = torch.randn(h.shape, generator=g)
+    got = _grads(h, dh, [x, *a])
+    want = _grads(ref_shrink({**p, "x": x, "a": a}).float(), dh, [x, *a])
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, torch.zeros_like(u) if v is None else v, atol=2e-5, rtol=2e-5)
+    if combo_id(combo) != "zero_N":
+        assert not any(u.any() for u in got)
+    y0, hh, sc, *b = _leaves(p["y"], p["h"], p["scal"], *p["b"])
+    y = y0 * 1
+    olk.lora_expand(y, hh, b if n_slices > 1 else b[0], meta, sc, p["ranks"], backend=backend)
+    got = _grads(y, dy, [y0, hh, sc, *b])
+    want = _grads(ref_expand({**p, "y": y0, "scal": sc, "b": b}, hh).float(), dy, [y0, hh, sc, *b])
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, torch.zeros_like(u) if v is None else v, atol=2e-5, rtol=2e-5)
+    if combo_id(combo) != "zero_K":
+        assert not any(u.any() for u in got[1:])
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the native CPU extension is not built")

@@ -1,4 +1,6 @@
-"""GPU-only behaviour of the kernels: CUDA graphs, streams, no host syncs, index safety.
+"""GPU-only behaviour of the kernels: CUDA graphs, streams, no host syncs, index safety, and the
+backward (gradients against the float64 reference on the GPU backends, bf16 tensor cores, no host
+sync, CUDA-graph capture).
 
 (The bf16 tensor-core parity runs in test_ops_parity.py, whose tests use CUDA tensors when a GPU
 is present.) Skipped without CUDA; run with ``pytest -m gpu`` on a GPU machine.
@@ -8,7 +10,7 @@ import torch
 
 import openlora_kernels as olk
 
-from lora_reference import assert_close, make_problem, reference_delta
+from lora_reference import assert_close, assert_grad_close, make_problem, reference_delta, reference_grads
 
 pytestmark = pytest.mark.gpu
 
@@ -151,3 +153,103 @@ def test_large_offsets_beyond_int32(backend):
         want = (x[r].float() @ A[s].float().T) @ B[s].float().T
         torch.testing.assert_close(y[r].float(), want, atol=3e-2, rtol=2e-2)
     assert int((y != 0).any(dim=1).sum()) <= 3
+
+
+# ---------------------------------------------------------------------------------- backward
+
+
+def _grad_problem(T, dtype, block_m=None, seed=0):
+    """Mixed per-slice ranks (NaN beyond them), rank-major B (the pool's layout), -1 rows, a slot
+    no row uses, slices of unequal widths; on the GPU."""
+    S, K, widths, R = 6, 256, [192, 64, 32], 16
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.tensor([-1, 0, 1, 3, 4, 5])[torch.randint(0, 6, (T,), generator=g)]   # slot 2: no row
+    ranks = torch.tensor([[0, 16, 8, 5, 16, 1], [0, 16, 3, 16, 9, 2], [0, 16, 16, 7, 1, 12]])
+    p = make_problem(T, K, widths, S, R, dtype=dtype, device="cuda", indices=idx, ranks=ranks, seed=seed)
+    p.b = [B.transpose(1, 2).contiguous().transpose(1, 2) for B in p.b]
+    meta = olk.build_batch_meta(p.indices, S, block_m=block_m)
+    dy = torch.randn(p.y.shape, generator=g).to(dtype).cuda()
+    return p, meta, dy
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("T,block_m", [(5, None), (300, None), (96, 16), (200, 64)])
+def test_backward_parity(backend, dtype, T, block_m):
+    """lora_backward and add_lora's autograd on the GPU backends (tensor-core weight gradients and
+    swapped-role shrink / expand for 16-bit dtypes) against the float64 reference."""
+    usable(backend)
+    p, meta, dy = _grad_problem(T, dtype, block_m, seed=T)
+    ref = reference_grads(p, dy)
+    dx, dA, dB = olk.lora_backward(dy, p.x, p.a, p.b, meta, p.scalings, p.ranks, backend=backend)
+    assert_grad_close(dx, ref["x"], dtype, "dx")
+    for i in range(3):
+        assert_grad_close(dA[i], (ref["a"][0][i], ref["a"][1][i]), dtype, f"dA[{i}]")
+        assert_grad_close(dB[i], (ref["b"][0][i], ref["b"][1][i]), dtype, f"dB[{i}]")
+    x = p.x.clone().requires_grad_()
+    a = [t.clone().requires_grad_() for t in p.a]
+    b = [t.clone().requires_grad_() for t in p.b]
+    sc = p.scalings.clone().requires_grad_()
+    y = p.y.clone()
+    olk.add_lora(y, x, a, b, meta, sc, p.ranks, backend=backend)
+    y.backward(dy)
+    assert_grad_close(x.grad, ref["x"], dtype, "autograd dx")
+    for i in range(3):
+        assert_grad_close(a[i].grad, (ref["a"][0][i], ref["a"][1][i]), dtype, f"autograd dA[{i}]")
+        assert_grad_close(b[i].grad, (ref["b"][0][i], ref["b"][1][i]), dtype, f"autograd dB[{i}]")
+    assert_grad_close(sc.grad, ref["scalings"], torch.float32, "autograd dscalings")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_no_host_sync_in_the_backward(backend):
+    usable(backend)
+    p, meta, dy = _grad_problem(64, torch.bfloat16)
+    x = p.x.clone().requires_grad_()
+    a = [t.clone().requires_grad_() for t in p.a]
+    b = [t.clone().requires_grad_() for t in p.b]
+
+    def step():
+        y = p.y.clone()
+        olk.add_lora(y, x, a, b, meta, p.scalings, p.ranks, backend=backend)
+        y.backward(dy)
+        olk.lora_backward(dy, p.x, p.a, p.b, meta, p.scalings, p.ranks, backend=backend)
+
+    step()                                   # compile first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_backward_captured_in_a_cuda_graph(backend):
+    """lora_backward captured once, replayed with new dy and x: the gradients of each replay."""
+    usable(backend)
+    p, meta, dy = _grad_problem(48, torch.bfloat16, seed=3)
+    x_s, dy_s = p.x.clone(), dy.clone()
+
+    def step():
+        return olk.lora_backward(dy_s, x_s, p.a, p.b, meta, p.scalings, p.ranks, backend=backend)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for trial in range(3):
+        dy_s.copy_(torch.randn_like(dy_s))
+        x_s.copy_(torch.randn_like(x_s))
+        graph.replay()
+        torch.cuda.synchronize()
+        p.x = x_s.clone()
+        ref = reference_grads(p, dy_s)
+        assert_grad_close(out[0], ref["x"], torch.bfloat16, f"replay {trial}: dx")
+        for i in range(3):
+            assert_grad_close(out[1][i], (ref["a"][0][i], ref["a"][1][i]), torch.bfloat16, f"replay {trial}: dA[{i}]")
+            assert_grad_close(out[2][i], (ref["b"][0][i], ref["b"][1][i]), torch.bfloat16, f"replay {trial}: dB[{i}]")

@@ -37,9 +37,16 @@ from triton.runtime import jit as tjit  # noqa: E402
 import openlora_kernels as olk  # noqa: E402
 from openlora_kernels.ops import configs, triton_sgmv  # noqa: E402
 
-KERNELS = ("_sgmv_shrink_kernel", "_sgmv_expand_kernel", "_sgmv_fused_kernel")
-# Position of the argument whose dtype is the problem's dtype (x, or y for expand).
-DTYPE_ARG = {"_sgmv_shrink_kernel": 0, "_sgmv_expand_kernel": 5, "_sgmv_fused_kernel": 0}
+KERNELS = ("_sgmv_shrink_kernel", "_sgmv_expand_kernel", "_sgmv_fused_kernel", "_sgmv_wgrad_kernel")
+# Position of the argument whose dtype is the problem's dtype (x, or B for expand: the backward's
+# dx runs it with a float32 y; for the weight gradients P or Q, whichever is not the fp32 one).
+DTYPE_ARG = {"_sgmv_shrink_kernel": 0, "_sgmv_expand_kernel": 1, "_sgmv_fused_kernel": 0, "_sgmv_wgrad_kernel": 0}
+
+
+def problem_dtype(name, args):
+    if name == "_sgmv_wgrad_kernel" and args[0].dtype == torch.float32:
+        return args[1].dtype
+    return args[DTYPE_ARG[name]].dtype
 
 
 class _Recorder:
@@ -98,6 +105,11 @@ def cases(full: bool):
         yield dt, bm, ranks_opts[i % 3], widths_opts[(i // 3 + i) % 3], R_opts[i % 4]
 
 
+# (dtype, block_m) of the cases that also compile the backward's launches: the weight-gradient
+# kernel in every dtype, the swapped-role shrink / expand in both tile modes.
+BACKWARD_CASES = {(torch.float16, 16), (torch.bfloat16, 1), (torch.bfloat16, 64), (torch.float32, 16)}
+
+
 def run_case(dt, bm, rk, widths, R, split_k: int):
     T, K, S = 8, 384, 3
     n = len(widths)
@@ -113,6 +125,13 @@ def run_case(dt, bm, rk, widths, R, split_k: int):
         triton_sgmv.fused(y, x, a, b, sc, ranks, meta)
         h = triton_sgmv.shrink(x, a, ranks, meta)
         triton_sgmv.expand(y, h, b, sc, ranks, meta)
+    if split_k == 1 and (dt, bm) in BACKWARD_CASES:   # the backward: swapped-role shrink /
+        # expand (dx, float32 y for several slices), the weight-gradient kernel for dA and dB; B
+        # rank-major (the pool's layout)
+        from openlora_kernels.ops import backward
+        dy = torch.randn(T, sum(widths), dtype=dt)
+        bb = [B.transpose(1, 2).contiguous().transpose(1, 2) for B in b]
+        backward.add_lora_backward(dy, x, a, bb, sc, ranks, meta, "triton", True, [True] * n, [True] * n, False)
 
 
 def main(argv=None) -> int:
@@ -154,7 +173,7 @@ def main(argv=None) -> int:
                 seen[key] = kernel
                 res = resources(kernel)
                 stack = re.search(r"STACK:(\d+)", res)
-                dtype = args[DTYPE_ARG[name]].dtype
+                dtype = problem_dtype(name, args)
                 if stack and int(stack.group(1)) > 0:
                     failures.append((name, cap, cfg, f"{dtype}: register spills ({res})"))
                 if opts.resources:

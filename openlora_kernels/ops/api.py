@@ -6,9 +6,11 @@ call the registered custom op (``custom_ops.py``; in eager mode its implementati
 the dispatch cost). They are plain Python over static tensor properties, so
 torch.compile(fullgraph=True) traces straight through them.
 
-Inference only: the ops have no autograd formula. Called with grad mode on and an argument that
-requires grad they raise RuntimeError naming it (rather than silently dropping the LoRA term from
-the gradients); a model-patching layer marks its outputs with :func:`forbid_backward`.
+Gradients: with grad mode on and an argument that requires grad (y, x, h, a lora_a / lora_b
+tensor, scalings), the ops run through their autograd-registered functional custom ops
+(``custom_ops.py``) and still update y in place; otherwise they take the inference path, whose
+cost is unchanged. :func:`lora_backward` gives a model-patching layer that computes the
+gradients itself in its own autograd.Function the same (dx, dA, dB) directly.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 from ..checks import check_ranks
 from ..metadata import LoRABatchMeta, build_batch_meta
+from . import backward as _backward
 from . import custom_ops  # noqa: F401  (registers torch.ops.openlora.*)
 from .backends import resolve_backend
 
@@ -37,9 +40,12 @@ def _tensor(v, name: str, dims: int) -> torch.Tensor:
     return v
 
 
-def _float(v: torch.Tensor, name: str) -> None:
-    if v.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {v.dtype}")
+def _float(v: torch.Tensor, name: str, allow64: bool = False) -> None:
+    """float16 / bfloat16 / float32; float64 too when ``allow64`` (backend "torch": the reference,
+    computed in float64, e.g. for torch.autograd.gradcheck)."""
+    if v.dtype not in FLOAT_DTYPES and not (allow64 and v.dtype == torch.float64):
+        hint = " (float64 runs on backend='torch' only)" if v.dtype == torch.float64 else ""
+        raise TypeError(f"{name}: expected float16, bfloat16 or float32, got {v.dtype}{hint}")
 
 
 def _same_device(v: torch.Tensor, name: str, device: torch.device) -> None:
@@ -80,7 +86,8 @@ def _check_a(lora_a: TensorOrList, x: torch.Tensor) -> List[torch.Tensor]:
     return a_list
 
 
-def _check_b(lora_b: TensorOrList, y: torch.Tensor, S: int, R: int, n_slices: int, a_is_list: Optional[bool]) -> List[torch.Tensor]:
+def _check_b(lora_b: TensorOrList, y: torch.Tensor, S: int, R: int, n_slices: int, a_is_list: Optional[bool],
+             y_name: str = "y") -> List[torch.Tensor]:
     b_list, is_list = _as_list(lora_b, "lora_b")
     if a_is_list is not None and is_list != a_is_list:
         raise ValueError("lora_b: give lora_a and lora_b both as tensors or both as lists of per-slice tensors")
@@ -91,7 +98,7 @@ def _check_b(lora_b: TensorOrList, y: torch.Tensor, S: int, R: int, n_slices: in
         _tensor(B, nm, 3)
         _same_device(B, nm, y.device)
         if B.dtype != y.dtype:
-            raise TypeError(f"{nm}: dtype {B.dtype} does not match y's dtype {y.dtype}")
+            raise TypeError(f"{nm}: dtype {B.dtype} does not match {y_name}'s dtype {y.dtype}")
         if B.shape[0] != S:
             raise ValueError(f"{nm}: shape {tuple(B.shape)} is [S, N, R] with S={B.shape[0]}, but there are {S} slots")
         if B.shape[2] != R:
@@ -99,15 +106,15 @@ def _check_b(lora_b: TensorOrList, y: torch.Tensor, S: int, R: int, n_slices: in
     N = sum(B.shape[1] for B in b_list)
     if N != y.shape[1]:
         widths = " + ".join(str(B.shape[1]) for B in b_list)
-        raise ValueError(f"y: has {y.shape[1]} columns, but lora_b's output widths sum to {N} ({widths})")
+        raise ValueError(f"{y_name}: has {y.shape[1]} columns, but lora_b's output widths sum to {N} ({widths})")
     return b_list
 
 
-def _check_scalings(scalings, S: int, device: torch.device) -> torch.Tensor:
+def _check_scalings(scalings, S: int, device: torch.device, allow64: bool = False) -> torch.Tensor:
     _tensor(scalings, "scalings", 1)
     if scalings.shape[0] != S:
         raise ValueError(f"scalings: expected shape [{S}] (one per slot), got {tuple(scalings.shape)}")
-    if scalings.dtype != torch.float32:
+    if scalings.dtype != torch.float32 and not (allow64 and scalings.dtype == torch.float64):
         raise TypeError(f"scalings: expected dtype float32, got {scalings.dtype}")
     _same_device(scalings, "scalings", device)
     return scalings
@@ -145,35 +152,37 @@ def _meta_for(indices: Indices, T: int, S: int, device: torch.device) -> LoRABat
     return build_batch_meta(indices, S)
 
 
-def _x_y(x, y) -> None:
+def _x_y(x, y, y_name: str = "y", allow64: bool = False) -> None:
     _tensor(x, "x", 2)
-    _tensor(y, "y", 2)
-    _float(x, "x")
+    _tensor(y, y_name, 2)
+    _float(x, "x", allow64)
     if y.dtype != x.dtype:
-        raise TypeError(f"y: dtype {y.dtype} does not match x's dtype {x.dtype}")
-    _same_device(y, "y", x.device)
+        raise TypeError(f"{y_name}: dtype {y.dtype} does not match x's dtype {x.dtype}")
+    _same_device(y, y_name, x.device)
     if y.shape[0] != x.shape[0]:
-        raise ValueError(f"y: has {y.shape[0]} rows, but x has {x.shape[0]}")
+        raise ValueError(f"{y_name}: has {y.shape[0]} rows, but x has {x.shape[0]}")
 
 
-def _grad_error(name: str) -> RuntimeError:
-    return RuntimeError(
-        f"{name}: requires grad, but the LoRA ops have no autograd formula yet (inference only): their "
-        "result would silently lack the LoRA term's gradients. Run them under torch.no_grad() or "
-        "torch.inference_mode()")
-
-
-def _forbid_grad(*named) -> None:
-    """RuntimeError naming the first (name, tensor or list of tensors) that requires grad, when
-    grad mode is on (the caller tests torch.is_grad_enabled() first)."""
-    for name, v in named:
+def _any_requires_grad(*values) -> bool:
+    """Whether a tensor, or a tensor in a list, among ``values`` requires grad (the caller tests
+    torch.is_grad_enabled() first; the values need not be validated yet)."""
+    for v in values:
         if isinstance(v, torch.Tensor):
             if v.requires_grad:
-                raise _grad_error(name)
+                return True
         elif isinstance(v, (list, tuple)):
-            for i, t in enumerate(v):
+            for t in v:
                 if isinstance(t, torch.Tensor) and t.requires_grad:
-                    raise _grad_error(f"{name}[{i}]")
+                    return True
+    return False
+
+
+def _check_in_place(y: torch.Tensor) -> None:
+    """The autograd path updates y in place too: refused for a leaf that requires grad (as torch
+    refuses any in-place op on one), before anything runs."""
+    if y.requires_grad and y.is_leaf:
+        raise RuntimeError("y: a leaf tensor that requires grad cannot be updated in place (like any in-place "
+                           "op on such a leaf); pass a non-leaf y (e.g. the base layer's output, or y.clone())")
 
 
 class _ForbidBackward(torch.autograd.Function):
@@ -199,7 +208,9 @@ def forbid_backward(t: torch.Tensor, what: str) -> torch.Tensor:
     only); ...'. For a model-patching layer that adds the LoRA delta into a module's output under
     ``torch.no_grad()``: the output keeps requiring grad, and a backward through it fails loudly
     instead of returning gradients without the LoRA term. Call only when
-    ``torch.is_grad_enabled()`` and ``t.requires_grad``.
+    ``torch.is_grad_enabled()`` and ``t.requires_grad``. (The ops themselves have gradients: a
+    layer that routes its delta through them with grad on, or computes the delta's gradients
+    with :func:`lora_backward`, needs no such mark.)
 
     A non-leaf ``t`` (e.g. the output of an ``nn.Linear``) is returned as the same tensor object,
     its autograd history rebased onto the raising node (like an in-place op); a leaf gives a view.
@@ -251,19 +262,34 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: Ten
         >>> torch.allclose(out[0], 2.0 * (x[0] @ A[1].T) @ B[1].T, atol=1e-5), bool(out[1].eq(0).all())
         (True, True)
 
-    Inference only: with grad mode on, an argument that requires grad raises RuntimeError.
+    Gradients: with grad mode on and any of y, x, lora_a, lora_b, scalings requiring grad, the
+    call is recorded by autograd (y is still updated in place and returned; a leaf y that requires
+    grad is refused, as for any in-place op). dx, dA, dB, dscalings as in :func:`lora_backward`;
+    y's gradient passes through unchanged.
     """
-    if torch.is_grad_enabled():
-        _forbid_grad(("y", y), ("x", x), ("lora_a", lora_a), ("lora_b", lora_b), ("scalings", scalings))
-    _x_y(x, y)
+    grad = torch.is_grad_enabled() and _any_requires_grad(y, x, lora_a, lora_b, scalings)
+    _x_y(x, y, allow64=backend == "torch")
     a_list = _check_a(lora_a, x)
     S, R, K = a_list[0].shape
     b_list = _check_b(lora_b, y, S, R, len(a_list), isinstance(lora_a, (list, tuple)))
-    _check_scalings(scalings, S, x.device)
+    _check_scalings(scalings, S, x.device, x.dtype == torch.float64)
     ranks = _check_ranks(ranks, S, len(a_list), x.device)
     meta = _meta_for(indices, x.shape[0], S, x.device)
     name = resolve_backend(backend, x.device)
+    if grad:
+        return _add_autograd(y, x, a_list, b_list, scalings, ranks, meta, name)
     return _launch_add(y, x, a_list, b_list, scalings, ranks, meta, name)
+
+
+def _add_autograd(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, name: str) -> torch.Tensor:
+    """add_lora recorded by autograd: the functional op (y + delta, registered backward), copied
+    into y (custom_ops.py explains why). Degenerate sizes go through it too (zero gradients)."""
+    _check_in_place(y)
+    if not torch.compiler.is_compiling():
+        custom_ops.remember_meta(meta)
+    y.copy_(torch.ops.openlora.add_lora_functional(y, x, a_list, b_list, scalings, ranks, *meta.tensors(),
+                                                   meta.block_m, name))
+    return y
 
 
 def _launch_add(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, name: str) -> torch.Tensor:
@@ -303,24 +329,22 @@ class BoundLoRA:
 
     __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend", "_a", "_b", "_name", "_dtype", "_device",
                  "_S", "_R", "_K", "_N", "_bound", "_add_rows", "_weights")
+    # (_weights: every weight tensor argument, for the requires-grad test of a call)
 
     def __init__(self, lora_a: TensorOrList, lora_b: TensorOrList, scalings: torch.Tensor,
                  ranks: Optional[torch.Tensor] = None, *, backend: str = "auto"):
         # The checks of add_lora, against an empty x / y shaped like the weights.
         x = _like(lora_a, 2)
         y = x.new_empty((0, _like(lora_b, 1).shape[1]))
-        _float(x, "lora_a")
+        _float(x, "lora_a", backend == "torch")
         a_list = _check_a(lora_a, x)
         S, R, K = a_list[0].shape
         self._b = _check_b(lora_b, y, S, R, len(a_list), isinstance(lora_a, (list, tuple)))
-        _check_scalings(scalings, S, x.device)
+        _check_scalings(scalings, S, x.device, x.dtype == torch.float64)
         self.ranks = _check_ranks(ranks, S, len(a_list), x.device)
         self.lora_a, self.lora_b, self.scalings, self.backend = lora_a, lora_b, scalings, backend
         self._a, self._name = a_list, resolve_backend(backend, x.device)
-        # (name, tensor) of every weight argument, for the requires-grad check of a call
-        a_names = [f"lora_a[{i}]" for i in range(len(a_list))] if isinstance(lora_a, (list, tuple)) else ["lora_a"]
-        b_names = [f"lora_b[{i}]" for i in range(len(self._b))] if isinstance(lora_b, (list, tuple)) else ["lora_b"]
-        self._weights = (*zip(a_names, a_list), *zip(b_names, self._b), ("scalings", scalings))
+        self._weights = (*a_list, *self._b, scalings)
         self._dtype, self._device, self._S, self._R, self._K, self._N = x.dtype, x.device, S, R, K, y.shape[1]
         bind = getattr(custom_ops.backend_module(self._name), "bind", None)
         if S == 0 or R == 0 or K == 0 or self._N == 0:
@@ -329,8 +353,8 @@ class BoundLoRA:
         self._add_rows = getattr(self._bound, "add_rows", None)
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, indices: Indices) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            self._refuse_grad(y, x)
+        if torch.is_grad_enabled() and self._wants_grad(y, x):     # the autograd path: add_lora's
+            return add_lora(y, x, self.lora_a, self.lora_b, indices, self.scalings, self.ranks, backend=self.backend)
         if type(x) is torch.Tensor and type(y) is torch.Tensor and type(indices) is LoRABatchMeta:
             xs, ys = x.shape, y.shape
             if (len(xs) == 2 and len(ys) == 2 and xs[1] == self._K and ys[1] == self._N and xs[0] == ys[0]
@@ -352,30 +376,30 @@ class BoundLoRA:
         done nothing, when any of that does not hold (then call the op as usual). It checks the
         call's arguments only: the weights, scalings and ranks are a pool's, validated when it
         bound them (the kernel also clamps each rank to [0, R]), and the result carries no
-        autograd record: it declines when x or y requires grad (the checked call then raises
-        under grad mode, or runs under no_grad)."""
+        autograd record: under grad mode it declines when x, y or a weight argument requires
+        grad (the checked call, which it falls back to, is then recorded by autograd)."""
         fn = self._add_rows
         if fn is None or rows is None or type(x) is not torch.Tensor or type(y) is not torch.Tensor:
             return False
         T = rows[0]
         if (x.dtype is not self._dtype or y.dtype is not self._dtype or not x.is_cpu or not y.is_cpu
-                or y.requires_grad or x.requires_grad or not x.is_contiguous() or not y.is_contiguous()
+                or (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or self._weights_grad()))
+                or not x.is_contiguous() or not y.is_contiguous()
                 or x.shape[-1] != self._K or y.shape[-1] != self._N
                 or x.numel() != T * self._K or y.numel() != T * self._N or not T or not self._N):
             return False
         fn(T, x.data_ptr(), y.data_ptr(), rows[1], rows[2])
         return True
 
-    def _refuse_grad(self, y, x) -> None:
-        """RuntimeError naming the argument of a call that requires grad (grad mode is on)."""
-        need = getattr(y, "requires_grad", False) or getattr(x, "requires_grad", False)
-        if not need:
-            for _, t in self._weights:
-                if t.requires_grad:
-                    need = True
-                    break
-        if need:
-            _forbid_grad(("y", y), ("x", x), *self._weights)
+    def _wants_grad(self, y, x) -> bool:
+        """Whether a call's y, x or a weight argument requires grad (grad mode is on)."""
+        return getattr(y, "requires_grad", False) or getattr(x, "requires_grad", False) or self._weights_grad()
+
+    def _weights_grad(self) -> bool:
+        for t in self._weights:
+            if t.requires_grad:
+                return True
+        return False
 
     def _on_device(self, x: torch.Tensor, y: torch.Tensor, meta: LoRABatchMeta) -> bool:
         if self._device.type == "cpu":     # (is_cpu: no torch.device object per check)
@@ -389,19 +413,25 @@ def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: 
 
     Returns a new [n_slices, T, R] float32 tensor; rows with slot -1 and columns at or beyond a
     slot's rank are 0. No scaling is applied (``lora_expand`` applies it).
-    Inference only: with grad mode on, an argument that requires grad raises RuntimeError.
+    Gradients: with grad mode on and x or a lora_a tensor requiring grad, the call is recorded by
+    autograd: dx[t] = sum_i dh[i, t, :r] @ A_i[s, :r], dA_i[s] = sum over s's rows of
+    dh[i, t, :r]ᵀ x[t] (float32 accumulation; zero beyond ranks, on unused slots, from -1 rows).
     """
-    if torch.is_grad_enabled():
-        _forbid_grad(("x", x), ("lora_a", lora_a))
+    grad = torch.is_grad_enabled() and _any_requires_grad(x, lora_a)
     _tensor(x, "x", 2)
-    _float(x, "x")
+    _float(x, "x", backend == "torch")
     a_list = _check_a(lora_a, x)
     S, R, K = a_list[0].shape
     ranks = _check_ranks(ranks, S, len(a_list), x.device)
     meta = _meta_for(indices, x.shape[0], S, x.device)
     name = resolve_backend(backend, x.device)
+    if grad:          # the registered op, so that autograd records it (degenerate sizes too)
+        if not torch.compiler.is_compiling():
+            custom_ops.remember_meta(meta)
+        return torch.ops.openlora.lora_shrink(x, a_list, ranks, *meta.tensors(), meta.block_m, name)
     if x.shape[0] == 0 or S == 0 or R == 0 or K == 0:      # nothing to compute: h is all zeros
-        return x.new_zeros((len(a_list), x.shape[0], R), dtype=torch.float32)
+        dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return x.new_zeros((len(a_list), x.shape[0], R), dtype=dt)
     if torch.compiler.is_compiling():
         return torch.ops.openlora.lora_shrink(x, a_list, ranks, *meta.tensors(), meta.block_m, name)
     return custom_ops.run_shrink(x, a_list, ranks, meta, name)
@@ -412,14 +442,19 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices:
     """Second half of :func:`add_lora`: ``y[t, cols_i] += scalings[s] * h[i, t, :r_s] @ B_i[s, :, :r_s].T``.
 
     ``h`` is [n_slices, T, R] (float32 from :func:`lora_shrink`, or float16/bfloat16). Returns ``y``.
-    Inference only: with grad mode on, an argument that requires grad raises RuntimeError.
+    Gradients: with grad mode on and y, h, a lora_b tensor or scalings requiring grad, the call is
+    recorded by autograd (y still updated in place; a leaf y that requires grad is refused):
+    dh[i, t, :r] = scale_s * dy[t, cols_i] @ B_i[s, :, :r] (0 beyond ranks and on -1 rows), dB
+    and dscalings as for :func:`add_lora`; y's gradient passes through unchanged.
     """
-    if torch.is_grad_enabled():
-        _forbid_grad(("y", y), ("h", h), ("lora_b", lora_b), ("scalings", scalings))
+    grad = torch.is_grad_enabled() and _any_requires_grad(y, h, lora_b, scalings)
     _tensor(y, "y", 2)
-    _float(y, "y")
+    _float(y, "y", backend == "torch")
     _tensor(h, "h", 3)
-    _float(h, "h")
+    _float(h, "h", y.dtype == torch.float64)
+    if y.dtype == torch.float64 and h.dtype != torch.float64:
+        raise TypeError(f"h: dtype {h.dtype} does not match y's dtype torch.float64 "
+                        "(a float64 call is float64 throughout)")
     _same_device(h, "h", y.device)
     b_list, _ = _as_list(lora_b, "lora_b")
     if h.shape[1] != y.shape[0]:
@@ -429,10 +464,17 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices:
     _tensor(b_list[0], "lora_b[0]" if isinstance(lora_b, (list, tuple)) else "lora_b", 3)
     S = b_list[0].shape[0]
     b_list = _check_b(lora_b, y, S, h.shape[2], h.shape[0], None)
-    _check_scalings(scalings, S, y.device)
+    _check_scalings(scalings, S, y.device, y.dtype == torch.float64)
     ranks = _check_ranks(ranks, S, len(b_list), y.device)
     meta = _meta_for(indices, y.shape[0], S, y.device)
     name = resolve_backend(backend, y.device)
+    if grad:
+        _check_in_place(y)
+        if not torch.compiler.is_compiling():
+            custom_ops.remember_meta(meta)
+        y.copy_(torch.ops.openlora.lora_expand_functional(y, h, b_list, scalings, ranks, *meta.tensors(),
+                                                          meta.block_m, name))
+        return y
     if y.shape[0] == 0 or y.shape[1] == 0 or S == 0 or h.shape[2] == 0:
         return y      # no row, column, slot or rank: a zero delta, y is not written
     if torch.compiler.is_compiling():
@@ -440,3 +482,67 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices:
     else:
         custom_ops.run_expand(y, h, b_list, scalings, ranks, meta, name)
     return y
+
+
+def lora_backward(dy: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: TensorOrList, indices: Indices,
+                  scalings: torch.Tensor, ranks: Optional[torch.Tensor] = None, *, need_x: bool = True,
+                  need_ab: bool = True, backend: str = "auto"
+                  ) -> Tuple[Optional[torch.Tensor], Optional[List[torch.Tensor]], Optional[List[torch.Tensor]]]:
+    """(dx [T, K] in x's dtype or None, dA [S, R, K] fp32 per slice or None, dB [S, N_i, R] fp32 per slice or None)
+    for ``y += add_lora(...)``; dA/dB zero beyond ranks, on unused slots, from -1 rows. Works with grad
+    disabled (no graph).
+
+    ``dy`` is the gradient of the updated y ([T, N], x's dtype, any strides); the other arguments
+    are add_lora's, with the same checks (errors name the argument). For row t of slot s, rank r,
+    slice i (dY_i = dy[:, cols_i]):
+
+        dx[t]   = sum_i scalings[s] * (dY_i[t] @ B_i[s, :, :r]) @ A_i[s, :r]
+        dA_i[s] = scalings[s] * sum over s's rows of (dY_i[t] @ B_i[s, :, :r])ᵀ x[t]     [r, K]
+        dB_i[s] = scalings[s] * sum over s's rows of dY_i[t]ᵀ (x[t] @ A_i[s, :r].T)      [N_i, r]
+
+    accumulated in float32. dx reuses the backend's shrink and expand kernels with the roles of A
+    and B swapped; dA / dB are segmented products per slot (docs/kernels.md, "Gradients"). dB
+    has B_i's layout (rank-major when B_i is an [S, N, R] view of [S, R, N] storage). For a
+    model-patching layer that keeps its adapter parameters as views of slot buffers and computes
+    their gradients in its own autograd.Function. Never records a graph.
+
+    ``need_x`` / ``need_ab``: compute dx / (dA, dB); what is not asked for is returned as None.
+
+        >>> import torch, openlora_kernels as olk
+        >>> T, K, N, S, R = 4, 8, 6, 2, 4
+        >>> x, A, B = torch.randn(T, K), torch.randn(S, R, K), torch.randn(S, N, R)
+        >>> idx, sc = torch.tensor([1, -1, 0, 1]), torch.tensor([0.5, 2.0])
+        >>> dy = torch.randn(T, N)
+        >>> dx, (dA,), (dB,) = olk.lora_backward(dy, x, A, B, idx, sc)
+        >>> torch.allclose(dx[0], 2.0 * (dy[0] @ B[1]) @ A[1], atol=1e-5), bool(dx[1].eq(0).all())
+        (True, True)
+        >>> rows = [0, 3]                                   # the rows of slot 1
+        >>> torch.allclose(dA[1], 2.0 * (dy[rows] @ B[1]).T @ x[rows], atol=1e-5)
+        True
+        >>> torch.allclose(dB[1], 2.0 * dy[rows].T @ (x[rows] @ A[1].T), atol=1e-5), dB.dtype
+        (True, torch.float32)
+    """
+    _x_y(x, dy, "dy", allow64=backend == "torch")
+    a_list = _check_a(lora_a, x)
+    S, R, K = a_list[0].shape
+    b_list = _check_b(lora_b, dy, S, R, len(a_list), isinstance(lora_a, (list, tuple)), y_name="dy")
+    _check_scalings(scalings, S, x.device, x.dtype == torch.float64)
+    ranks = _check_ranks(ranks, S, len(a_list), x.device)
+    meta = _meta_for(indices, x.shape[0], S, x.device)
+    for nm, v in (("need_x", need_x), ("need_ab", need_ab)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{nm}: expected a bool, got {type(v).__name__}")
+    name = resolve_backend(backend, x.device)
+    n = len(a_list)
+    with torch.no_grad():
+        if torch.compiler.is_compiling():
+            outs = torch.ops.openlora.add_lora_backward(dy, x, a_list, b_list, scalings, ranks, *meta.tensors(),
+                                                       meta.block_m, name, need_x, [need_ab] * n, [need_ab] * n,
+                                                       False)
+            dx = outs[0] if need_x else None
+            dA = outs[int(need_x):int(need_x) + n] if need_ab else None
+            dB = outs[int(need_x) + n:] if need_ab else None
+            return dx, dA, dB
+        dx, dA, dB, _ = _backward.add_lora_backward(dy, x, a_list, b_list, scalings, ranks, meta, name, need_x,
+                                                    [need_ab] * n, [need_ab] * n, False)
+    return dx, (dA if need_ab else None), (dB if need_ab else None)

@@ -17,6 +17,9 @@ Kinds and their keys:
   expand  BLOCK_N, BLOCK_R, num_warps, num_stages
   fused   BLOCK_N, BLOCK_K, N_CHUNKS (0 = derive from the SM count), num_warps, num_stages
   route   FUSED (bool): add_lora runs the fused kernel, else shrink then expand
+  wgrad   BLOCK_T (rows per step), BLOCK_R (rank block), BLOCK_F (block of the other dim: K for
+          dA, N for dB), SPLIT_T (0 = derive from the SM count and T / S), num_warps, num_stages
+          (the backward's weight gradients; key: K = the other dim, N = T, R, n_slices = S)
 """
 from __future__ import annotations
 
@@ -124,11 +127,14 @@ def _heuristic(kind: str, key: Dict[str, Any]) -> Dict[str, Any]:
         # Decode-like batches are launch- and memory-bound: one launch, intermediate on chip.
         return {"FUSED": not dot}
     if kind == "shrink":
+        # K blocks no longer than K itself (rounded up to 16): the backward's dY Bᵀ shrink runs over
+        # a slice's width N_i, which can be small (a K block 16 times too long spills registers)
+        kp = max(16, next_pow2(key["K"]))
         if dot:
-            return {"BLOCK_R": _clamp(rp, 16, 64), "BLOCK_K": 32 if fp32 else (64 if bm >= 64 else 128),
+            return {"BLOCK_R": _clamp(rp, 16, 64), "BLOCK_K": min(kp, 32 if fp32 else (64 if bm >= 64 else 128)),
                     "SPLIT_K": 1, "num_warps": 8 if fp32 else 4, "num_stages": 3}
         block_r = _clamp(rp, 1, 64)
-        return {"BLOCK_R": block_r, "BLOCK_K": _clamp(budget // (bm * block_r), 32, 256), "SPLIT_K": 1,
+        return {"BLOCK_R": block_r, "BLOCK_K": min(kp, _clamp(budget // (bm * block_r), 32, 256)), "SPLIT_K": 1,
                 "num_warps": 4, "num_stages": 2}
     if kind == "expand":
         if dot:
@@ -147,6 +153,11 @@ def _heuristic(kind: str, key: Dict[str, Any]) -> Dict[str, Any]:
                     "num_warps": 8 if fp32 else 4, "num_stages": 2}
         blk = _clamp(budget // (bm * rp), 16, 256)
         return {"BLOCK_N": blk, "BLOCK_K": blk, "N_CHUNKS": 0, "num_warps": 4, "num_stages": 2}
+    if kind == "wgrad":
+        # tl.dot tiles (>= 16 each way); rows per step from the expected segment length T / S
+        rows = key["N"] / max(1, min(key["n_slices"], key["N"]))
+        return {"BLOCK_T": 16 if rows < 32 else (32 if fp32 else 64), "BLOCK_R": _clamp(rp, 16, 64),
+                "BLOCK_F": 64 if fp32 or rp >= 64 else 128, "SPLIT_T": 0, "num_warps": 4, "num_stages": 2}
     raise ValueError(f"unknown kernel kind {kind!r}")
 
 
@@ -160,6 +171,8 @@ def _interpreter_pinned(kind: str, key: Dict[str, Any]) -> Dict[str, Any]:
         return {"BLOCK_N": 64, "BLOCK_R": 16, "num_warps": 4, "num_stages": 1}
     if kind == "fused":
         return {"BLOCK_N": 64, "BLOCK_K": 64, "N_CHUNKS": 2, "num_warps": 4, "num_stages": 1}
+    if kind == "wgrad":
+        return {"BLOCK_T": 16, "BLOCK_R": 16, "BLOCK_F": 32, "SPLIT_T": 1, "num_warps": 4, "num_stages": 1}
     raise ValueError(f"unknown kernel kind {kind!r}")
 
 

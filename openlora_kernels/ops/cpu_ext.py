@@ -27,6 +27,11 @@ from . import torch_ref
 from .launch_args import DTYPE_CODES, rank_strides, same_strides
 
 _state = {}
+# The native expand writes y in the weights' dtype (ops/backward.py: multi-slice dx sums 16-bit parts)
+EXPAND_FP32_Y = False
+# The LoRA backward's segmented weight-gradient products (dA, dB) run on PyTorch's GEMMs, as the
+# prefill path does: the torch backend's segment / padded strategies (ops/torch_ref.py).
+weight_grads = torch_ref.weight_grads
 
 
 def _module():

@@ -38,6 +38,8 @@ from .backends import BackendUnavailableError
 from .launch_args import DTYPE_CODES, rank_strides, slice_columns
 
 MAX_SLICES = 8  # csrc/include/openlora/params.h kMaxSlices
+# The expand kernels write y in the weights' dtype (ops/backward.py: multi-slice dx sums 16-bit parts)
+EXPAND_FP32_Y = False
 OP_FUSED, OP_SHRINK, OP_EXPAND = 0, 1, 2
 
 _lock = threading.Lock()
@@ -245,3 +247,15 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b
         return
     args = pack_args(meta=meta, K=K, R=R, S=S, ranks=ranks, x=x, y=y, scalings=scalings)
     _launch(OP_FUSED, x.dtype, meta, args, a_list, b_list, len(a_list), x.device)
+
+
+def weight_grads(p_list, q_list, scalings, ranks_list, meta: LoRABatchMeta, rank_on_p: bool, out_list) -> None:
+    """The LoRA backward's segmented weight-gradient products (dA, dB; see torch_ref.weight_grads).
+    csrc/ has no kernel for them: the Triton kernel when Triton can run on this GPU, else the torch
+    backend's sync-free gather strategy. (dx and dh reuse this backend's own shrink / expand.)"""
+    from .backends import _triton_reason
+
+    if _triton_reason("cuda") is None:
+        from . import triton_sgmv
+        return triton_sgmv.weight_grads(p_list, q_list, scalings, ranks_list, meta, rank_on_p, out_list)
+    return torch_ref.weight_grads(p_list, q_list, scalings, ranks_list, meta, rank_on_p, out_list)

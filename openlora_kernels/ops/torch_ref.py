@@ -5,7 +5,8 @@ This is the CPU path and the readable statement of what the kernels compute:
     h[i, t, :r]   = x[t] @ A_i[s, :r].T                     (s = slot of row t, r = rank of s)
     y[t, cols_i] += scalings[s] * h[i, t, :r] @ B_i[s, :, :r].T
 
-Arithmetic is done in float32 whatever the input dtype; entries of A/B beyond a slot's rank are
+Arithmetic is done in float32 whatever the input dtype (float64 for float64 inputs, which only
+this backend takes: the reference for gradcheck); entries of A/B beyond a slot's rank are
 ignored (like the kernels), rows with slot -1 are left bit-for-bit untouched.
 
 Three strategies, all vectorised over rows (never a Python loop over tokens):
@@ -42,6 +43,8 @@ from ..metadata import LoRABatchMeta
 
 # Elements of gathered weights held at once by the gather strategy.
 _GATHER_BUDGET = 1 << 22
+# expand() takes a float32 y with 16-bit weights (ops/backward.py sums multi-slice dx in float32)
+EXPAND_FP32_Y = True
 
 
 def _slice_ranks(ranks: Optional[torch.Tensor], i: int) -> Optional[torch.Tensor]:
@@ -58,13 +61,19 @@ def _rank_mask(ranks_i: Optional[torch.Tensor], slots: torch.Tensor, R: int) -> 
     return torch.arange(R, device=slots.device)[None, :] < r[:, None]
 
 
-def new_h(out: Optional[torch.Tensor], n: int, T: int, R: int, device) -> torch.Tensor:
-    """The [n, T, R] float32 intermediate, zero-filled: ``out`` (the caller's buffer, any
-    strides) when given, else a new tensor."""
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype for inputs of ``dtype``: float32, or float64 for float64 (this backend only)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def new_h(out: Optional[torch.Tensor], n: int, T: int, R: int, device,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The [n, T, R] float32 (``dtype``) intermediate, zero-filled: ``out`` (the caller's buffer,
+    any strides) when given, else a new tensor."""
     if out is None:
-        return torch.zeros((n, T, R), dtype=torch.float32, device=device)
-    if out.shape != (n, T, R) or out.dtype != torch.float32 or out.device != torch.device(device):
-        raise ValueError(f"out: expected a float32 [{n}, {T}, {R}] tensor on {device}, got "
+        return torch.zeros((n, T, R), dtype=dtype, device=device)
+    if out.shape != (n, T, R) or out.dtype != dtype or out.device != torch.device(device):
+        raise ValueError(f"out: expected a {str(dtype).replace('torch.', '')} [{n}, {T}, {R}] tensor on {device}, got "
                          f"{out.dtype} {tuple(out.shape)} on {out.device}")
     return out.zero_()
 
@@ -79,16 +88,16 @@ def _chunk_rows(T: int, R: int, width: int) -> int:
 def _shrink_gather(x, a_list, ranks, meta, out=None) -> torch.Tensor:
     n, T = len(a_list), x.shape[0]
     S, R, K = a_list[0].shape
-    h = new_h(out, n, T, R, x.device)
+    h = new_h(out, n, T, R, x.device, acc_dtype(x.dtype))
     slots_all = meta.token_slots.to(torch.int64)
     step = _chunk_rows(T, R, K)
     for t0 in range(0, T, step):
         slots = slots_all[t0:t0 + step]
         valid = (slots >= 0) & (slots < S)
         safe = torch.where(valid, slots, 0)
-        xc = x[t0:t0 + step].to(torch.float32)
+        xc = _f32(x[t0:t0 + step])
         for i, A in enumerate(a_list):
-            Ag = A.index_select(0, safe).to(torch.float32)                       # [t, R, K]
+            Ag = _f32(A.index_select(0, safe))                                   # [t, R, K]
             hc = torch.bmm(Ag, xc.unsqueeze(2)).squeeze(2)                       # [t, R]
             keep = valid[:, None]
             m = _rank_mask(_slice_ranks(ranks, i), safe, R)
@@ -109,18 +118,18 @@ def _expand_gather(y, h, b_list, scalings, ranks, meta) -> None:
         slots = slots_all[t0:t0 + step]
         valid = (slots >= 0) & (slots < S)
         safe = torch.where(valid, slots, 0)
-        scale = scalings.index_select(0, safe).to(torch.float32)[:, None]
+        scale = _f32(scalings.index_select(0, safe))[:, None]
         off = 0
         for i, B in enumerate(b_list):
-            Bg = B.index_select(0, safe).to(torch.float32)                       # [t, N_i, R]
+            Bg = _f32(B.index_select(0, safe))                                   # [t, N_i, R]
             m = _rank_mask(_slice_ranks(ranks, i), safe, R)
-            hc = h[i, t0:t0 + step].to(torch.float32)
+            hc = _f32(h[i, t0:t0 + step])
             if m is not None:
                 hc = torch.where(m, hc, 0.0)
                 Bg = torch.where(m[:, None, :], Bg, 0.0)
             delta = torch.bmm(Bg, hc.unsqueeze(2)).squeeze(2) * scale            # [t, N_i]
             ys = y[t0:t0 + step, off:off + widths[i]]
-            new = (ys.to(torch.float32) + delta).to(y.dtype)
+            new = (_f32(ys) + delta).to(y.dtype)
             ys.copy_(torch.where(valid[:, None], new, ys))
             off += widths[i]
 
@@ -191,14 +200,14 @@ def _ranks_host(ranks, n: int, S: int, R: int) -> List[List[int]]:
 def _shrink_segment(x, a_list, ranks, meta, out=None) -> torch.Tensor:
     n, T = len(a_list), x.shape[0]
     S, R, K = a_list[0].shape
-    h = new_h(out, n, T, R, x.device)
+    h = new_h(out, n, T, R, x.device, acc_dtype(x.dtype))
     rk = _ranks_host(ranks, n, S, R)
     for s, rows in _active_segments(meta):
-        xs = x.index_select(0, rows).to(torch.float32)
+        xs = _f32(x.index_select(0, rows))
         for i, A in enumerate(a_list):
             r = rk[i][s]
             if r:
-                h[i, rows, :r] = xs @ A[s, :r].to(torch.float32).T
+                h[i, rows, :r] = xs @ _f32(A[s, :r]).T
     return h
 
 
@@ -212,9 +221,9 @@ def _expand_segment(y, h, b_list, scalings, ranks, meta) -> None:
         for i, B in enumerate(b_list):
             Ni, r = B.shape[1], rk[i][s]
             if r:
-                d = (_f32(h[i].index_select(0, rows)[:, :r]) @ B[s, :, :r].to(torch.float32).T) * scal[s]
+                d = (_f32(h[i].index_select(0, rows)[:, :r]) @ _f32(B[s, :, :r]).T) * scal[s]
                 cur = y[rows, off:off + Ni]
-                y[rows, off:off + Ni] = (cur.to(torch.float32) + d).to(y.dtype)
+                y[rows, off:off + Ni] = (_f32(cur) + d).to(y.dtype)
             off += Ni
 
 
@@ -294,7 +303,8 @@ def _cpu_strategy(meta: LoRABatchMeta, R: int, K: int, N: int) -> str:
 # conversions, slicing and gathers rather than dispatching them.
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float32 else t.to(torch.float32)
+    """t in its accumulation dtype: float32 (float64 stays float64)."""
+    return t if t.dtype == torch.float32 or t.dtype == torch.float64 else t.to(torch.float32)
 
 
 def _active(W: torch.Tensor, pr: _PaddedRows) -> torch.Tensor:
@@ -336,13 +346,13 @@ def _padded_shrink_slice(xp, A, pr: _PaddedRows) -> torch.Tensor:
 def _padded_scatter(y, cols: Optional[slice], out: torch.Tensor, pr: _PaddedRows) -> None:
     """y[rows, cols] += the real rows of out ([U*L (+1), N_i] float32); other rows unchanged."""
     ys = y if cols is None else y[:, cols]
-    if ys.dtype == torch.float32:
+    if ys.dtype == torch.float32 or ys.dtype == torch.float64:
         ys.add_(out if pr.identity else out.index_select(0, pr.inverse))
     elif not pr.zero_row:   # every row has a slot: round once from fp32
-        ys.copy_((ys.to(torch.float32) + (out if pr.identity else out.index_select(0, pr.inverse))).to(ys.dtype))
+        ys.copy_((_f32(ys) + (out if pr.identity else out.index_select(0, pr.inverse))).to(ys.dtype))
     else:                   # write the rows with a slot only (a NaN's payload would not survive the round trip)
         d = out.index_select(0, pr.inverse.index_select(0, pr.rows))
-        ys.index_copy_(0, pr.rows, (ys.index_select(0, pr.rows).to(torch.float32) + d).to(ys.dtype))
+        ys.index_copy_(0, pr.rows, (_f32(ys.index_select(0, pr.rows)) + d).to(ys.dtype))
 
 
 def _padded_expand_slices(y, hp_list, b_list, scalings, ranks, pr: _PaddedRows) -> bool:
@@ -355,7 +365,7 @@ def _padded_expand_slices(y, hp_list, b_list, scalings, ranks, pr: _PaddedRows) 
         hp.mul_(_slot_coeffs(scalings, _slice_ranks(ranks, i), R, pr))
         Bt = _f32(_active(B, pr)).transpose(1, 2)
         if pr.zero_row:
-            out = torch.empty((pr.U * pr.L + 1, Bt.shape[2]), dtype=torch.float32)
+            out = torch.empty((pr.U * pr.L + 1, Bt.shape[2]), dtype=hp.dtype)
             torch.bmm(hp, Bt, out=out[:-1].view(pr.U, pr.L, -1))
             out[-1].fill_(-0.0)
         else:
@@ -376,7 +386,7 @@ def _padded_expand_slices(y, hp_list, b_list, scalings, ranks, pr: _PaddedRows) 
 def _shrink_padded(x, a_list, ranks, meta, out=None) -> torch.Tensor:
     pr = _padded_rows(meta)
     S, R, K = a_list[0].shape
-    h = new_h(out, len(a_list), x.shape[0], R, x.device)
+    h = new_h(out, len(a_list), x.shape[0], R, x.device, acc_dtype(x.dtype))
     if pr is None:           # no row has an adapter
         return h
     xp = _padded_x(x, pr)
@@ -426,7 +436,7 @@ def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torc
     """h [n, T, R] float32 (into ``out`` when given: internal, any strides)."""
     S, R, K = a_list[0].shape
     if x.shape[0] == 0 or S == 0 or R == 0 or K == 0:
-        return new_h(out, len(a_list), x.shape[0], R, x.device)
+        return new_h(out, len(a_list), x.shape[0], R, x.device, acc_dtype(x.dtype))
     how = _strategy(meta, R, K, 0)
     if how == "padded":
         return _shrink_padded(x, a_list, ranks, meta, out)
@@ -459,3 +469,110 @@ def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None
         _expand_gather(y, _shrink_gather(x, a_list, ranks, meta), b_list, scalings, ranks, meta)
     else:
         _expand_segment(y, _shrink_segment(x, a_list, ranks, meta), b_list, scalings, ranks, meta)
+
+
+# ---------------------------------------------------------------------- weight gradients
+#
+# out_i[s, p, q] += scalings[s] * sum over the rows t of slot s of P_i[t, p] * Q_i[t, q], for p, q
+# below the slot's rank on the rank dimension (p when ``rank_on_p``, else q); 0 elsewhere. The
+# LoRA backward's dA (P = dY B, Q = X) and dB (P = dY, Q = H = X Aᵀ) are such segmented products
+# (ops/backward.py). Rows without a slot contribute nothing; entries beyond a rank, and slots no
+# row uses, stay exactly 0 (torch.where, never a multiply by a 0 mask: P or Q may hold NaN there).
+
+
+def _wgrad_rank_mask(ranks_i: Optional[torch.Tensor], R: int, rank_on_p: bool) -> Optional[torch.Tensor]:
+    """[S', R, 1] (rank on p) or [S', 1, R] bool: index below each slot's rank (ranks_i [S'])."""
+    if ranks_i is None:
+        return None
+    m = torch.arange(R, device=ranks_i.device)[None, :] < ranks_i.to(torch.int64).clamp(0, R)[:, None]
+    return m[:, :, None] if rank_on_p else m[:, None, :]
+
+
+def _wgrad_finish(acc: torch.Tensor, scale: torch.Tensor, ranks_i: Optional[torch.Tensor],
+                  rank_on_p: bool) -> torch.Tensor:
+    """acc [S', P, Q] masked beyond each slot's rank (exact zeros) and scaled per slot."""
+    m = _wgrad_rank_mask(ranks_i, acc.shape[1] if rank_on_p else acc.shape[2], rank_on_p)
+    if m is not None:
+        acc = torch.where(m, acc, 0.0)
+    return acc * scale.view(-1, 1, 1)
+
+
+def _wgrad_gather(p_list, q_list, scalings, ranks_list, meta, rank_on_p, out_list) -> None:
+    """Sync-free (the GPU choice): each row's outer product added into its slot (chunks of rows)."""
+    T, S = meta.num_tokens, meta.num_slots
+    slots_all = meta.token_slots.to(torch.int64)
+    for P, Q, rk, out in zip(p_list, q_list, ranks_list, out_list):
+        acc = torch.zeros(out.shape, dtype=out.dtype, device=out.device)
+        step = max(1, _GATHER_BUDGET // max(1, P.shape[1] * Q.shape[1]))
+        for t0 in range(0, T, step):
+            slots = slots_all[t0:t0 + step]
+            valid = (slots >= 0) & (slots < S)
+            prod = _f32(P[t0:t0 + step])[:, :, None] * _f32(Q[t0:t0 + step])[:, None, :]
+            acc.index_add_(0, torch.where(valid, slots, 0), torch.where(valid[:, None, None], prod, 0.0))
+        out.add_(_wgrad_finish(acc, _f32(scalings), rk, rank_on_p))
+
+
+def _wgrad_segment(p_list, q_list, scalings, ranks_list, meta, rank_on_p, out_list) -> None:
+    """One GEMM per (active slot, slice), sliced to the rank (CPU: the slots come from the host)."""
+    S = meta.num_slots
+    scal = scalings.tolist()
+    for P, Q, rk, out in zip(p_list, q_list, ranks_list, out_list):
+        R = P.shape[1] if rank_on_p else Q.shape[1]
+        r_host = [R] * S if rk is None else rk.to(torch.int64).clamp(0, R).tolist()
+        for s, rows in _active_segments(meta):
+            r = r_host[s]
+            if r == 0:
+                continue
+            Ps, Qs = _f32(P.index_select(0, rows)), _f32(Q.index_select(0, rows))
+            if rank_on_p:
+                out[s, :r].add_(Ps[:, :r].T @ Qs, alpha=scal[s])
+            else:
+                out[s, :, :r].add_(Ps.T @ Qs[:, :r], alpha=scal[s])
+
+
+def _wgrad_padded(p_list, q_list, scalings, ranks_list, meta, rank_on_p, out_list) -> None:
+    """The rows in the padded [U, L] layout (padding rows zeroed), one batched GEMM per slice."""
+    pr = _padded_rows(meta)
+    if pr is None:
+        return
+    real = None
+    if pr.keep is not None:
+        real = torch.zeros(pr.U * pr.L, dtype=torch.bool).index_fill_(0, pr.keep, True)[:, None]
+    scale = _active(_f32(scalings), pr)
+    for P, Q, rk, out in zip(p_list, q_list, ranks_list, out_list):
+        Pp = _f32(P.index_select(0, pr.index))
+        if real is not None:
+            Pp = torch.where(real, Pp, 0.0)          # a padding row repeats a real one: drop it
+        Qp = _f32(Q.index_select(0, pr.index))
+        acc = torch.bmm(Pp.view(pr.U, pr.L, -1).transpose(1, 2), Qp.view(pr.U, pr.L, -1))      # [U, P, Q]
+        acc = _wgrad_finish(acc, scale, None if rk is None else _active(rk, pr), rank_on_p)
+        if pr.slots is None:
+            out.add_(acc)
+        elif isinstance(pr.slots, slice):
+            out[pr.slots].add_(acc)
+        else:
+            out.index_add_(0, pr.slots, acc)
+
+
+def weight_grads(p_list: Sequence[torch.Tensor], q_list: Sequence[torch.Tensor], scalings: torch.Tensor,
+                 ranks_list: Sequence[Optional[torch.Tensor]], meta: LoRABatchMeta, rank_on_p: bool,
+                 out_list: Sequence[torch.Tensor]) -> None:
+    """``out_i[s] += scalings[s] * P_i[rows of s].T @ Q_i[rows of s]`` below the rank (see above).
+
+    p_list[i] [T, P_i], q_list[i] [T, Q_i] (any float dtype, any strides); ranks_list[i] [S] or
+    None; out_list[i] [S, P_i, Q_i] float32 (float64 for float64 inputs; any strides; the caller
+    zero-fills it)."""
+    todo = [k for k, (P, Q) in enumerate(zip(p_list, q_list)) if P.shape[1] and Q.shape[1]]
+    if meta.num_tokens == 0 or meta.num_slots == 0 or not todo:
+        return
+    args = ([p_list[k] for k in todo], [q_list[k] for k in todo], scalings, [ranks_list[k] for k in todo],
+            meta, rank_on_p, [out_list[k] for k in todo])
+    P0, Q0 = args[0][0], args[1][0]
+    R = P0.shape[1] if rank_on_p else Q0.shape[1]
+    how = _strategy(meta, R, (Q0 if rank_on_p else P0).shape[1], 0)
+    if how == "gather":
+        _wgrad_gather(*args)
+    elif how == "padded":
+        _wgrad_padded(*args)
+    else:
+        _wgrad_segment(*args)

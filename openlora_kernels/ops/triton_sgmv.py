@@ -35,6 +35,19 @@ it covers at most BLOCK_M positions; row ids outside [0, T) are masked out of ev
 store (x, h, y); ranks are clamped to [0, R]; every load and store is masked; row and slot
 offsets are computed in int64.
 
+* wgrad   grid (S * SPLIT_T, cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q)): the backward's weight
+          gradients, out[s] = scale_s * sum over the rows t of slot s of P[t]ᵀ Q[t] (dA: P = dY B,
+          Q = x; dB: P = dY, Q = H), below the slot's rank on the rank dimension. A program owns
+          one [BLOCK_P, BLOCK_Q] block of one slot's gradient and walks its share of that slot's
+          segment (seg_info + sorted_tokens) BLOCK_T rows at a time: tl.dot of a [BLOCK_P, BLOCK_T]
+          by a [BLOCK_T, BLOCK_Q] tile into fp32 registers. The slot's rows are the reduction axis:
+          SPLIT_T > 1 splits a long segment over programs that add into the (zero-filled, fp32)
+          output with fp32 atomics, so a prefill batch of one adapter still fills the GPU; with
+          SPLIT_T = 1 the result is stored (deterministic). Blocks past the rank, empty segments and
+          unused slots exit at once (their gradient stays 0). The fp32 operand (dY B or H) is
+          rounded to the 16-bit input dtype for the tensor cores, as the forward's tensor-core paths
+          round h; float32 inputs use input_precision="ieee".
+
 Interpreter (TRITON_INTERPRET=1): its bf16 tl.dot is wrong, so bf16 dots are upcast to fp32 there.
 """
 from __future__ import annotations
@@ -50,6 +63,9 @@ from .backends import triton_interpreter_enabled
 from .configs import device_facts, kernel_config, next_pow2
 from .launch_args import rank_strides, same_strides, slice_columns, slice_groups
 from .torch_ref import new_h
+
+# expand() takes a float32 y with 16-bit weights (ops/backward.py sums multi-slice dx in float32)
+EXPAND_FP32_Y = True
 
 MAX_SLICES_PER_LAUNCH = 4
 # Per-slice ints are selected by program id (_pick); Triton turns an int argument equal to 1
@@ -336,6 +352,82 @@ def _sgmv_fused_kernel(
         tl.store(y_ptrs, (yv.to(tl.float32) + out).to(yv.dtype), mask=mask)
 
 
+@triton.jit(do_not_specialize=["T"])
+def _sgmv_wgrad_kernel(
+    p_ptr,                              # [T, P] (any float dtype, strides)
+    q_ptr,                              # [T, Q]
+    o_ptr,                              # [S, P, Q] fp32, zero-filled by the launcher's caller
+    scal_ptr,                           # [S] fp32
+    ranks_ptr,                          # [S] int32/int64 via stride_rs
+    sorted_ptr,                         # [T] int32: rows sorted by slot
+    seg_ptr,                            # [2, S] int32: (start, length) per slot
+    T, S, P, Q, R,
+    stride_pt, stride_pp, stride_qt, stride_qq,
+    stride_os, stride_op, stride_oq,
+    stride_rs,
+    BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, SPLIT_T: tl.constexpr,
+    RANK_ON_P: tl.constexpr, HAS_RANKS: tl.constexpr, DOT_DTYPE: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    pid_q = tl.program_id(2)
+    slot = pid_s // SPLIT_T
+    part = pid_s % SPLIT_T
+    # this slot's segment of sorted_tokens, clipped to [0, T) (int64: no overflow of start + length)
+    start = tl.load(seg_ptr + slot).to(tl.int64)
+    length = tl.load(seg_ptr + S + slot).to(tl.int64)
+    start = tl.minimum(tl.maximum(start, 0), T)
+    end = tl.minimum(tl.maximum(start + length, start), T)
+    rank = _rank(ranks_ptr, 0, slot, 0, stride_rs, R, HAS_RANKS)
+    if RANK_ON_P:
+        p_lim = rank
+        q_lim = Q
+    else:
+        p_lim = P
+        q_lim = rank
+    p0 = pid_p * BLOCK_P
+    q0 = pid_q * BLOCK_Q
+    if (start >= end) | (p0 >= p_lim) | (q0 >= q_lim):
+        return
+    span = tl.cdiv(tl.cdiv(end - start, SPLIT_T), BLOCK_T) * BLOCK_T
+    lo = start + part * span
+    hi = tl.minimum(end, lo + span)
+    if lo >= hi:
+        return
+
+    offs_p = p0 + tl.arange(0, BLOCK_P)
+    p_mask = offs_p < p_lim
+    offs_q = q0 + tl.arange(0, BLOCK_Q)
+    q_mask = offs_q < q_lim
+    p_cols = offs_p.to(tl.int64) * stride_pp
+    q_cols = offs_q.to(tl.int64) * stride_qq
+    offs_t0 = tl.arange(0, BLOCK_T)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for t0 in range(lo, hi, BLOCK_T):
+        offs_t = t0 + offs_t0
+        t_mask = offs_t < hi
+        rows = tl.load(sorted_ptr + offs_t, mask=t_mask, other=0)
+        t_mask = t_mask & (rows >= 0) & (rows < T)
+        rows = tl.where(t_mask, rows, 0).to(tl.int64)
+        pt = tl.load(p_ptr + rows[:, None] * stride_pt + p_cols[None, :],
+                     mask=t_mask[:, None] & p_mask[None, :], other=0.0)                  # [BT, BP]
+        qt = tl.load(q_ptr + rows[:, None] * stride_qt + q_cols[None, :],
+                     mask=t_mask[:, None] & q_mask[None, :], other=0.0)                  # [BT, BQ]
+        if FP32_DOT:
+            acc = tl.dot(tl.trans(pt.to(tl.float32)), qt.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(pt.to(DOT_DTYPE)), qt.to(DOT_DTYPE), acc)
+
+    acc = acc * tl.load(scal_ptr + slot)
+    o_ptrs = (o_ptr + slot.to(tl.int64) * stride_os + offs_p.to(tl.int64)[:, None] * stride_op
+              + offs_q.to(tl.int64)[None, :] * stride_oq)
+    mask = p_mask[:, None] & q_mask[None, :]
+    if SPLIT_T == 1:
+        tl.store(o_ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(o_ptrs, acc, mask=mask)
+
+
 # ---------------------------------------------------------------------------------- launchers
 
 
@@ -408,7 +500,7 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
             y.stride(0), y.stride(1),
             srn, srs, base,
             BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
-            HAS_RANKS=has_r, USE_DOT=meta.block_m >= TENSOR_CORE_MIN_M, FP32_DOT=_fp32_dot(y.dtype),
+            HAS_RANKS=has_r, USE_DOT=meta.block_m >= TENSOR_CORE_MIN_M, FP32_DOT=_fp32_dot(B0.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
@@ -469,3 +561,45 @@ def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None
         fused(y, x, a_list, b_list, scalings, ranks, meta)
     else:
         expand(y, shrink(x, a_list, ranks, meta), b_list, scalings, ranks, meta)
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def weight_grads(p_list, q_list, scalings: torch.Tensor, ranks_list, meta: LoRABatchMeta, rank_on_p: bool,
+                 out_list) -> None:
+    """The LoRA backward's segmented weight-gradient products (see torch_ref.weight_grads for the
+    contract): one launch per slice. out_list[i] must be float32 and zero-filled."""
+    T, S = meta.num_tokens, meta.num_slots
+    for P, Q, ranks, out in zip(p_list, q_list, ranks_list, out_list):
+        Pw, Qw = P.shape[1], Q.shape[1]
+        if T == 0 or S == 0 or Pw == 0 or Qw == 0:
+            continue
+        if out.dtype != torch.float32:
+            raise TypeError(f"out: expected float32 (fp32 atomics), got {out.dtype}")
+        R = Pw if rank_on_p else Qw
+        cfg = kernel_config("wgrad", block_m=meta.block_m, K=Qw if rank_on_p else Pw, N=T, R=R, n_slices=S,
+                            dtype=P.dtype if P.dtype != torch.float32 else Q.dtype, device=P.device)
+        bp, bq = (cfg["BLOCK_R"], cfg["BLOCK_F"]) if rank_on_p else (cfg["BLOCK_F"], cfg["BLOCK_R"])
+        grid_pq = triton.cdiv(Pw, bp) * triton.cdiv(Qw, bq)
+        split = cfg["SPLIT_T"]
+        if split <= 0:       # enough programs for ~2 per SM, each with >= 4 row blocks of the expected segment
+            _, sms = device_facts(P.device)
+            rows = T / max(1, min(S, T))
+            split = max(1, min(triton.cdiv(2 * sms, max(1, min(S, T)) * grid_pq),
+                               int(rows // (4 * cfg["BLOCK_T"])) or 1, 64))
+        sixteen = [t.dtype for t in (P, Q) if t.dtype != torch.float32]
+        dot_dtype = sixteen[0] if sixteen and all(d == sixteen[0] for d in sixteen) else torch.float32
+        fp32_dot = _fp32_dot(dot_dtype)
+        rk = meta.token_slots if ranks is None else ranks
+        srs = 0 if ranks is None else ranks.stride(-1)
+        _sgmv_wgrad_kernel[(S * split, triton.cdiv(Pw, bp), triton.cdiv(Qw, bq))](
+            P, Q, out, scalings, rk, meta.sorted_tokens, meta.seg_info,
+            T, S, Pw, Qw, R,
+            P.stride(0), P.stride(1), Q.stride(0), Q.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            srs,
+            BLOCK_T=cfg["BLOCK_T"], BLOCK_P=bp, BLOCK_Q=bq, SPLIT_T=split,
+            RANK_ON_P=rank_on_p, HAS_RANKS=ranks is not None, DOT_DTYPE=_TL_DTYPES[dot_dtype], FP32_DOT=fp32_dot,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
