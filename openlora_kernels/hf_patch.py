@@ -275,8 +275,7 @@ def _lora_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallSt
             train = state.train.get(name) if state.train else None
             if train is not None or y.requires_grad or x2.requires_grad:
                 owners, params = train or ((), ())
-                SlotDelta.apply(y.view(-1, y.shape[-1]), x2, op, meta, state, owners, *params)
-                return y
+                return SlotDelta.apply(y, x2, op, meta, state, owners, *params)
         op(y.view(-1, y.shape[-1]), x2, meta)
         return y
 

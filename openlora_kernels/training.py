@@ -157,19 +157,22 @@ class SlotDelta(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y, x, op, meta, state, owners, *params):
+        # y: the module's output [..., N] (itself, not a view: no CopySlices node); x: [T, K];
         # owners[i] = (slot, rank, is_a, dtype) of params[i]
-        op(y, x, meta)
+        op(y.view(-1, y.shape[-1]), x, meta)
         ctx.mark_dirty(y)
         ctx.save_for_backward(x)
         ctx.op, ctx.meta, ctx.state, ctx.owners = op, meta, state, owners
         return y
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy_in):
         from .ops.api import lora_backward
 
+        dy = dy_in
         (x,) = ctx.saved_tensors
         op, owners = ctx.op, ctx.owners
+        dy = dy.reshape(-1, dy.shape[-1])
         need_x = ctx.needs_input_grad[1]
         need_ab = any(ctx.needs_input_grad[6:])
         dx, da, db = lora_backward(dy, x, op.lora_a, op.lora_b, ctx.meta, op.scalings, op.ranks,
@@ -179,5 +182,6 @@ class SlotDelta(torch.autograd.Function):
             if not need:
                 grads.append(None)
             else:
-                grads.append((da[0][slot, :r] if is_a else db[0][slot, :, :r]).to(dtype))
-        return (dy, dx if need_x else None, None, None, None, None, *grads)
+                g = da[0][slot, :r] if is_a else db[0][slot, :, :r]
+                grads.append(g if g.dtype == dtype else g.to(dtype))
+        return (dy_in, dx if need_x else None, None, None, None, None, *grads)

@@ -36,6 +36,8 @@ import torch
 
 from ..metadata import LoRABatchMeta
 from . import custom_ops
+from . import torch_ref
+from ..metadata import TENSOR_CORE_MIN_M
 from .torch_ref import acc_dtype
 
 
@@ -180,6 +182,12 @@ def add_lora_backward(dy, x, a_list, b_list, scalings, ranks, meta: LoRABatchMet
     if _degenerate(T, S, R, K, N) or not (need_x or wa or wb or need_scal):
         return dx, dA, dB, dscal
     dy = _dense(dy)
+    # CPU batches the torch strategies serve with the padded layout (backend torch, and the cpu
+    # backend's prefill-like batches): the whole backward in one pass of batched GEMMs.
+    if (not need_scal and backend in ("torch", "cpu") and (backend == "torch" or meta.block_m >= TENSOR_CORE_MIN_M)
+            and x.dtype != torch.float64 and torch_ref.padded_backward_applies(meta, R, K, N)):
+        dx = torch_ref.add_lora_backward_padded(dy, x, a_list, b_list, scalings, ranks, meta, need_x, wa, wb, dA, dB)
+        return dx, dA, dB, dscal
     g = None
     if need_x or need_scal or wa:
         g = grad_h(dy, b_list, ranks, meta, backend, None if (need_x or need_scal) else wa)

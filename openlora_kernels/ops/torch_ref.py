@@ -554,6 +554,75 @@ def _wgrad_padded(p_list, q_list, scalings, ranks_list, meta, rank_on_p, out_lis
             out.index_add_(0, pr.slots, acc)
 
 
+def _add_to_active(out: torch.Tensor, acc: torch.Tensor, pr: _PaddedRows) -> None:
+    """out[active slots] += acc ([U, ...])."""
+    if pr.slots is None:
+        out.add_(acc)
+    elif isinstance(pr.slots, slice):
+        out[pr.slots].add_(acc)
+    else:
+        out.index_add_(0, pr.slots, acc)
+
+
+def add_lora_backward_padded(dy, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, need_x: bool,
+                             wa: Sequence[int], wb: Sequence[int], dA, dB) -> Optional[torch.Tensor]:
+    """add_lora's backward in one pass of batched GEMMs over the padded [U, L] layout (CPU, where
+    a small op costs as much as a small GEMM): per active slot and slice, with A and B masked to
+    the slot's rank (exact zeros beyond it; whatever the padding holds is never multiplied),
+
+        G = scale * dY B    dx = G A    dA += Gᵀ X    H = X Aᵀ    dB += scale * dYᵀ H
+
+    dY's padding rows (repeats of a segment's last row) are zeroed so they add nothing. Fills
+    dA[i] (i in wa) and dB[i] (i in wb), float32 in their given layouts; returns dx [T, K] in x's
+    dtype (or None when not needed)."""
+    pr = _padded_rows(meta)
+    T, K = x.shape
+    if pr is None:
+        return x.new_zeros((T, K)) if need_x else None
+    U, L = pr.U, pr.L
+    S, R, _ = a_list[0].shape
+    xp = _padded_x(x, pr)                                                  # [U, L, K]
+    dyp = _f32(dy if pr.identity else dy.index_select(0, pr.index)).view(U, L, -1)
+    if pr.keep is not None:
+        real = torch.zeros(U * L, dtype=torch.bool).index_fill_(0, pr.keep, True).view(U, L, 1)
+        dyp = torch.where(real, dyp, 0.0)
+    scale = _active(_f32(scalings), pr).view(U, 1, 1)
+    dxp, col = None, 0
+    for i, (A, B) in enumerate(zip(a_list, b_list)):
+        n_i = B.shape[1]
+        Au, Bu = _f32(_active(A, pr)), _f32(_active(B, pr))               # [U, R, K], [U, N_i, R]
+        rk = _slice_ranks(ranks, i)
+        if rk is not None:
+            m = _arange(R) < _active(rk, pr).to(torch.int64).clamp(0, R).view(-1, 1)
+            Au, Bu = torch.where(m[:, :, None], Au, 0.0), torch.where(m[:, None, :], Bu, 0.0)
+        d = dyp[:, :, col:col + n_i]
+        col += n_i
+        if need_x or i in wa:
+            g = torch.bmm(d, Bu).mul_(scale)                                   # [U, L, R]
+            if need_x:
+                dxp = torch.bmm(g, Au) if dxp is None else dxp.baddbmm_(g, Au)
+            if i in wa:
+                _add_to_active(dA[i], torch.bmm(g.transpose(1, 2), xp), pr)
+        if i in wb:
+            h = torch.bmm(xp, Au.transpose(1, 2))                              # [U, L, R]
+            _add_to_active(dB[i], torch.bmm(d.transpose(1, 2), h).mul_(scale), pr)
+    if not need_x:
+        return None
+    if dxp is None:
+        return x.new_zeros((T, K))
+    flat = dxp.view(U * L, K)
+    if pr.identity:                                   # rows already grouped, no padding: no scatter
+        return flat.to(x.dtype)
+    dx = torch.zeros((T, K), dtype=xp.dtype)
+    dx.index_copy_(0, pr.rows, flat if pr.keep is None else flat.index_select(0, pr.keep))
+    return dx.to(x.dtype)
+
+
+def padded_backward_applies(meta: LoRABatchMeta, R: int, K: int, N: int) -> bool:
+    """Whether :func:`add_lora_backward_padded` is the CPU strategy for this batch."""
+    return meta.device.type == "cpu" and meta.num_tokens > 0 and _cpu_strategy(meta, R, K, N) == "padded"
+
+
 def weight_grads(p_list: Sequence[torch.Tensor], q_list: Sequence[torch.Tensor], scalings: torch.Tensor,
                  ranks_list: Sequence[Optional[torch.Tensor]], meta: LoRABatchMeta, rank_on_p: bool,
                  out_list: Sequence[torch.Tensor]) -> None:
