@@ -10,8 +10,9 @@ synthetic task. One step:
   ours   one mixed batch of all rows through ``patch_model``'s model, one backward (each adapter's
          Parameters get the gradient of their own rows), one AdamW step over all adapters;
   peft   one PeftModel holding every adapter: for each adapter ``set_adapter``, forward and
-         backward its own rows; then one AdamW step over all adapters (the same optimizer:
-         PyTorch's multi-tensor AdamW, ``foreach=True``; ``--single-tensor`` for the loop version).
+         backward its own rows; then one AdamW step over all adapters (the same optimizer for both:
+         PyTorch's fused AdamW by default; ``--adamw foreach`` / ``single`` for the multi-tensor
+         and per-tensor versions).
 
 Both start from the same adapters and the same data; the script first checks that one step gives
 both the same gradients (fp32, relative 1e-5), so it times the same computation. Contenders
@@ -47,8 +48,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=40)
-    ap.add_argument("--single-tensor", action="store_true",
-                    help="AdamW(foreach=False) for both (default: PyTorch's multi-tensor AdamW, foreach=True)")
+    ap.add_argument("--adamw", choices=("fused", "foreach", "single"), default="fused",
+                    help="the AdamW implementation both use: PyTorch's fused kernel (default), its "
+                         "multi-tensor one (foreach=True) or its per-tensor loop (foreach=False)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--no-write", action="store_true")
@@ -72,7 +74,8 @@ def main(argv=None) -> int:
     ours_params = {n: lm.adapter_parameters(n) for n in names}
     peft_params = {n: {k[len("base_model.model."):].replace(f".{n}.weight", ""): p
                        for k, p in pm.named_parameters() if f".{n}." in k and "lora_" in k} for n in names}
-    opt_kw = dict(lr=1e-2, foreach=not args.single_tensor)
+    opt_kw = dict(lr=1e-2, **{"fused": dict(fused=True), "foreach": dict(foreach=True),
+                              "single": dict(foreach=False)}[args.adamw])
     ours_opt = torch.optim.AdamW([p for n in names for p in ours_params[n].values()], **opt_kw)
     peft_opt = torch.optim.AdamW([p for n in names for p in peft_params[n].values()], **opt_kw)
 
@@ -113,7 +116,7 @@ def main(argv=None) -> int:
     q = {who: common.quantiles(t) for who, t in times.items()}
     speedup = q["peft"]["median"] / q["ours"]["median"]
     shape = (f"adapters={args.adapters},rows={args.rows},seq={args.seq},hidden={args.hidden},layers={args.layers},r=8,"
-             f"adamw={'single' if args.single_tensor else 'foreach'},threads={args.threads}")
+             f"adamw={args.adamw},threads={args.threads}")
     env = common.env_info(torch.device("cpu"))
     for who in ("ours", "peft"):
         print(f"{who:>5}: {q[who]['median']:8.2f} ms per step (p20 {q[who]['p20']:.2f}, p80 {q[who]['p80']:.2f})")
