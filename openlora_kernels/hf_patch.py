@@ -54,7 +54,7 @@ from .adapters import AdapterWeights, Expectation, load_adapter_weights, resolve
 from .metadata import LoRABatchMeta, build_batch_meta
 from .ops import cpu_ext
 from .ops.backends import BACKEND_CHOICES, resolve_backend
-from .pool import AdapterPool, HostLoRA, HostSlotArena, LayerSlots, Lease, MemoryReport
+from .pool import AdapterPool, HostLoRA, HostSlotArena, LayerSlots, Lease, MemoryReport, Prefetch
 from .training import SlotDelta, TrainableAdapter, fresh_adapter, save_adapter, slot_parameters
 
 BASE = "__base__"
@@ -411,6 +411,37 @@ class MultiLoRAModel:
                 self.pool.unregister(name)
                 raise
 
+    def prefetch(self, names: Union[str, Sequence[str], Dict[str, Any]]) -> Prefetch:
+        """Bring adapters in ahead of use, in the background; returns at once.
+
+        ``names``: a loaded adapter's name or a list of them (weights the host budget dropped are
+        read again from their source; then each is copied into a device slot), or a dict
+        ``{name: source}`` of new adapters (read and checked as :meth:`load_adapter` would, then
+        copied into a slot). Meanwhile forwards go on; one that needs an adapter still in flight
+        waits for that adapter alone. A failed prefetch changes nothing: its error is raised at the
+        next use of the name (a forward, pin, acquire), once. Returns a handle with ``done()`` and
+        ``wait(timeout=None)``. Bad arguments (an unknown name, a new name already loaded, a
+        source of the wrong type) raise now.
+        """
+        self._check_open()
+        if isinstance(names, str):
+            names = [names]
+        if isinstance(names, dict):
+            items = {}
+            for n, source in names.items():
+                _check_name(n, "names")
+                items[n] = resolve_source(source) if source is not None else None
+        else:
+            try:
+                names = list(names)
+            except TypeError:
+                raise TypeError(f"names: expected a name, a list of names or a dict {{name: source}}, got "
+                                f"{type(names).__name__}") from None
+            for n in names:
+                _check_name(n, "names")
+            items = dict.fromkeys(names)
+        return self.pool.prefetch(items)
+
     def unload_adapter(self, name: str) -> None:
         """Forget ``name``: its host memory is dropped and the name can be loaded again at once;
         its slot is freed now, or when the last batch being served with it ends (those finish with
@@ -760,6 +791,7 @@ class MultiLoRAModel:
     def unpatch(self) -> nn.Module:
         """Remove the hooks and the slot buffers; returns the original model, unchanged. This
         object is closed afterwards: its methods raise RuntimeError (patch the model again)."""
+        self.pool.close()
         for h in self._hooks:
             h.remove()
         self._hooks = []

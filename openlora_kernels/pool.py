@@ -33,6 +33,12 @@ Design
   lock at all (a per-adapter lock keeps two threads from reading the same adapter twice), so a
   slow source never stalls serving the others. Unloading a held adapter retires it: the name is
   gone at once (it can be loaded again), its slot is freed when the last lease holding it ends.
+* Prefetch (:meth:`AdapterPool.prefetch`): worker threads read adapters (new ones, or registered
+  ones whose host copy was dropped) and copy them into slots while other threads serve. A new
+  name is PENDING from the call until its read ends: it counts as known, a batch that names it
+  waits for that read alone, and loading the same name again is refused. A failed prefetch
+  changes nothing; its error is raised once, at the next use of the name (a batch, pin). A
+  prefetch that finds no slot it may take (all held) leaves the adapter in host memory.
 * GPU ordering: slot copies are non_blocking from pinned memory on a side stream, which first
   waits for the loading thread's compute stream and for the events recorded when the last leases
   that read the target slot ended (another thread's queued kernels may still read it). After the
@@ -49,6 +55,7 @@ function that checks an adapter against the model and returns per-layer host wei
 """
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import math
 import mmap
@@ -277,8 +284,35 @@ class Lease:
         self.release()
 
 
+class NoFreeSlotError(RuntimeError):
+    """Every device slot holds an adapter that is pinned, acquired or in a batch being served."""
+
+
+class Prefetch:
+    """What :meth:`AdapterPool.prefetch` started: ``done()``, ``wait(timeout)``. It never raises
+    the jobs' errors: a failed prefetch is reported at the next use of its name."""
+
+    __slots__ = ("names", "_futures")
+
+    def __init__(self, names: Tuple[str, ...], futures: List["concurrent.futures.Future"]):
+        self.names, self._futures = names, futures
+
+    def done(self) -> bool:
+        return all(f.done() for f in self._futures)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until every job ended (or ``timeout`` seconds passed); True if all ended."""
+        _, pending = concurrent.futures.wait(self._futures, timeout=timeout)
+        return not pending
+
+    def __repr__(self) -> str:
+        return f"Prefetch({list(self.names)}, {'done' if self.done() else 'in flight'})"
+
+
 class AdapterPool:
     """Registered adapters, host cache with a byte budget, LRU device slots, leases (module doc)."""
+
+    PREFETCH_WORKERS = 2       # threads reading and copying prefetched adapters (I/O bound)
 
     def __init__(self, layers: Dict[str, LayerSlots], max_adapters: int, max_rank: int, bind: Binder,
                  host_budget_bytes: Optional[int] = None, read: Optional[Callable[[AdapterSource], AdapterWeights]] = None):
@@ -300,6 +334,10 @@ class AdapterPool:
         # event after the slot's last copy, per device.
         self._readers: List[Dict[Any, "torch.cuda.Event"]] = [{} for _ in range(S)]
         self._ready: List[Dict[torch.device, "torch.cuda.Event"]] = [{} for _ in range(S)]
+        # prefetch: new names being read (set when the read ends), errors not yet reported
+        self._pending: Dict[str, threading.Event] = {}
+        self._failed: Dict[str, BaseException] = {}
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
     # ----------------------------------------------------------------------------- registry
 
@@ -309,7 +347,9 @@ class AdapterPool:
             return tuple(self._entries)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        """Registered, being prefetched, or with a failed prefetch not yet reported (its next
+        use raises that error)."""
+        return name in self._entries or name in self._pending or name in self._failed
 
     def register(self, name: str, source: AdapterSource) -> None:
         """Read, check and keep ``name`` in host memory. On any error nothing changes. The source
@@ -319,16 +359,27 @@ class AdapterPool:
         host, config = self._read(source)
         with self._lock:
             self._check_free(name)
-            entry = _Entry(name, source, host, config)
-            entry.last_used = next(self._clock)
-            self._entries[name] = entry
-            self._trim_host(protect={name})
+            self._add_entry(name, source, host, config)
+
+    def _add_entry(self, name: str, source: AdapterSource, host: Bound, config: Dict[str, Any]) -> _Entry:
+        """(state lock held)"""
+        entry = _Entry(name, source, host, config)
+        entry.last_used = next(self._clock)
+        self._entries[name] = entry
+        self._failed.pop(name, None)
+        self._trim_host(protect={name})
+        return entry
 
     def unregister(self, name: str) -> None:
         """Forget ``name``. Its slot is freed now, or, while batches being served hold it, when the
         last of them ends (they finish with it); the name can be loaded again at once."""
         with self._write_lock:
             with self._lock:
+                if name not in self._entries and self._failed.pop(name, None) is not None:
+                    return                   # a failed prefetch: forgotten, nothing else to undo
+                if name in self._pending:
+                    raise ValueError(f"name: adapter {name!r} is being prefetched; wait for the prefetch "
+                                     "(Prefetch.wait()) before unloading it")
                 entry = self._entry(name)
                 if entry.acquired:
                     raise RuntimeError(f"adapter {name!r} is held by the serving stack (acquire, {entry.acquired} "
@@ -342,6 +393,7 @@ class AdapterPool:
 
     def pin(self, name: str) -> int:
         """Load ``name`` into a slot now and keep it there until unpin(); returns the slot."""
+        self._await_prefetch([name])
         with self._lock:
             entry = self._entry(name)
             was_pinned = entry.pinned
@@ -376,6 +428,8 @@ class AdapterPool:
             raise ValueError(f"adapter_names: {len(unique)} distinct adapters in one batch, but the pool has "
                              f"max_adapters={self.max_adapters} slots; split the batch or patch with a larger "
                              "max_adapters")
+        if self._pending or self._failed:
+            self._await_prefetch(unique)
         with self._lock:
             entries = [self._entry(n) for n in unique]
             now = next(self._clock)
@@ -419,6 +473,114 @@ class AdapterPool:
             for e in entries:
                 e.acquired = max(0, e.acquired - 1)
 
+    # ------------------------------------------------------------------------------- prefetch
+
+    def prefetch(self, items: Dict[str, Optional[AdapterSource]]) -> Prefetch:
+        """Bring adapters in the background; returns at once (module doc, "Prefetch").
+
+        ``items``: {name: source} registers a new adapter as :meth:`register` would (its source
+        read, checked, kept in host memory); {name: None} is a registered one, whose host copy is
+        read again from its source if it was dropped. Either is then copied into a device slot
+        (least recently used one that nothing holds). Errors in the arguments raise now; errors of
+        the jobs are raised at the next use of the name.
+        """
+        jobs = []
+        with self._lock:
+            for name, source in items.items():
+                if source is None:
+                    if name not in self._entries and name not in self._pending:
+                        self._entry(name)                     # KeyError naming the loaded ones
+                else:
+                    self._check_free(name)
+            for name, source in items.items():
+                if source is not None:
+                    self._pending[name] = threading.Event()
+                    self._failed.pop(name, None)
+                jobs.append((name, source))
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    self.PREFETCH_WORKERS, thread_name_prefix="openlora-prefetch")
+            executor = self._executor
+        futures = []
+        for name, source in jobs:
+            try:
+                futures.append(executor.submit(self._prefetch_job, name, source))
+            except BaseException as exc:                       # interpreter shutting down
+                with self._lock:
+                    ev = self._pending.pop(name, None)
+                if ev is not None:
+                    ev.set()
+                raise RuntimeError(f"prefetch: could not start the job for {name!r}: {exc}") from exc
+        return Prefetch(tuple(items), futures)
+
+    def _prefetch_job(self, name: str, source: Optional[AdapterSource]) -> None:
+        entry = None
+        try:
+            if source is not None:
+                host, config = self._read(source)              # no lock held
+                with self._lock:
+                    entry = self._add_entry(name, source, host, config)
+            else:
+                if name in self._pending:                      # a prefetch of the same new name
+                    self._await_prefetch([name], report=False)
+                with self._lock:
+                    entry = self._entries.get(name)
+                if entry is None:
+                    return                                     # unloaded meanwhile
+                self._host(entry)
+        except BaseException as exc:
+            with self._lock:
+                if source is not None or name in self._entries:
+                    self._failed[name] = exc
+            return
+        finally:
+            if source is not None:
+                with self._lock:
+                    ev = self._pending.pop(name, None)
+                if ev is not None:
+                    ev.set()
+        # Into a slot, holding the adapter meanwhile (as a batch would) so that nothing evicts it
+        # half-way; a pool whose slots are all held leaves it in host memory (not an error).
+        with self._lock:
+            if entry.retired or entry.slot is not None:
+                return
+            entry.leases += 1
+            entry.last_used = next(self._clock)
+        try:
+            self._make_resident([entry])
+        except (NoFreeSlotError, KeyError):
+            pass                    # no slot free of holders / unloaded meanwhile: next use loads it
+        except BaseException as exc:
+            with self._lock:
+                if not entry.retired:
+                    self._failed[name] = exc
+        finally:
+            self._end_lease([entry])
+
+    def _await_prefetch(self, names: Sequence[str], report: bool = True) -> None:
+        """Wait for the pending reads among ``names``; then raise the first unreported prefetch
+        error among them (once: the name is forgotten, or stays as it was before the prefetch)."""
+        for n in names:
+            ev = self._pending.get(n)
+            if ev is not None:
+                ev.wait()
+        if not report:
+            return
+        with self._lock:
+            for n in names:
+                exc = self._failed.pop(n, None)
+                if exc is not None:
+                    raise RuntimeError(f"adapter {n!r}: its prefetch failed ({type(exc).__name__}: {exc}); "
+                                       + ("load it again" if n not in self._entries else
+                                          "the adapter is unchanged")) from exc
+
+    def close(self) -> None:
+        """Stop taking prefetches; jobs already running finish."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
+
     def slot_of(self, name: str) -> Optional[int]:
         with self._lock:
             return self._entry(name).slot
@@ -457,6 +619,8 @@ class AdapterPool:
     def _check_free(self, name: str) -> None:
         if name in self._entries:
             raise ValueError(f"name: adapter {name!r} is already loaded; unload_adapter({name!r}) first")
+        if name in self._pending:
+            raise ValueError(f"name: adapter {name!r} is being prefetched; it is loaded when the prefetch ends")
 
     def _read(self, source: AdapterSource) -> Tuple[Bound, Dict[str, Any]]:
         weights = self._load(source)
@@ -528,7 +692,7 @@ class AdapterPool:
                 return s
         candidates = [e for e in self._owner if e.slot is not None and e.evictable()]
         if not candidates:
-            raise RuntimeError(f"no device slot can be freed: all max_adapters={self.max_adapters} slots hold "
+            raise NoFreeSlotError(f"no device slot can be freed: all max_adapters={self.max_adapters} slots hold "
                                "adapters that are pinned, acquired or in a batch being served")
         return min(candidates, key=lambda e: e.last_used).slot
 
