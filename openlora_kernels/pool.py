@@ -206,12 +206,20 @@ class LayerSlots:
 @dataclass(frozen=True)
 class AdapterMemory:
     name: str
-    nbytes: int                # size of its weights in the layers' dtype
+    nbytes: int                # size of its weights (its own ranks) in the storage dtype
     in_host_memory: bool       # False: dropped past the host budget, re-read on next use
     slot: Optional[int]        # device slot, None when not resident
     pinned: bool
     leases: int = 0            # batches being served that hold it (forwards, set_batch)
     acquired: int = 0          # acquire() calls not yet released
+    rank: int = 0              # its largest rank over the layers it targets
+    dtype: Optional[torch.dtype] = None   # storage dtype of its weights (host and slots)
+    device_bytes: int = 0      # what its slot occupies in the layers it targets (rank padded to
+                               # max_rank; 0 when not resident)
+
+    @property
+    def host_bytes(self) -> int:
+        return self.nbytes if self.in_host_memory else 0
 
 
 @dataclass(frozen=True)
@@ -223,18 +231,27 @@ class MemoryReport:
     max_adapters: int
     max_rank: int
 
+    @property
+    def device_bytes_used(self) -> int:
+        """Bytes the resident adapters' own weights take in the slots (the rest is rank padding
+        and empty slots)."""
+        return sum(a.nbytes for a in self.adapters if a.slot is not None)
+
     def __str__(self) -> str:
         mb = 1 / 2 ** 20
         budget = "unlimited" if self.host_budget_bytes is None else f"{self.host_budget_bytes * mb:.2f} MiB"
         used = sum(a.slot is not None for a in self.adapters)
         lines = [f"device slots: {used}/{self.max_adapters} in use, max rank {self.max_rank}, "
-                 f"{self.device_bytes * mb:.2f} MiB allocated",
+                 f"{self.device_bytes * mb:.2f} MiB allocated, of which the resident adapters' weights "
+                 f"{self.device_bytes_used * mb:.2f} MiB",
                  f"host: {self.host_bytes * mb:.2f} MiB of adapter weights (budget {budget})",
-                 f"{'adapter':<24} {'MiB':>9} {'host':>5} {'slot':>5} {'pinned':>6} {'held':>5}"]
+                 f"{'adapter':<24} {'rank':>4} {'dtype':>8} {'MiB':>9} {'dev MiB':>9} {'host':>5} {'slot':>5} "
+                 f"{'pinned':>6} {'held':>5}"]
         for a in self.adapters:
-            lines.append(f"{a.name:<24} {a.nbytes * mb:>9.3f} {'yes' if a.in_host_memory else 'no':>5} "
-                         f"{'-' if a.slot is None else a.slot:>5} {'yes' if a.pinned else 'no':>6} "
-                         f"{a.leases + a.acquired:>5}")
+            dt = str(a.dtype).replace("torch.", "") if a.dtype is not None else "-"
+            lines.append(f"{a.name:<24} {a.rank:>4} {dt:>8} {a.nbytes * mb:>9.3f} {a.device_bytes * mb:>9.3f} "
+                         f"{'yes' if a.in_host_memory else 'no':>5} {'-' if a.slot is None else a.slot:>5} "
+                         f"{'yes' if a.pinned else 'no':>6} {a.leases + a.acquired:>5}")
         return "\n".join(lines)
 
 
@@ -246,6 +263,7 @@ class _Entry:
         self.name, self.source, self.host, self.config = name, source, host, config
         self.nbytes = sum(w.nbytes for w in host.values())
         self.fingerprint = {layer: (w.rank, w.scaling) for layer, w in host.items()}
+        self.dtype = next((w.a.dtype for w in host.values()), None)
         self.slot: Optional[int] = None
         self.pinned = False
         self.leases = 0           # Lease objects holding it
@@ -600,9 +618,15 @@ class AdapterPool:
     # --------------------------------------------------------------------------------- memory
 
     def memory_report(self) -> MemoryReport:
+        def slot_bytes(e: _Entry) -> int:
+            if e.slot is None:
+                return 0
+            return sum(ls.nbytes // ls.num_slots for name, ls in self.layers.items() if name in e.fingerprint)
+
         with self._lock:
             adapters = tuple(AdapterMemory(e.name, e.nbytes, e.host is not None, e.slot, e.pinned, e.leases,
-                                           e.acquired) for e in self._entries.values())
+                                           e.acquired, max((r for r, _ in e.fingerprint.values()), default=0),
+                                           e.dtype, slot_bytes(e)) for e in self._entries.values())
             return MemoryReport(adapters, sum(ls.nbytes for ls in self.layers.values()),
                                 sum(e.nbytes for e in self._entries.values() if e.host is not None),
                                 self.host_budget_bytes, self.max_adapters, self.max_rank)

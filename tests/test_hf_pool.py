@@ -4,6 +4,8 @@ Every batch is checked against PEFT run with each row's adapter alone, so a slot
 wrong place, stale rank padding or a half-written slot shows up as a wrong number.
 """
 import copy
+import json
+import os
 
 import pytest
 import torch
@@ -148,8 +150,18 @@ def test_memory_report_counts_bytes(zoo):
     # a2 is all-linear: every patched layer now has [3, 16, K] + [3, 16, N] float32 slots
     want = sum(3 * 16 * (ls.in_features + ls.out_features) * 4 for ls in lm.pool.layers.values())
     assert rep.device_bytes == want
-    assert rep.host_bytes == sum(a.nbytes for a in rep.adapters)
-    assert "a0" in str(rep)
+    assert rep.host_bytes == sum(a.nbytes for a in rep.adapters) == sum(a.host_bytes for a in rep.adapters)
+    by = {a.name: a for a in rep.adapters}
+    cfgs = {n: json.load(open(os.path.join(p, "adapter_config.json"))) for n, p in zoo[1].items()}
+    for n, a in by.items():
+        assert a.rank == cfgs[n]["r"] and a.dtype == torch.float32
+    # a resident adapter's slot: [16, K] + [16, N] float32 in each layer it targets (rank padded)
+    a0_layers = [name for name, ls in lm.pool.layers.items() if name in lm.pool._entries["a0"].fingerprint]
+    assert by["a0"].device_bytes == sum(16 * (lm.pool.layers[n].in_features + lm.pool.layers[n].out_features) * 4
+                                        for n in a0_layers) > 0
+    assert by["a1"].device_bytes == 0 and by["a1"].slot is None
+    assert rep.device_bytes_used == by["a0"].nbytes + by["a2"].nbytes < rep.device_bytes
+    assert "a0" in str(rep) and "float32" in str(rep)
 
 
 def test_unload_frees_the_slot_and_the_name(zoo):
