@@ -22,9 +22,9 @@ def test_demo_runs_and_agrees_with_peft(capsys):
         assert head.endswith("median of 3 interleaved repeats")
         assert re.fullmatch(rf"  base model, no adapters +{MS}", base), base
         assert re.fullmatch(rf"  openlora_kernels +{MS}  ours took \d+\.\d\dx the base model's time "
-                            rf"\(\d+\.\d\dx-\d+\.\d\dx repeat by repeat\)", ours), ours
+                            rf"\(p20-p80 \d+\.\d\dx-\d+\.\d\dx\)", ours), ours
         assert re.fullmatch(rf"  PEFT mixed batch +{MS}  PEFT took \d+\.\dx our time "
-                            rf"\(\d+\.\dx-\d+\.\dx repeat by repeat\)", peft), peft
+                            rf"\(p20-p80 \d+\.\dx-\d+\.\dx\)", peft), peft
     assert "x base" not in out and "x ours" not in out       # the old two-way wording is gone
 
 
@@ -71,15 +71,27 @@ def test_timing_report_words_ratios_one_way():
     lines, noisy = demo.timing_report(samples, LABELS)
     assert noisy == []
     assert lines[0] == "  base                         10.00 ms  (p20-p80 10.00-10.20)"
-    assert "ours took 1.20x the base model's time (1.20x-1.20x repeat by repeat)" in lines[1]
-    assert "PEFT took 2.5x our time (2.4x-2.5x repeat by repeat)" in lines[2]   # 26.4 / 13.2 = 2.0 is p0
+    assert lines[1] == ("  ours                         12.00 ms  (p20-p80 12.00-12.24)  "
+                        "ours took 1.20x the base model's time (p20-p80 1.20x-1.20x)")
+    # per repeat: 2.5, 2.5, 26.4 / 13.2 = 2.0, 2.5, 2.5 -> median 2.5, p20 2.4
+    assert lines[2].endswith("PEFT took 2.5x our time (p20-p80 2.4x-2.5x)")
+
+
+def test_ratios_are_taken_repeat_by_repeat():
+    # a slow spell in repeats 3-5 hits both contenders: the per-repeat ratio stays 1.5
+    samples = {"base": [10.0, 10.0, 40.0, 40.0, 40.0], "ours": [15.0, 15.0, 60.0, 60.0, 60.0],
+               "peft": [30.0, 30.0, 120.0, 120.0, 120.0]}
+    lines, noisy = demo.timing_report(samples, LABELS)
+    assert "ours took 1.50x the base model's time (p20-p80 1.50x-1.50x)" in lines[1]
+    assert "PEFT took 2.0x our time (p20-p80 2.0x-2.0x)" in lines[2]
+    assert noisy == ["p20-p80 spans up to 75% of a median (base)"]    # (40 - 10) / 40, the same for all three
 
 
 def test_timing_report_warns_on_a_noisy_machine():
     quiet = [10.0] * 5
     lines, noisy = demo.timing_report({"base": quiet, "ours": [10.0, 12.0, 20.0, 30.0, 11.0],
                                        "peft": [40.0] * 5}, LABELS)
-    assert len(noisy) == 1 and noisy[0].startswith("ours: p20-p80 spans ") and "% of its median" in noisy[0]
+    assert noisy == ["p20-p80 spans up to 93% of a median (ours)"]   # (22 - 10.8) / 12
     # faster than the base model: impossible work-wise, so it is noise even with narrow spreads
     lines, noisy = demo.timing_report({"base": quiet, "ours": [8.0] * 5, "peft": [40.0] * 5}, LABELS)
     assert noisy == ["ours came out faster than the base model, which does strictly less work"]
