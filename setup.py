@@ -1,26 +1,31 @@
 """Build script. The pure-Python package installs everywhere; two optional extensions:
 
 * the native CPU kernels (csrc/cpu/ -> openlora_kernels/ops/_cpu_sgmv), built with the machine's
-  C++ compiler and pybind11 (a few seconds; OPENLORA_SKIP_CPU_EXT=1 skips; a failure only warns
-  and backend "cpu" then reports itself unavailable);
-* the CUDA extension (csrc/ -> openlora_kernels/ops/_cuda_sgmv), built when nvcc and pybind11 are
-  found (below).
+  C++ compiler and pybind11 (OPENLORA_SKIP_CPU_EXT=1 skips; a failure only warns and backend
+  "cpu" then reports itself unavailable); a later editable install reuses the in-place module
+  while it is newer than its sources and this file;
+* the CUDA extension (csrc/ -> openlora_kernels/ops/_cuda_sgmv), built only when asked
+  (OPENLORA_CUDA_ARCHS) or when a GPU is visible, and nvcc and pybind11 are found (below).
 
     pip install -e . --no-deps --no-build-isolation     # GPU machines: uses the env's tools
     pip install -e .                                    # isolated build: pybind11/cmake/ninja from PyPI
-    OPENLORA_CUDA_ARCHS=90 pip install -e .             # machine code for sm_90 only (faster)
+    OPENLORA_CUDA_ARCHS=90 pip install -e .             # build sm_90 now, GPU or not
     OPENLORA_SKIP_CUDA=1 pip install -e .               # never build the extension
 
-Without nvcc (or with OPENLORA_SKIP_CUDA=1) nothing is compiled and backend "cuda" reports
-itself unavailable with the reason; if the GPU machine has nvcc it is built on first use instead.
-A failing build only warns unless OPENLORA_CUDA_REQUIRED=1. The CUDA sources are also copied into
-the package (openlora_kernels/ops/_csrc) so that a wheel built without nvcc can build on first use.
-torch is never needed to build: the extension links to no libtorch. See docs/cuda.md.
+Without a GPU (unless OPENLORA_CUDA_ARCHS is set), without nvcc, or with OPENLORA_SKIP_CUDA=1,
+nothing CUDA is compiled: backend "cuda" builds for its GPU on first use, or reports why it
+cannot. A failing build only warns unless OPENLORA_CUDA_REQUIRED=1. The CUDA sources are also
+copied into the package (openlora_kernels/ops/_csrc) so that a wheel built without nvcc can build
+on first use. torch is never needed to build: the extension links to no libtorch. See docs/cuda.md.
+
+What is built, what is skipped and why is printed to the terminal (pip hides a build's own
+output unless -v), else to the build's output.
 """
 import importlib.util
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -46,10 +51,44 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _say(msg: str) -> None:
+    """A line for the person installing: pip captures a build's stdout and stderr and shows them
+    only with -v, so it goes to the controlling terminal when there is one, else to stdout."""
+    line = f"openlora_kernels: {msg}\n"
+    if not sys.stdout.isatty():
+        try:
+            with open("/dev/tty", "w", encoding="utf-8") as tty:
+                tty.write(line)
+            return
+        except OSError:
+            pass
+    sys.stdout.write(line)
+    sys.stdout.flush()
+
+
+def _newest_input(ext) -> float:
+    """mtime of the newest file the extension is built from: its sources, the headers beside
+    them, its declared depends and this build script."""
+    files = {ROOT / f for f in list(ext.sources) + list(getattr(ext, "depends", []) or [])}
+    for d in {f.parent for f in files}:
+        files.update(p for p in d.glob("*") if p.suffix in (".h", ".hpp", ".cpp", ".cc", ".cuh"))
+    files.add(ROOT / "setup.py")
+    return max(p.stat().st_mtime for p in files if p.is_file())
+
+
+_SKIPPED = []   # "not building ..." lines: said once, by the build itself (pip runs setup.py once per hook)
+
+
+def _say_skipped() -> None:
+    while _SKIPPED:
+        _say(_SKIPPED.pop(0))
+
+
 class BuildPyWithSources(build_py):
     """Ship csrc/ inside the package (openlora_kernels/ops/_csrc) for the on-first-use build."""
 
     def run(self):
+        _say_skipped()
         super().run()
         src = ROOT / "csrc"
         if src.is_dir() and not getattr(self, "editable_mode", False):
@@ -62,41 +101,74 @@ class BuildCudaExtension(build_ext):
     """Builds _cuda_sgmv with CMake + Ninja (or nvcc directly), never fatally unless required;
     other extensions (the CPU kernels) the usual setuptools way, also never fatally."""
 
+    def run(self):
+        # build_ext.run clears `inplace` while it builds into build/; remember where the module goes
+        self._olk_inplace = bool(self.inplace or getattr(self, "editable_mode", False))
+        _say_skipped()
+        super().run()
+
+    def _inplace_file(self, ext) -> Path:
+        return ROOT.joinpath(*ext.name.split(".")[:-1]) / Path(self.get_ext_filename(ext.name)).name
+
     def build_extension(self, ext):
         if not ext.name.endswith("_cuda_sgmv"):
-            try:
-                return super().build_extension(ext)
-            except Exception as e:
-                print(f"openlora_kernels: WARNING: {ext.name} was not built ({e}); backend 'cpu' will report "
-                      "itself unavailable and 'auto' uses 'torch' on the CPU", file=sys.stderr, flush=True)
-                return None
+            return self._build_cpu_extension(ext)
         out = Path(self.get_ext_fullpath(ext.name))
-        archs = cuda_build.install_archs()
+        archs = getattr(ext, "olk_archs", None) or cuda_build.install_archs()
         log_path = Path(self.build_temp) / "openlora_cuda_build.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        print(f"openlora_kernels: building the CUDA extension for sm_{archs} (log: {log_path})", flush=True)
+        _say(f"compiling the CUDA extension for {', '.join(f'sm_{a}' for a in archs)} "
+             f"({getattr(ext, 'olk_why', 'asked for')}; minutes on a few cores; log: {log_path})")
+        t0 = time.perf_counter()
         try:
             with open(log_path, "w", encoding="utf-8") as log:
                 used = cuda_build.build_extension(out, archs, Path(self.build_temp) / "cmake", log,
                                                   jobs=self.parallel or 0)
             print(f"openlora_kernels: built {out.name} with {used}", flush=True)
+            _say(f"built the CUDA extension in {time.perf_counter() - t0:.0f} s")
         except Exception as e:
             if _flag("OPENLORA_CUDA_REQUIRED"):
                 raise
-            print(f"openlora_kernels: WARNING: the CUDA extension was not built ({e}); "
-                  "backend 'cuda' will try to build on first use (see docs/cuda.md)", file=sys.stderr, flush=True)
+            _say(f"WARNING: the CUDA extension was not built ({str(e).splitlines()[0]}); "
+                 "backend 'cuda' will try to build on first use (see docs/cuda.md)")
+            print(e, file=sys.stderr, flush=True)
         if log_path.exists() and _flag("OPENLORA_PTXAS_VERBOSE"):
             sys.stdout.write(log_path.read_text())
+
+    def _build_cpu_extension(self, ext):
+        out = Path(self.get_ext_fullpath(ext.name))
+        inplace = self._inplace_file(ext)
+        if (getattr(self, "_olk_inplace", False) and not self.force and inplace.is_file()
+                and inplace.stat().st_mtime >= _newest_input(ext)):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if out.resolve() != inplace.resolve():
+                shutil.copy2(inplace, out)
+            _say(f"the native CPU extension is up to date ({inplace.relative_to(ROOT)} is newer than its "
+                 "sources): not recompiled")
+            return None
+        _say(f"compiling the native CPU extension ({', '.join(ext.sources)} -> {ext.name}) with the "
+             "machine's C++ compiler")
+        t0 = time.perf_counter()
+        if out.is_file() and out.stat().st_mtime < _newest_input(ext):
+            out.unlink()   # setuptools compares with the .cpp sources only, not the headers
+        try:
+            super().build_extension(ext)
+        except Exception as e:
+            _say(f"WARNING: {ext.name} was not built ({e}); backend 'cpu' will report itself unavailable "
+                 "and 'auto' uses 'torch' on the CPU")
+            return None
+        _say(f"built the native CPU extension in {time.perf_counter() - t0:.0f} s")
+        return None
 
 
 def _cpu_extension():
     if _flag("OPENLORA_SKIP_CPU_EXT"):
-        print("openlora_kernels: not building the native CPU extension: OPENLORA_SKIP_CPU_EXT is set", flush=True)
+        _SKIPPED.append("not building the native CPU extension: OPENLORA_SKIP_CPU_EXT is set")
         return []
     try:
         import pybind11
     except ImportError:
-        print("openlora_kernels: not building the native CPU extension: pybind11 is not installed", flush=True)
+        _SKIPPED.append("not building the native CPU extension: pybind11 is not installed")
         return []
     flags = ["-O3", "-std=c++17", "-fvisibility=hidden"]
     if sys.platform != "win32":
@@ -106,16 +178,23 @@ def _cpu_extension():
                       language="c++", optional=True)]
 
 
-def _ext_modules():
-    exts = _cpu_extension()
+def _cuda_extension():
     try:
-        skip = cuda_build.install_skip_reason()
-    except Exception as e:  # never let the optional part break a pure-Python install
-        skip = repr(e)
-    if skip:
-        print(f"openlora_kernels: not building the CUDA extension: {skip}", flush=True)
-        return exts
-    return exts + [Extension("openlora_kernels.ops._cuda_sgmv", sources=[])]
+        archs, why = cuda_build.install_plan()
+    except Exception as e:  # an unreadable OPENLORA_CUDA_ARCHS; never break a pure-Python install
+        if _flag("OPENLORA_CUDA_REQUIRED"):
+            raise
+        archs, why = None, str(e)
+    if not archs:
+        _SKIPPED.append(f"not building the CUDA extension: {why}")
+        return []
+    ext = Extension("openlora_kernels.ops._cuda_sgmv", sources=[])
+    ext.olk_archs, ext.olk_why = archs, why
+    return [ext]
+
+
+def _ext_modules():
+    return _cpu_extension() + _cuda_extension()
 
 
 setup(

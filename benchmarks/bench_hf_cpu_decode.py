@@ -19,7 +19,9 @@ round medians (p20/p80 over rounds). Diagnostic rows:
                                    inside the forward (the weights then compete with the base
                                    model's for the caches)
 
-Rows go to benchmarks/results/hf_cpu_decode.csv.
+Rows are appended to benchmarks/out/hf_cpu_decode.csv (untracked); the committed history is
+benchmarks/results/hf_cpu_decode.csv: ``--out benchmarks/results/hf_cpu_decode.csv`` to add to it.
+Progress (set-up, each round) goes to stderr.
 
     python -m benchmarks.bench_hf_cpu_decode            # ~1-2 minutes on 2 cores
 """
@@ -33,11 +35,12 @@ import tempfile
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, env_info, time_cpu, write_rows
+from benchmarks.common import RESULTS_DIR, env_info, progress, time_cpu, write_rows
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TARGET_VS_BASE = 1.5
 TARGET_VS_PEFT = 6.0
+DEFAULT_OUT = os.path.join(RESULTS_DIR, "hf_cpu_decode.csv")
 
 
 def build(args):
@@ -81,10 +84,13 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--out", default=os.path.join(RESULTS_DIR, "hf_cpu_decode.csv"))
+    ap.add_argument("--out", default=DEFAULT_OUT,
+                    help="CSV the rows are appended to (default: benchmarks/out/, untracked; "
+                         "$OPENLORA_BENCH_OUT sets the folder)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
 
+    progress(f"bench_hf_cpu_decode: building the model and {args.adapters} PEFT adapters")
     base, lm, peft_model, names = build(args)
     ids = torch.randint(0, args.vocab, (args.rows, 1), generator=torch.Generator().manual_seed(1))
     row_names = [names[i % len(names)] for i in range(args.rows)]
@@ -148,6 +154,7 @@ def main(argv=None):
     order = list(contenders)
     with torch.no_grad():
         for r in range(args.rounds):
+            progress(f"bench_hf_cpu_decode: round {r + 1}/{args.rounds} of {len(order)} contenders")
             for name in order[r % len(order):] + order[:r % len(order)]:
                 reps = max(3, args.reps // 5) if name == "peft_mixed" else args.reps
                 medians[name].append(time_cpu(contenders[name], warmup=2, reps=reps)["median"])

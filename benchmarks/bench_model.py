@@ -22,7 +22,8 @@ max |peft - base|, the size of the LoRA effect).
 Sweeps: batch B in 1..64 with N = B (every request its own adapter), then N in 1, 4, 16, 32, 64
 at B = ``--adapters-batch`` (64). Order (``plan_steps``): the target case (B = 32, N = 32), its
 CUDA-graph timing, the memory rows, the other cases, the other graphs; with ``--budget-s`` a run
-cut short keeps those first. Rows (``benchmarks/results/model_<device>[_quick].csv``):
+cut short keeps those first. Rows (``benchmarks/out/model_<device>[_quick].csv``; committed files:
+``--out benchmarks/results/<file>.csv``):
 ``step_time`` (ms per decode step) and ``tokens_per_s`` (B / step time; extra: per-adapter
 throughput = tokens/s / N, LoRA overhead in % over the base model, speed-up over PEFT, and
 ``adapter_bytes_over_base_pct`` = N adapters' bytes over the base's: where decode is bound by
@@ -92,8 +93,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--graph-batches", nargs="+", type=int, default=None,
                    help="B (with N = B) of the CUDA-graph timings (default: the batches; B = 32 first)")
     p.add_argument("--out", default=None, help="CSV path (default <out-dir>/model_<device>[_quick].csv)")
-    p.add_argument("--out-dir", default=common.RESULTS_DIR)
-    p.add_argument("--append", action="store_true", help="append to --out instead of starting it afresh")
+    p.add_argument("--out-dir", default=common.RESULTS_DIR,
+                   help="folder of the default CSV path ($OPENLORA_BENCH_OUT, else benchmarks/out: untracked)")
+    p.add_argument("--append", action="store_true",
+                   help="append to --out instead of starting it afresh (a fresh file replaces the old one "
+                        "only when the run ends)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: 1 with --quick on a CPU, like bench_kernels)")
     args = p.parse_args(argv)
@@ -112,9 +116,8 @@ class Bench:
         self.rows_written = 0
         self.env = common.env_info(self.device)
         slug = common.device_slug(self.device) + ("_quick" if args.quick else "")
-        self.out = args.out or os.path.join(args.out_dir, f"model_{slug}.csv")
-        if os.path.exists(self.out) and not args.append:
-            os.remove(self.out)
+        self.results = common.ResultsFile(args.out or os.path.join(args.out_dir, f"model_{slug}.csv"), args.append)
+        self.out = self.results.path
         self.shape = (f"hidden {self.dims.hidden}, intermediate {self.dims.intermediate}, {self.dims.layers} layers, "
                       f"vocab {self.dims.vocab}, r={args.rank}, prompt {args.prompt}")
         self.max_n = max([*args.adapters, *args.batches])
@@ -134,7 +137,7 @@ class Bench:
         base = {"benchmark": "model", "shape": self.shape, "layers": self.dims.layers, "model": self.dims.name,
                 "rank": self.args.rank, "dtype": str(self.dtype).replace("torch.", ""), "prompt": self.args.prompt,
                 "backend": getattr(self, "backend", None)}
-        common.write_rows(self.out, [{**base, **r} for r in rows], self.env)
+        self.results.write([{**base, **r} for r in rows], self.env)
         self.rows_written += len(rows)
 
     def cleanup(self) -> None:
@@ -406,12 +409,21 @@ def _run(args) -> int:
     b = Bench(args)
     print(f"device: {b.env['device']} | torch {b.env['torch']} | commit {b.env['commit']} | dtype {b.dtype} | "
           f"out {b.out}")
+    with b.results:          # the rows replace an old file only if the run gets to its end
+        return _run_steps(b, args)
+
+
+def _run_steps(b: "Bench", args) -> int:
+    common.progress("bench_model: building the model and the adapters")
     b.setup()
     cases = plan_cases(args)
     graph_batches = [] if b.device.type != "cuda" or args.no_graphs else (args.graph_batches or args.batches)
     graphs = "not run (CPU)" if b.device.type != "cuda" else ("not run (--no-graphs)" if args.no_graphs else "done")
     done = 0
-    for what, arg in plan_steps(cases, graph_batches):
+    steps = plan_steps(cases, graph_batches)
+    for i, (what, arg) in enumerate(steps):
+        common.progress(f"bench_model: step {i + 1}/{len(steps)}: {what} {arg if arg is not None else ''} "
+                        f"({b.elapsed():.0f} s so far)")
         if what == "memory":
             b.memory(sorted(set(args.adapters)))      # computed rows always; the pools while the budget lasts
         elif b.over_budget(f"{what} {arg}"):
@@ -422,6 +434,7 @@ def _run(args) -> int:
             done += 1
         elif graphs == "done" and not b.graph_case(arg):
             graphs = "capture failed"             # no further capture is tried
+    b.results.close()
     print(f"\n{b.rows_written} rows -> {b.out} ({done}/{len(cases)} cases, {b.elapsed():.0f} s); CUDA graphs: {graphs}")
     from benchmarks import report
 

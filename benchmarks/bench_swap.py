@@ -28,7 +28,8 @@ is not timed):
 
 Times are wall clock (perf_counter) from the call to its end with the whole device synchronised
 (``torch.cuda.synchronize``: the slot copies run on a side stream); medians, p20 and p80 in ms.
-Rows: ``benchmarks/results/swap_<device>[_quick].csv`` with the bytes moved and GB/s.
+Rows: ``benchmarks/out/swap_<device>[_quick].csv`` (committed files: ``--out
+benchmarks/results/<file>.csv``) with the bytes moved and GB/s.
 
     python -m benchmarks.bench_swap --quick              # CPU smoke run, seconds
     python -m benchmarks.bench_swap --budget-s 60        # GPU: 8 of 32 Llama-2-7B layers
@@ -72,8 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=None,
                    help="from the start: no model reload (the slow part) begins after this; reloads stop early")
     p.add_argument("--out", default=None, help="CSV path (default <out-dir>/swap_<device>[_quick].csv)")
-    p.add_argument("--out-dir", default=common.RESULTS_DIR)
-    p.add_argument("--append", action="store_true")
+    p.add_argument("--out-dir", default=common.RESULTS_DIR,
+                   help="folder of the default CSV path ($OPENLORA_BENCH_OUT, else benchmarks/out: untracked)")
+    p.add_argument("--append", action="store_true",
+                   help="append to --out instead of starting it afresh (a fresh file replaces the old one "
+                        "only when the run ends)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 with --quick on a CPU)")
     return p.parse_args(argv)
 
@@ -92,9 +96,8 @@ class SwapBench:
         self.t0 = time.monotonic()
         self.env = common.env_info(self.device)
         slug = common.device_slug(self.device) + ("_quick" if args.quick else "")
-        self.out = args.out or os.path.join(args.out_dir, f"swap_{slug}.csv")
-        if os.path.exists(self.out) and not args.append:
-            os.remove(self.out)
+        self.results = common.ResultsFile(args.out or os.path.join(args.out_dir, f"swap_{slug}.csv"), args.append)
+        self.out = self.results.path
         self.rows_written = 0
         self._tmp = None if args.dir else tempfile.TemporaryDirectory(prefix="olk_bench_swap_")
         self.root = args.dir or self._tmp.name
@@ -110,7 +113,7 @@ class SwapBench:
         base = {"benchmark": "swap", "shape": self.shape, "layers": self.dims.layers, "model": self.dims.name,
                 "rank": self.args.rank, "dtype": str(self.dtype).replace("torch.", ""), "fs": self.fs,
                 "dir": self.root}
-        common.write_rows(self.out, [{**base, **row}], self.env)
+        self.results.write([{**base, **row}], self.env)
         self.rows_written += 1
 
     def sync(self) -> None:
@@ -309,9 +312,13 @@ def main(argv=None) -> int:
     with common.cpu_threads(args.quick, args.device, args.threads), torch.no_grad():
         b = SwapBench(args)
         print(f"device: {b.env['device']} | torch {b.env['torch']} | commit {b.env['commit']} | out {b.out}")
-        b.setup()
-        b.adapters()
-        b.model_reload()
+        with b.results:      # the rows replace an old file only if the run gets to its end
+            common.progress("bench_swap: writing the adapters and the model file")
+            b.setup()
+            common.progress(f"bench_swap: timing the adapter loads ({b.elapsed():.0f} s so far)")
+            b.adapters()
+            common.progress(f"bench_swap: timing the whole-model reloads ({b.elapsed():.0f} s so far)")
+            b.model_reload()
         print(f"\n{b.rows_written} rows -> {b.out} ({b.elapsed():.0f} s)")
         return common.finish(lambda: report.swap_summary(common.read_rows(b.out)), [])
 

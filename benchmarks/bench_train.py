@@ -17,7 +17,8 @@ synthetic task. One step:
 Both start from the same adapters and the same data; the script first checks that one step gives
 both the same gradients (fp32, relative 1e-5), so it times the same computation. Contenders
 alternate in every round (load on the machine hits both); medians over rounds. Rows go to
-benchmarks/results/train_cpu.csv with the device, versions and commit.
+benchmarks/out/train_cpu.csv (untracked; ``--out benchmarks/results/train_cpu.csv`` adds to the
+committed history) with the device, versions and commit.
 """
 from __future__ import annotations
 

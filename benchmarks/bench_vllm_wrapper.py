@@ -18,7 +18,8 @@ load instead of the code. The layer's weights rotate over enough copies to leave
 each have their own). The machine is shared: the contenders run in rotating order within each of
 several rounds, each round times every contender (``common.time_cpu``), and the figure reported is
 the median of the round medians (p20/p80 over rounds). Rows go to
-benchmarks/results/vllm_wrapper_cpu.csv.
+benchmarks/out/vllm_wrapper_cpu.csv (untracked; ``--out benchmarks/results/vllm_wrapper_cpu.csv``
+adds to the committed history).
 
     python -m benchmarks.bench_vllm_wrapper             # a few minutes on 2 cores
     python -m benchmarks.bench_vllm_wrapper --quick     # small shapes, seconds (smoke test)
@@ -34,7 +35,7 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 
 import torch  # noqa: E402
 
-from benchmarks.common import RESULTS_DIR, cache_bytes, env_info, rotation_sets, time_cpu, write_rows  # noqa: E402
+from benchmarks.common import RESULTS_DIR, cache_bytes, env_info, progress, rotation_sets, time_cpu, write_rows  # noqa: E402
 
 TARGET_DECODE = 3.0
 TARGET_PREFILL = 1.0
@@ -52,6 +53,8 @@ QUICK = [
     Case("decode_padded", 8, 8, 4, 256, (256, 64, 64), 8, 16),
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+DEFAULT_OUT = os.path.join(RESULTS_DIR, "vllm_wrapper_cpu.csv")
 
 
 def shape_of(c: Case, dtype: str) -> str:
@@ -172,7 +175,8 @@ def main(argv=None) -> int:
                     help="torch threads (default 1, like the anchors' side-by-side run: on a shared 2-core "
                          "machine a parallel region waits for a descheduled thread, milliseconds per op)")
     ap.add_argument("--max-weight-mb", type=int, default=1024, help="memory bound of the rotated weight copies")
-    ap.add_argument("--out", default=os.path.join(RESULTS_DIR, "vllm_wrapper_cpu.csv"))
+    ap.add_argument("--out", default=DEFAULT_OUT, help="CSV the rows are appended to (default: benchmarks/out/, "
+                    "untracked; $OPENLORA_BENCH_OUT sets the folder)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (2 if args.quick else 7)
@@ -198,17 +202,18 @@ def _run(args, ours, PunicaWrapperCPU) -> int:
     backend = resolve_backend(args.backend, torch.device("cpu"))
     cases = [c for c in (QUICK if args.quick else CASES) if c.name in args.cases.split(",")]
     rows = []
-    for dtype_name in args.dtypes.split(","):
-        for c in cases:
-            got = run_case(c, dtype_name, args, PunicaWrapperCPU, ours)
-            for r in got:
-                r.update(vllm=vllm_version, backend=backend, quick=args.quick)
-            rows += got
-            for r in got:
-                print(f"{r['shape']:>92} {r['kernel']:>16} {r['contender']:>18}: {r['median']:9.3f} ms "
-                      f"(p20 {r['p20']:.3f}, p80 {r['p80']:.3f})  {r['speedup_vs_vllm_cpu']:6.2f}x vLLM"
-                      + (f"  max|diff| {r['max_abs_diff_vs_vllm_cpu']:.2g} of {r['max_abs_lora_delta']:.2g}"
-                         if "max_abs_diff_vs_vllm_cpu" in r else ""))
+    todo = [(d, c) for d in args.dtypes.split(",") for c in cases]
+    for i, (dtype_name, c) in enumerate(todo):
+        progress(f"bench_vllm_wrapper: case {i + 1}/{len(todo)}: {c.name} {dtype_name}")
+        got = run_case(c, dtype_name, args, PunicaWrapperCPU, ours)
+        for r in got:
+            r.update(vllm=vllm_version, backend=backend, quick=args.quick)
+        rows += got
+        for r in got:
+            print(f"{r['shape']:>92} {r['kernel']:>16} {r['contender']:>18}: {r['median']:9.3f} ms "
+                  f"(p20 {r['p20']:.3f}, p80 {r['p80']:.3f})  {r['speedup_vs_vllm_cpu']:6.2f}x vLLM"
+                  + (f"  max|diff| {r['max_abs_diff_vs_vllm_cpu']:.2g} of {r['max_abs_lora_delta']:.2g}"
+                     if "max_abs_diff_vs_vllm_cpu" in r else ""))
     for dtype_name in args.dtypes.split(","):
         for name, target in (("decode", TARGET_DECODE), ("prefill", TARGET_PREFILL)):
             hit = [r for r in rows if r["kernel"] == "add_lora_linear" and r["contender"] == "openlora"

@@ -1,8 +1,15 @@
 """Shared helpers of the benchmark scripts: environment facts, timing, and the results files.
 
 Every row a benchmark writes carries the device, the versions and the git commit, so a figure
-quoted in docs/ can always be traced to the run that produced it. Rows go to CSV files under
-benchmarks/results/ with the columns in ``COLUMNS``; ``plot.py`` reads them.
+quoted in docs/ can always be traced to the run that produced it. Rows go to CSV files with the
+columns in ``COLUMNS``; ``plot.py`` and ``report.py`` read them.
+
+Where: by default under ``RESULTS_DIR``, an untracked folder (``$OPENLORA_BENCH_OUT``, else
+benchmarks/out/, git-ignored), so a run never dirties the tree. The committed results live in
+``COMMITTED_DIR`` (benchmarks/results/); writing there is an explicit ``--out
+benchmarks/results/<file>.csv``. No run deletes or truncates a results file, even interrupted:
+:func:`write_rows` appends through a temporary file renamed over the old one, and
+:class:`ResultsFile` stages a run that starts a file afresh beside it until the run ends.
 """
 from __future__ import annotations
 
@@ -12,14 +19,19 @@ import datetime as _dt
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
+import sys
+import tempfile
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+COMMITTED_DIR = os.path.join(_HERE, "results")      # committed results: written only with an explicit --out
+RESULTS_DIR = os.environ.get("OPENLORA_BENCH_OUT") or os.path.join(_HERE, "out")   # default output, untracked
 COLUMNS = ["benchmark", "kernel", "contender", "shape", "metric", "median", "p20", "p80", "unit",
            "device", "torch", "triton", "cuda", "commit", "date", "extra"]
 
@@ -84,22 +96,109 @@ def time_cpu(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 20, min_time
     return quantiles(samples)
 
 
+def _csv_lines(rows: Iterable[Dict[str, Any]], env: Dict[str, str], header: bool) -> str:
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    if header:
+        w.writeheader()
+    for row in rows:
+        extra = {k: v for k, v in row.items() if k not in COLUMNS}
+        out = {**env, **{k: v for k, v in row.items() if k in COLUMNS}}
+        if extra:
+            out["extra"] = json.dumps(extra, sort_keys=True)
+        w.writerow(out)
+    return buf.getvalue()
+
+
 def write_rows(path: str, rows: Iterable[Dict[str, Any]], env: Optional[Dict[str, str]] = None) -> str:
-    """Append rows (dicts with some of COLUMNS; anything else goes into 'extra' as JSON) to a CSV."""
+    """Append rows (dicts with some of COLUMNS; anything else goes into 'extra' as JSON) to a CSV.
+
+    Atomic: the old contents and the new rows go to a temporary file beside ``path`` that then
+    replaces it, so an interrupted call leaves the file as it was (never truncated, never half a
+    row). A file whose header is not ``COLUMNS`` is refused (ValueError naming it)."""
     env = env or env_info()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        for row in rows:
-            extra = {k: v for k, v in row.items() if k not in COLUMNS}
-            out = {**env, **{k: v for k, v in row.items() if k in COLUMNS}}
-            if extra:
-                out["extra"] = json.dumps(extra, sort_keys=True)
-            w.writerow(out)
+    path = os.path.abspath(path)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    old = None
+    if os.path.exists(path):
+        with open(path, newline="", encoding="utf-8") as f:
+            old = f.read()
+        first = old.splitlines()[0] if old else ""
+        if old and next(csv.reader([first])) != COLUMNS:
+            raise ValueError(f"write_rows: {path} is not a results file of these columns (header {first[:80]!r})")
+    text = _csv_lines(rows, env, header=not old)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            if old:
+                f.write(old if old.endswith("\n") else old + "\n")
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        if old is not None:
+            shutil.copymode(path, tmp)
+        else:                                      # mkstemp makes it 0600: give it the usual mode
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o666 & ~mask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
+
+
+class ResultsFile:
+    """The results file of one benchmark run: ``write(rows)`` as they are measured, ``close()`` at the end.
+
+    ``append=True``: rows are appended to ``path`` as they come (each write atomic).
+    ``append=False`` (the run starts the file afresh): when ``path`` does not exist yet the rows go
+    straight there; when it does, they go to ``path + ".partial"``, which replaces ``path`` only at
+    ``close()``. A run that does not reach ``close()`` (interrupted, killed, failed) leaves the
+    old file exactly as it was, and what it measured in the ``.partial`` file. As a context
+    manager it closes on a normal exit only."""
+
+    def __init__(self, path: str, append: bool = False):
+        self.path = os.path.abspath(path)
+        self.append = append
+        fresh_over_old = not append and os.path.exists(self.path)
+        self.staging = self.path + ".partial" if fresh_over_old else self.path
+        if fresh_over_old and os.path.exists(self.staging):
+            os.remove(self.staging)            # what an earlier unfinished run left
+        self.rows = 0
+        self.closed = False
+
+    def write(self, rows: Iterable[Dict[str, Any]], env: Optional[Dict[str, str]] = None) -> None:
+        if self.closed:
+            raise RuntimeError(f"ResultsFile: {self.path} is closed")
+        rows = list(rows)
+        write_rows(self.staging, rows, env)
+        self.rows += len(rows)
+
+    def close(self) -> str:
+        """Put the run's rows in place (a staged fresh file replaces the old one); returns the path."""
+        if not self.closed and self.staging != self.path and os.path.exists(self.staging):
+            os.replace(self.staging, self.path)
+        self.closed = True
+        return self.path
+
+    def __enter__(self) -> "ResultsFile":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self.staging != self.path and os.path.exists(self.staging):
+            progress(f"run not finished: {self.path} left as it was; its {self.rows} rows are in {self.staging}")
+
+
+def progress(msg: str) -> None:
+    """A progress line on stderr (stdout keeps the results), with the time of day."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def read_rows(path: str) -> List[Dict[str, Any]]:

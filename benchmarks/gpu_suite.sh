@@ -29,7 +29,9 @@
 #
 # Knobs (environment): OUT (default ./gpu_suite_out), PYTHON (python3), OPENLORA_COMMIT (the commit
 # the rows name when the tree has no .git, as on the device machine: pass it!), SUITE_RESULTS_DIR
-# (where the benchmarks write, default benchmarks/results), SUITE_DEADLINE_S (540: the
+# (where the benchmarks write, default $OPENLORA_BENCH_OUT or benchmarks/out: untracked; a run cut
+# short by its time limit leaves the old file there and its rows in <file>.partial, which is packed
+# too), SUITE_DEADLINE_S (540: the
 # whole script ends by then), SUITE_STEPS (comma list of the steps above; default all),
 # INSTALL_TIMEOUT_S (240), PYTEST_GPU_TIMEOUT_S (150), PARITY_TIMEOUT_S (90),
 # SANITIZER_TIMEOUT_S (120), BENCH_MIN_S (180: earlier steps are cut short to leave the
@@ -58,7 +60,7 @@ POST_RESERVE=45      # seconds kept for plots, report and packaging
 KERNELS_PCT=${KERNELS_PCT:-55}   # share of the benchmark time for bench_kernels (the rest: model, swap)
 PACK_RESERVE=15      # seconds kept for packaging alone
 BENCH_MIN_S=${BENCH_MIN_S:-180}
-RESULTS=${SUITE_RESULTS_DIR:-$ROOT/benchmarks/results}
+RESULTS=${SUITE_RESULTS_DIR:-${OPENLORA_BENCH_OUT:-$ROOT/benchmarks/out}}
 mkdir -p "$RESULTS"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # Rows name the commit they measured; a copy of the tree without .git must be told (OPENLORA_COMMIT).
@@ -122,6 +124,9 @@ package() {
     local f
     collect_csvs
     for f in "${CSVS[@]}"; do cp "$f" "$WORK/results/"; done
+    for f in "$RESULTS"/*.partial; do    # rows of a benchmark stopped by its limit (the old file is kept)
+        [[ -f $f && $(stat -c %Y "$f") -ge $START ]] && cp "$f" "$WORK/results/"
+    done
     local n=0
     for f in "$WORK"/report_*.md; do [[ -f $f ]] && cp "$f" "$OUT/"; done
     for f in "$WORK"/results/*.csv; do

@@ -284,7 +284,7 @@ def _save(fig, plt, out_dir: str, name: str) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="PNG plots from a kernel benchmark CSV")
     p.add_argument("csv")
-    p.add_argument("--out-dir", default=None, help="default: benchmarks/results/plots/<csv name>/")
+    p.add_argument("--out-dir", default=None, help="default: benchmarks/out/plots/<csv name>/ (untracked; $OPENLORA_BENCH_OUT sets the folder)")
     a = p.parse_args(argv)
     try:
         plt = _plt()

@@ -7,7 +7,7 @@ Kernel contract (see docs/kernels.md)::
     lora_expand(y, h, lora_b, indices, scalings, ranks=None, *, backend="auto") -> y
     lora_backward(dy, x, lora_a, lora_b, indices, scalings, ranks=None) -> (dx, [dA_i], [dB_i])
     build_batch_meta(indices, num_slots) -> LoRABatchMeta   (once per forward, reused by every layer)
-    available_backends(device=None) -> {name: BackendInfo(usable, reason)}
+    available_backends(device=None) -> {name: BackendInfo(usable, reason)}   (a dict; prints as a table)
 
 Serving many PEFT adapters through one Hugging Face model (see docs/usage.md)::
 

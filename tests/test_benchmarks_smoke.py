@@ -668,3 +668,152 @@ def test_docs_show_the_committed_model_and_swap_results():
         rows = common.read_rows(os.path.join(ROOT, rel))
         assert rows and rows[0]["device"].startswith("CPU: ") and "+dirty" not in rows[0]["commit"]
         assert render(rows, rel) in doc, f"docs/benchmarks.md does not show the tables of {rel}"
+
+
+# ------------------------------------------------------------- where results go, and safely
+
+
+def test_benchmarks_write_into_an_untracked_folder_by_default(tmp_path):
+    from benchmarks import bench_hf_cpu_decode, bench_train, bench_vllm_wrapper
+
+    if not os.environ.get("OPENLORA_BENCH_OUT"):
+        assert common.RESULTS_DIR == os.path.join(ROOT, "benchmarks", "out")
+    assert common.COMMITTED_DIR == os.path.join(ROOT, "benchmarks", "results")
+    defaults = [bench_hf_cpu_decode.DEFAULT_OUT, bench_train.RESULTS, bench_vllm_wrapper.DEFAULT_OUT,
+                bench_model.parse_args(["--quick"]).out_dir, bench_swap.parse_args(["--quick"]).out_dir,
+                bench_kernels.parse_args(["--quick"]).out_dir]
+    for d in defaults:
+        assert os.path.commonpath([d, common.RESULTS_DIR]) == common.RESULTS_DIR, d
+    if shutil.which("git") and os.path.exists(os.path.join(ROOT, ".git")):
+        probes = [os.path.join("benchmarks", "out", "kernels_cpu_quick.csv"),
+                  os.path.join("benchmarks", "results", "kernels_cpu_quick.csv.partial")]
+        ignored = subprocess.run(["git", "check-ignore", *probes], cwd=ROOT, capture_output=True, text=True)
+        assert ignored.stdout.split() == probes, "benchmarks/out/ and *.partial files must be git-ignored"
+    code = "from benchmarks import common; print(common.RESULTS_DIR)"
+    env = {**os.environ, "OPENLORA_BENCH_OUT": str(tmp_path / "mine")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(tmp_path / "mine")
+
+
+ROW = {"benchmark": "t", "kernel": "k", "contender": "c", "shape": "s", "metric": "time", "median": 1.0,
+       "p20": 0.9, "p80": 1.1, "unit": "ms"}
+ENV = {"device": "CPU: test", "torch": "0", "triton": "0", "cuda": "none", "commit": "abc", "date": "today"}
+
+
+def _bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test_write_rows_appends_and_an_interrupted_write_leaves_the_file_intact(tmp_path, monkeypatch):
+    path = str(tmp_path / "r.csv")
+    common.write_rows(path, [ROW, {**ROW, "contender": "d", "T": 8}], ENV)
+    common.write_rows(path, [{**ROW, "contender": "e"}], ENV)
+    rows = common.read_rows(path)
+    assert [r["contender"] for r in rows] == ["c", "d", "e"] and rows[1]["extra"] == {"T": 8}
+    assert oct(os.stat(path).st_mode & 0o777) != oct(0o600)      # not mkstemp's private mode
+    before = _bytes(path)
+
+    def rows_then_ctrl_c():
+        yield {**ROW, "contender": "f"}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        common.write_rows(path, rows_then_ctrl_c(), ENV)
+    real_fsync = os.fsync
+
+    def interrupted(fd):                  # interrupted while the new contents are being written out
+        real_fsync(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        common.write_rows(path, [{**ROW, "contender": "g"}], ENV)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        common.write_rows(path, [{**ROW, "contender": "h"}], ENV)
+    assert _bytes(path) == before
+    assert sorted(os.listdir(tmp_path)) == ["r.csv"]            # no temporary file left behind
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="other.csv is not a results file"):
+        common.write_rows(str(tmp_path / "other.csv"), [ROW], ENV)
+    assert (tmp_path / "other.csv").read_text() == "a,b\n1,2\n"
+
+
+def test_a_fresh_run_replaces_the_old_file_only_when_it_ends(tmp_path):
+    path = str(tmp_path / "r.csv")
+    common.write_rows(path, [{**ROW, "contender": "old"}], ENV)
+    before = _bytes(path)
+    with pytest.raises(KeyboardInterrupt):
+        with common.ResultsFile(path) as rf:
+            rf.write([{**ROW, "contender": "new1"}], ENV)
+            raise KeyboardInterrupt
+    assert _bytes(path) == before
+    assert [r["contender"] for r in common.read_rows(path + ".partial")] == ["new1"]
+    with common.ResultsFile(path) as rf:                          # a run that ends
+        rf.write([{**ROW, "contender": "new2"}], ENV)
+        rf.write([{**ROW, "contender": "new3"}], ENV)
+        assert _bytes(path) == before                             # not before the end
+    assert [r["contender"] for r in common.read_rows(path)] == ["new2", "new3"]
+    assert not os.path.exists(path + ".partial") and rf.rows == 2
+    with pytest.raises(RuntimeError, match="closed"):
+        rf.write([ROW], ENV)
+    with pytest.raises(KeyboardInterrupt):                        # --append: rows go on the end, whole
+        with common.ResultsFile(path, append=True) as rf:
+            rf.write([{**ROW, "contender": "more"}], ENV)
+            raise KeyboardInterrupt
+    assert [r["contender"] for r in common.read_rows(path)] == ["new2", "new3", "more"]
+    new = str(tmp_path / "new.csv")                               # no old file: straight to the path
+    with pytest.raises(KeyboardInterrupt):
+        with common.ResultsFile(new) as rf:
+            rf.write([ROW], ENV)
+            raise KeyboardInterrupt
+    assert len(common.read_rows(new)) == 1 and not os.path.exists(new + ".partial")
+
+
+def test_a_benchmark_killed_mid_run_leaves_the_results_file_intact(tmp_path):
+    """bench_swap --quick over an existing results file, killed (SIGKILL: no clean-up of any kind)
+    once it has measured something: the old file is byte for byte what it was."""
+    import signal
+    import time
+
+    path = str(tmp_path / "swap.csv")
+    common.write_rows(path, [{**ROW, "benchmark": "swap", "contender": "old"}], ENV)
+    before = _bytes(path)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_swap", "--quick", "--device", "cpu", "--out", path],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if os.path.exists(path + ".partial") and len(common.read_rows(path + ".partial")) >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "bench_swap ended before it could be interrupted: " + proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _bytes(path) == before
+    assert common.read_rows(path + ".partial")[0]["benchmark"] == "swap"
+    assert "bench_swap: " in proc.stderr.read()                # progress lines on stderr
+
+
+def test_bench_hf_cpu_decode_shows_progress_on_stderr(tmp_path, capsys):
+    from benchmarks import bench_hf_cpu_decode
+
+    out = str(tmp_path / "hf.csv")
+    bench_hf_cpu_decode.main(["--rows", "4", "--hidden", "32", "--intermediate", "64", "--layers", "1", "--heads", "2",
+                              "--vocab", "64", "--adapters", "2", "--rank", "4", "--rounds", "2", "--reps", "1",
+                              "--out", out])
+    cap = capsys.readouterr()
+    progress = [ln for ln in cap.err.splitlines() if "bench_hf_cpu_decode:" in ln]
+    assert len(progress) == 3 and "building the model and 2 PEFT adapters" in progress[0]
+    assert progress[1].endswith("round 1/2 of 6 contenders") and progress[2].endswith("round 2/2 of 6 contenders")
+    rows = common.read_rows(out)
+    assert len(rows) == 6 and {r["contender"] for r in rows} >= {"base", "openlora", "peft_mixed"}
+    assert "wrote " + out in cap.out

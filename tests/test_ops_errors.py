@@ -120,6 +120,19 @@ def test_unavailable_backends_say_why(monkeypatch):
     assert "TRITON_INTERPRET" in info["triton"].reason
 
 
+def test_available_backends_prints_as_a_table_and_stays_a_mapping():
+    info = olk.available_backends("cpu")
+    assert isinstance(info, dict) and list(info) == ["torch", "cpu", "triton", "cuda"]
+    assert all(isinstance(b, olk.BackendInfo) and b.name == k for k, b in info.items())
+    text = str(info)
+    assert repr(info) == text and "BackendInfo(" not in text
+    head, cols, *rows = text.splitlines()
+    auto = olk.ops.backends.resolve_backend("auto", torch.device("cpu"))
+    assert head == f'kernel backends for cpu tensors ("auto" picks {auto!r}):'
+    assert cols.split() == ["backend", "usable", "why"]
+    assert [r.split(None, 2) for r in rows] == [[b.name, "yes" if b.usable else "no", b.reason] for b in info.values()]
+
+
 def test_shrink_and_expand_validate_too():
     x, A, B = torch.randn(T, K), torch.randn(S, R, K), torch.randn(S, N, R)
     idx = torch.tensor([0, 1, -1, 2, 0, 1])

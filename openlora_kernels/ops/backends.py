@@ -42,6 +42,26 @@ class BackendInfo:
         return f"{self.name}: {'usable' if self.usable else 'unavailable'} ({self.reason})"
 
 
+class Backends(Dict[str, BackendInfo]):
+    """What :func:`available_backends` returns: a dict ``{name: BackendInfo}`` (index it, iterate
+    it, ``.items()``...) that prints as a table of the backends, whether each is usable, and why."""
+
+    def __init__(self, device_type: str, infos: Dict[str, BackendInfo]):
+        super().__init__(infos)
+        self.device_type = device_type
+
+    def __str__(self) -> str:
+        width = max([len("backend")] + [len(k) for k in self])
+        lines = [f"kernel backends for {self.device_type} tensors (\"auto\" picks "
+                 f"{resolve_backend('auto', torch.device(self.device_type))!r}):",
+                 f"  {'backend':<{width}}  {'usable':<6}  why"]
+        for name, info in self.items():
+            lines.append(f"  {name:<{width}}  {'yes' if info.usable else 'no':<6}  {info.reason}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
@@ -97,15 +117,23 @@ def _default_device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def available_backends(device: Union[str, torch.device, None] = None) -> Dict[str, BackendInfo]:
-    """For each backend, whether it is usable for tensors on ``device`` and why (not).
+def available_backends(device: Union[str, torch.device, None] = None) -> Backends:
+    """For each backend, whether it is usable for tensors on ``device`` and why (not): a dict
+    ``{name: BackendInfo}`` that prints as a table.
 
     ``device`` defaults to the GPU when there is one, else the CPU.
 
     >>> import openlora_kernels as olk
     >>> info = olk.available_backends("cpu")
-    >>> info["torch"].usable
-    True
+    >>> info["torch"].usable, sorted(info)
+    (True, ['cpu', 'cuda', 'torch', 'triton'])
+    >>> print(info)                                                   # doctest: +ELLIPSIS
+    kernel backends for cpu tensors ("auto" picks ...):
+      backend  usable  why
+      torch    yes     pure PyTorch on cpu
+      cpu      ...
+      triton   ...
+      cuda     no      the CUDA kernels run on CUDA tensors only
     """
     dev_type = torch.device(device).type if device is not None else _default_device_type()
     out: Dict[str, BackendInfo] = {}
@@ -117,7 +145,7 @@ def available_backends(device: Union[str, torch.device, None] = None) -> Dict[st
     out["triton"] = BackendInfo("triton", r is None, why if r is None else r)
     r = _cuda_reason(dev_type)
     out["cuda"] = BackendInfo("cuda", r is None, "compiled csrc/ extension" if r is None else r)
-    return out
+    return Backends(dev_type, out)
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

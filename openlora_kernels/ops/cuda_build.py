@@ -5,16 +5,19 @@ environment where torch is absent. Nothing here touches a GPU.
 
 Two ways the binary comes to exist (docs/cuda.md):
 
-* **install time** -- ``setup.py`` builds ``openlora_kernels/ops/_cuda_sgmv*.so`` when nvcc is
-  found, with CMake + Ninja when both are installed, else with nvcc directly (same flags);
+* **install time** -- ``setup.py`` builds ``openlora_kernels/ops/_cuda_sgmv*.so`` when asked
+  (``OPENLORA_CUDA_ARCHS`` set) or when a GPU is visible (for that GPU's arch), and nvcc is
+  found, with CMake + Ninja when both are installed, else with nvcc directly (same flags); on a
+  machine without a GPU nothing is compiled unless asked (:func:`install_plan` says why);
 * **first use** -- when the installed package lacks a binary usable on this GPU (built on a CPU
   box, a stale binary, another arch), :func:`load_or_build` compiles the shipped sources for this
   GPU's arch into a per-user cache, ``<cache>/<source hash>-sm<arch>/``, under a file lock so
   two processes never build the same entry at once; a failure is recorded there and reported.
 
 Environment:
-  OPENLORA_CUDA_ARCHS   install-time archs, e.g. "80;89;90" (default), "90", "8.0,9.0"
-  OPENLORA_SKIP_CUDA=1  do not build the extension at install time
+  OPENLORA_CUDA_ARCHS   build at install time for these archs, e.g. "80;89;90", "90", "8.0,9.0"
+                        (unset: only when a GPU is visible, for its arch)
+  OPENLORA_SKIP_CUDA=1  do not build the extension at install time, even with a GPU
   OPENLORA_CUDA_REQUIRED=1  make an install-time build failure fatal (default: warn, continue)
   OPENLORA_CUDA_BUILDER  "cmake" or "nvcc" to force one install-time build route
   OPENLORA_CUDA_JIT=0   never build on first use
@@ -50,6 +53,7 @@ SOURCE_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
 TRANSLATION_UNITS = ("launchers.cu", "bindings.cpp")
 LOCK_TIMEOUT_S = 1800.0
 FAILED_MARKER = "BUILD_FAILED"
+NVIDIA_PROC_GPUS = "/proc/driver/nvidia/gpus"   # one entry per GPU the driver sees
 
 _PKG_OPS_DIR = Path(__file__).resolve().parent
 
@@ -109,6 +113,7 @@ def parse_archs(spec: str) -> List[int]:
 
 
 def install_archs() -> List[int]:
+    """The archs of OPENLORA_CUDA_ARCHS, else the default ones (a build asked for no arch)."""
     spec = os.environ.get("OPENLORA_CUDA_ARCHS", "")
     return parse_archs(spec) if spec.strip() else list(DEFAULT_ARCHS)
 
@@ -181,10 +186,73 @@ def missing_tools_reason() -> Optional[str]:
     return None
 
 
-def install_skip_reason() -> Optional[str]:
+def visible_gpu_archs(timeout: float = 20.0) -> Optional[List[int]]:
+    """Compute capabilities of the NVIDIA GPUs visible here (e.g. [90]), read without CUDA or torch
+    (``nvidia-smi``, else the driver's /proc entries): [] when none is visible, None when one is
+    but its arch could not be read. ``CUDA_VISIBLE_DEVICES`` set to "" or "-1" hides them all."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None and cvd.strip() in ("", "-1"):
+        return []
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            proc = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"],
+                                  capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.SubprocessError):
+            proc = None
+        if proc is not None and proc.returncode == 0:
+            archs = set()
+            for line in proc.stdout.splitlines():
+                with contextlib.suppress(ValueError):
+                    archs.add(int(round(float(line.strip()) * 10)))
+            if archs:
+                return sorted(archs)
+    gpus = Path(NVIDIA_PROC_GPUS)
+    with contextlib.suppress(OSError):
+        if gpus.is_dir() and any(gpus.iterdir()):
+            return None
+    return []
+
+
+def install_plan() -> Tuple[Optional[List[int]], str]:
+    """What ``pip install`` does with the CUDA extension: (archs to build, why) or (None, why not).
+
+    Built when asked (``OPENLORA_CUDA_ARCHS``) or when a GPU is visible (for the visible GPUs'
+    archs; the default archs when those cannot be read), and nvcc and pybind11 are there; never
+    with ``OPENLORA_SKIP_CUDA=1``. Without a GPU it is left to the first use on a GPU machine
+    (:func:`load_or_build`), which builds for that GPU only. Raises ValueError for an unreadable
+    ``OPENLORA_CUDA_ARCHS``."""
     if os.environ.get("OPENLORA_SKIP_CUDA", "0").lower() in ("1", "true", "yes", "on"):
-        return "OPENLORA_SKIP_CUDA is set"
-    return missing_tools_reason()
+        return None, "OPENLORA_SKIP_CUDA is set"
+    spec = os.environ.get("OPENLORA_CUDA_ARCHS", "")
+    if spec.strip():
+        archs, why = parse_archs(spec), f"OPENLORA_CUDA_ARCHS={spec.strip()}"
+    else:
+        seen = visible_gpu_archs()
+        if seen == []:
+            return None, ("no GPU is visible and OPENLORA_CUDA_ARCHS is not set (backend 'cuda' builds for "
+                          "its GPU on first use; OPENLORA_CUDA_ARCHS=90 builds sm_90 now)")
+        if seen is None:
+            archs, why = list(DEFAULT_ARCHS), "a GPU is visible (its arch could not be read: the default archs)"
+        else:
+            archs = [a for a in seen if a >= MIN_ARCH]
+            shown = ", ".join(f"sm_{a}" for a in seen)
+            if not archs:
+                return None, f"the visible GPU ({shown}) is older than sm_{MIN_ARCH}, the oldest these kernels support"
+            why = f"a GPU is visible ({shown})"
+    missing = missing_tools_reason()
+    if missing:
+        return None, f"{missing}; wanted because {why}"
+    return archs, why
+
+
+def install_skip_reason() -> Optional[str]:
+    """Why ``pip install`` does not build the CUDA extension (None: it does; see install_plan)."""
+    try:
+        archs, why = install_plan()
+    except ValueError as e:
+        return str(e)
+    return None if archs else why
 
 
 def ext_suffix() -> str:
