@@ -149,8 +149,8 @@ def main(argv=None) -> int:
                 out.append({"benchmark": "ab_hf_cpu_decode", "kernel": "model_forward",
                             "contender": f"{contender}@{r['who']}", "shape": shape, "metric": "latency", "unit": "ms",
                             **r[contender], **{**env, "commit": r["commit_of_checkout"]},
-                            "extra": f"ours_over_base={r['vs_base']:.3f};after_over_before={pq['median']:.3f};"
-                                     f"rounds={args.rounds};reps={args.reps}"})
+                            "ours_over_base": round(r["vs_base"], 3), "after_over_before": round(pq["median"], 3),
+                            "rounds": args.rounds, "reps": args.reps})
         print("wrote", write_rows(args.out, out, {}))
     return 0
 

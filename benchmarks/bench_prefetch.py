@@ -146,7 +146,7 @@ def main(argv=None) -> int:
         shape = f"rows=32,tokens=1,hidden=256,layers=4,r=16,resident=8,delay_s={args.delay}"
         out = [{"benchmark": "prefetch", "kernel": "model_forward", "contender": k, "shape": shape,
                 "metric": "latency_10_forwards" if not k.startswith("first") else "latency_first_use",
-                "unit": "ms", **v, "extra": f"prefetch_over_idle={ratio:.3f};rounds={args.rounds}"}
+                "unit": "ms", **v, "prefetch_over_idle": round(ratio, 3), "rounds": args.rounds}
                for k, v in q.items()]
         print("wrote", common.write_rows(args.out, out, common.env_info(torch.device("cpu"))))
     for f in failures[:5]:

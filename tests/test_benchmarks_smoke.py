@@ -817,3 +817,41 @@ def test_bench_hf_cpu_decode_shows_progress_on_stderr(tmp_path, capsys):
     rows = common.read_rows(out)
     assert len(rows) == 6 and {r["contender"] for r in rows} >= {"base", "openlora", "peft_mixed"}
     assert "wrote " + out in cap.out
+
+
+# ------------------------------------------------------------- training, prefetch, A/B (CPU)
+
+
+def test_bench_train_small_run_writes_rows(tmp_path):
+    from benchmarks import bench_train
+
+    out = str(tmp_path / "train.csv")
+    assert bench_train.main(["--adapters", "2", "--rows", "2", "--seq", "4", "--rounds", "1", "--out", out]) == 0
+    rows = common.read_rows(out)
+    assert [r["contender"] for r in rows] == ["ours", "peft"]
+    assert all(r["median"] > 0 and "adamw=fused" in r["shape"] for r in rows)
+    assert rows[0]["extra"]["peft_over_ours"] > 0
+
+
+def test_bench_prefetch_small_run_writes_rows(tmp_path):
+    from benchmarks import bench_prefetch
+
+    out = str(tmp_path / "prefetch.csv")
+    assert bench_prefetch.main(["--rounds", "1", "--delay", "0.05", "--out", out]) == 0
+    got = {r["contender"]: r for r in common.read_rows(out)}
+    assert set(got) == {"idle", "prefetch", "blocking_load", "first_use_prefetched", "first_use_cold"}
+    # the cold first use reads the slow source inside the forward; the prefetched one does not
+    assert got["first_use_cold"]["median"] >= 50
+
+
+def test_bench_ab_compares_two_checkouts(tmp_path, capsys):
+    from benchmarks import bench_ab
+
+    out = str(tmp_path / "ab.csv")
+    assert bench_ab.main(["--before", ROOT, "--after", ROOT, "--rounds", "2", "--reps", "1", "--out", out]) == 0
+    text = capsys.readouterr().out
+    assert "max |after - before| over sampled logits = 0" in text
+    rows = common.read_rows(out)
+    assert sorted(r["contender"] for r in rows) == ["base@after", "base@before", "openlora@after", "openlora@before"]
+    with pytest.raises(SystemExit, match="--before"):
+        bench_ab.main(["--before", str(tmp_path)])
