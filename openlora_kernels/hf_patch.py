@@ -808,7 +808,7 @@ class MultiLoRAModel:
         this library does not swap per request: resized embeddings, modules_to_save...)."""
         if not weights.base_copies:
             return
-        params = dict(self.model.named_parameters())
+        params = dict(self.model.named_parameters(remove_duplicate=False))     # tied weights under each name
         for name, t in weights.base_copies.items():
             hits = [n for n in params if n == name or n.endswith("." + name) or name.endswith("." + n)]
             if len(hits) != 1:
