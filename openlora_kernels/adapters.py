@@ -3,7 +3,8 @@
 An adapter is what PEFT's ``save_pretrained`` writes: ``adapter_config.json`` plus
 ``adapter_model.safetensors`` (or, from old PEFT versions, ``adapter_model.bin``). This module
 turns such an adapter into :class:`AdapterWeights`: for every module it targets, ``lora_A.weight``
-[r, K], ``lora_B.weight`` [N, r] and PEFT's scaling for that module. It never touches a model;
+[r, K], ``lora_B.weight`` [N, r] (an embedding's ``lora_embedding_A`` / ``_B``; a DoRA magnitude)
+and PEFT's scaling for that module. It never touches a model;
 matching the modules to a model is the job of ``hf_patch.py``, which can pass an
 :class:`Expectation` (a check of the tensor shapes, a byte limit) that refuses a weights file
 from its header, before its data is read.
@@ -30,9 +31,12 @@ values finite numbers > 0 (bools, strings, NaN and Infinity are refused); patter
 strings the pattern matcher accepts. ``target_modules`` (list, regex or "all-linear"),
 ``layers_to_transform``/``layers_pattern`` and ``fan_in_fan_out`` decide which modules PEFT
 created and saved; the saved tensors are the authority on that, so an adapter applies exactly to
-the modules it has weights for. Fields that change the computation in ways these kernels do not
-implement (DoRA, LoRA bias, modules_to_save, trainable tokens, ...) raise NotImplementedError
-naming them, never silently wrong output.
+the modules it has weights for. Also read: DoRA (``use_dora``: each module's
+``lora_magnitude_vector``), embedding LoRA (``lora_embedding_A`` / ``lora_embedding_B``) and
+``target_parameters`` (LoRA on a module's nn.Parameter: which parameter a saved LoRA belongs to
+needs the model, given as a :data:`ParamResolver`). Fields that change the computation in ways
+these kernels do not implement (LoRA bias, modules_to_save, trainable tokens, ...) raise
+NotImplementedError naming them, never silently wrong output.
 
 Files: ``adapter_config.json`` must be a UTF-8 JSON object of at most :data:`MAX_CONFIG_BYTES`.
 Weights files must be non-empty regular files (symlinks to regular files, as in the Hub cache,

@@ -91,7 +91,7 @@ def _expert_linear(x: torch.Tensor, w: torch.Tensor, e: torch.Tensor, transposed
     except ImportError:                            # pragma: no cover - older transformers
         _grouped_linear = None
     if _grouped_linear is not None:
-        counts = torch.bincount(e, minlength=E)
+        counts = torch.zeros(E, dtype=torch.int64, device=e.device).scatter_add_(0, e, torch.ones_like(e))   # no sync
         ys = _grouped_linear(xs, w, torch.cumsum(counts, 0, dtype=torch.int32), bias=None, is_transposed=transposed)
     else:                                          # pragma: no cover
         ys = xs.new_empty((xs.shape[0], w.shape[2] if transposed else w.shape[1]))

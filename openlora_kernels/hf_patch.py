@@ -8,10 +8,12 @@ How the model is patched
 ------------------------
 * Modules are found by walking ``model.named_modules()`` and matching ``target_modules`` (no
   per-model tables): ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2; its weight is stored
-  [in, out], which only matters for the base layer: PEFT's lora_A/lora_B are the same for both).
-  ``target_modules=None`` (or "all-linear") = every such module except the output embedding
-  (``lm_head``), i.e. PEFT's "all-linear"; an adapter with weights for a module that is not
-  patched is refused with a message naming it.
+  [in, out], which only matters for the base layer: PEFT's lora_A/lora_B are the same for both),
+  ``nn.Embedding``, and MoE expert / router parameters (hf_params.py).
+  ``target_modules=None`` (or "all-linear") = every Linear / Conv1D except the output embedding
+  (``lm_head``), i.e. PEFT's "all-linear", plus the MoE parameters PEFT's "all-linear" adapts and
+  the input embedding; an adapter with weights for a module that is not patched is refused with a
+  message naming it.
 * Each patched module gets a forward hook (the module itself, its weights and the model's
   state_dict are untouched): ``y = base(x)`` as before, then
   ``add_lora(y.view(-1, N), x.reshape(-1, K), A_slots, B_slots, meta, scalings, ranks)`` through
@@ -32,6 +34,13 @@ How the model is patched
   position during generation) gets the metadata of that layout, built once per forward too.
 * Rows whose adapter does not target a layer have rank 0 for its slot there: no delta. Padding
   (left or right) is the base model's business: deltas apply per token like PEFT's.
+* Encoder-decoder models: the encoder and the decoder stacks get pre-forward hooks of their own
+  that build the metadata of their input (``generate`` calls the encoder outside the model's
+  forward); the enclosing layout is restored when they return.
+* Beyond linear layers: nn.Embedding (embedding LoRA: a gather of lora_embedding_A's columns by
+  token id, then the expand), DoRA on either (its column scale computed at load: B stored as
+  diag(g) B, the base output of DoRA rows scaled by ops.dora_rescale), and the expert / router
+  weights of transformers MoE blocks (hf_params.py). docs/usage.md, "Adapter kinds".
 
 Serving stacks with packed / variable-length batches use :meth:`MultiLoRAModel.set_batch`
 (per-token slots or a LoRABatchMeta) and then call ``lm.model`` with no extra arguments.
@@ -492,6 +501,7 @@ class MultiLoRAModel:
         self._targets: Dict[str, Target] = {t.name: t for t in picked}
         self._modules_by_name = dict(model.named_modules())
         self._all_modules = set(self._modules_by_name)
+        self._all_params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         self._resolved: Dict[str, str] = {}
         # Weights files are checked against what this model accepts from their header, before
         # their data is read (a multi-GiB file with the wrong shapes is refused unread).
@@ -680,13 +690,22 @@ class MultiLoRAModel:
             emb += 8 * w.numel() if isinstance(w, torch.Tensor) else 0
         return lora + emb + (1 << 20)
 
-    def _param_host(self, module: str) -> Optional[str]:
-        """The model's name for the adapter's ``module`` (``.base_layer`` wrappers stripped) when
-        parameters of it are patched (an experts module, a router), else None."""
-        stripped, _ = strip_base_layer(module)
-        hosts = {n.rsplit(".", 1)[0] for n, t in self._targets.items() if t.param is not None}
-        cands = [h for h in hosts if h == stripped or h.endswith("." + stripped) or stripped.endswith("." + h)]
+    def _model_module(self, module: str) -> Optional[str]:
+        """The model's name for the adapter's ``module`` (another wrapping level: a suffix either
+        way), if exactly one module fits."""
+        cands = [n for n in self._all_modules if n and (n == module or n.endswith("." + module)
+                                                        or module.endswith("." + n))]
         return cands[0] if len(cands) == 1 else None
+
+    def _param_host(self, module: str) -> bool:
+        """Whether the LoRA saved under the adapter's ``module`` can only be a parameter target
+        (PEFT's ``.base_layer`` nesting, or a module that is not a Linear / Conv1D / Embedding):
+        its meaning needs the adapter's config (_param_target)."""
+        stripped, depth = strip_base_layer(module)
+        if depth:
+            return True
+        name = self._model_module(stripped)
+        return name is not None and not _plain(self._modules_by_name[name])
 
     def _param_target(self, module: str, config: Dict[str, Any]) -> Optional[Tuple[str, int]]:
         """PEFT's target_parameters: which parameter the LoRA saved under ``module`` belongs to
@@ -694,11 +713,10 @@ class MultiLoRAModel:
         module registers them, each wrapper around the previous: the last one's LoRA is saved under
         ``module.lora_A``, the one before under ``module.base_layer.lora_A``..."""
         stripped, depth = strip_base_layer(module)
-        cands = [n for n in self._all_modules if n and (n == stripped or n.endswith("." + stripped)
-                                                        or stripped.endswith("." + n))]
-        if len(cands) != 1:
+        name = self._model_module(stripped)
+        if name is None:
             return None
-        mod = self._modules_by_name[cands[0]]
+        mod = self._modules_by_name[name]
         if _plain(mod):
             return None
         targets = config.get("target_parameters") or ()
@@ -708,7 +726,7 @@ class MultiLoRAModel:
             return None
         if depth >= len(wrapped):
             raise AdapterFormatError(f"module {module!r}: {depth} '.base_layer' wrappers, but target_parameters "
-                                     f"wraps only {wrapped} of {cands[0]!r}")
+                                     f"wraps only {wrapped} of {name!r}")
         p = wrapped[len(wrapped) - 1 - depth]
         w = getattr(mod, p)
         return f"{stripped}.{p}", (w.shape[0] if w.dim() == 3 else 0)
@@ -725,7 +743,7 @@ class MultiLoRAModel:
             if hit is None:        # a saved copy of a base parameter (or not LoRA at all): checked
                 continue           # with its data by _bind, within the max_bytes bound
             module, part = hit
-            if part == "lora_magnitude_vector" or self._param_host(module) is not None:
+            if part == "lora_magnitude_vector" or self._param_host(module):
                 continue
             layer = self._layer_for(module, origin)
             ls = self._layers[layer]
@@ -832,6 +850,10 @@ class MultiLoRAModel:
             elif module in self._all_modules or any(n.endswith("." + module) for n in self._all_modules):
                 raise ValueError(f"{origin}: module {module!r} is not patched (target_modules="
                                  f"{self.target_modules!r}); patch the model with target_modules including it")
+            elif any(n == module or n.endswith("." + module) for n in self._all_params):
+                raise ValueError(f"{origin}: parameter {module!r} is not patched: parameter targets "
+                                 "(target_parameters) are served on the expert and router weights of transformers "
+                                 f"MoE blocks (target_modules={self.target_modules!r})")
             else:
                 raise ValueError(f"{origin}: module {module!r} does not exist in the model")
         self._resolved[module] = hit
