@@ -148,14 +148,21 @@ def _default_target(model: nn.Module, t: Target, out_emb, in_emb) -> bool:
     return t.module is not out_emb
 
 
+def _embeddings(model: nn.Module, get: str) -> Optional[nn.Module]:
+    fn = getattr(model, get, None)
+    try:
+        return fn() if callable(fn) else None
+    except (NotImplementedError, AttributeError, TypeError):     # a PreTrainedModel without them
+        return None
+
+
 def select_modules(model: nn.Module, target_modules: TargetModules) -> List[Target]:
     """The targets to patch (see :class:`Target`).
 
     None / "all-linear": :func:`_default_target`. A list: targets whose name equals an entry or
     ends with "." + entry (PEFT's rule). Another string: a regex the whole name must match.
     """
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out_emb, in_emb = _embeddings(model, "get_output_embeddings"), _embeddings(model, "get_input_embeddings")
     if isinstance(target_modules, str) and target_modules != "all-linear":
         rx = re.compile(target_modules)
         match = lambda n: rx.fullmatch(n) is not None  # noqa: E731
@@ -804,10 +811,11 @@ class MultiLoRAModel:
             if layer in out:
                 raise ValueError(f"{weights.origin}: two modules of the adapter map to layer {layer!r}")
             b, scaling, g = m.b, m.scaling, None
-            if m.magnitude is not None:
-                w = self._base_weight(layer).float().cpu()
-                delta = m.b.float() @ m.a.float()
-                g = m.magnitude.float() / torch.linalg.norm(w + m.scaling * delta, dim=1)
+            if m.magnitude is not None:      # (on the weight's device: no host copy of a big weight)
+                w = self._base_weight(layer)
+                a32, b32 = m.a.to(w.device, torch.float32), m.b.to(w.device, torch.float32)
+                norm = torch.linalg.norm(w.float() + m.scaling * (b32 @ a32), dim=1)
+                g = (m.magnitude.to(w.device, torch.float32) / norm).cpu()
                 b = g[:, None] * m.b.float()
             es = getattr(t.module, "embed_scale", None) if t.kind == "embedding" else None
             if es is not None:

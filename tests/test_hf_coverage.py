@@ -253,6 +253,26 @@ def test_embedding_ops_match_a_reference_on_every_backend():
         olk.add_lora_embedding(torch.zeros(T, N), ids.float(), A, B, idx, sc)
 
 
+def test_dora_rescale_scales_only_dora_rows():
+    T, N, S = 6, 5, 3
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(T, N, generator=g)
+    y[1, 0], y[4, 2] = float("inf"), float("nan")              # untouched rows stay as they are
+    col = torch.randn(S, N, generator=g)                         # g - 1 per slot
+    has = torch.tensor([True, False, True])
+    bias = torch.randn(N, generator=g)
+    idx = torch.tensor([0, -1, 2, 1, 1, 0])
+    want = y.clone()
+    for t in (0, 2, 5):
+        want[t] = y[t] + col[idx[t]] * (y[t] - bias)
+    got = olk.dora_rescale(y.clone(), col, has, idx, bias)
+    torch.testing.assert_close(got[[0, 2, 5]], want[[0, 2, 5]], atol=1e-6, rtol=1e-6)
+    assert torch.equal(got[[1, 3, 4]].nan_to_num(), y[[1, 3, 4]].nan_to_num())
+    assert got[4, 2].isnan() and got[1, 0].isinf()
+    with pytest.raises(ValueError, match="col_scale"):
+        olk.dora_rescale(y, col[:, :2], has, idx)
+
+
 def embedding_configs(arch, tied=False):
     from peft import LoraConfig
 
