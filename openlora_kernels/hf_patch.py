@@ -141,8 +141,11 @@ def candidate_targets(model: nn.Module) -> List[Target]:
 def _default_target(model: nn.Module, t: Target, out_emb, in_emb) -> bool:
     """What target_modules=None / "all-linear" patches: PEFT's "all-linear" (every Linear /
     Conv1D but the output embedding, and, as PEFT does on transformers 5, the expert and router
-    weights of MoE blocks), plus the input embedding and the embeddings tied to it."""
+    weights of MoE blocks), plus the input embedding and the embeddings tied to it (but not one
+    with max_norm)."""
     if t.kind == "embedding":
+        if t.module.max_norm is not None:       # (refused when named: it renormalises its weight in place)
+            return False
         w = getattr(in_emb, "weight", None)
         return t.module is in_emb or (isinstance(w, torch.Tensor) and t.module.weight is w)
     return t.module is not out_emb

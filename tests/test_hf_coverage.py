@@ -485,3 +485,11 @@ def test_a_parameter_target_outside_moe_blocks_is_refused():
     with pytest.raises(ValueError, match=r"parameter '1.w' is not patched.*MoE"):
         lm.load_adapter("x", lambda: ({"r": 2, "target_parameters": ["1.w"]}, tensors))
     assert lm.adapters == ()
+
+
+def test_an_embedding_with_max_norm_is_left_out_by_default_and_refused_by_name():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8, max_norm=1.0), torch.nn.Linear(8, 8))
+    model.get_input_embeddings = lambda: model[0]
+    assert olk.patch_model(model, max_adapters=2, max_rank=4).patched_modules == ("1",)
+    with pytest.raises(NotImplementedError, match=r"module '0'.*max_norm"):
+        olk.patch_model(torch.nn.Sequential(torch.nn.Embedding(10, 8, max_norm=1.0)), target_modules=["0"])
