@@ -20,8 +20,9 @@ Hugging Face names below are loaded on first use.
 """
 from .checks import check_batch_meta, debug_checks_enabled, set_debug_checks
 from .metadata import LoRABatchMeta, build_batch_meta, choose_block_m
-from .ops import (BackendInfo, BackendUnavailableError, BoundLoRA, add_lora, available_backends, forbid_backward,
-                  lora_backward, lora_expand, lora_shrink)
+from .ops import (BackendInfo, BackendUnavailableError, BoundEmbeddingLoRA, BoundLoRA, add_lora, add_lora_embedding,
+                  available_backends, dora_rescale, forbid_backward, lora_backward, lora_embedding_shrink, lora_expand,
+                  lora_shrink)
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,7 @@ def __getattr__(name):
 
 __all__ = [
     "add_lora", "lora_shrink", "lora_expand", "lora_backward", "BoundLoRA", "forbid_backward",
+    "add_lora_embedding", "lora_embedding_shrink", "BoundEmbeddingLoRA", "dora_rescale",
     "LoRABatchMeta", "build_batch_meta", "choose_block_m", "check_batch_meta",
     "available_backends", "BackendInfo", "BackendUnavailableError",
     "set_debug_checks", "debug_checks_enabled",

@@ -3,7 +3,8 @@
 An adapter is what PEFT's ``save_pretrained`` writes: ``adapter_config.json`` plus
 ``adapter_model.safetensors`` (or, from old PEFT versions, ``adapter_model.bin``). This module
 turns such an adapter into :class:`AdapterWeights`: for every module it targets, ``lora_A.weight``
-[r, K], ``lora_B.weight`` [N, r] and PEFT's scaling for that module. It never touches a model;
+[r, K], ``lora_B.weight`` [N, r] (an embedding's ``lora_embedding_A`` / ``_B``; a DoRA magnitude)
+and PEFT's scaling for that module. It never touches a model;
 matching the modules to a model is the job of ``hf_patch.py``, which can pass an
 :class:`Expectation` (a check of the tensor shapes, a byte limit) that refuses a weights file
 from its header, before its data is read.
@@ -30,9 +31,12 @@ values finite numbers > 0 (bools, strings, NaN and Infinity are refused); patter
 strings the pattern matcher accepts. ``target_modules`` (list, regex or "all-linear"),
 ``layers_to_transform``/``layers_pattern`` and ``fan_in_fan_out`` decide which modules PEFT
 created and saved; the saved tensors are the authority on that, so an adapter applies exactly to
-the modules it has weights for. Fields that change the computation in ways these kernels do not
-implement (DoRA, LoRA bias, modules_to_save, trainable tokens, ...) raise NotImplementedError
-naming them, never silently wrong output.
+the modules it has weights for. Also read: DoRA (``use_dora``: each module's
+``lora_magnitude_vector``), embedding LoRA (``lora_embedding_A`` / ``lora_embedding_B``) and
+``target_parameters`` (LoRA on a module's nn.Parameter: which parameter a saved LoRA belongs to
+needs the model, given as a :data:`ParamResolver`). Fields that change the computation in ways
+these kernels do not implement (LoRA bias, modules_to_save, trainable tokens, ...) raise
+NotImplementedError naming them, never silently wrong output.
 
 Files: ``adapter_config.json`` must be a UTF-8 JSON object of at most :data:`MAX_CONFIG_BYTES`.
 Weights files must be non-empty regular files (symlinks to regular files, as in the Hub cache,
@@ -74,14 +78,12 @@ MAX_HEADER_BYTES = 100 << 20       # a safetensors header (JSON) is ~100 bytes p
 
 # Config fields whose "set" value changes the forward pass in a way plain LoRA does not cover.
 _UNSUPPORTED_FIELDS = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a bias on lora_B",
     "modules_to_save": "fully trained copies of whole modules",
     "trainable_token_indices": "trained token embeddings",
     "layer_replication": "replicated layers",
     "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "use_qalora": "QA-LoRA",
-    "target_parameters": "LoRA on parameters (nn.Parameter targets)",
     "use_bdlora": "block-diagonal LoRA",
     "arrow_config": "Arrow routing",
     "monteclora_config": "MonteCLoRA",
@@ -89,7 +91,12 @@ _UNSUPPORTED_FIELDS = {
     "velora_config": "VeLoRA",
 }
 _PEFT_PREFIX = "base_model.model."
+# lora_A / lora_B of a linear layer (or of a wrapped parameter), with an adapter-name infix or not
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[^.]+)?\.weight$")
+# an nn.Embedding's LoRA (ParameterDict entries: no ".weight")
+_EMB_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?$")
+# DoRA's magnitude vector (saved as "...lora_magnitude_vector"; in a model "...lora_magnitude_vector.default.weight")
+_MAG_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 # safetensors dtype names -> torch dtypes (those this torch has)
 _ST_DTYPES = {name: getattr(torch, attr) for name, attr in (
     ("BOOL", "bool"), ("U8", "uint8"), ("I8", "int8"), ("U16", "uint16"), ("I16", "int16"), ("U32", "uint32"),
@@ -122,19 +129,32 @@ class AdapterSource(Protocol):
 
 @dataclass(frozen=True)
 class ModuleLoRA:
-    """One module's adapter: h = x @ a.T (a [r, K]); y += scaling * h @ b.T (b [N, r])."""
+    """One module's adapter: h = x @ a.T (a [r, K]); y += scaling * h @ b.T (b [N, r]).
+
+    ``kind``: "linear" (nn.Linear / Conv1D), "embedding" (nn.Embedding: a = lora_embedding_A
+    [r, num_embeddings], b = lora_embedding_B [embedding_dim, r]; x is the one-hot token, so
+    h = a[:, token]) or "param" (PEFT's ``target_parameters``: LoRA on a module's nn.Parameter;
+    for a 3-D [experts, ...] parameter ``experts`` = E and a is [E, r, K], b [E, N, r], one
+    adapter per expert). ``magnitude``: DoRA's magnitude vector [N] (None: plain LoRA).
+    """
 
     a: torch.Tensor
     b: torch.Tensor
     scaling: float
+    kind: str = "linear"
+    magnitude: Optional[torch.Tensor] = None
+    experts: int = 0
 
     @property
     def rank(self) -> int:
-        return self.a.shape[0]
+        return self.a.shape[-2]
 
     @property
     def nbytes(self) -> int:
-        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+        n = self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+        if self.magnitude is not None:
+            n += self.magnitude.numel() * self.magnitude.element_size()
+        return n
 
 
 @dataclass(frozen=True)
@@ -557,14 +577,25 @@ def _alpha(v: Any, origin: str, name: str) -> float:
     return float(v)
 
 
-def check_config(config: Dict[str, Any], origin: str) -> None:
+def check_config(config: Dict[str, Any], origin: str, params: bool = False) -> None:
     """Raise NotImplementedError for what this library does not apply, AdapterFormatError
-    (naming the field and the value) for nonsense."""
+    (naming the field and the value) for nonsense. ``params``: ``target_parameters`` can be
+    resolved (a model is known: see :func:`parse_adapter`)."""
     peft_type = config.get("peft_type", "LORA")
     peft_type = getattr(peft_type, "value", peft_type)           # peft.PeftType is a str enum
     if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
         raise NotImplementedError(f"{origin}: peft_type {_show(peft_type)} is not supported (only LoRA)")
     bad = [f"{k} ({why})" for k, why in _UNSUPPORTED_FIELDS.items() if _is_set(config.get(k))]
+    targets = config.get("target_parameters")
+    if _is_set(targets):
+        if not params:
+            bad.append("target_parameters (LoRA on nn.Parameter targets: needs the model, load it with "
+                       "MultiLoRAModel.load_adapter)")
+        elif not (isinstance(targets, (list, tuple)) and all(isinstance(t, str) and t for t in targets)):
+            raise AdapterFormatError(f"{origin}: adapter_config target_parameters must be a list of parameter "
+                                     f"names, got {_show(targets)}")
+    if _is_set(config.get("use_dora")) and _is_set(targets):
+        bad.append("use_dora with target_parameters (PEFT has no DoRA for parameter targets)")
     if config.get("bias", "none") != "none":
         bad.append(f"bias={_show(config.get('bias'))} (trained biases of the base layers)")
     if bad:
@@ -609,20 +640,41 @@ def module_scaling(config: Dict[str, Any], module: str, origin: str = "adapter")
 # ------------------------------------------------------------------------------------ tensors
 
 
+LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
 def split_key(key: str) -> Optional[Tuple[str, str]]:
-    """``(module, "lora_A" | "lora_B")`` for a LoRA weight's state-dict key (``base_model.model.``
-    prefix stripped, an adapter-name infix like ``.default`` allowed); None for a saved copy of a
-    base parameter; NotImplementedError for LoRA tensors this library does not apply."""
+    """``(module, part)`` for a LoRA tensor's state-dict key (``base_model.model.`` prefix
+    stripped, an adapter-name infix like ``.default`` allowed), part one of :data:`LORA_PARTS`
+    ("lora_A" / "lora_B" of a linear layer or wrapped parameter, "lora_embedding_A" /
+    "lora_embedding_B" of an nn.Embedding, DoRA's "lora_magnitude_vector"); None for a saved copy
+    of a base parameter; NotImplementedError for LoRA tensors this library does not apply."""
     name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
-    m = _KEY.match(name)
+    for rx in (_KEY, _EMB_KEY):
+        m = rx.match(name)
+        if m is not None:
+            return m.group("module"), m.group("part")
+    m = _MAG_KEY.match(name)
     if m is not None:
-        return m.group("module"), m.group("part")
+        return m.group("module"), "lora_magnitude_vector"
     if "lora_" in name:
-        what = ("DoRA magnitude vector" if "lora_magnitude_vector" in name else
-                "embedding LoRA" if "lora_embedding_" in name else
-                "a lora_B bias" if name.endswith("lora_B.bias") else "an unknown LoRA tensor")
+        what = "a lora_B bias" if name.endswith("lora_B.bias") else "an unknown LoRA tensor"
         raise NotImplementedError(f"tensor {key!r} is unsupported ({what})")
     return None
+
+
+def strip_base_layer(module: str) -> Tuple[str, int]:
+    """(module name without PEFT's trailing ``.base_layer`` wrappers, how many there were). PEFT
+    nests one ParamWrapper per targeted parameter of a module: the LoRA of the last targeted
+    parameter is saved under ``experts.lora_A``, the one before under ``experts.base_layer.lora_A``."""
+    depth = 0
+    while module.endswith(".base_layer"):
+        module, depth = module[:-len(".base_layer")], depth + 1
+    return module, depth
+
+
+# (adapter module name with its .base_layer wrappers, config) -> (parameter key, experts) or None
+ParamResolver = Callable[[str, Dict[str, Any]], Optional[Tuple[str, int]]]
 
 
 def _check_tensors(tensors: Any, origin: str) -> None:
@@ -642,10 +694,18 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.to(a.device))
 
 
-def parse_adapter(config: Any, tensors: Mapping[str, torch.Tensor], origin: str) -> AdapterWeights:
-    """Validate a config + state dict and group the tensors per module."""
+def parse_adapter(config: Any, tensors: Mapping[str, torch.Tensor], origin: str,
+                  params: Optional[ParamResolver] = None) -> AdapterWeights:
+    """Validate a config + state dict and group the tensors per module.
+
+    ``params`` resolves PEFT's ``target_parameters`` (it needs the model: which parameters of a
+    module were wrapped, in which order, and how many experts a 3-D one holds); without it an
+    adapter using them is refused with NotImplementedError. A wrapped parameter's LoRA is keyed by
+    the parameter (``...experts.gate_up_proj``); a 3-D one is split per expert as PEFT does
+    (lora_A [E*r, K] -> [E, r, K]; lora_B [N, E*r] with column j*E + e -> [E, N, r]).
+    """
     cfg = _config_dict(config, origin)
-    check_config(cfg, origin)
+    check_config(cfg, origin, params=params is not None)
     _check_tensors(tensors, origin)
     parts: Dict[str, Dict[str, torch.Tensor]] = {}
     base_copies: Dict[str, torch.Tensor] = {}
@@ -668,27 +728,55 @@ def parse_adapter(config: Any, tensors: Mapping[str, torch.Tensor], origin: str)
             continue
         first[what] = key
         dest[slot] = t
-    if not parts:
+    if not any("lora_A" in ab or "lora_embedding_A" in ab or "lora_B" in ab or "lora_embedding_B" in ab
+               for ab in parts.values()):
         raise AdapterFormatError(f"{origin}: no lora_A / lora_B weights found")
+    dora = _is_set(cfg.get("use_dora"))
+    use_params = params is not None and _is_set(cfg.get("target_parameters"))
     modules: Dict[str, ModuleLoRA] = {}
     for mod, ab in sorted(parts.items()):
-        if set(ab) != {"lora_A", "lora_B"}:
-            missing = ({"lora_A", "lora_B"} - set(ab)).pop()
-            raise AdapterFormatError(f"{origin}: module {mod!r} has no {missing}.weight")
-        a, b = ab["lora_A"], ab["lora_B"]
+        emb = "lora_embedding_A" in ab or "lora_embedding_B" in ab
+        if emb and ("lora_A" in ab or "lora_B" in ab):
+            raise AdapterFormatError(f"{origin}: module {mod!r} has both lora_A/lora_B and lora_embedding_A/B")
+        na, nb = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
+        if na not in ab or nb not in ab:
+            missing = nb if na in ab else na
+            raise AdapterFormatError(f"{origin}: module {mod!r} has no {missing}{'' if emb else '.weight'}")
+        a, b, mag = ab[na], ab[nb], ab.get("lora_magnitude_vector")
         if a.dim() != 2 or b.dim() != 2:
-            raise NotImplementedError(f"{origin}: module {mod!r} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}; "
-                                      "only linear layers (2-D LoRA weights) are supported")
-        if b.shape[1] != a.shape[0]:
-            raise AdapterFormatError(f"{origin}: module {mod!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
-                                     "disagree on the rank")
+            raise NotImplementedError(f"{origin}: module {mod!r} has {na} {tuple(a.shape)} / {nb} {tuple(b.shape)}; "
+                                      "only linear layers, embeddings and parameters (2-D LoRA weights) are supported")
         if not (a.is_floating_point() and b.is_floating_point()):
             raise AdapterFormatError(f"{origin}: module {mod!r}: LoRA weights must be floating point, got {a.dtype}/{b.dtype}")
-        r_cfg, scale = module_scaling(cfg, mod, origin)
-        if r_cfg != a.shape[0]:
-            raise AdapterFormatError(f"{origin}: module {mod!r}: adapter_config gives rank {r_cfg} "
-                                     f"(r / rank_pattern) but lora_A has {a.shape[0]} rows")
-        modules[mod] = ModuleLoRA(a, b, scale)
+        if b.shape[1] != a.shape[0]:
+            raise AdapterFormatError(f"{origin}: module {mod!r}: {na} {tuple(a.shape)} and {nb} {tuple(b.shape)} "
+                                     "disagree on the rank")
+        target = params(mod, cfg) if use_params and not emb else None
+        name, kind, experts = (mod, "embedding" if emb else "linear", 0) if target is None else (
+            target[0], "param", target[1])
+        r_cfg, scale = module_scaling(cfg, name, origin)
+        rows = r_cfg * max(experts, 1)
+        if rows != a.shape[0]:
+            raise AdapterFormatError(f"{origin}: module {mod!r}: adapter_config gives rank {r_cfg} (r / rank_pattern)"
+                                     f"{f' x {experts} experts' if experts else ''} but {na} has {a.shape[0]} rows")
+        if experts:           # PEFT's ParamWrapper.get_delta_factors
+            a = a.reshape(experts, r_cfg, a.shape[-1])
+            b = b.reshape(b.shape[0], r_cfg, experts).permute(2, 0, 1)
+        if mag is not None or dora:
+            if kind == "param":
+                raise NotImplementedError(f"{origin}: module {mod!r}: DoRA on a parameter target is not supported")
+            if mag is None:
+                raise AdapterFormatError(f"{origin}: module {mod!r} has no lora_magnitude_vector, but the config "
+                                         "sets use_dora")
+            if not dora:
+                raise AdapterFormatError(f"{origin}: module {mod!r} has a lora_magnitude_vector, but the config does "
+                                         "not set use_dora")
+            if mag.dim() != 1 or mag.shape[0] != b.shape[0] or not mag.is_floating_point():
+                raise AdapterFormatError(f"{origin}: module {mod!r}: lora_magnitude_vector {tuple(mag.shape)} "
+                                         f"{mag.dtype}, expected a float vector of {b.shape[0]} (the output features)")
+        if name in modules:
+            raise AdapterFormatError(f"{origin}: modules {mod!r} and another one name the same target {name!r}")
+        modules[name] = ModuleLoRA(a, b, scale, kind, mag, experts)
     return AdapterWeights(modules, cfg, origin, base_copies)
 
 
@@ -700,12 +788,13 @@ def _describe(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-def load_adapter_weights(source: AdapterSource, expect: Optional[Expectation] = None) -> AdapterWeights:
+def load_adapter_weights(source: AdapterSource, expect: Optional[Expectation] = None,
+                         params: Optional[ParamResolver] = None) -> AdapterWeights:
     """Read and parse one adapter from a source (errors name the source and the problem).
 
     LocalSource / HubSource get ``expect`` (checked on the weights file's header, before its data
     is read); other sources keep their ``load()`` protocol and ``expect`` is applied to the
-    tensors they return, before parsing.
+    tensors they return, before parsing. ``params``: see :func:`parse_adapter`.
     """
     origin = repr(source)
     builtin = isinstance(source, (LocalSource, HubSource))
@@ -717,4 +806,4 @@ def load_adapter_weights(source: AdapterSource, expect: Optional[Expectation] = 
         _check_tensors(tensors, origin)
         _expect_size(expect, origin, sum(t.numel() * t.element_size() for t in tensors.values()), "tensors")
         _expect_shapes(expect, origin, {k: tuple(t.shape) for k, t in tensors.items()})
-    return parse_adapter(config, tensors, origin)
+    return parse_adapter(config, tensors, origin, params)

@@ -8,10 +8,12 @@ How the model is patched
 ------------------------
 * Modules are found by walking ``model.named_modules()`` and matching ``target_modules`` (no
   per-model tables): ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2; its weight is stored
-  [in, out], which only matters for the base layer: PEFT's lora_A/lora_B are the same for both).
-  ``target_modules=None`` (or "all-linear") = every such module except the output embedding
-  (``lm_head``), i.e. PEFT's "all-linear"; an adapter with weights for a module that is not
-  patched is refused with a message naming it.
+  [in, out], which only matters for the base layer: PEFT's lora_A/lora_B are the same for both),
+  ``nn.Embedding``, and MoE expert / router parameters (hf_params.py).
+  ``target_modules=None`` (or "all-linear") = every Linear / Conv1D except the output embedding
+  (``lm_head``), i.e. PEFT's "all-linear", plus the MoE parameters PEFT's "all-linear" adapts and
+  the input embedding; an adapter with weights for a module that is not patched is refused with a
+  message naming it.
 * Each patched module gets a forward hook (the module itself, its weights and the model's
   state_dict are untouched): ``y = base(x)`` as before, then
   ``add_lora(y.view(-1, N), x.reshape(-1, K), A_slots, B_slots, meta, scalings, ranks)`` through
@@ -32,6 +34,13 @@ How the model is patched
   position during generation) gets the metadata of that layout, built once per forward too.
 * Rows whose adapter does not target a layer have rank 0 for its slot there: no delta. Padding
   (left or right) is the base model's business: deltas apply per token like PEFT's.
+* Encoder-decoder models: the encoder and the decoder stacks get pre-forward hooks of their own
+  that build the metadata of their input (``generate`` calls the encoder outside the model's
+  forward); the enclosing layout is restored when they return.
+* Beyond linear layers: nn.Embedding (embedding LoRA: a gather of lora_embedding_A's columns by
+  token id, then the expand), DoRA on either (its column scale computed at load: B stored as
+  diag(g) B, the base output of DoRA rows scaled by ops.dora_rescale), and the expert / router
+  weights of transformers MoE blocks (hf_params.py). docs/usage.md, "Adapter kinds".
 
 Serving stacks with packed / variable-length batches use :meth:`MultiLoRAModel.set_batch`
 (per-token slots or a LoRABatchMeta) and then call ``lm.model`` with no extra arguments.
@@ -45,14 +54,18 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .adapters import AdapterWeights, Expectation, load_adapter_weights, resolve_source, split_key
+from .adapters import (AdapterFormatError, AdapterWeights, Expectation, load_adapter_weights, resolve_source,
+                       split_key, strip_base_layer)
+from .hf_params import experts_hook, experts_params, param_hooks, router_params
 from .metadata import LoRABatchMeta, build_batch_meta
 from .ops import cpu_ext
+from .ops.api import dora_rescale
 from .ops.backends import BACKEND_CHOICES, resolve_backend
 from .pool import AdapterPool, HostLoRA, HostSlotArena, LayerSlots, Lease, MemoryReport, Prefetch
 from .training import SlotDelta, TrainableAdapter, fresh_adapter, save_adapter, slot_parameters
@@ -82,14 +95,77 @@ def linear_dims(module: nn.Module) -> Optional[Tuple[int, int]]:
     return None
 
 
-def select_modules(model: nn.Module, target_modules: TargetModules) -> List[Tuple[str, nn.Module, int, int]]:
-    """(name, module, K, N) of the modules to patch.
+@dataclass(frozen=True)
+class Target:
+    """One patchable place: a module (``param`` None) or a parameter of one. ``kind``: "linear"
+    (Linear / Conv1D; also a 2-D router parameter, applied where F.linear uses it), "embedding"
+    (nn.Embedding: K = num_embeddings, N = embedding_dim) or "experts" (a 3-D [E, ...] expert
+    weight of a transformers experts module, E = ``experts``). ``name`` is the module's name, or
+    ``module.param`` for a parameter (what adapters and ``target_modules`` match)."""
 
-    None / "all-linear": every Linear / Conv1D except the output embedding. A list: modules whose
-    name equals an entry or ends with "." + entry (PEFT's rule). Another string: a regex the whole
-    module name must match.
+    name: str
+    module: nn.Module
+    in_features: int
+    out_features: int
+    kind: str = "linear"
+    param: Optional[str] = None
+    experts: int = 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.module, self.param or "weight")
+
+
+def _plain(mod: nn.Module) -> bool:
+    return linear_dims(mod) is not None or isinstance(mod, nn.Embedding)
+
+
+def candidate_targets(model: nn.Module) -> List[Target]:
+    """Every place an adapter can go: Linear / Conv1D and nn.Embedding modules, the 3-D weights of
+    transformers experts modules and the 2-D weights of their routers (hf_params.py)."""
+    out = []
+    for name, mod in model.named_modules():
+        dims = linear_dims(mod)
+        if dims is not None:
+            out.append(Target(name, mod, *dims))
+        elif isinstance(mod, nn.Embedding):
+            out.append(Target(name, mod, mod.num_embeddings, mod.embedding_dim, "embedding"))
+        else:
+            for pname, (E, K, N) in (experts_params(mod) or {}).items():
+                out.append(Target(f"{name}.{pname}", mod, K, N, "experts", pname, E))
+    for name, mod, pname, K, N in router_params(model, _plain):
+        out.append(Target(f"{name}.{pname}", mod, K, N, "linear", pname))
+    return out
+
+
+def _default_target(model: nn.Module, t: Target, out_emb, in_emb) -> bool:
+    """What target_modules=None / "all-linear" patches: PEFT's "all-linear" (every Linear /
+    Conv1D but the output embedding, and, as PEFT does on transformers 5, the expert and router
+    weights of MoE blocks), plus the input embedding and the embeddings tied to it (but not one
+    with max_norm)."""
+    if t.kind == "embedding":
+        if t.module.max_norm is not None:       # (refused when named: it renormalises its weight in place)
+            return False
+        w = getattr(in_emb, "weight", None)
+        return t.module is in_emb or (isinstance(w, torch.Tensor) and t.module.weight is w)
+    return t.module is not out_emb
+
+
+def _embeddings(model: nn.Module, get: str) -> Optional[nn.Module]:
+    fn = getattr(model, get, None)
+    try:
+        return fn() if callable(fn) else None
+    except (NotImplementedError, AttributeError, TypeError):     # a PreTrainedModel without them
+        return None
+
+
+def select_modules(model: nn.Module, target_modules: TargetModules) -> List[Target]:
+    """The targets to patch (see :class:`Target`).
+
+    None / "all-linear": :func:`_default_target`. A list: targets whose name equals an entry or
+    ends with "." + entry (PEFT's rule). Another string: a regex the whole name must match.
     """
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_emb, in_emb = _embeddings(model, "get_output_embeddings"), _embeddings(model, "get_input_embeddings")
     if isinstance(target_modules, str) and target_modules != "all-linear":
         rx = re.compile(target_modules)
         match = lambda n: rx.fullmatch(n) is not None  # noqa: E731
@@ -101,26 +177,48 @@ def select_modules(model: nn.Module, target_modules: TargetModules) -> List[Tupl
     else:
         raise TypeError(f"target_modules: expected None, 'all-linear', a regex string or a list of module names, "
                         f"got {target_modules!r}")
-    picked = []
-    for name, mod in model.named_modules():
-        dims = linear_dims(mod)
-        if match is None:
-            if dims is not None and mod is not out_emb:
-                picked.append((name, mod, *dims))
-        elif name and match(name):
-            if dims is None:
-                raise ValueError(f"target_modules: module {name!r} is a {type(mod).__name__}; only nn.Linear and "
-                                 "transformers Conv1D modules can be patched")
-            picked.append((name, mod, *dims))
+    cands = candidate_targets(model)
+    if match is None:
+        picked = [t for t in cands if _default_target(model, t, out_emb, in_emb)]
+    else:
+        # a parameter is picked by its own name or by its module's ("experts", "gate")
+        picked = [t for t in cands if t.name and (match(t.name) or (t.param and match(t.name.rsplit(".", 1)[0])))]
+        known = {t.name for t in cands}
+        for name, mod in model.named_modules():
+            if name and name not in known and match(name) and not any(t.module is mod for t in picked):
+                raise ValueError(f"target_modules: module {name!r} is a {type(mod).__name__}; only nn.Linear, "
+                                 "transformers Conv1D, nn.Embedding modules and the expert / router weights of "
+                                 "transformers MoE blocks can be patched")
     if not picked:
-        raise ValueError(f"target_modules: {target_modules!r} matched no nn.Linear / Conv1D module of the model")
-    for name, mod, _, _ in picked:
-        w = getattr(mod, "weight", None)
+        raise ValueError(f"target_modules: {target_modules!r} matched no nn.Linear / Conv1D / nn.Embedding module "
+                         "of the model")
+    for t in picked:
+        w = getattr(t.module, t.param or "weight", None)
         if not isinstance(w, torch.Tensor) or not w.is_floating_point():
             raise NotImplementedError(
-                f"module {name!r} ({type(mod).__name__}) has {'no' if w is None else f'a {w.dtype}'} weight: "
+                f"module {t.name!r} ({type(t.module).__name__}) has {'no' if w is None else f'a {w.dtype}'} weight: "
                 "quantized base layers are not supported; exclude it with target_modules")
+        if t.kind == "embedding" and t.module.max_norm is not None:
+            raise NotImplementedError(f"module {t.name!r}: nn.Embedding with max_norm (it renormalises its weight "
+                                      "in place) is not supported; exclude it with target_modules")
     return picked
+
+
+def _stacks(model: nn.Module) -> List[nn.Module]:
+    """The encoder and decoder of an encoder-decoder model (``config.is_encoder_decoder``, through
+    transformers' ``get_encoder`` / ``get_decoder``), else nothing."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return []
+    out = []
+    for get in ("get_encoder", "get_decoder"):
+        fn = getattr(model, get, None)
+        try:
+            mod = fn() if callable(fn) else None
+        except (TypeError, NotImplementedError, AttributeError):
+            mod = None
+        if isinstance(mod, nn.Module) and mod is not model and all(mod is not m for m in out):
+            out.append(mod)
+    return out
 
 
 # ------------------------------------------------------------------------------- batch state
@@ -164,7 +262,8 @@ class _CallState:
     set_batch() .. clear_batch() span. It lives in a context variable, so it belongs to the thread
     (or asyncio task) that made it: concurrent calls never see each other's batch."""
 
-    __slots__ = ("row_key", "fixed", "lease", "train", "meta", "rows_now", "layouts", "rows", "__weakref__")
+    __slots__ = ("row_key", "fixed", "lease", "train", "meta", "rows_now", "layouts", "rows", "stack",
+                 "__weakref__")
 
     def __init__(self, row_key: Optional[Tuple[int, ...]] = None, fixed: Optional[LoRABatchMeta] = None,
                  lease: Optional[Lease] = None, train: Optional[Dict[str, Tuple[tuple, tuple]]] = None):
@@ -179,14 +278,37 @@ class _CallState:
         self.rows_now: Optional[torch.Tensor] = None    # this forward's per-row slots
         self.layouts: Dict[Tuple[Any, ...], LoRABatchMeta] = {}
         self.rows = None        # cpu_ext.row_args(meta): the native CPU kernel's fast path, or None
+        self.stack: List[tuple] = []    # the enclosing layouts while an encoder / decoder stack runs
 
     def begin_forward(self, args: tuple, kwargs: dict, cache: _MetaCache) -> None:
+        self.stack = []
         self._set_meta(args, kwargs, cache)
+        self._set_rows()
+
+    def _set_rows(self) -> None:
         meta = self.meta
         fast = meta is not None and not torch.compiler.is_compiling() and not (self.train and torch.is_grad_enabled())
         self.rows = cpu_ext.row_args(meta) if fast else None
 
-    def _set_meta(self, args: tuple, kwargs: dict, cache: _MetaCache) -> None:
+    def enter_stack(self, args: tuple, kwargs: dict, cache: _MetaCache) -> None:
+        """An encoder / decoder stack of an encoder-decoder model starts (``generate`` calls the
+        encoder by itself, outside the model's forward): its layers get the metadata of ITS input,
+        [batch, its seq], each token carrying its row's adapter; the enclosing layout comes back
+        with :meth:`exit_stack`. Only in per-row mode (adapter_names): a set_batch() batch is per
+        token of the call as given."""
+        if self.row_key is None or _model_input(args, kwargs, stack=True) is None:
+            self.stack.append(None)
+            return
+        self.stack.append((self.meta, self.rows_now, self.layouts, self.rows))
+        self._set_meta(args, kwargs, cache, stack=True)
+        self._set_rows()
+
+    def exit_stack(self) -> None:
+        saved = self.stack.pop() if self.stack else None
+        if saved is not None:
+            self.meta, self.rows_now, self.layouts, self.rows = saved
+
+    def _set_meta(self, args: tuple, kwargs: dict, cache: _MetaCache, stack: bool = False) -> None:
         self.layouts = {}
         if self.fixed is not None:
             self.meta, self.rows_now = self.fixed, None
@@ -194,7 +316,7 @@ class _CallState:
         if self.row_key is None:
             self.meta = self.rows_now = None
             return
-        inp = _model_input(args, kwargs)
+        inp = _model_input(args, kwargs, stack=stack)
         if inp is None or inp.dim() < 2:
             raise ValueError("adapter_names: the model was called without input_ids / inputs_embeds of shape "
                              "[batch, seq, ...]; use set_batch() with per-token slots for other inputs")
@@ -213,35 +335,67 @@ class _CallState:
         self.meta = build_batch_meta(self.rows_now.repeat_interleave(S) if S != 1 else self.rows_now, cache.num_slots)
         cache.put(key, (self.meta, self.rows_now))
 
-    def meta_for(self, x: torch.Tensor, device: torch.device, layer: str) -> LoRABatchMeta:
-        """Metadata for a layer whose input layout or device differs from the forward's."""
-        key = (device, tuple(x.shape[:-1]))
+    def meta_for(self, lead: Tuple[int, ...], device: torch.device, layer: str) -> LoRABatchMeta:
+        """Metadata for a layer whose token layout ``lead`` (its input's shape without the feature
+        dimension; an embedding's: the ids' shape) or device differs from the forward's."""
+        key = (device, lead)
         meta = self.layouts.get(key)
         if meta is not None:
             return meta
-        T = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        T = 1
+        for d in lead:
+            T *= d
         if T == self.meta.num_tokens:
             slots = self.meta.token_slots
-        elif self.rows_now is not None and x.dim() >= 3 and x.shape[0] == self.rows_now.shape[0]:
-            slots = self.rows_now.repeat_interleave(T // x.shape[0])
+        elif self.rows_now is not None and len(lead) >= 2 and lead[0] == self.rows_now.shape[0]:
+            slots = self.rows_now.repeat_interleave(T // lead[0])
         else:
             raise RuntimeError(
-                f"layer {layer!r}: its input has {T} rows (shape {tuple(x.shape)}), but the batch metadata covers "
+                f"layer {layer!r}: its input has {T} rows (token layout {tuple(lead)}), but the batch metadata covers "
                 f"{self.meta.num_tokens} tokens; this layer lays the batch out in a way per-row adapter ids cannot "
                 "follow: give per-token slots with set_batch()")
         meta = build_batch_meta(slots.to(device), self.meta.num_slots)
         self.layouts[key] = meta
         return meta
 
+    def may_use(self, layers) -> bool:
+        """Whether a row of this batch may have an adapter with weights in one of ``layers``
+        (known exactly for per-row batches; a set_batch() batch is not read back: True)."""
+        if self.row_key is None:
+            return self.fixed is not None
+        slots = set(self.row_key)
+        return any(not slots.isdisjoint(ls.active) for ls in layers)
 
-def _model_input(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-    for key in ("input_ids", "inputs_embeds", "inputs"):
+
+_INPUT_KEYS = ("input_ids", "inputs_embeds", "inputs")
+# An encoder-decoder model called with its encoder's output already computed (every decoding step
+# of generate) has only the decoder's input: that gives the forward's [batch, seq].
+_DECODER_KEYS = ("decoder_input_ids", "decoder_inputs_embeds")
+
+
+def _model_input(args: tuple, kwargs: dict, stack: bool = False) -> Optional[torch.Tensor]:
+    """The tensor whose [batch, seq] leads the call's layout: the model's input, else (a decoding
+    step of an encoder-decoder model: ``input_ids=None``) the decoder's. ``stack``: the call of an
+    encoder / decoder stack (its own input only)."""
+    for key in _INPUT_KEYS if stack else _INPUT_KEYS + _DECODER_KEYS:
         v = kwargs.get(key)
         if isinstance(v, torch.Tensor):
             return v
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
     return None
+
+
+def _dora(slots: LayerSlots, state: _CallState, y: torch.Tensor, meta: LoRABatchMeta, bias) -> None:
+    """DoRA's column scale of the base output of this batch's DoRA rows (ops.api.dora_rescale),
+    before the delta (whose B already holds the scale) is added."""
+    dora = slots.dora
+    if dora is None:
+        return
+    col, has, host = dora
+    if state.row_key is not None and host.isdisjoint(state.row_key):
+        return
+    dora_rescale(y.view(-1, y.shape[-1]), col, has, meta, bias)
 
 
 def _lora_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallState]]"):
@@ -255,6 +409,12 @@ def _lora_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallSt
         if meta is None or op is None:
             return None
         x = args[0] if args else next(iter(kwargs.values()))
+        if slots.dora is not None:
+            y = output if output.is_contiguous() else output.contiguous()
+            m = meta if y.numel() // max(y.shape[-1], 1) == meta.num_tokens and meta.device == device else \
+                state.meta_for(tuple(x.shape[:-1]), device, name)
+            _dora(slots, state, y, m, getattr(module, "bias", None))
+            output = y
         # Decode-like CPU batches: one native call with the pointers of this forward's metadata
         # (a few attribute checks instead of the general path's; it declines anything unusual).
         rows = state.rows
@@ -264,7 +424,7 @@ def _lora_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallSt
                 return output
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] != meta.num_tokens or meta.device != device:
-            meta = state.meta_for(x, device, name)
+            meta = state.meta_for(tuple(x.shape[:-1]), device, name)
         y = output if output.is_contiguous() else output.contiguous()
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
@@ -277,6 +437,29 @@ def _lora_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallSt
                 owners, params = train or ((), ())
                 return SlotDelta.apply(y, x2, op, meta, state, owners, *params)
         op(y.view(-1, y.shape[-1]), x2, meta)
+        return y
+
+    return hook
+
+
+def _embedding_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallState]]"):
+    """An nn.Embedding's LoRA: the columns of lora_embedding_A picked by token id, then the expand
+    (ops.api.add_lora_embedding), per row's adapter; DoRA's column scale like a linear layer's."""
+    name, device = slots.name, slots.device
+
+    def hook(module, args, kwargs, output):
+        state = call.get()
+        if state is None:
+            return None
+        meta, op = state.meta, slots.op
+        if meta is None or op is None or not state.may_use([slots]):
+            return None
+        ids = args[0] if args else next(iter(kwargs.values()))
+        if ids.numel() != meta.num_tokens or meta.device != device:
+            meta = state.meta_for(tuple(ids.shape), device, name)
+        y = output if output.is_contiguous() else output.contiguous()
+        _dora(slots, state, y, meta, None)
+        op(y.view(-1, y.shape[-1]), ids.reshape(-1), meta)
         return y
 
     return hook
@@ -314,22 +497,28 @@ class MultiLoRAModel:
         if getattr(model, "_openlora_patched", False):
             raise ValueError("model: already patched by openlora_kernels.patch_model; use that MultiLoRAModel")
         picked = select_modules(model, target_modules)
-        for name, mod, _, _ in picked:
-            resolve_backend(backend, mod.weight.device)   # unavailable backend: fail now, not mid-forward
+        for t in picked:
+            resolve_backend(backend, t.weight.device)   # unavailable backend: fail now, not mid-forward
         self.model = model
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self.target_modules = target_modules
         arena = HostSlotArena()   # CPU layers' slots, packed in huge pages (pool.py)
         self._layers: Dict[str, LayerSlots] = {
-            name: LayerSlots(name, K, N, max_adapters, max_rank, mod.weight.device, mod.weight.dtype, backend, arena)
-            for name, mod, K, N in picked}
-        self._all_modules = {name for name, _ in model.named_modules()}
+            t.name: LayerSlots(t.name, t.in_features, t.out_features, max_adapters, max_rank, t.weight.device,
+                               t.weight.dtype, backend, arena, kind="embedding" if t.kind == "embedding" else
+                               "experts" if t.kind == "experts" else "linear", experts=t.experts)
+            for t in picked}
+        self._targets: Dict[str, Target] = {t.name: t for t in picked}
+        self._modules_by_name = dict(model.named_modules())
+        self._all_modules = set(self._modules_by_name)
+        self._all_params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
         self._resolved: Dict[str, str] = {}
         # Weights files are checked against what this model accepts from their header, before
         # their data is read (a multi-GiB file with the wrong shapes is refused unread).
         expect = Expectation(check=self._check_shapes, max_bytes=self._max_adapter_bytes())
         self.pool = AdapterPool(self._layers, max_adapters, max_rank, self._bind, host_budget_bytes,
-                                read=functools.partial(load_adapter_weights, expect=expect))
+                                read=functools.partial(load_adapter_weights, expect=expect,
+                                                       params=self._param_target))
         self._meta_cache = _MetaCache(max_adapters)
         # This model's batch state per call (module doc of _CallState); set_batch() spans, by id,
         # with the thread that opened them (a forward elsewhere without a batch of its own refuses
@@ -338,8 +527,25 @@ class MultiLoRAModel:
             f"openlora_call_{id(self):x}", default=None)
         self._fixed: Dict[int, str] = {}
         self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
-        for name, mod, _, _ in picked:
-            self._hooks.append(mod.register_forward_hook(_lora_hook(self._layers[name], self._call),
+        # Encoder-decoder models: the encoder and the decoder each lay their tokens out as
+        # [batch, their seq], and generate calls the encoder by itself (outside the model's forward).
+        for stack in _stacks(model):
+            self._hooks += [stack.register_forward_pre_hook(self._enter_stack, with_kwargs=True),
+                            stack.register_forward_hook(self._exit_stack, always_call=True)]
+        experts: Dict[int, Tuple[nn.Module, Dict[str, LayerSlots]]] = {}
+        for t in picked:
+            ls = self._layers[t.name]
+            if t.kind == "experts":          # one hook per experts module, for all its patched weights
+                experts.setdefault(id(t.module), (t.module, {}))[1][t.param] = ls
+            elif t.param is not None:        # a router weight, applied where F.linear uses it
+                pre, post = param_hooks(t.module, t.param, ls, self._call)
+                self._hooks += [t.module.register_forward_pre_hook(pre),
+                                t.module.register_forward_hook(post, always_call=True)]
+            else:
+                hook = _embedding_hook if t.kind == "embedding" else _lora_hook
+                self._hooks.append(t.module.register_forward_hook(hook(ls, self._call), with_kwargs=True))
+        for mod, params in experts.values():
+            self._hooks.append(mod.register_forward_hook(experts_hook(params, self._call, max_adapters),
                                                          with_kwargs=True))
         # Gradient checkpointing replays a layer's forward during the backward, outside the call:
         # the checkpoint function of every layer that has one is wrapped so the replay sees the batch
@@ -348,7 +554,8 @@ class MultiLoRAModel:
             if hasattr(mod, "gradient_checkpointing"):
                 self._hooks.append(mod.register_forward_pre_hook(self._wrap_checkpointing))
         self._trainable: Dict[str, TrainableAdapter] = {}
-        self._conv1d = any(linear_dims(mod) is not None and not isinstance(mod, nn.Linear) for _, mod, _, _ in picked)
+        self._conv1d = any(t.param is None and linear_dims(t.module) is not None and not isinstance(t.module, nn.Linear)
+                           for t in picked)
         model._openlora_patched = True
 
     # ------------------------------------------------------------------------------ adapters
@@ -391,7 +598,8 @@ class MultiLoRAModel:
                 raise ValueError("source: None creates a new adapter, which needs trainable=True")
             if r is None:
                 raise ValueError("r: a new adapter (source=None) needs its rank")
-            layers = {n: (ls.in_features, ls.out_features) for n, ls in self._layers.items()}
+            layers = {n: (ls.in_features, ls.out_features) for n, ls in self._layers.items()
+                      if self._targets[n].kind == "linear" and self._targets[n].param is None}
             config, tensors = fresh_adapter(layers, r=r, lora_alpha=lora_alpha, target_modules=target_modules,
                                             use_rslora=bool(use_rslora), fan_in_fan_out=self._conv1d)
             src = resolve_source(lambda: (config, tensors))
@@ -406,6 +614,7 @@ class MultiLoRAModel:
                 slot = self.pool.pin(name)
                 if trainable:
                     config, ranks = self.pool.adapter_info(name)
+                    self._check_trainable(name, config, ranks)
                     self._trainable[name] = slot_parameters(name, slot, config, self._layers, ranks)
             except BaseException:
                 self.pool.unregister(name)
@@ -441,6 +650,16 @@ class MultiLoRAModel:
                 _check_name(n, "names")
             items = dict.fromkeys(names)
         return self.pool.prefetch(items)
+
+    def _check_trainable(self, name: str, config: Dict[str, Any], ranks: Dict[str, int]) -> None:
+        """Training covers plain LoRA on Linear / Conv1D modules (docs/training.md)."""
+        if config.get("use_dora"):
+            raise NotImplementedError(f"adapter {name!r}: training a DoRA adapter (use_dora) is not supported; "
+                                      "load it with trainable=False to serve it")
+        other = [n for n in ranks if self._targets[n].kind != "linear" or self._targets[n].param is not None]
+        if other:
+            raise NotImplementedError(f"adapter {name!r}: training LoRA on {other[0]!r} (an embedding or a parameter "
+                                      "target) is not supported; load it with trainable=False to serve it")
 
     def unload_adapter(self, name: str) -> None:
         """Forget ``name``: its host memory is dropped and the name can be loaded again at once;
@@ -500,9 +719,11 @@ class MultiLoRAModel:
 
     def _max_adapter_bytes(self) -> int:
         """The most bytes an adapter this model accepts can hold: every patched layer at max_rank
-        in float64, plus copies of the embeddings PEFT saves beside adapters that target them, plus
-        1 MiB of slack. A weights file beyond it is refused before it is read."""
-        lora = sum(8 * self.max_rank * (ls.in_features + ls.out_features) for ls in self._layers.values())
+        in float64 (per expert for expert weights; with DoRA's magnitude vector), plus copies of the
+        embeddings PEFT saves beside adapters that target them, plus 1 MiB of slack. A weights file
+        beyond it is refused before it is read."""
+        lora = sum(8 * (self.max_rank * (ls.in_features + ls.out_features) * max(ls.experts, 1) + ls.out_features)
+                   for ls in self._layers.values())
         emb = 0
         for get in ("get_input_embeddings", "get_output_embeddings"):
             mod = getattr(self.model, get, lambda: None)()
@@ -510,9 +731,51 @@ class MultiLoRAModel:
             emb += 8 * w.numel() if isinstance(w, torch.Tensor) else 0
         return lora + emb + (1 << 20)
 
+    def _model_module(self, module: str) -> Optional[str]:
+        """The model's name for the adapter's ``module`` (another wrapping level: a suffix either
+        way), if exactly one module fits."""
+        cands = [n for n in self._all_modules if n and (n == module or n.endswith("." + module)
+                                                        or module.endswith("." + n))]
+        return cands[0] if len(cands) == 1 else None
+
+    def _param_host(self, module: str) -> bool:
+        """Whether the LoRA saved under the adapter's ``module`` can only be a parameter target
+        (PEFT's ``.base_layer`` nesting, or a module that is not a Linear / Conv1D / Embedding):
+        its meaning needs the adapter's config (_param_target)."""
+        stripped, depth = strip_base_layer(module)
+        if depth:
+            return True
+        name = self._model_module(stripped)
+        return name is not None and not _plain(self._modules_by_name[name])
+
+    def _param_target(self, module: str, config: Dict[str, Any]) -> Optional[Tuple[str, int]]:
+        """PEFT's target_parameters: which parameter the LoRA saved under ``module`` belongs to
+        (adapters.ParamResolver). PEFT wraps the targeted parameters of a module in the order the
+        module registers them, each wrapper around the previous: the last one's LoRA is saved under
+        ``module.lora_A``, the one before under ``module.base_layer.lora_A``..."""
+        stripped, depth = strip_base_layer(module)
+        name = self._model_module(stripped)
+        if name is None:
+            return None
+        mod = self._modules_by_name[name]
+        if _plain(mod):
+            return None
+        targets = config.get("target_parameters") or ()
+        wrapped = [p for p, _ in mod.named_parameters(recurse=False)
+                   if any(f"{stripped}.{p}" == t or f"{stripped}.{p}".endswith("." + t) for t in targets)]
+        if not wrapped:
+            return None
+        if depth >= len(wrapped):
+            raise AdapterFormatError(f"module {module!r}: {depth} '.base_layer' wrappers, but target_parameters "
+                                     f"wraps only {wrapped} of {name!r}")
+        p = wrapped[len(wrapped) - 1 - depth]
+        w = getattr(mod, p)
+        return f"{stripped}.{p}", (w.shape[0] if w.dim() == 3 else 0)
+
     def _check_shapes(self, origin: str, shapes: Dict[str, Tuple[int, ...]]) -> None:
         """An adapter's LoRA tensor shapes (from a weights file's header) against the patched
-        layers: the checks of _bind that need no data, made before the data is read."""
+        layers: the checks of _bind that need no data, made before the data is read (parameter
+        targets, whose meaning needs the config, and DoRA magnitudes are checked by _bind)."""
         for key, shape in shapes.items():
             try:
                 hit = split_key(key)
@@ -521,9 +784,12 @@ class MultiLoRAModel:
             if hit is None:        # a saved copy of a base parameter (or not LoRA at all): checked
                 continue           # with its data by _bind, within the max_bytes bound
             module, part = hit
+            if part == "lora_magnitude_vector" or self._param_host(module):
+                continue
             layer = self._layer_for(module, origin)
             ls = self._layers[layer]
-            is_a = part == "lora_A"
+            self._check_kind(origin, module, layer, "embedding" if part.startswith("lora_embedding") else "linear")
+            is_a = part in ("lora_A", "lora_embedding_A")
             if len(shape) != 2 or shape[1 if is_a else 0] != (ls.in_features if is_a else ls.out_features):
                 want = f"[r, {ls.in_features}]" if is_a else f"[{ls.out_features}, r]"
                 raise ValueError(f"{origin}: module {module!r} does not fit the model: {key!r} has shape "
@@ -533,27 +799,68 @@ class MultiLoRAModel:
             if r > self.max_rank:
                 raise ValueError(f"{origin}: module {module!r} has rank {r}, above max_rank={self.max_rank}")
 
+    def _check_kind(self, origin: str, module: str, layer: str, kind: str) -> None:
+        t = self._targets[layer]
+        have = "experts" if t.kind == "experts" else "param" if t.param is not None else t.kind
+        if have != kind:
+            what = {"linear": "lora_A / lora_B of a linear layer", "embedding": "lora_embedding_A / _B",
+                    "param": "the LoRA of a parameter (target_parameters)", "experts": "expert weights"}
+            raise ValueError(f"{origin}: module {module!r} carries {what[kind]}, but {layer!r} is "
+                             f"{'an' if have in ('embedding', 'experts') else 'a'} {have} target "
+                             f"({type(t.module).__name__})")
+
+    def _base_weight(self, layer: str) -> torch.Tensor:
+        """The patched layer's weight as [out_features, in_features] (DoRA's norms)."""
+        t = self._targets[layer]
+        w = t.weight.detach()
+        if t.kind == "embedding" or (t.param is None and not isinstance(t.module, nn.Linear)):
+            w = w.t()                       # nn.Embedding [V, D], Conv1D [K, N]
+        return w
+
     def _bind(self, weights: AdapterWeights) -> Dict[str, HostLoRA]:
-        """Check an adapter against the patched layers; host weights per layer in their dtype."""
+        """Check an adapter against the patched layers; host weights per layer in their dtype.
+
+        DoRA: g = magnitude / ||W + scaling * B A|| (row norms of the [N, K] weight, PEFT's
+        definition, in float32 from the layer's weight) is computed here, once; B is stored as
+        diag(g) B and g is kept for the base output's scale (ops.api.dora_rescale). An embedding
+        with an ``embed_scale`` (scaled word embeddings) scales its LoRA too, as PEFT does: folded
+        into the scaling."""
         self._check_base_copies(weights)
         out: Dict[str, HostLoRA] = {}
         for mod, m in weights.modules.items():
             layer = self._layer_for(mod, weights.origin)
             ls = self._layers[layer]
+            t = self._targets[layer]
+            self._check_kind(weights.origin, mod, layer, "experts" if m.kind == "param" and m.experts else m.kind)
             if m.rank > self.max_rank:
                 raise ValueError(f"{weights.origin}: module {mod!r} has rank {m.rank}, above max_rank={self.max_rank}")
-            if m.a.shape[1] != ls.in_features or m.b.shape[0] != ls.out_features:
+            if m.experts and m.experts != t.experts:
+                raise ValueError(f"{weights.origin}: module {mod!r} has LoRA for {m.experts} experts, but {layer!r} "
+                                 f"holds {t.experts}")
+            if m.a.shape[-1] != ls.in_features or m.b.shape[-2] != ls.out_features:
                 raise ValueError(
                     f"{weights.origin}: module {mod!r} does not fit the model: lora_A {tuple(m.a.shape)} and lora_B "
                     f"{tuple(m.b.shape)}, but {layer!r} maps {ls.in_features} -> {ls.out_features} features "
                     f"(expected lora_A [r, {ls.in_features}] and lora_B [{ls.out_features}, r])")
             if layer in out:
                 raise ValueError(f"{weights.origin}: two modules of the adapter map to layer {layer!r}")
+            b, scaling, g = m.b, m.scaling, None
+            if m.magnitude is not None:      # (on the weight's device: no host copy of a big weight)
+                w = self._base_weight(layer)
+                a32, b32 = m.a.to(w.device, torch.float32), m.b.to(w.device, torch.float32)
+                norm = torch.linalg.norm(w.float() + m.scaling * (b32 @ a32), dim=1)
+                g = (m.magnitude.to(w.device, torch.float32) / norm).cpu()
+                b = g[:, None] * m.b.float()
+            es = getattr(t.module, "embed_scale", None) if t.kind == "embedding" else None
+            if es is not None:
+                es = float(es.reshape(()).item()) if isinstance(es, torch.Tensor) and es.numel() == 1 else float(es)
+                scaling = scaling * es
             a = m.a.to(ls.dtype).contiguous()
-            bt = m.b.to(ls.dtype).t().contiguous()
+            bt = b.to(ls.dtype).transpose(-1, -2).contiguous()
             if ls.device.type == "cuda":
                 a, bt = a.pin_memory(), bt.pin_memory()
-            out[layer] = HostLoRA(a, bt, m.scaling)
+                g = g.pin_memory() if g is not None else None
+            out[layer] = HostLoRA(a, bt, scaling, dora_scale=g)
         return out
 
     def _check_base_copies(self, weights: AdapterWeights) -> None:
@@ -561,7 +868,7 @@ class MultiLoRAModel:
         this library does not swap per request: resized embeddings, modules_to_save...)."""
         if not weights.base_copies:
             return
-        params = dict(self.model.named_parameters())
+        params = dict(self.model.named_parameters(remove_duplicate=False))     # tied weights under each name
         for name, t in weights.base_copies.items():
             hits = [n for n in params if n == name or n.endswith("." + name) or name.endswith("." + n)]
             if len(hits) != 1:
@@ -585,6 +892,10 @@ class MultiLoRAModel:
             elif module in self._all_modules or any(n.endswith("." + module) for n in self._all_modules):
                 raise ValueError(f"{origin}: module {module!r} is not patched (target_modules="
                                  f"{self.target_modules!r}); patch the model with target_modules including it")
+            elif any(n == module or n.endswith("." + module) for n in self._all_params):
+                raise ValueError(f"{origin}: parameter {module!r} is not patched: parameter targets "
+                                 "(target_parameters) are served on the expert and router weights of transformers "
+                                 f"MoE blocks (target_modules={self.target_modules!r})")
             else:
                 raise ValueError(f"{origin}: module {module!r} does not exist in the model")
         self._resolved[module] = hit
@@ -695,6 +1006,18 @@ class MultiLoRAModel:
 
         checkpointed._openlora_call = call
         module._gradient_checkpointing_func = checkpointed
+        return None
+
+    def _enter_stack(self, module, args, kwargs):
+        state = self._call.get()
+        if state is not None:
+            state.enter_stack(args, kwargs, self._meta_cache)
+        return None
+
+    def _exit_stack(self, module, args, output):
+        state = self._call.get()
+        if state is not None:
+            state.exit_stack()
         return None
 
     def _pre_forward(self, module, args, kwargs):

@@ -66,18 +66,30 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 import torch
 
 from .adapters import AdapterSource, AdapterWeights, ModuleLoRA, load_adapter_weights
-from .ops.api import BoundLoRA
+from .ops.api import BoundEmbeddingLoRA, BoundLoRA
 from .ops.backends import resolve_backend
 
 
 @dataclass(frozen=True)
 class HostLoRA(ModuleLoRA):
     """One layer's part of an adapter in host memory, ready for contiguous slot copies: ``a``
-    [r, K] as in PEFT, but ``b`` holds lora_B TRANSPOSED, [r, N] (also available as ``bt``)."""
+    [r, K] as in PEFT, but ``b`` holds lora_B TRANSPOSED, [r, N] (also available as ``bt``); for
+    an experts layer one of each per expert, [E, r, K] and [E, r, N]. ``dora_scale``: DoRA's
+    column scale g [N] (float32) when the adapter is DoRA here; then ``b`` already holds
+    diag(g) lora_B (transposed), so only the base output still needs the scale."""
+
+    dora_scale: Optional[torch.Tensor] = None
 
     @property
     def bt(self) -> torch.Tensor:
         return self.b
+
+    @property
+    def nbytes(self) -> int:
+        n = self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
+        if self.dora_scale is not None:
+            n += self.dora_scale.numel() * self.dora_scale.element_size()
+        return n
 
 
 Bound = Dict[str, HostLoRA]          # layer name -> weights
@@ -130,33 +142,51 @@ class HostSlotArena:
 
 
 class LayerSlots:
-    """The device slots of one patched layer and its add_lora call (``op``) over them."""
+    """The device slots of one patched layer and its add_lora call (``op``) over them.
+
+    ``kind``: "linear" (nn.Linear / Conv1D, and a 2-D parameter used as a linear weight),
+    "embedding" (nn.Embedding: K = num_embeddings, ``op(y, ids, meta)``) or "experts" (a 3-D
+    [E, ...] expert weight: ``experts`` = E virtual slots per adapter slot, virtual slot
+    ``slot * E + e`` holding expert e's LoRA, so one add_lora call over (token, expert) pairs
+    serves every adapter and expert of a batch). ``dora``: None, or (g - 1 [S, N] float32,
+    which slots are DoRA [S] bool, the same as a frozenset) once a DoRA adapter is in a slot.
+    """
 
     def __init__(self, name: str, in_features: int, out_features: int, num_slots: int, max_rank: int,
                  device: torch.device, dtype: torch.dtype, backend: str = "auto",
-                 arena: Optional[HostSlotArena] = None):
+                 arena: Optional[HostSlotArena] = None, kind: str = "linear", experts: int = 0):
         self.name, self.in_features, self.out_features = name, in_features, out_features
         self.arena = arena if torch.device(device).type == "cpu" else None   # CPU slots only
         self.num_slots, self.max_rank, self.device, self.dtype = num_slots, max_rank, device, dtype
-        self.backend = backend
-        self.a: Optional[torch.Tensor] = None       # [S, R, K]
-        self.bt: Optional[torch.Tensor] = None      # [S, R, N]
-        self.ranks_host = [0] * num_slots
-        self.scal_host = [0.0] * num_slots
-        self.ranks = torch.zeros(num_slots, dtype=torch.int32, device=device)
-        self.scalings = torch.zeros(num_slots, dtype=torch.float32, device=device)
+        self.backend, self.kind, self.experts = backend, kind, experts
+        V = num_slots * max(experts, 1)             # (virtual) slots of the buffers
+        self.num_virtual = V
+        self.a: Optional[torch.Tensor] = None       # [V, R, K]
+        self.bt: Optional[torch.Tensor] = None      # [V, R, N]
+        self.ranks_host = [0] * V
+        self.scal_host = [0.0] * V
+        self.ranks = torch.zeros(V, dtype=torch.int32, device=device)
+        self.scalings = torch.zeros(V, dtype=torch.float32, device=device)
         # add_lora bound to this layer's slots: op(y, x, meta); None while no slot has weights here.
         self.op: Optional[BoundLoRA] = None
+        self._dora_m1: Optional[torch.Tensor] = None       # [S, N] g - 1 per slot (allocated on first use)
+        self._dora_host: Set[int] = set()
+        self.dora: Optional[Tuple[torch.Tensor, torch.Tensor, frozenset]] = None
+        self.active: frozenset = frozenset()        # adapter slots with weights here
+        self.active_mask = torch.zeros(num_slots, dtype=torch.bool, device=device)   # the same, [S] on the device
 
     @property
     def nbytes(self) -> int:
         if self.a is None:
             return 0
-        return (self.a.numel() + self.bt.numel()) * self.a.element_size()
+        n = (self.a.numel() + self.bt.numel()) * self.a.element_size()
+        if self._dora_m1 is not None:
+            n += self._dora_m1.numel() * self._dora_m1.element_size()
+        return n
 
     def _allocate(self) -> None:
         if self.a is None:
-            S, R = self.num_slots, self.max_rank
+            S, R = self.num_virtual, self.max_rank
             if self.arena is not None:
                 self.a = self.arena.zeros((S, R, self.in_features), self.dtype)
                 self.bt = self.arena.zeros((S, R, self.out_features), self.dtype)
@@ -166,16 +196,29 @@ class LayerSlots:
 
     def write(self, slot: int, w: Optional[HostLoRA]) -> None:
         """Copy ``w`` into ``slot`` (None: mark the slot empty here). Call publish() afterwards."""
+        E = max(self.experts, 1)
+        self._dora_host.discard(slot)
         if w is None:
-            self.ranks_host[slot], self.scal_host[slot] = 0, 0.0
+            for v in range(slot * E, (slot + 1) * E):
+                self.ranks_host[v], self.scal_host[v] = 0, 0.0
             return
         self._allocate()
         r = w.rank
-        self.a[slot, :r].copy_(w.a, non_blocking=True)
-        self.a[slot, r:].zero_()
-        self.bt[slot, :r].copy_(w.bt, non_blocking=True)
-        self.bt[slot, r:].zero_()
-        self.ranks_host[slot], self.scal_host[slot] = r, float(w.scaling)
+        a, bt = (w.a, w.bt) if self.experts else (w.a[None], w.bt[None])
+        v0 = slot * E
+        self.a[v0:v0 + E, :r].copy_(a, non_blocking=True)
+        self.a[v0:v0 + E, r:].zero_()
+        self.bt[v0:v0 + E, :r].copy_(bt, non_blocking=True)
+        self.bt[v0:v0 + E, r:].zero_()
+        for v in range(v0, v0 + E):
+            self.ranks_host[v], self.scal_host[v] = r, float(w.scaling)
+        if w.dora_scale is not None:
+            if self._dora_m1 is None:
+                self._dora_m1 = torch.zeros((self.num_slots, self.out_features), dtype=torch.float32,
+                                            device=self.device)
+            self._dora_m1[slot].copy_(w.dora_scale, non_blocking=True)
+            self._dora_m1[slot].sub_(1.0)
+            self._dora_host.add(slot)
 
     def publish(self, keep_alive: List[torch.Tensor]) -> None:
         """Send the host ranks/scalings to the device and rebind the add_lora call."""
@@ -188,6 +231,27 @@ class LayerSlots:
             self.ranks.copy_(ranks, non_blocking=True)
             self.scalings.copy_(scal, non_blocking=True)
             keep_alive += [ranks, scal]
+        if self._dora_host:
+            has = torch.zeros(self.num_slots, dtype=torch.bool)
+            has[sorted(self._dora_host)] = True
+            if self.device.type != "cpu":
+                has = has.pin_memory()
+                keep_alive.append(has)
+                has = has.to(self.device, non_blocking=True)
+            self.dora = (self._dora_m1, has, frozenset(self._dora_host))
+        else:
+            self.dora = None
+        E = max(self.experts, 1)
+        self.active = frozenset(v // E for v, r in enumerate(self.ranks_host) if r)
+        mask = torch.zeros(self.num_slots, dtype=torch.bool)
+        if self.active:
+            mask[sorted(self.active)] = True
+        if self.device.type != "cpu":
+            mask = mask.pin_memory()
+            keep_alive.append(mask)
+            mask = mask.to(self.device, non_blocking=True)
+        self.active_mask = mask
+        bound = BoundEmbeddingLoRA if self.kind == "embedding" else BoundLoRA
         r_eff = max(self.ranks_host)
         if r_eff == 0:
             self.op = None
@@ -195,12 +259,12 @@ class LayerSlots:
             # The PyTorch backend's work grows with R: pass only the ranks in use (views, no
             # copies); ranks=None when every slot has exactly that rank here.
             uniform = all(r == r_eff for r in self.ranks_host)
-            self.op = BoundLoRA(self.a[:, :r_eff], self.bt[:, :r_eff].transpose(1, 2), self.scalings,
-                                None if uniform else self.ranks, backend=self.backend)
+            self.op = bound(self.a[:, :r_eff], self.bt[:, :r_eff].transpose(1, 2), self.scalings,
+                            None if uniform else self.ranks, backend=self.backend)
         else:
             # The kernels (cpu, triton, cuda): fixed shapes (CUDA-graph friendly); they skip the
             # rank padding given the ranks.
-            self.op = BoundLoRA(self.a, self.bt.transpose(1, 2), self.scalings, self.ranks, backend=self.backend)
+            self.op = bound(self.a, self.bt.transpose(1, 2), self.scalings, self.ranks, backend=self.backend)
 
 
 @dataclass(frozen=True)

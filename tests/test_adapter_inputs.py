@@ -305,9 +305,15 @@ def test_split_key():
     assert split_key("model.layers.0.mlp.down_proj.lora_B.default.weight") == ("model.layers.0.mlp.down_proj", "lora_B")
     assert split_key("base_model.model.lm_head.base_layer.weight") is None
     assert split_key("model.embed_tokens.weight") is None
-    for key, what in (("model.q_proj.lora_magnitude_vector.default.weight", "DoRA"),
-                      ("model.embed_tokens.lora_embedding_A.default", "embedding LoRA"),
-                      ("model.q_proj.lora_B.bias", "a lora_B bias")):
+    assert split_key("model.q_proj.lora_magnitude_vector.default.weight") == ("model.q_proj", "lora_magnitude_vector")
+    assert split_key("base_model.model.model.q_proj.lora_magnitude_vector") == ("model.q_proj", "lora_magnitude_vector")
+    assert split_key("model.embed_tokens.lora_embedding_A.default") == ("model.embed_tokens", "lora_embedding_A")
+    assert split_key("base_model.model.model.embed_tokens.lora_embedding_B") == ("model.embed_tokens",
+                                                                                 "lora_embedding_B")
+    assert split_key("model.layers.0.mlp.experts.base_layer.lora_A.weight") == ("model.layers.0.mlp.experts.base_layer",
+                                                                                "lora_A")
+    for key, what in (("model.q_proj.lora_B.bias", "a lora_B bias"),
+                      ("model.q_proj.lora_E.weight", "an unknown LoRA tensor")):
         with pytest.raises(NotImplementedError, match=rf"{re.escape(repr(key))} is unsupported \({what}"):
             split_key(key)
 

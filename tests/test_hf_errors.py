@@ -112,7 +112,7 @@ def test_adapter_for_a_module_that_is_not_patched(env):
 
 
 @pytest.mark.parametrize("field,cfg", [
-    ("use_dora", dict(use_dora=True)),
+    ("trainable_token_indices", dict(trainable_token_indices=[3, 5])),
     ("lora_bias", dict(lora_bias=True)),
     ("modules_to_save", dict(modules_to_save=["lm_head"])),
 ])

@@ -147,8 +147,11 @@ def test_memory_report_counts_bytes(zoo):
     assert rep.adapters[0].nbytes == adapter_bytes(zoo[1]["a0"])
     check_batch(lm, zoo, ["a0", "a2", None])
     rep = lm.memory_report()
-    # a2 is all-linear: every patched layer now has [3, 16, K] + [3, 16, N] float32 slots
-    want = sum(3 * 16 * (ls.in_features + ls.out_features) * 4 for ls in lm.pool.layers.values())
+    # a2 is all-linear: every patched linear layer now has [3, 16, K] + [3, 16, N] float32 slots
+    # (the input embedding, patched too, is targeted by neither: no buffers)
+    linear = [ls for ls in lm.pool.layers.values() if ls.kind == "linear"]
+    assert [ls.kind for ls in lm.pool.layers.values() if ls not in linear] == ["embedding"]
+    want = sum(3 * 16 * (ls.in_features + ls.out_features) * 4 for ls in linear)
     assert rep.device_bytes == want
     assert rep.host_bytes == sum(a.nbytes for a in rep.adapters) == sum(a.host_bytes for a in rep.adapters)
     by = {a.name: a for a in rep.adapters}

@@ -9,7 +9,9 @@
   cuda_ext.py     backend "cuda": bridge to the csrc/ extension
   configs.py      launch configurations (tuned tables in configs/*.json, heuristics)
 """
-from .api import BoundLoRA, add_lora, forbid_backward, lora_backward, lora_expand, lora_shrink
+from .api import (BoundEmbeddingLoRA, BoundLoRA, add_lora, add_lora_embedding, dora_rescale, forbid_backward,
+                  lora_backward, lora_embedding_shrink, lora_expand, lora_shrink)
 from .backends import BackendInfo, BackendUnavailableError, available_backends
 
-__all__ = ["add_lora", "lora_shrink", "lora_expand", "lora_backward", "BoundLoRA", "forbid_backward", "available_backends", "BackendInfo", "BackendUnavailableError"]
+__all__ = ["add_lora", "lora_shrink", "lora_expand", "lora_backward", "BoundLoRA", "add_lora_embedding",
+           "lora_embedding_shrink", "BoundEmbeddingLoRA", "dora_rescale", "forbid_backward", "available_backends", "BackendInfo", "BackendUnavailableError"]

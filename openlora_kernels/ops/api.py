@@ -546,3 +546,142 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_
         dx, dA, dB, _ = _backward.add_lora_backward(dy, x, a_list, b_list, scalings, ranks, meta, name, need_x,
                                                     [need_ab] * n, [need_ab] * n, False)
     return dx, (dA if need_ab else None), (dB if need_ab else None)
+
+
+# ------------------------------------------------------------------------- embedding LoRA
+
+
+def _check_ids(ids, T: int, device: torch.device) -> torch.Tensor:
+    _tensor(ids, "ids", 1)
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"ids: expected dtype int32 or int64 (token ids), got {ids.dtype}")
+    if ids.shape[0] != T:
+        raise ValueError(f"ids: has {ids.shape[0]} rows, but y has {T}")
+    _same_device(ids, "ids", device)
+    return ids
+
+
+def lora_embedding_shrink(ids: torch.Tensor, lora_a: torch.Tensor, indices: Indices,
+                          ranks: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The shrink of an embedding LoRA: ``h[0, t, :] = A[s, :, ids[t]]`` (the columns of
+    ``lora_embedding_A`` picked by token id: ``x`` is the token's one-hot vector), 0 for rows
+    with slot -1 and beyond each slot's rank. Returns a new [1, T, R] float32 tensor, the ``h``
+    :func:`lora_expand` takes.
+
+    ``ids`` [T] int32/int64 token ids (clamped to [0, V): out-of-range ids are the base
+    embedding's error, raised before this runs); ``lora_a`` [S, R, V] stacked
+    ``lora_embedding_A`` of S slots. A gather, not a GEMM: plain PyTorch indexing on any device
+    and backend, no host synchronisation. Never records a graph: no gradients for A here (the
+    embedding's frozen adapters are served, not trained).
+    """
+    _tensor(lora_a, "lora_a", 3)
+    _float(lora_a, "lora_a", True)
+    S, R, V = lora_a.shape
+    _check_ids(ids, ids.shape[0] if isinstance(ids, torch.Tensor) else 0, lora_a.device)
+    T = ids.shape[0]
+    ranks = _check_ranks(ranks, S, 1, lora_a.device)
+    meta = _meta_for(indices, T, S, lora_a.device)
+    dt = torch.float64 if lora_a.dtype == torch.float64 else torch.float32
+    if T == 0 or S == 0 or R == 0 or V == 0:
+        return lora_a.new_zeros((1, T, R), dtype=dt)
+    slots = meta.token_slots.long()
+    keep = slots >= 0
+    s = slots.clamp(min=0)
+    with torch.no_grad():
+        h = lora_a[s, :, ids.long().clamp(0, V - 1)].to(dt)         # [T, R]
+        if ranks is not None:
+            r = ranks.reshape(-1, S)[0].long()[s]
+            keep = keep[:, None] & (torch.arange(R, device=h.device)[None, :] < r[:, None])
+        else:
+            keep = keep[:, None]
+        h = torch.where(keep, h, h.new_zeros(()))
+    return h.unsqueeze(0)
+
+
+def add_lora_embedding(y: torch.Tensor, ids: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                       indices: Indices, scalings: torch.Tensor, ranks: Optional[torch.Tensor] = None, *,
+                       backend: str = "auto") -> torch.Tensor:
+    """An embedding LoRA, added into ``y`` in place (PEFT's ``lora_embedding_A`` / ``_B``):
+    ``y[t] += scalings[s] * A[s, :r_s, ids[t]] @ B[s, :, :r_s].T`` for rows whose slot s is not -1.
+
+    ``y`` [T, N] the embedding's output rows (float16 / bfloat16 / float32), ``ids`` [T] their
+    token ids, ``lora_a`` [S, R, V] (stacked lora_embedding_A, V = num_embeddings), ``lora_b``
+    [S, N, R] (stacked lora_embedding_B), the rest as in :func:`add_lora`. The shrink is the
+    gather :func:`lora_embedding_shrink`; the expand is :func:`lora_expand` on ``backend``.
+    """
+    _tensor(y, "y", 2)
+    _float(y, "y", backend == "torch")
+    _check_ids(ids, y.shape[0], y.device)
+    _tensor(lora_a, "lora_a", 3)
+    _same_device(lora_a, "lora_a", y.device)
+    if lora_a.dtype != y.dtype:
+        raise TypeError(f"lora_a: dtype {lora_a.dtype} does not match y's dtype {y.dtype}")
+    h = lora_embedding_shrink(ids, lora_a, indices, ranks)
+    return lora_expand(y, h, lora_b, indices, scalings, ranks, backend=backend)
+
+
+class BoundEmbeddingLoRA:
+    """:func:`add_lora_embedding` with the weight arguments checked once (a patched nn.Embedding's
+    call: ``op(y, ids, meta)``)."""
+
+    __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend")
+
+    def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scalings: torch.Tensor,
+                 ranks: Optional[torch.Tensor] = None, *, backend: str = "auto"):
+        y = _like(lora_b, 1)
+        add_lora_embedding(y, torch.zeros(0, dtype=torch.long, device=y.device), lora_a, lora_b,
+                           torch.zeros(0, dtype=torch.int32, device=y.device), scalings, ranks, backend=backend)
+        self.lora_a, self.lora_b, self.scalings, self.ranks, self.backend = lora_a, lora_b, scalings, ranks, backend
+
+    def __call__(self, y: torch.Tensor, ids: torch.Tensor, indices: Indices) -> torch.Tensor:
+        return add_lora_embedding(y, ids, self.lora_a, self.lora_b, indices, self.scalings, self.ranks,
+                                  backend=self.backend)
+
+
+# --------------------------------------------------------------------------------- DoRA
+
+
+def dora_rescale(y: torch.Tensor, col_scale: torch.Tensor, dora_slots: torch.Tensor, indices: Indices,
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """DoRA's column scale of the base output, in place: ``y[t] += (g[s] - 1) * (y[t] - bias)``
+    for every row t whose slot s has ``dora_slots[s]``; every other row is left untouched (not
+    rewritten: bit for bit). Returns ``y``.
+
+    DoRA (PEFT ``use_dora``) computes ``bias + g * (W x + scale * B A x)`` with the per-output
+    column scale ``g = magnitude / ||W + scale * B A||`` (row norms of the [N, K] weight, treated
+    as a constant: it depends only on the adapter). With ``g`` folded into the adapter's B
+    (B' = diag(g) B, at load time), the LoRA term is the ordinary :func:`add_lora`; this is the
+    other half, applied to the base output BEFORE the delta is added.
+
+    ``y`` [T, N] float; ``col_scale`` [S, N] float32 holding ``g - 1`` per slot; ``dora_slots``
+    [S] bool; ``bias`` [N] or None (the base layer's bias, not scaled by DoRA). Pure PyTorch on
+    any device, no host synchronisation, never records a graph of its own (under grad mode the
+    ops are recorded by autograd as usual).
+    """
+    _tensor(y, "y", 2)
+    _float(y, "y", True)
+    _tensor(col_scale, "col_scale", 2)
+    S = col_scale.shape[0]
+    if col_scale.shape[1] != y.shape[1]:
+        raise ValueError(f"col_scale: shape {tuple(col_scale.shape)} is [S, N] with N={col_scale.shape[1]}, but y "
+                         f"has {y.shape[1]} columns")
+    _tensor(dora_slots, "dora_slots", 1)
+    if dora_slots.dtype != torch.bool or dora_slots.shape[0] != S:
+        raise ValueError(f"dora_slots: expected a bool tensor of shape [{S}], got {dora_slots.dtype} "
+                         f"{tuple(dora_slots.shape)}")
+    for nm, t in (("col_scale", col_scale), ("dora_slots", dora_slots)):
+        _same_device(t, nm, y.device)
+    if bias is not None:
+        _tensor(bias, "bias", 1)
+        if bias.shape[0] != y.shape[1]:
+            raise ValueError(f"bias: shape {tuple(bias.shape)}, but y has {y.shape[1]} columns")
+    meta = _meta_for(indices, y.shape[0], S, y.device)
+    if y.shape[0] == 0 or y.shape[1] == 0 or S == 0:
+        return y
+    slots = meta.token_slots.long()
+    s = slots.clamp(min=0)
+    use = ((slots >= 0) & dora_slots[s])[:, None]
+    base = y if bias is None else y - bias.to(y.dtype)
+    scaled = torch.addcmul(y, col_scale[s].to(y.dtype), base)
+    y.copy_(torch.where(use, scaled, y))
+    return y
