@@ -287,13 +287,16 @@ def _sgmv_expand_kernel(
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _sgmv_fused_kernel(
+    # what changes from call to call comes first (a bound plan passes these five, then the rest)
     x_ptr,                              # [T, K]
+    y_ptr,                              # [T, N] updated in place
+    sorted_ptr, tile_ptr,
+    T,
     a0_ptr, a1_ptr, a2_ptr, a3_ptr,     # [S, R, K] per slice
     b0_ptr, b1_ptr, b2_ptr, b3_ptr,     # [S, N_i, R] per slice
-    y_ptr,                              # [T, N] updated in place
     scal_ptr,                           # [S] fp32
-    ranks_ptr, sorted_ptr, tile_ptr,
-    G, T, K, R, S,
+    ranks_ptr,
+    G, K, R, S,
     n0, n1, n2, n3,
     c0, c1, c2, c3,
     bs0, bs1, bs2, bs3,
@@ -505,22 +508,23 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
         )
 
 
-def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
-          scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> None:
+def fused_launches(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
+                   scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> List[tuple]:
+    """The launches of :func:`fused` as (kernel, grid, args, kwargs), one per group of up to 4
+    slices (empty for a zero delta). a_list / b_list must already share their strides."""
     T, K = x.shape
     N = y.shape[1]
     S, R, _ = a_list[0].shape
     n = len(a_list)
     if T == 0 or R == 0 or N == 0 or S == 0 or K == 0 or meta.num_tiles == 0:
-        return
-    a_list = same_strides(a_list, (0, 1, 2))
-    b_list = same_strides(b_list, (1, 2))
+        return []
     cfg = kernel_config("fused", block_m=meta.block_m, K=K, N=N, R=R, n_slices=n, dtype=x.dtype, device=x.device)
     use_dot = meta.block_m >= TENSOR_CORE_MIN_M
     r_pad = max(next_pow2(R), 16) if use_dot else next_pow2(R)
-    rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
+    rk, srn, srs, has_r = _ranks_args(ranks, scalings)
     cols = slice_columns(b_list)
     A0, B0 = a_list[0], b_list[0]
+    out = []
     for base, cnt in slice_groups(n, MAX_SLICES_PER_LAUNCH):
         a, b = a_list[base:base + cnt], b_list[base:base + cnt]
         widths = [B.shape[1] for B in b]
@@ -534,20 +538,28 @@ def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_li
         chunks = triton.cdiv(n_tiles, per_chunk)
         ap, bp = _pad4(a), _pad4(b)
         nn, cc, bs = _pad4(widths, 0), _pad4(cols[base:base + cnt], 0), _pad4([B.stride(0) for B in b], 0)
-        _sgmv_fused_kernel[(meta.num_tiles, chunks, cnt)](
-            x, ap[0], ap[1], ap[2], ap[3], bp[0], bp[1], bp[2], bp[3], y, scalings,
-            rk, meta.sorted_tokens, meta.tile_info,
-            meta.num_tiles, T, K, R, S,
-            nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
-            x.stride(0), x.stride(1),
-            A0.stride(0), A0.stride(1), A0.stride(2),
-            B0.stride(1), B0.stride(2),
-            y.stride(0), y.stride(1),
-            srn, srs, base, per_chunk,
-            BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], R_PAD=r_pad,
-            HAS_RANKS=has_r, USE_DOT=use_dot, FP32_DOT=_fp32_dot(x.dtype),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+        args = (x, y, meta.sorted_tokens, meta.tile_info, T,
+                ap[0], ap[1], ap[2], ap[3], bp[0], bp[1], bp[2], bp[3], scalings, rk,
+                meta.num_tiles, K, R, S,
+                nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
+                x.stride(0), x.stride(1),
+                A0.stride(0), A0.stride(1), A0.stride(2),
+                B0.stride(1), B0.stride(2),
+                y.stride(0), y.stride(1),
+                srn, srs, base, per_chunk)
+        kwargs = dict(BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], R_PAD=r_pad,
+                      HAS_RANKS=has_r, USE_DOT=use_dot, FP32_DOT=_fp32_dot(x.dtype),
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        out.append((_sgmv_fused_kernel, (meta.num_tiles, chunks, cnt), args, kwargs))
+    return out
+
+
+def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
+          scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> None:
+    a_list = same_strides(a_list, (0, 1, 2))
+    b_list = same_strides(b_list, (1, 2))
+    for kernel, grid, args, kwargs in fused_launches(y, x, a_list, b_list, scalings, ranks, meta):
+        kernel[grid](*args, **kwargs)
 
 
 def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
@@ -561,6 +573,167 @@ def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None
         fused(y, x, a_list, b_list, scalings, ranks, meta)
     else:
         expand(y, shrink(x, a_list, ranks, meta), b_list, scalings, ranks, meta)
+
+
+# ------------------------------------------------------------------------------- bound plans
+#
+# A patched layer calls add_lora with the same weights every forward; what does not change between
+# its calls is bound once (BoundAdd, through BoundLoRA, rebuilt on every pool change): the weight
+# pointers and strides, the slice layout, the configuration and, per launch-plan key, the grid,
+# the compiled kernel's launcher and the whole argument list. A call then fills in x, y, the
+# metadata's two pointers and T and calls Triton's launcher directly (CompiledKernel.run, the
+# call JITFunction.run itself ends with), skipping the JIT's binder, specialisation and cache
+# lookup and our own launch arithmetic.
+#
+# The plan key holds everything the compiled kernel was specialised on that a call can change:
+# block_m and G (the metadata's tile count: the grid and an int argument), the strides of x and y
+# (int arguments: Triton specialises on == 1 and % 16), and the 16-byte alignment of the four
+# pointers a call passes (pointer arguments: specialised on % 16). So a plan is only used for
+# calls that the JIT would have sent to the same compiled kernel with the same arguments
+# (tests/test_bound_plans.py checks the arguments against the JIT's).
+#
+# The first call of a key takes the JIT path (compiling when needed) and records the plan. Calls
+# that do not fit (the interpreter, a prefill-like batch, which runs shrink then expand, a current
+# device other than the layer's, a launch hook registered with Triton's knobs, weights whose
+# slices do not share strides) take the general path, unchanged.
+
+_PLAN_DYNAMIC = ("x_ptr", "y_ptr", "sorted_ptr", "tile_ptr", "T")   # the fused kernel's first five parameters
+_MAX_PLANS = 64
+
+
+def _launch_hooks():
+    """Triton's launch hook chains (a profiler adds to them); calls with a hook registered take the
+    JIT path, which passes them their launch metadata."""
+    try:
+        from triton import knobs
+        rt = knobs.runtime
+        return rt.launch_enter_hook, rt.launch_exit_hook
+    except (ImportError, AttributeError):        # pragma: no cover - older Triton
+        return None, None
+
+
+class _NoHooks:
+    calls = ()
+
+
+def _device_getters(drv):
+    """(current device index, current raw stream of a device index): torch's C functions when
+    this is torch's CUDA (what Triton's driver wraps), else the driver's (a stub's)."""
+    cur, stream = drv.get_current_device, drv.get_current_stream
+    import torch as _t
+    if cur is getattr(_t.cuda, "current_device", None) and hasattr(_t._C, "_cuda_getDevice"):
+        cur = _t._C._cuda_getDevice
+    return cur, stream
+
+
+def _launch_entry(compiled, grid, tail):
+    """One launch of a bound plan: how to call the compiled kernel's launcher with the five
+    per-call arguments followed by ``tail`` (every other parameter, constexprs included, in
+    order). Direct to the launcher's C function when its Python wrapper adds nothing (no scratch
+    memory, no tensor descriptors, no sanitizer): Triton 3.9's generic launcher and 3.6's
+    per-signature one take different argument lists; else through the wrapper, as
+    JITFunction.run calls it."""
+    run = compiled.run
+    fn, packed = compiled.function, compiled.packed_metadata
+    direct = (getattr(run, "global_scratch_size", 1) == 0 and getattr(run, "profile_scratch_size", 1) == 0
+              and not getattr(run, "gsan_enabled", False) and hasattr(run, "launch")
+              and hasattr(run, "launch_cooperative_grid") and hasattr(run, "launch_pdl"))
+    if direct and hasattr(run, "arg_annotations") and hasattr(run, "kernel_signature"):
+        return (1, run.launch, *grid, fn, run.launch_cooperative_grid, run.launch_pdl, packed,
+                run.arg_annotations, run.kernel_signature, tuple(tail))
+    if direct and not hasattr(run, "arg_annotations"):
+        return (2, run.launch, *grid, fn, run.launch_cooperative_grid, run.launch_pdl, packed, None, None, tuple(tail))
+    return (0, run, *grid, fn, None, None, packed, None, None, tuple(tail))
+
+
+def meta_launch_key(meta: LoRABatchMeta):
+    """(plan key part, sorted_tokens pointer, tile_info pointer, T), once per metadata object
+    (every layer of a forward passes the same one; its tensors are not resized in place)."""
+    k = meta.__dict__.get("_triton_key")
+    if k is None:
+        sp, tp = meta.sorted_tokens.data_ptr(), meta.tile_info.data_ptr()
+        k = ((meta.block_m, meta.tile_info.shape[1], sp & 15, tp & 15), sp, tp, meta.token_slots.shape[0])
+        object.__setattr__(meta, "_triton_key", k)
+    return k
+
+
+class BoundAdd:
+    """``add_lora`` on the Triton backend for one layer's fixed weights (see "bound plans" above)."""
+
+    __slots__ = ("_a", "_b", "_scal", "_ranks", "_plans", "_ok", "_dev_index", "_stream", "_current",
+                 "_enter", "_exit", "plan_hits", "__weakref__")
+
+    def __init__(self, a_list, b_list, scalings, ranks):
+        a2, b2 = same_strides(a_list, (0, 1, 2)), same_strides(b_list, (1, 2))
+        # strided copies would go stale when the pool writes a slot: such weights take the general path
+        self._ok = (all(p is q for p, q in zip(a2, a_list)) and all(p is q for p, q in zip(b2, b_list))
+                    and not triton_interpreter_enabled())
+        self._a, self._b, self._scal, self._ranks = list(a_list), list(b_list), scalings, ranks
+        dev = a_list[0].device
+        self._dev_index = dev.index if dev.type == "cuda" and dev.index is not None else 0
+        self._plans = {}
+        self._stream = self._current = None
+        self._enter = self._exit = _NoHooks
+        self.plan_hits = 0
+
+    def _general(self, y, x, meta) -> None:
+        add_lora(y, x, self._a, self._b, self._scal, self._ranks, meta)
+
+    def __call__(self, y, x, meta: LoRABatchMeta) -> None:
+        mk, sp, tp, T = meta.__dict__.get("_triton_key") or meta_launch_key(meta)
+        xp, yp = x.data_ptr(), y.data_ptr()
+        key = (mk, x.stride(), y.stride(), xp & 15, yp & 15)
+        plan = self._plans.get(key)
+        if plan is None or self._enter.calls or self._exit.calls or self._current() != self._dev_index:
+            return self._first(key, y, x, meta)
+        stream = self._stream(self._dev_index)
+        for kind, launch, g0, g1, g2, fn, coop, pdl, packed, ann, ksig, tail in plan:
+            if kind == 1:        # Triton 3.9's generic C launcher
+                launch(g0, g1, g2, stream, fn, coop, pdl, packed, None, None, None, None, None, ann, ksig,
+                       (xp, yp, sp, tp, T, *tail))
+            elif kind == 2:      # Triton 3.6's per-signature C launcher
+                launch(g0, g1, g2, stream, fn, coop, pdl, None, None, packed, None, None, None,
+                       xp, yp, sp, tp, T, *tail)
+            else:                # the launcher's Python wrapper (CompiledKernel.run)
+                launch(g0, g1, g2, stream, fn, packed, None, None, None, xp, yp, sp, tp, T, *tail)
+        self.plan_hits += 1
+
+    def _first(self, key, y, x, meta) -> None:
+        """The general path; records the plan of ``key`` when it can serve later calls."""
+        T, K = x.shape
+        S, R, _ = self._a[0].shape
+        if (not self._ok or meta.block_m >= TENSOR_CORE_MIN_M or T == 0 or K == 0 or R == 0 or S == 0
+                or y.shape[1] == 0 or not kernel_config("route", block_m=meta.block_m, K=K, N=y.shape[1], R=R,
+                                                        n_slices=len(self._a), dtype=x.dtype,
+                                                        device=x.device)["FUSED"]):
+            return self._general(y, x, meta)
+        from triton.runtime import driver
+        self._current, self._stream = _device_getters(driver.active)
+        enter, exit_ = _launch_hooks()
+        if self._current() != self._dev_index or getattr(enter, "calls", 1) or getattr(exit_, "calls", 1):
+            return self._general(y, x, meta)
+        plan = []
+        for kernel, grid, args, kwargs in fused_launches(y, x, self._a, self._b, self._scal, self._ranks, meta):
+            compiled = kernel[grid](*args, **kwargs)
+            if plan is None or compiled is None or not hasattr(compiled, "packed_metadata"):
+                plan = None              # (the interpreter, or a Triton without this interface)
+                continue
+            names = kernel.arg_names
+            assert tuple(names[:len(_PLAN_DYNAMIC)]) == _PLAN_DYNAMIC
+            full = list(args) + [kwargs[nm] for nm in names[len(args):]]
+            tail = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in full[len(_PLAN_DYNAMIC):]]
+            plan.append(_launch_entry(compiled, grid, tail))
+        if plan:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = tuple(plan)
+            self._enter, self._exit = enter, exit_
+
+
+def bind(a_list, b_list, scalings, ranks) -> BoundAdd:
+    """A callable ``(y, x, meta) -> None`` equal to ``add_lora(y, x, a_list, b_list, scalings, ranks, meta)``
+    (what ``BoundLoRA`` calls on this backend; see "bound plans" above)."""
+    return BoundAdd(a_list, b_list, scalings, ranks)
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
