@@ -345,7 +345,7 @@ class BoundLoRA:
     """
 
     __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend", "_a", "_b", "_name", "_dtype", "_device",
-                 "_S", "_R", "_K", "_N", "_bound", "_add_rows", "_weights", "_dev", "_ranks_host", "_ranks_seen")
+                 "_S", "_R", "_K", "_N", "_bound", "_add_rows", "_weights", "_dev", "_ranks_host", "_ranks_seen", "_fast")
     # (_weights: every weight tensor argument, for the requires-grad test of a call)
 
     def __init__(self, lora_a: TensorOrList, lora_b: TensorOrList, scalings: torch.Tensor,
@@ -372,11 +372,21 @@ class BoundLoRA:
             bind = None        # a zero delta: the calls only check their arguments (_launch_add)
         self._bound = bind(self._a, self._b, scalings, self.ranks) if bind is not None else None
         self._add_rows = getattr(self._bound, "add_rows", None)
+        # (y, x, meta) -> bool: a launch through a recorded plan, False (nothing done) when there is none
+        self._fast = getattr(self._bound, "fast", None)
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, indices: Indices) -> torch.Tensor:
         if _grad_enabled() and self._wants_grad(y, x):     # the autograd path: add_lora's
             return add_lora(y, x, self.lora_a, self.lora_b, indices, self.scalings, self.ranks, backend=self.backend)
         if type(indices) is LoRABatchMeta and type(x) is torch.Tensor and type(y) is torch.Tensor:
+            fast = self._fast
+            if fast is not None and not _is_compiling():
+                # a bound plan's launch: its key holds x's and y's shapes, strides, dtypes and
+                # devices, so a call that finds one passed this class's checks when it was made
+                if self._ranks_host or _checks._debug_checks:
+                    self._check_ranks()
+                if fast(y, x, indices):
+                    return y
             # the bound path: a few compares against what was checked at bind time (the metadata's
             # facts are read once per metadata object, see _meta_facts)
             T, S, dev, ok = indices.__dict__.get(_FACTS) or _meta_facts(indices)

@@ -71,7 +71,7 @@ MAX_SLICES_PER_LAUNCH = 4
 # Per-slice ints are selected by program id (_pick); Triton turns an int argument equal to 1
 # into a constant, and a branch merging a constant with a runtime int does not compile, so
 # these are never specialised.
-_PER_SLICE_INTS = [f"{p}{i}" for p in ("n", "c", "bs") for i in range(MAX_SLICES_PER_LAUNCH)]
+_PER_SLICE_INTS = [f"{p}{i}" for p in ("n", "c", "bs", "br") for i in range(MAX_SLICES_PER_LAUNCH)]
 # T (the batch's row count, a bound of the index checks) changes every batch: not specialised,
 # so it never adds a compiled variant (T == 1, T % 16 == 0).
 _NO_SPECIALIZE = ["T", *_PER_SLICE_INTS]
@@ -238,7 +238,8 @@ def _sgmv_expand_kernel(
     n0, n1, n2, n3,                     # N_i of each slice
     c0, c1, c2, c3,                     # first column of each slice in y
     bs0, bs1, bs2, bs3,                 # slot stride of each B_i
-    stride_bn, stride_br,               # shared by all B_i
+    br0, br1, br2, br3,                 # rank stride of each B_i (the pool's rank-major B: N_i)
+    stride_bn,                          # shared by all B_i
     stride_hn, stride_ht, stride_hr,
     stride_yt, stride_yn,
     stride_rn, stride_rs,
@@ -263,6 +264,7 @@ def _sgmv_expand_kernel(
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_i
     b_ptr = _pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot.to(tl.int64) * _pick(sid, bs0, bs1, bs2, bs3)
+    stride_br = _pick(sid, br0, br1, br2, br3)
     h_base = h_ptr + gsid.to(tl.int64) * stride_hn + rows[:, None] * stride_ht
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -300,9 +302,10 @@ def _sgmv_fused_kernel(
     n0, n1, n2, n3,
     c0, c1, c2, c3,
     bs0, bs1, bs2, bs3,
+    br0, br1, br2, br3,
     stride_xt, stride_xk,
     stride_as, stride_ar, stride_ak,
-    stride_bn, stride_br,
+    stride_bn,
     stride_yt, stride_yn,
     stride_rn, stride_rs,
     slice_base,
@@ -338,6 +341,7 @@ def _sgmv_fused_kernel(
 
     # Expand: y[rows, cols] += h @ B[slot, cols, :rank].T over this program's output tiles.
     b_ptr = _pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot64 * _pick(sid, bs0, bs1, bs2, bs3)
+    stride_br = _pick(sid, br0, br1, br2, br3)
     col0 = _pick(sid, c0, c1, c2, c3)
     if USE_DOT and not FP32_DOT:
         hd = h.to(b_ptr.dtype.element_ty)
@@ -484,7 +488,7 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
     n = len(b_list)
     if T == 0 or R == 0 or N == 0 or S == 0 or meta.num_tiles == 0:
         return
-    b_list = same_strides(b_list, (1, 2))
+    b_list = same_strides(b_list, (1,))
     cfg = kernel_config("expand", block_m=meta.block_m, K=0, N=N, R=R, n_slices=n, dtype=y.dtype, device=y.device)
     rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
     cols = slice_columns(b_list)
@@ -494,11 +498,13 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
         widths = [B.shape[1] for B in b]
         grid = (meta.num_tiles, triton.cdiv(max(widths), cfg["BLOCK_N"]), cnt)
         bp, nn, cc, bs = _pad4(b), _pad4(widths, 0), _pad4(cols[base:base + cnt], 0), _pad4([B.stride(0) for B in b], 0)
+        br = _pad4([B.stride(2) for B in b], 0)
         _sgmv_expand_kernel[grid](
             h, bp[0], bp[1], bp[2], bp[3], y, scalings, rk, meta.sorted_tokens, meta.tile_info,
             meta.num_tiles, T, R, S,
             nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
-            B0.stride(1), B0.stride(2),
+            br[0], br[1], br[2], br[3],
+            B0.stride(1),
             h.stride(0), h.stride(1), h.stride(2),
             y.stride(0), y.stride(1),
             srn, srs, base,
@@ -538,13 +544,15 @@ def fused_launches(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tens
         chunks = triton.cdiv(n_tiles, per_chunk)
         ap, bp = _pad4(a), _pad4(b)
         nn, cc, bs = _pad4(widths, 0), _pad4(cols[base:base + cnt], 0), _pad4([B.stride(0) for B in b], 0)
+        br = _pad4([B.stride(2) for B in b], 0)
         args = (x, y, meta.sorted_tokens, meta.tile_info, T,
                 ap[0], ap[1], ap[2], ap[3], bp[0], bp[1], bp[2], bp[3], scalings, rk,
                 meta.num_tiles, K, R, S,
                 nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
+                br[0], br[1], br[2], br[3],
                 x.stride(0), x.stride(1),
                 A0.stride(0), A0.stride(1), A0.stride(2),
-                B0.stride(1), B0.stride(2),
+                B0.stride(1),
                 y.stride(0), y.stride(1),
                 srn, srs, base, per_chunk)
         kwargs = dict(BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], R_PAD=r_pad,
@@ -557,7 +565,7 @@ def fused_launches(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tens
 def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
           scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> None:
     a_list = same_strides(a_list, (0, 1, 2))
-    b_list = same_strides(b_list, (1, 2))
+    b_list = same_strides(b_list, (1,))
     for kernel, grid, args, kwargs in fused_launches(y, x, a_list, b_list, scalings, ranks, meta):
         kernel[grid](*args, **kwargs)
 
@@ -648,11 +656,14 @@ def _launch_entry(compiled, grid, tail):
 
 def meta_launch_key(meta: LoRABatchMeta):
     """(plan key part, sorted_tokens pointer, tile_info pointer, T), once per metadata object
-    (every layer of a forward passes the same one; its tensors are not resized in place)."""
+    (every layer of a forward passes the same one; its tensors are not resized in place). The key
+    part: block_m, G, T, S, the device and the pointers' alignment."""
     k = meta.__dict__.get("_triton_key")
     if k is None:
         sp, tp = meta.sorted_tokens.data_ptr(), meta.tile_info.data_ptr()
-        k = ((meta.block_m, meta.tile_info.shape[1], sp & 15, tp & 15), sp, tp, meta.token_slots.shape[0])
+        ts = meta.token_slots
+        T = ts.shape[0]
+        k = ((meta.block_m, meta.tile_info.shape[1], T, meta.num_slots, ts.get_device(), sp & 15, tp & 15), sp, tp, T)
         object.__setattr__(meta, "_triton_key", k)
     return k
 
@@ -664,7 +675,7 @@ class BoundAdd:
                  "_enter", "_exit", "plan_hits", "__weakref__")
 
     def __init__(self, a_list, b_list, scalings, ranks):
-        a2, b2 = same_strides(a_list, (0, 1, 2)), same_strides(b_list, (1, 2))
+        a2, b2 = same_strides(a_list, (0, 1, 2)), same_strides(b_list, (1,))
         # strided copies would go stale when the pool writes a slot: such weights take the general path
         self._ok = (all(p is q for p, q in zip(a2, a_list)) and all(p is q for p, q in zip(b2, b_list))
                     and not triton_interpreter_enabled())
@@ -679,13 +690,20 @@ class BoundAdd:
     def _general(self, y, x, meta) -> None:
         add_lora(y, x, self._a, self._b, self._scal, self._ranks, meta)
 
-    def __call__(self, y, x, meta: LoRABatchMeta) -> None:
-        mk, sp, tp, T = meta.__dict__.get("_triton_key") or meta_launch_key(meta)
+    def fast(self, y, x, meta: LoRABatchMeta) -> bool:
+        """Launch through the plan of this call's key; False, having done nothing, when there is none
+        (BoundLoRA then checks the call and calls this object, which records the plan). The key
+        holds x's and y's shapes, strides, dtypes and devices (a plan exists only for keys whose
+        call passed BoundLoRA's checks) and the alignment of the four pointers."""
+        mk = meta.__dict__.get("_triton_key")
+        if mk is None:
+            return False
+        mkey, sp, tp, T = mk
         xp, yp = x.data_ptr(), y.data_ptr()
-        key = (mk, x.stride(), y.stride(), xp & 15, yp & 15)
-        plan = self._plans.get(key)
+        plan = self._plans.get((mkey, x.shape, y.shape, x.stride(), y.stride(), x.dtype, y.dtype,
+                                x.get_device(), y.get_device(), xp & 15, yp & 15))
         if plan is None or self._enter.calls or self._exit.calls or self._current() != self._dev_index:
-            return self._first(key, y, x, meta)
+            return False
         stream = self._stream(self._dev_index)
         for kind, launch, g0, g1, g2, fn, coop, pdl, packed, ann, ksig, tail in plan:
             if kind == 1:        # Triton 3.9's generic C launcher
@@ -697,6 +715,18 @@ class BoundAdd:
             else:                # the launcher's Python wrapper (CompiledKernel.run)
                 launch(g0, g1, g2, stream, fn, packed, None, None, None, xp, yp, sp, tp, T, *tail)
         self.plan_hits += 1
+        return True
+
+    def __call__(self, y, x, meta: LoRABatchMeta) -> None:
+        """A checked call (BoundLoRA's general path): the plan's launch, else the general path,
+        recording the plan."""
+        if self.fast(y, x, meta):
+            return
+        mkey = meta_launch_key(meta)[0]
+        xp, yp = x.data_ptr(), y.data_ptr()
+        key = (mkey, x.shape, y.shape, x.stride(), y.stride(), x.dtype, y.dtype, x.get_device(), y.get_device(),
+               xp & 15, yp & 15)
+        self._first(key, y, x, meta)
 
     def _first(self, key, y, x, meta) -> None:
         """The general path; records the plan of ``key`` when it can serve later calls."""
