@@ -17,6 +17,8 @@ code state (the results file holds a "before" row measured at the commit before 
 an "after" row). The last line printed is ``host us/call triton=<a> cuda=<b> step_ms=<c>`` (c:
 the slower backend's step).
 
+Times are this thread's CPU time (``time.thread_time``: what the host spends, not counting the
+time other processes of a shared machine hold the core); the rows also give the wall times.
 On a CPU machine the tensors are CPU tensors: their host-only value checks (ranks, metadata) run
 where a GPU's would not, so these numbers are, if anything, high.
 """
@@ -38,18 +40,21 @@ from benchmarks import common, host_stub  # noqa: E402
 LAYERS, PROJ = 32, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _blocks(fn: Callable[[], None], calls: int, blocks: int, warmup: int = 2) -> List[float]:
-    """Microseconds per call of ``fn`` over ``blocks`` blocks of ``calls`` calls each."""
+def _blocks(fn: Callable[[], None], calls: int, blocks: int, warmup: int = 2):
+    """(CPU-time, wall-time) microseconds per call of ``fn`` over ``blocks`` blocks of ``calls``
+    calls each. CPU time is this thread's (``time.thread_time``): what the host spends on the
+    call, not counting the time other processes of a shared machine hold its core."""
     for _ in range(warmup):
         for _ in range(calls):
             fn()
-    out = []
+    cpu, wall = [], []
     for _ in range(blocks):
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         for _ in range(calls):
             fn()
-        out.append((time.perf_counter() - t0) / calls * 1e6)
-    return out
+        cpu.append((time.thread_time() - c0) / calls * 1e6)
+        wall.append((time.perf_counter() - t0) / calls * 1e6)
+    return cpu, wall
 
 
 def _q(samples: List[float]) -> Dict[str, float]:
@@ -87,7 +92,7 @@ def per_call(backend: str, quick: bool) -> Dict[str, Dict[str, float]]:
         op(y, x, meta)                                      # compile / record the plan
         bound = _blocks(lambda: op(y, x, meta), calls, blocks)
         unbound = _blocks(lambda: olk.add_lora(y, x, a, b, meta, sc, rk, backend=backend), calls // 5, blocks)
-    return {"bound": _q(bound), "add_lora": _q(unbound)}
+    return {"bound": bound, "add_lora": unbound}
 
 
 def per_step(backend: str, quick: bool) -> Dict[str, float]:
@@ -111,8 +116,8 @@ def per_step(backend: str, quick: bool) -> Dict[str, float]:
 
     with torch.no_grad():
         step()                                              # compile / record the plans
-        samples = _blocks(step, 1, 6 if quick else 30, warmup=2)
-    return {k: v / 1e3 for k, v in _q(samples).items()}    # ms per step
+        cpu, wall = _blocks(step, 1, 6 if quick else 30, warmup=2)
+    return [v / 1e3 for v in cpu], [v / 1e3 for v in wall]  # ms per step
 
 
 def _stub(backend: str, python_level: bool):
@@ -145,18 +150,25 @@ def main(argv=None) -> int:
             print(f"  {backend}: skipped ({e})")
             continue
         how = host_stub.stub_info()[f"{backend}_stub"] + (" [Python-level: binding.run a no-op]" if python_level else "")
-        extra = {"label": opts.label, "stub": how, "calib_empty_call_ns": round(calib, 1), "load_avg": round(load, 2)}
-        for what, q in calls.items():
-            rows.append({"benchmark": "host_overhead", "kernel": "add_lora", "contender": f"{backend}:{what}",
-                         "shape": "bf16 T=8 K=N=4096 S=8 R=64 pool-B", "metric": "host_us_per_call", **q,
-                         "unit": "us", **extra})
-        rows.append({"benchmark": "host_overhead", "kernel": "decode_step", "contender": f"{backend}:bound",
-                     "shape": f"{LAYERS} layers x 7 projections (224 calls) + build_batch_meta, T=8 S=8 R=16",
-                     "metric": "host_ms_per_step", **step, "unit": "ms", **extra})
-        summary[backend] = (calls["bound"]["median"], step["median"])
-        print(f"  {backend:6s} BoundLoRA call {calls['bound']['median']:7.2f} us (p20 {calls['bound']['p20']:.2f}, "
-              f"p80 {calls['bound']['p80']:.2f}); add_lora {calls['add_lora']['median']:7.2f} us; "
-              f"decode step {step['median']:.2f} ms")
+        extra = {"label": opts.label, "stub": how, "calib_empty_call_ns": round(calib, 1), "load_avg": round(load, 2),
+                 "timing": "median/p20/p80: this thread's CPU time (time.thread_time); wall_*: perf_counter"}
+
+        def row(kernel, contender, shape, metric, unit, cpu, wall):
+            w = _q(wall)
+            rows.append({"benchmark": "host_overhead", "kernel": kernel, "contender": contender, "shape": shape,
+                         "metric": metric, **_q(cpu), "unit": unit, **extra, "wall_median": round(w["median"], 3),
+                         "wall_p20": round(w["p20"], 3), "min": round(min(cpu), 3)})
+
+        for what, (cpu, wall) in calls.items():
+            row("add_lora", f"{backend}:{what}", "bf16 T=8 K=N=4096 S=8 R=64 pool-B", "host_us_per_call", "us",
+                cpu, wall)
+        row("decode_step", f"{backend}:bound", f"{LAYERS} layers x 7 projections (224 calls) + build_batch_meta, "
+            "T=8 S=8 R=16", "host_ms_per_step", "ms", *step)
+        b, s_ = _q(calls["bound"][0]), _q(step[0])
+        summary[backend] = (b["median"], s_["median"])
+        print(f"  {backend:6s} BoundLoRA call {b['median']:7.2f} us CPU (p20 {b['p20']:.2f}, p80 {b['p80']:.2f}; "
+              f"wall {_q(calls['bound'][1])['median']:.2f}); add_lora {_q(calls['add_lora'][0])['median']:7.2f} us; "
+              f"decode step {s_['median']:.2f} ms CPU (wall {_q(step[1])['median']:.2f})")
     if opts.out:
         common.write_rows(opts.out, rows, env)
         print(f"  rows -> {opts.out}")

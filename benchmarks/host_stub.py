@@ -122,14 +122,13 @@ class FakeCudaDriver:
     def get_current_target(self):
         return self._target
 
-    def get_current_device(self):
-        return 0
+    # device 0, stream 0 (builtins: C functions, as torch's _cuda_getDevice / _cuda_getCurrentRawStream
+    # that a real driver hands out, so the stub does not add Python frames to a call)
+    get_current_device = staticmethod(int)            # int() == 0
+    get_current_stream = staticmethod(abs)            # abs(0) == 0: the stream of device 0
 
     def set_current_device(self, device):
         pass
-
-    def get_current_stream(self, device):
-        return 0
 
     def get_device_capability(self, device=None):
         return divmod(self._arch, 10)
@@ -256,8 +255,8 @@ def stub_cuda(python_level: bool = False) -> Iterator[Any]:
     torch.cuda.device = _NoDevice
     torch.cuda.current_stream = lambda device=None: types.SimpleNamespace(cuda_stream=0)
     if hasattr(cuda_ext, "_current_device"):
-        cuda_ext._current_device = lambda: 0
-        cuda_ext._current_stream = lambda index: 0
+        cuda_ext._current_device = int                # builtins (C functions, like torch's): 0
+        cuda_ext._current_stream = abs                # abs(device 0) == stream 0
     if not python_level:
         mod.set_launch_stub(True, 132)
     try:

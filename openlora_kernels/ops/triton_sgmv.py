@@ -720,9 +720,9 @@ class BoundAdd:
     def __call__(self, y, x, meta: LoRABatchMeta) -> None:
         """A checked call (BoundLoRA's general path): the plan's launch, else the general path,
         recording the plan."""
+        mkey = meta_launch_key(meta)[0]
         if self.fast(y, x, meta):
             return
-        mkey = meta_launch_key(meta)[0]
         xp, yp = x.data_ptr(), y.data_ptr()
         key = (mkey, x.shape, y.shape, x.stride(), y.stride(), x.dtype, y.dtype, x.get_device(), y.get_device(),
                xp & 15, yp & 15)
@@ -732,7 +732,7 @@ class BoundAdd:
         """The general path; records the plan of ``key`` when it can serve later calls."""
         T, K = x.shape
         S, R, _ = self._a[0].shape
-        if (not self._ok or meta.block_m >= TENSOR_CORE_MIN_M or T == 0 or K == 0 or R == 0 or S == 0
+        if (not self._ok or meta.block_m >= TENSOR_CORE_MIN_M or key in self._plans or T == 0 or K == 0 or R == 0 or S == 0
                 or y.shape[1] == 0 or not kernel_config("route", block_m=meta.block_m, K=K, N=y.shape[1], R=R,
                                                         n_slices=len(self._a), dtype=x.dtype,
                                                         device=x.device)["FUSED"]):
