@@ -149,6 +149,61 @@ def _mac(a, b, acc, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr):
 
 
 @triton.jit
+def _mult(v, VEC: tl.constexpr):
+    """``v`` (an int the host proved a multiple of VEC) in a form the compiler can see is one:
+    tl.multiple_of does not reach a value selected per slice (_pick) or a non-specialised
+    argument, a multiply by the constant does."""
+    return (v // VEC) * VEC
+
+
+@triton.jit
+def _load_b(b_ptr, offs_r, offs_n, rank, n_i, stride_br, stride_bn, B_LAYOUT: tl.constexpr, VEC: tl.constexpr):
+    """[len(offs_r), len(offs_n)] tile of one slot's B_i (b_ptr at the slot): B[n, r] at (r, n), 0 at
+    or beyond the rank and past n_i (never read there, except up to the next multiple of VEC in
+    the rank when VEC > 1: within the slot's R entries, and zeroed).
+
+    B_LAYOUT 1: rank-contiguous rows (the standard [S, N, R], stride over r = 1); 2: column-
+    contiguous (the pool's [S, N, R] view of [S, R, N] storage, stride over n = 1); 0: any
+    strides. VEC > 1: the host proved that every access of VEC elements along the contiguous
+    axis is 16-byte aligned (base, slot, row strides; n_i, and for layout 1 R, multiples of VEC),
+    so the loads can be 16-byte vectors: told to the compiler by writing those ints as multiples
+    of VEC (_mult), so that the masks compare against values it knows to be multiples of VEC."""
+    r_mask = offs_r < rank
+    if B_LAYOUT == 1:
+        if VEC > 1:
+            rank_v = tl.cdiv(rank, VEC) * VEC
+            bt = tl.load(b_ptr + offs_r[:, None] + offs_n[None, :] * _mult(stride_bn, VEC),
+                         mask=(offs_r < rank_v)[:, None] & (offs_n < n_i)[None, :], other=0.0)
+            bt = tl.where(r_mask[:, None], bt, 0.0)
+        else:
+            bt = tl.load(b_ptr + offs_r[:, None] + offs_n[None, :] * stride_bn,
+                         mask=r_mask[:, None] & (offs_n < n_i)[None, :], other=0.0)
+    elif B_LAYOUT == 2:
+        if VEC > 1:
+            bt = tl.load(b_ptr + offs_r[:, None] * _mult(stride_br, VEC) + offs_n[None, :],
+                         mask=r_mask[:, None] & (offs_n < _mult(n_i, VEC))[None, :], other=0.0)
+        else:
+            bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :],
+                         mask=r_mask[:, None] & (offs_n < n_i)[None, :], other=0.0)
+    else:
+        bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                     mask=r_mask[:, None] & (offs_n < n_i)[None, :], other=0.0)
+    return bt
+
+
+@triton.jit
+def _y_ptrs(y_ptr, rows, col0, offs_n, n_i, stride_yt, stride_yn, VEC: tl.constexpr):
+    """(pointers, column mask) of y[rows, col0 + offs_n]; VEC > 1: y's rows and the slice's first
+    column and width are multiples of VEC with a unit column stride (16-byte vectors)."""
+    if VEC > 1:
+        cols = _mult(col0, VEC) + offs_n
+        return (y_ptr + rows[:, None] * _mult(stride_yt, VEC) + cols[None, :].to(tl.int64),
+                offs_n < _mult(n_i, VEC))
+    cols = col0 + offs_n
+    return y_ptr + rows[:, None] * stride_yt + cols[None, :].to(tl.int64) * stride_yn, offs_n < n_i
+
+
+@triton.jit
 def _shrink_rows(x_ptr, a_ptr, rows, m_mask, offs_r, r_mask, k_lo, k_hi,
                  stride_xt, stride_xk, stride_ar, stride_ak,
                  BLOCK_M: tl.constexpr, WIDTH_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -246,6 +301,7 @@ def _sgmv_expand_kernel(
     slice_base,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_RANKS: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
+    B_LAYOUT: tl.constexpr, VEC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -263,7 +319,7 @@ def _sgmv_expand_kernel(
     rows, m_mask = _tile_rows(sorted_ptr, start, end, T, BLOCK_M)
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_i
-    b_ptr = _pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot.to(tl.int64) * _pick(sid, bs0, bs1, bs2, bs3)
+    b_ptr = _pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot.to(tl.int64) * _mult(_pick(sid, bs0, bs1, bs2, bs3), VEC)
     stride_br = _pick(sid, br0, br1, br2, br3)
     h_base = h_ptr + gsid.to(tl.int64) * stride_hn + rows[:, None] * stride_ht
 
@@ -273,15 +329,13 @@ def _sgmv_expand_kernel(
         r_mask = offs_r < rank
         ht = tl.load(h_base + offs_r[None, :] * stride_hr,
                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)              # [BM, BR]
-        bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)              # [BR, BN]
+        bt = _load_b(b_ptr, offs_r, offs_n, rank, n_i, stride_br, stride_bn, B_LAYOUT, VEC)   # [BR, BN]
         if USE_DOT and not FP32_DOT:
             ht = ht.to(bt.dtype)
         acc = _mac(ht, bt, acc, USE_DOT, FP32_DOT)
 
     scale = tl.load(scal_ptr + slot)
-    cols = _pick(sid, c0, c1, c2, c3) + offs_n
-    y_ptrs = y_ptr + rows[:, None] * stride_yt + cols[None, :].to(tl.int64) * stride_yn
+    y_ptrs, n_mask = _y_ptrs(y_ptr, rows, _pick(sid, c0, c1, c2, c3), offs_n, n_i, stride_yt, stride_yn, VEC)
     mask = m_mask[:, None] & n_mask[None, :]
     yv = tl.load(y_ptrs, mask=mask, other=0.0)
     tl.store(y_ptrs, (yv.to(tl.float32) + acc * scale).to(yv.dtype), mask=mask)
@@ -312,6 +366,7 @@ def _sgmv_fused_kernel(
     tiles_per_chunk,                    # output tiles of BLOCK_N handled by one program
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     HAS_RANKS: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
+    B_LAYOUT: tl.constexpr, VEC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -340,7 +395,7 @@ def _sgmv_fused_kernel(
     h = h * tl.load(scal_ptr + slot)
 
     # Expand: y[rows, cols] += h @ B[slot, cols, :rank].T over this program's output tiles.
-    b_ptr = _pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot64 * _pick(sid, bs0, bs1, bs2, bs3)
+    b_ptr = _pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot64 * _mult(_pick(sid, bs0, bs1, bs2, bs3), VEC)
     stride_br = _pick(sid, br0, br1, br2, br3)
     col0 = _pick(sid, c0, c1, c2, c3)
     if USE_DOT and not FP32_DOT:
@@ -349,11 +404,9 @@ def _sgmv_fused_kernel(
         hd = h
     for nt in range(nt_lo, nt_hi):
         offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < n_i
-        bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)              # [R_PAD, BN]
+        bt = _load_b(b_ptr, offs_r, offs_n, rank, n_i, stride_br, stride_bn, B_LAYOUT, VEC)   # [R_PAD, BN]
         out = _mac(hd, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), USE_DOT, FP32_DOT)
-        y_ptrs = y_ptr + rows[:, None] * stride_yt + (col0 + offs_n)[None, :].to(tl.int64) * stride_yn
+        y_ptrs, n_mask = _y_ptrs(y_ptr, rows, col0, offs_n, n_i, stride_yt, stride_yn, VEC)
         mask = m_mask[:, None] & n_mask[None, :]
         yv = tl.load(y_ptrs, mask=mask, other=0.0)
         tl.store(y_ptrs, (yv.to(tl.float32) + out).to(yv.dtype), mask=mask)
@@ -452,6 +505,31 @@ def _pad4(items: Sequence, fill=None) -> List:
     return items + [items[0] if fill is None else fill] * (MAX_SLICES_PER_LAUNCH - len(items))
 
 
+def b_access(b_list: Sequence[torch.Tensor], y: torch.Tensor, cols: Sequence[int]):
+    """(B_LAYOUT, VEC) of an expand / fused launch over ``b_list`` into ``y`` (see _load_b): the
+    B layout all slices share (1 rank-contiguous, 2 column-contiguous, 0 other), and VEC = the
+    elements of a 16-byte vector when the host can prove every vector access of B and y aligned
+    (pointers, slot / row strides, slice widths and first columns, and for layout 1 the stacked
+    rank, all multiples of it), else 1."""
+    if all(B.stride(2) == 1 for B in b_list):
+        layout = 1
+    elif all(B.stride(1) == 1 for B in b_list):
+        layout = 2
+    else:
+        return 0, 1
+    esz = y.element_size()
+    v = 16 // esz
+    ok = (y.stride(1) == 1 and y.stride(0) % v == 0 and y.data_ptr() % 16 == 0
+          and all(c % v == 0 for c in cols)
+          and all(B.element_size() == esz and B.data_ptr() % 16 == 0 and B.stride(0) % v == 0
+                  and B.shape[1] % v == 0 for B in b_list))
+    if ok and layout == 1:
+        ok = all(B.stride(1) % v == 0 and B.shape[2] % v == 0 for B in b_list)
+    elif ok:
+        ok = all(B.stride(2) % v == 0 for B in b_list)
+    return layout, (v if ok else 1)
+
+
 def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torch.Tensor],
            meta: LoRABatchMeta, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     T, K = x.shape
@@ -499,6 +577,7 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
         grid = (meta.num_tiles, triton.cdiv(max(widths), cfg["BLOCK_N"]), cnt)
         bp, nn, cc, bs = _pad4(b), _pad4(widths, 0), _pad4(cols[base:base + cnt], 0), _pad4([B.stride(0) for B in b], 0)
         br = _pad4([B.stride(2) for B in b], 0)
+        layout, vec = b_access(b, y, cols[base:base + cnt])
         _sgmv_expand_kernel[grid](
             h, bp[0], bp[1], bp[2], bp[3], y, scalings, rk, meta.sorted_tokens, meta.tile_info,
             meta.num_tiles, T, R, S,
@@ -510,6 +589,7 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
             srn, srs, base,
             BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
             HAS_RANKS=has_r, USE_DOT=meta.block_m >= TENSOR_CORE_MIN_M, FP32_DOT=_fp32_dot(B0.dtype),
+            B_LAYOUT=layout, VEC=vec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
@@ -555,8 +635,9 @@ def fused_launches(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tens
                 B0.stride(1),
                 y.stride(0), y.stride(1),
                 srn, srs, base, per_chunk)
+        layout, vec = b_access(b, y, cols[base:base + cnt])
         kwargs = dict(BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], R_PAD=r_pad,
-                      HAS_RANKS=has_r, USE_DOT=use_dot, FP32_DOT=_fp32_dot(x.dtype),
+                      HAS_RANKS=has_r, USE_DOT=use_dot, FP32_DOT=_fp32_dot(x.dtype), B_LAYOUT=layout, VEC=vec,
                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         out.append((_sgmv_fused_kernel, (meta.num_tiles, chunks, cnt), args, kwargs))
     return out
