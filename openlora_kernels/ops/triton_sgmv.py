@@ -701,10 +701,6 @@ def _launch_hooks():
         return None, None
 
 
-class _NoHooks:
-    calls = ()
-
-
 def _device_getters(drv):
     """(current device index, current raw stream of a device index): torch's C functions when
     this is torch's CUDA (what Triton's driver wraps), else the driver's (a stub's)."""
@@ -753,7 +749,7 @@ class BoundAdd:
     """``add_lora`` on the Triton backend for one layer's fixed weights (see "bound plans" above)."""
 
     __slots__ = ("_a", "_b", "_scal", "_ranks", "_plans", "_ok", "_dev_index", "_stream", "_current",
-                 "_enter", "_exit", "plan_hits", "__weakref__")
+                 "_hooks", "plan_hits", "__weakref__")
 
     def __init__(self, a_list, b_list, scalings, ranks):
         a2, b2 = same_strides(a_list, (0, 1, 2)), same_strides(b_list, (1,))
@@ -765,7 +761,7 @@ class BoundAdd:
         self._dev_index = dev.index if dev.type == "cuda" and dev.index is not None else 0
         self._plans = {}
         self._stream = self._current = None
-        self._enter = self._exit = _NoHooks
+        self._hooks = ((), ())      # the launch hook chains' lists of hooks (non-empty: the JIT path)
         self.plan_hits = 0
 
     def _general(self, y, x, meta) -> None:
@@ -783,7 +779,7 @@ class BoundAdd:
         xp, yp = x.data_ptr(), y.data_ptr()
         plan = self._plans.get((mkey, x.shape, y.shape, x.stride(), y.stride(), x.dtype, y.dtype,
                                 x.get_device(), y.get_device(), xp & 15, yp & 15))
-        if plan is None or self._enter.calls or self._exit.calls or self._current() != self._dev_index:
+        if plan is None or self._hooks[0] or self._hooks[1] or self._current() != self._dev_index:
             return False
         stream = self._stream(self._dev_index)
         for kind, launch, g0, g1, g2, fn, coop, pdl, packed, ann, ksig, tail in plan:
@@ -838,7 +834,7 @@ class BoundAdd:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
             self._plans[key] = tuple(plan)
-            self._enter, self._exit = enter, exit_
+            self._hooks = (getattr(enter, "calls", ()), getattr(exit_, "calls", ()))
 
 
 def bind(a_list, b_list, scalings, ranks) -> BoundAdd:
