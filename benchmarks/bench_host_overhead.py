@@ -10,12 +10,16 @@ Measures on any machine, GPU or not (benchmarks/host_stub.py says exactly what i
   rank-major B; and the unbound ``add_lora(...)`` for comparison. Microseconds per call.
 * **per decode step**: a 32-layer model with all seven projections patched (q, k, v, o, gate,
   up, down: 224 BoundLoRA calls, tiny widths; host time does not depend on them) plus the one
-  ``build_batch_meta`` of the step's forward. Milliseconds per step.
+  ``build_batch_meta`` of the step's forward. The base layers are stood in for by one new output
+  tensor each; each LoRA call adds into the output its base layer just produced (as a patched
+  model's hook does), and the LoRA host time is the step with LoRA minus the step without,
+  measured interleaved. Also given: the 224 calls and the build alone (their inputs not fresh).
+  Milliseconds per step.
 
 Rows (benchmarks/common.py: machine, versions, commit) go to ``--out``; ``--label`` names the
 code state (the results file holds a "before" row measured at the commit before bound plans, and
 an "after" row). The last line printed is ``host us/call triton=<a> cuda=<b> step_ms=<c>`` (c:
-the slower backend's step).
+the slower backend's LoRA ms per step).
 
 Times are this thread's CPU time (``time.thread_time``: what the host spends, not counting the
 time other processes of a shared machine hold the core); the rows also give the wall times.
@@ -95,7 +99,13 @@ def per_call(backend: str, quick: bool) -> Dict[str, Dict[str, float]]:
     return {"bound": bound, "add_lora": unbound}
 
 
-def per_step(backend: str, quick: bool) -> Dict[str, float]:
+def per_step(backend: str, quick: bool):
+    """(LoRA ms per step: the model step minus the same step without LoRA, both as CPU-time
+    medians of interleaved samples; the step with LoRA; the step without; the 224 calls and the
+    metadata build alone, wall and CPU). The "model" stands in for the base layers with one new
+    output tensor per layer (``x.new_empty``: a CPU matmul in bf16 costs milliseconds here and
+    would bury the LoRA time in its noise), so each LoRA call adds into an output its base layer
+    just made, as a patched model's hook does."""
     import openlora_kernels as olk
     T, S, R, dt = 8, 8, 16, torch.bfloat16
     widths = {"q_proj": (64, 64), "k_proj": (64, 16), "v_proj": (64, 16), "o_proj": (64, 64),
@@ -105,19 +115,41 @@ def per_step(backend: str, quick: bool) -> Dict[str, float]:
         for name in PROJ:
             K, N = widths[name]
             a, b, sc, rk = pool_weights(S, R, K, N, dt)
-            layers.append((olk.BoundLoRA(a, b, sc, rk, backend=backend),
+            layers.append((olk.BoundLoRA(a, b, sc, rk, backend=backend), (T, N),
                            torch.zeros(T, K, dtype=dt), torch.zeros(T, N, dtype=dt)))
     rows = torch.arange(T, dtype=torch.int32) % S
 
-    def step():
+    def base():
+        for op, shape, x, _ in layers:
+            x.new_empty(shape)
+
+    def with_lora():
         meta = olk.build_batch_meta(rows, S)
-        for op, x, y in layers:
+        for op, shape, x, _ in layers:
+            op(x.new_empty(shape), x, meta)
+
+    def calls_only():
+        meta = olk.build_batch_meta(rows, S)
+        for op, _, x, y in layers:
             op(y, x, meta)
 
+    n = 6 if quick else 30
     with torch.no_grad():
-        step()                                              # compile / record the plans
-        cpu, wall = _blocks(step, 1, 6 if quick else 30, warmup=2)
-    return [v / 1e3 for v in cpu], [v / 1e3 for v in wall]  # ms per step
+        with_lora()                                         # compile / record the plans
+        for f in (base, with_lora, calls_only):
+            _blocks(f, 1, 1, warmup=2)
+        b_cpu, l_cpu, c_cpu, c_wall = [], [], [], []
+        for _ in range(n):                                  # interleaved: the same load for both
+            c, w = _blocks(base, 1, 1, warmup=0)
+            b_cpu += c
+            c, w = _blocks(with_lora, 1, 1, warmup=0)
+            l_cpu += c
+            c, w = _blocks(calls_only, 1, 1, warmup=0)
+            c_cpu += c
+            c_wall += w
+    ms = lambda v: [u / 1e3 for u in v]                     # noqa: E731
+    lora = [l_ - b_ for l_, b_ in zip(sorted(l_cpu), sorted(b_cpu))]   # quantile-matched differences
+    return ms(lora), ms(l_cpu), ms(b_cpu), ms(c_cpu), ms(c_wall)
 
 
 def _stub(backend: str, python_level: bool):
@@ -162,13 +194,20 @@ def main(argv=None) -> int:
         for what, (cpu, wall) in calls.items():
             row("add_lora", f"{backend}:{what}", "bf16 T=8 K=N=4096 S=8 R=64 pool-B", "host_us_per_call", "us",
                 cpu, wall)
-        row("decode_step", f"{backend}:bound", f"{LAYERS} layers x 7 projections (224 calls) + build_batch_meta, "
-            "T=8 S=8 R=16", "host_ms_per_step", "ms", *step)
-        b, s_ = _q(calls["bound"][0]), _q(step[0])
+        lora, with_l, base, calls_cpu, calls_wall = step
+        shape = f"{LAYERS} layers x 7 projections (224 calls) + build_batch_meta, T=8 S=8 R=16"
+        row("decode_step", f"{backend}:bound", shape + "; LoRA = step with LoRA - step without (224 fresh "
+            "base outputs), CPU time", "host_ms_lora_per_step", "ms", lora, lora)
+        row("decode_step", f"{backend}:bound", shape + "; the 224 calls and the build alone (inputs not fresh)",
+            "host_ms_per_step_calls_only", "ms", calls_cpu, calls_wall)
+        row("decode_step", "base:no-lora", f"{LAYERS} layers x 7 base outputs (new_empty), CPU time", "host_ms_per_step",
+            "ms", base, base)
+        b, s_ = _q(calls["bound"][0]), _q(lora)
         summary[backend] = (b["median"], s_["median"])
         print(f"  {backend:6s} BoundLoRA call {b['median']:7.2f} us CPU (p20 {b['p20']:.2f}, p80 {b['p80']:.2f}; "
               f"wall {_q(calls['bound'][1])['median']:.2f}); add_lora {_q(calls['add_lora'][0])['median']:7.2f} us; "
-              f"decode step {s_['median']:.2f} ms CPU (wall {_q(step[1])['median']:.2f})")
+              f"decode step: LoRA {s_['median']:.2f} ms CPU (step {_q(with_l)['median']:.2f} - base "
+              f"{_q(base)['median']:.2f}); the calls alone {_q(calls_cpu)['median']:.2f} ms CPU")
     if opts.out:
         common.write_rows(opts.out, rows, env)
         print(f"  rows -> {opts.out}")
