@@ -3,11 +3,14 @@
 #
 #     bash benchmarks/gpu_suite.sh
 #
-# Steps, in order; each has a time limit, a failing or timed-out step never stops the next:
+# Steps, in order; each has a time limit, a failing or timed-out step never stops the next. The
+# questions first (GPU tests and parity: about 3 minutes), then the benchmarks:
 #   env         nvidia-smi, versions of python / torch / triton / nvcc / compute-sanitizer
-#   install     pip install -e . --no-deps --no-build-isolation (PYTHONPATH=repo root either way)
+#   install     pip install -e . --no-deps --no-build-isolation, CUDA kernels for sm_90 only
+#               (OPENLORA_CUDA_ARCHS, default 90; PYTHONPATH=repo root either way)
 #   backends    olk.available_backends() on the GPU
 #   pytest_gpu  pytest -m gpu -q (the GPU-only tests; exit 5 = none collected)
+#   ops_parity  pytest tests/test_ops_parity.py on the GPU (bf16 tensor-core parity included)
 #   parity      benchmarks/sanitizer_parity.py --quick: every op / backend on awkward indices
 #               (also fills Triton's cache for the next step)
 #   sanitizer   the same under compute-sanitizer memcheck, caching allocator off
@@ -21,9 +24,10 @@
 #   tests       the rest of the test suite (pytest -m "not gpu") if time is left
 # and always, last: results + logs + plots tarred into $OUT, a summary table printed at the end.
 #
-# Files in $OUT (the device tool returns at most 8): suite.log (everything printed), summary.txt,
-# gpu_suite_results.tar.gz (results/*.csv, plots/*.png, logs/*, reports), report_<csv>.md and
-# the results CSVs themselves (up to 3). To bring them home:
+# Files in $OUT (the device tool returns at most 8; this script writes at most 8): suite.log
+# (everything printed), summary.txt, gpu_suite_results.tar.gz (results/*.csv, plots/*.png,
+# logs/*, reports), report_<csv>.md (up to 3) and the results CSVs themselves (up to 2; all of
+# them are in the tarball). To bring them home:
 #     mkdir -p /tmp/gs && tar -xzf <files_at>/gpu_suite_results.tar.gz -C /tmp/gs
 #     cp /tmp/gs/results/*.csv benchmarks/results/     # then commit them with the plots you keep
 #
@@ -31,10 +35,10 @@
 # the rows name when the tree has no .git, as on the device machine: pass it!), SUITE_RESULTS_DIR
 # (where the benchmarks write, default $OPENLORA_BENCH_OUT or benchmarks/out: untracked; a run cut
 # short by its time limit leaves the old file there and its rows in <file>.partial, which is packed
-# too), SUITE_DEADLINE_S (540: the
+# too), SUITE_DEADLINE_S (470: the
 # whole script ends by then), SUITE_STEPS (comma list of the steps above; default all),
-# INSTALL_TIMEOUT_S (240), PYTEST_GPU_TIMEOUT_S (150), PARITY_TIMEOUT_S (90),
-# SANITIZER_TIMEOUT_S (120), BENCH_MIN_S (180: earlier steps are cut short to leave the
+# INSTALL_TIMEOUT_S (150), PYTEST_GPU_TIMEOUT_S (90), OPS_PARITY_TIMEOUT_S (60), PARITY_TIMEOUT_S (45),
+# SANITIZER_TIMEOUT_S (60), BENCH_MIN_S (150: earlier steps are cut short to leave the
 # benchmarks this much), BENCH_ARGS (extra arguments for bench_kernels.py), SUITE_BENCHES
 # (benchmarks after bench_kernels, default "bench_model bench_swap"), KERNELS_PCT (55), MODEL_PCT
 # (67: bench_model's part of the time after bench_kernels), SUITE_QUICK=1
@@ -43,7 +47,7 @@
 set -u -o pipefail   # deliberately not -e: every step runs whatever happened before
 
 START=$(date +%s)
-DEADLINE=$((START + ${SUITE_DEADLINE_S:-540}))
+DEADLINE=$((START + ${SUITE_DEADLINE_S:-470}))
 PY=${PYTHON:-python3}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 1
@@ -54,12 +58,12 @@ LOGS=$WORK/logs
 mkdir -p "$LOGS" "$WORK/results" "$WORK/plots"
 SUMMARY=$WORK/summary.tsv
 : > "$SUMMARY"
-STEPS=",${SUITE_STEPS:-env,install,backends,pytest_gpu,parity,sanitizer,bench,plots,report,parity_full,tests},"
+STEPS=",${SUITE_STEPS:-env,install,backends,pytest_gpu,ops_parity,parity,sanitizer,bench,plots,report,parity_full,tests},"
 QUICK=${SUITE_QUICK:-0}
 POST_RESERVE=45      # seconds kept for plots, report and packaging
 KERNELS_PCT=${KERNELS_PCT:-55}   # share of the benchmark time for bench_kernels (the rest: model, swap)
 PACK_RESERVE=15      # seconds kept for packaging alone
-BENCH_MIN_S=${BENCH_MIN_S:-180}
+BENCH_MIN_S=${BENCH_MIN_S:-150}
 RESULTS=${SUITE_RESULTS_DIR:-${OPENLORA_BENCH_OUT:-$ROOT/benchmarks/out}}
 mkdir -p "$RESULTS"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -131,7 +135,7 @@ package() {
     for f in "$WORK"/report_*.md; do [[ -f $f ]] && cp "$f" "$OUT/"; done
     for f in "$WORK"/results/*.csv; do
         [[ -f $f ]] || continue
-        (( n < 3 )) && cp "$f" "$OUT/" && n=$((n + 1))
+        (( n < 2 )) && cp "$f" "$OUT/" && n=$((n + 1))
     done
     {
         printf '%-28s %-15s %4s %6s  %s\n' step status rc sec note
@@ -150,7 +154,7 @@ package() {
 }
 trap 'echo "interrupted"; package; exit 130' INT TERM
 
-echo "gpu_suite: repo $ROOT, commit ${OPENLORA_COMMIT:-unknown (set OPENLORA_COMMIT)}, OUT=$OUT, deadline ${SUITE_DEADLINE_S:-540}s, quick=$QUICK"
+echo "gpu_suite: repo $ROOT, commit ${OPENLORA_COMMIT:-unknown (set OPENLORA_COMMIT)}, OUT=$OUT, deadline ${SUITE_DEADLINE_S:-470}s, quick=$QUICK"
 
 # ------------------------------------------------------------------------------------ env
 if wants env; then
@@ -169,7 +173,8 @@ fi
 
 # -------------------------------------------------------------------------------- install
 if wants install; then
-    step install "${INSTALL_TIMEOUT_S:-240}" $((BENCH_MIN_S + POST_RESERVE)) \
+    export OPENLORA_CUDA_ARCHS=${OPENLORA_CUDA_ARCHS:-90}      # sm_90: one arch, a third of the compile
+    step install "${INSTALL_TIMEOUT_S:-150}" $((BENCH_MIN_S + POST_RESERVE)) \
         "$PY" -m pip install -e . --no-deps --no-build-isolation \
         || echo "install failed: carrying on with PYTHONPATH=$ROOT"
 fi
@@ -183,16 +188,20 @@ fi
 
 # ---------------------------------------------------------------------------------- tests
 if wants pytest_gpu; then
-    step pytest_gpu "${PYTEST_GPU_TIMEOUT_S:-150}" $((BENCH_MIN_S + POST_RESERVE)) \
+    step pytest_gpu "${PYTEST_GPU_TIMEOUT_S:-90}" $((BENCH_MIN_S + POST_RESERVE)) \
         "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfEs --junitxml="$LOGS/pytest_gpu.xml"
 fi
+if wants ops_parity; then  # the parity matrix on the GPU: bf16 tensor-core paths included
+    step ops_parity "${OPS_PARITY_TIMEOUT_S:-60}" $((BENCH_MIN_S + POST_RESERVE)) \
+        "$PY" -m pytest -q -p no:cacheprovider -rfE -x tests/test_ops_parity.py
+fi
 if wants parity; then  # the --quick subset: also compiles what the sanitizer run needs
-    step parity "${PARITY_TIMEOUT_S:-90}" $((BENCH_MIN_S + POST_RESERVE)) \
+    step parity "${PARITY_TIMEOUT_S:-45}" $((BENCH_MIN_S + POST_RESERVE)) \
         "$PY" -m benchmarks.sanitizer_parity --quick
 fi
 if wants sanitizer; then
     if command -v compute-sanitizer > /dev/null 2>&1 && "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 step sanitizer "${SANITIZER_TIMEOUT_S:-120}" $((BENCH_MIN_S + POST_RESERVE)) \
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 step sanitizer "${SANITIZER_TIMEOUT_S:-60}" $((BENCH_MIN_S + POST_RESERVE)) \
             compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 30 \
             "$PY" -m benchmarks.sanitizer_parity --quick
         grep -E "ERROR SUMMARY|Invalid|out of bounds" "$LOGS/sanitizer.log" | head -n 10

@@ -11,6 +11,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
+#include <vector>
 
 #include "openlora/launchers.h"
 #include "openlora/sgmv_expand.cuh"
@@ -30,9 +32,11 @@ void check_cuda(cudaError_t err, const std::string& what) {
   }
 }
 
-void require(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument(msg);
-}
+// The message is built only when the check fails (a call pays the compare alone).
+#define require(ok, msg)                                  \
+  do {                                                    \
+    if (!(ok)) throw std::invalid_argument(msg);          \
+  } while (0)
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return std::max(lo, std::min(hi, v)); }
@@ -96,9 +100,8 @@ void validate_pointers(Op op, const SgmvParams& p) {
   if (op != Op::kFused) require(p.h != nullptr, "h: null pointer");
   if (p.has_ranks) require(p.ranks != nullptr, "ranks: null pointer");
   for (int i = 0; i < p.n_slices; ++i) {
-    const std::string nm = "slices[" + std::to_string(i) + "]";
-    if (reads_x) require(p.slices[i].a != nullptr, nm + ": lora_a is a null pointer");
-    if (writes_y) require(p.slices[i].b != nullptr, nm + ": lora_b is a null pointer");
+    if (reads_x) require(p.slices[i].a != nullptr, "slices[" + std::to_string(i) + "]: lora_a is a null pointer");
+    if (writes_y) require(p.slices[i].b != nullptr, "slices[" + std::to_string(i) + "]: lora_b is a null pointer");
   }
 }
 
@@ -130,6 +133,7 @@ LaunchPlan plan_launch(Op op, DType dt, int block_m, const SgmvParams& p, int sm
     plan.bm = block_m;
     if (op == Op::kShrink) {
       plan.kernel = "mma_shrink";
+      plan.kind = KernelKind::kMmaShrink;
       plan.threads = mma_shrink::kThreads;
       const int64_t rchunks = cdiv(p.R, mma_shrink::BR);
       const int64_t k_tiles = std::max<int64_t>(1, cdiv(p.K, mma_shrink::BK));
@@ -144,6 +148,7 @@ LaunchPlan plan_launch(Op op, DType dt, int block_m, const SgmvParams& p, int sm
       plan.grid[2] = n * split;
     } else {
       plan.kernel = "mma_expand";
+      plan.kind = KernelKind::kMmaExpand;
       plan.threads = mma_expand::kThreads;
       plan.grid[0] = p.G;
       plan.grid[1] = cdiv(max_n, mma_expand::BN);
@@ -154,6 +159,7 @@ LaunchPlan plan_launch(Op op, DType dt, int block_m, const SgmvParams& p, int sm
     plan.threads = simt::kThreads;
     if (op == Op::kShrink) {
       plan.kernel = "simt_shrink";
+      plan.kind = KernelKind::kSimt;
       const int64_t per_cta = simt::kWarps * (plan.bm == 1 ? simt::RankUnroll<1>::value : simt::RankUnroll<2>::value);
       plan.grid[0] = p.G;
       plan.grid[1] = clamp64(cdiv(ctas_wanted, std::max<int64_t>(1, p.G * n)), 1, std::max<int64_t>(1, cdiv(p.R, per_cta)));
@@ -162,6 +168,7 @@ LaunchPlan plan_launch(Op op, DType dt, int block_m, const SgmvParams& p, int sm
       require(p.R <= kMaxSimtRank, "R: the CUDA-core kernels support ranks up to " + std::to_string(kMaxSimtRank) +
                                        " (lora_a / lora_b have R=" + std::to_string(p.R) + ")");
       plan.kernel = op == Op::kFused ? "simt_fused" : "simt_expand";
+      plan.kind = KernelKind::kSimt;
       // Spread a small batch over the GPU by splitting the columns (>= 256 per CTA): each chunk
       // recomputes the tile's small shrink (A re-read from L2) in the fused kernel.
       const int64_t chunks = clamp64(cdiv(ctas_wanted, std::max<int64_t>(1, p.G * n)), 1,
@@ -216,7 +223,7 @@ void* mma_kernel(Op op, int bm) {
 }
 
 void* select_kernel(const LaunchPlan& plan, Op op, DType dt) {
-  const bool mma = plan.kernel.rfind("mma_", 0) == 0;
+  const bool mma = plan.kind != KernelKind::kSimt;
   switch (dt) {
     case DType::kFloat16: return mma ? mma_kernel<__half>(op, plan.bm) : simt_kernel<__half>(op, plan.bm);
     case DType::kBFloat16:
@@ -227,7 +234,40 @@ void* select_kernel(const LaunchPlan& plan, Op op, DType dt) {
 
 }  // namespace
 
+// ------------------------------------------------------------------------------ launch stub
+// For measuring and testing the host side on a machine without a GPU: with the stub on, run_sgmv
+// does everything but the CUDA calls (no device query: the stub's SM count; no launch: the launch
+// is counted and the last few are kept, with the parameter struct's bytes).
+namespace {
+struct StubState {
+  std::atomic<bool> on{false};
+  int sm_count = 132;
+  int64_t launches = 0;
+  std::vector<StubLaunch> recent;
+};
+StubState& stub() {
+  static StubState s;
+  return s;
+}
+constexpr size_t kStubKeep = 32;
+}  // namespace
+
+void set_launch_stub(bool on, int sm_count) {
+  StubState& s = stub();
+  s.sm_count = sm_count > 0 ? sm_count : 132;
+  s.launches = 0;
+  s.recent.clear();
+  s.on.store(on);
+}
+
+bool launch_stub_on() { return stub().on.load(std::memory_order_relaxed); }
+
+int64_t stub_launch_count() { return stub().launches; }
+
+std::vector<StubLaunch> stub_recent_launches() { return stub().recent; }
+
 int current_device_sm_count() {
+  if (launch_stub_on()) return stub().sm_count;
   static std::atomic<int> cache[64] = {};
   int dev = 0;
   check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
@@ -241,11 +281,18 @@ int current_device_sm_count() {
   return sms;
 }
 
+namespace {
+std::string kernel_name(const LaunchPlan& plan, DType dt) {
+  return std::string(plan.kernel) + "<" + dtype_name(dt) + ", BM=" + std::to_string(plan.bm) + ">";
+}
+}  // namespace
+
 void run_sgmv(Op op, DType dt, int block_m, const SgmvParams& p, std::uintptr_t stream) {
   validate_sizes(op, dt, block_m, p);
   const LaunchPlan plan = plan_launch(op, dt, block_m, p, current_device_sm_count());
   if (plan.grid[0] == 0) return;
-  SgmvParams q = p;
+  SgmvParams q;
+  std::memcpy(&q, &p, sizeof q);   // (padding bytes included: the stub records them)
   q.vec_k = plan.vec_k;
   q.vec_r = plan.vec_r;
   q.split_k = plan.split_k;
@@ -253,15 +300,31 @@ void run_sgmv(Op op, DType dt, int block_m, const SgmvParams& p, std::uintptr_t 
   q.cols_per_chunk = plan.cols_per_chunk;
   q.tile_rows = block_m;
   void* kernel = select_kernel(plan, op, dt);
-  const std::string name = plan.kernel + "<" + dtype_name(dt) + ", BM=" + std::to_string(plan.bm) + ">";
-  require(kernel != nullptr, "no kernel for " + name);
+  require(kernel != nullptr, "no kernel for " + kernel_name(plan, dt));
   const dim3 grid(static_cast<unsigned>(plan.grid[0]), static_cast<unsigned>(plan.grid[1]),
                   static_cast<unsigned>(plan.grid[2]));
+  if (launch_stub_on()) {
+    StubState& s = stub();
+    ++s.launches;
+    if (s.recent.size() >= kStubKeep) s.recent.erase(s.recent.begin());
+    StubLaunch rec;
+    rec.kernel = kernel_name(plan, dt);
+    rec.grid[0] = plan.grid[0];
+    rec.grid[1] = plan.grid[1];
+    rec.grid[2] = plan.grid[2];
+    rec.threads = plan.threads;
+    rec.smem_bytes = plan.smem_bytes;
+    rec.stream = stream;
+    rec.params.assign(reinterpret_cast<const char*>(&q), reinterpret_cast<const char*>(&q) + sizeof(q));
+    s.recent.push_back(std::move(rec));
+    return;
+  }
   void* args[] = {&q};
-  check_cuda(cudaLaunchKernel(kernel, grid, dim3(plan.threads), args, static_cast<size_t>(plan.smem_bytes),
-                              reinterpret_cast<cudaStream_t>(stream)),
-             "launching " + name);
-  check_cuda(cudaGetLastError(), "launching " + name);
+  const cudaError_t err = cudaLaunchKernel(kernel, grid, dim3(plan.threads), args,
+                                           static_cast<size_t>(plan.smem_bytes), reinterpret_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) check_cuda(err, "launching " + kernel_name(plan, dt));
+  const cudaError_t last = cudaGetLastError();
+  if (last != cudaSuccess) check_cuda(last, "launching " + kernel_name(plan, dt));
 }
 
 std::string compiled_arch_list() {

@@ -78,3 +78,25 @@ def test_pool_layout_b_stored_transposed(backend):
     got = op(y.clone(), x, olk.build_batch_meta(idx, S))
     want = olk.add_lora(y.clone(), x, a, bt.transpose(1, 2).contiguous(), idx, scal, ranks, backend="torch")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", "triton"])
+def test_multi_slice_pool_layout_sees_slot_writes_after_binding(backend):
+    """Unequal slice widths in the pool's rank-major B (GQA q/k/v): the slices' rank strides differ.
+    A bound op must see weights written after binding (no stale copies)."""
+    if not olk.available_backends("cpu")[backend].usable:
+        pytest.skip(olk.available_backends("cpu")[backend].reason)
+    g = torch.Generator().manual_seed(5)
+    S, R, K, widths = 3, 8, 24, (16, 8, 8)
+    a = [torch.zeros(S, R, K) for _ in widths]
+    bt = [torch.zeros(S, R, w) for w in widths]
+    scal, ranks = torch.ones(S), torch.tensor([8, 5, 0], dtype=torch.int32)
+    op = olk.BoundLoRA(a, [t.transpose(1, 2) for t in bt], scal, ranks, backend=backend)
+    for t in (*a, *bt):                       # the pool writes its slots after binding
+        t.copy_(torch.randn(t.shape, generator=g))
+    x, y = torch.randn(6, K, generator=g), torch.randn(6, sum(widths), generator=g)
+    meta = olk.build_batch_meta(torch.tensor([0, 1, 2, -1, 1, 0]), S)
+    got = op(y.clone(), x, meta)
+    want = olk.add_lora(y.clone(), x, a, [t.transpose(1, 2).contiguous() for t in bt], meta, scal, ranks,
+                        backend="torch")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

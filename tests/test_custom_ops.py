@@ -1,5 +1,6 @@
 """The ops as torch.library custom ops: opcheck, torch.compile(fullgraph=True), and the offline
-Triton compile check (every launch compiles for sm_80 / sm_90 with no register spills)."""
+Triton compile check (every launch compiles for sm_90 with no register spills, vector loads where
+the host proved alignment)."""
 import os
 import subprocess
 import sys
@@ -88,14 +89,16 @@ def test_import_touches_no_gpu_and_no_triton():
 
 
 @pytest.mark.slow
-def test_triton_kernels_compile_for_sm80_sm90_without_spills():
-    """tests/triton_compile_check.py: every launch the launchers make compiles to cubin, no spills."""
+def test_triton_kernels_compile_for_sm90_without_spills():
+    """tests/triton_compile_check.py: every launch the launchers make compiles to sm_90 cubin with
+    no spills (the decode kernel at every rank 8..128, both B layouts, every dtype), and the decode
+    and expand kernels hold 16-byte vector loads where the host proved alignment."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])   # this checkout's package
     script = os.path.join(os.path.dirname(__file__), "triton_compile_check.py")
-    out = subprocess.run([sys.executable, script, "--archs", "80,90"], capture_output=True, text=True, env=env,
-                         timeout=1200)
+    out = subprocess.run([sys.executable, script, "--archs", "90"], capture_output=True, text=True, env=env,
+                         timeout=1500)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "0 failed" in out.stdout

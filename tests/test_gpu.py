@@ -67,6 +67,9 @@ def test_runs_on_the_current_stream(backend):
     usable(backend)
     p = make_problem(96, 512, [384], 6, 16, dtype=torch.float16, device="cuda", ranks="mixed")
     side = torch.cuda.Stream()
+    # warm up first: the first call compiles (Triton) or builds / loads (CUDA) its kernels, which
+    # can outlast the sleep below and would let the side stream's work finish inside the window
+    olk.add_lora(p.y.clone(), p.x, p.a[0], p.b[0], p.indices, p.scalings, p.ranks, backend=backend)
     y = p.y.clone()
     torch.cuda.synchronize()
     with torch.cuda.stream(side):

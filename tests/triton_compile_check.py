@@ -4,13 +4,18 @@ Triton's interpreter runs kernels as NumPy and forgives things the compiler reje
 mismatches between branches, constexpr specialisation of ints equal to 1, layouts). This tool
 records the launches that ``triton_sgmv`` makes for a matrix of realistic shapes and options,
 specialises their arguments exactly as ``JITFunction.run`` would, and compiles them to cubin for
-sm_80 and sm_90 with the GPU heuristic configurations, and reads each kernel's resource usage
-(cuobjdump on the cubin): a configuration that spills registers is a failure.
-``--resources`` prints registers / stack / shared memory for every kernel.
+sm_90 (``--archs``) with the GPU heuristic configurations, and reads each kernel's resource usage
+(cuobjdump on the cubin): a configuration that spills registers is a failure, and so is a fused /
+expand launch whose host proved 16-byte alignment (VEC > 1) but whose PTX has no vector loads and
+stores. The decode matrix compiles the fused kernel at every rank 8..128, block_m 1 / 2 / 4, both
+B layouts (standard and the pool's rank-major) and every dtype.
+``--resources`` prints registers / stack / shared memory for every kernel; ``--table`` writes
+them as markdown (docs/kernels.md).
 
-Must run WITHOUT TRITON_INTERPRET. Uses Triton internals (tested with Triton 3.9, the CI pin).
+Must run WITHOUT TRITON_INTERPRET. Uses Triton internals (tested with Triton 3.9, the CI pin, and
+3.6, the GPU machines'; see .ci/triton36_compile_check.sh).
 
-    python tests/triton_compile_check.py [--archs 80,90] [--full] [--resources]
+    python tests/triton_compile_check.py [--archs 90] [--full] [--resources] [--table FILE]
 """
 from __future__ import annotations
 
@@ -86,12 +91,49 @@ def resources(kernel) -> str:
     return lines[0] if lines else out.strip()[:200]
 
 
+_VEC_LD = re.compile(r"ld\.global(\.[a-z0-9:]+)*\.(v4\.(b32|f32|u32)|v2\.(b64|f64|u64))")
+
+
+def vector_problem(name: str, kwargs, ptx: str) -> str:
+    """'' when a decode (fused, block_m < 16) or expand launch whose host proved 16-byte alignment (VEC > 1) compiled to
+    16-byte vector loads (ld.global.v4 of 32-bit words, or .v2 of 64-bit ones); else what is
+    missing. (y's stores are as wide as the tile allows: a decode tile of BLOCK_M x BLOCK_N
+    elements over 128 threads holds 2-8 per thread, so they are 4- to 16-byte accesses, each
+    warp's contiguous: not checked.)"""
+    if name not in ("_sgmv_fused_kernel", "_sgmv_expand_kernel") or kwargs.get("VEC", 1) <= 1:
+        return ""
+    if name == "_sgmv_fused_kernel" and kwargs.get("USE_DOT"):
+        return ""          # (the fused kernel on tensor-core tiles: compiled for coverage, not a route add_lora takes)
+    return "" if _VEC_LD.search(ptx) else f"VEC={kwargs['VEC']} but the PTX has no 16-byte vector loads"
+
+
+def write_table(path: str, table) -> None:
+    """Markdown: kernel, dtype, the config's tile sizes, B layout, VEC, registers, stack (spills)."""
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "R_PAD", "SPLIT_K", "B_LAYOUT", "VEC", "num_warps")
+    lines = [f"Triton {triton.__version__}, sm_{{arch}} offline compile (tests/triton_compile_check.py --table)", "",
+             "| arch | kernel | dtype | " + " | ".join(keys) + " | registers | stack (B) | shared (B) |",
+             "|" + "---|" * (len(keys) + 6)]
+    rows = set()
+    for cap, name, dtype, cfg, res in table:
+        reg = re.search(r"REG:(\d+)", res)
+        stk = re.search(r"STACK:(\d+)", res)
+        shm = re.search(r"SHARED:(\d+)", res)
+        row = (f"| sm_{cap} | {name.strip('_').replace('sgmv_', '').replace('_kernel', '')} | {dtype} | "
+               + " | ".join(str(cfg.get(k, "")) for k in keys)
+               + f" | {reg.group(1) if reg else '?'} | {stk.group(1) if stk else '?'} | {shm.group(1) if shm else '?'} |")
+        rows.add(row)
+    lines += sorted(rows)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines).replace("{arch}", ",".join(sorted({str(c) for c, *_ in table}))) + "\n")
+
+
 def cases(full: bool):
-    """(dtype, block_m, ranks kind, slice widths, R) launches to compile.
+    """(dtype, block_m, ranks kind, slice widths, R, B layout, kernels) launches to compile.
 
     Default: a covering set in which every dtype meets every tile mode (block_m 1, 4, 16, 64), and
     the rank options, slice layouts (one slice; fused QKV; more than 4 slices with N_i = 1) and
-    ranks (R_PAD 8..128) rotate across them. ``full``: their whole product (slow).
+    ranks (R_PAD 8..128) rotate across them; then the decode matrix (:func:`decode_cases`).
+    ``full``: the whole product of the covering set (slow).
     """
     dtypes = (torch.float16, torch.bfloat16, torch.float32)
     block_ms = (1, 2, 4, 16, 32, 64) if full else (1, 4, 16, 64)
@@ -99,10 +141,28 @@ def cases(full: bool):
     widths_opts = ((512,), (512, 128, 128), (256, 1, 64, 64, 8))
     R_opts = (8, 16, 64, 128)
     if full:
-        yield from itertools.product(dtypes, block_ms, ranks_opts, widths_opts, R_opts)
-        return
-    for i, (dt, bm) in enumerate(itertools.product(dtypes, block_ms)):
-        yield dt, bm, ranks_opts[i % 3], widths_opts[(i // 3 + i) % 3], R_opts[i % 4]
+        for c in itertools.product(dtypes, block_ms, ranks_opts, widths_opts, R_opts):
+            yield (*c, "standard", "all")
+    else:
+        for i, (dt, bm) in enumerate(itertools.product(dtypes, block_ms)):
+            yield dt, bm, ranks_opts[i % 3], widths_opts[(i // 3 + i) % 3], R_opts[i % 4], "standard", "all"
+    yield from decode_cases()
+
+
+DECODE_RANKS = (8, 16, 32, 64, 128)
+
+
+def decode_cases():
+    """The decode kernel (fused, block_m 1 / 2 / 4) at every rank R in DECODE_RANKS, both B layouts
+    (standard [S, N, R], one slice; the pool's rank-major view, fused QKV widths), every dtype:
+    each must compile without spills and, B and y being 16-byte aligned here, with vector loads."""
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for layout, widths in (("standard", (512,)), ("pool", (512, 128, 128))):
+            for bm in (1, 2, 4):
+                for R in DECODE_RANKS:
+                    if bm == 2 and R < 64:
+                        continue
+                    yield dt, bm, "per_slot", widths, R, layout, "fused"
 
 
 # (dtype, block_m) of the cases that also compile the backward's launches: the weight-gradient
@@ -110,19 +170,24 @@ def cases(full: bool):
 BACKWARD_CASES = {(torch.float16, 16), (torch.bfloat16, 1), (torch.bfloat16, 64), (torch.float32, 16)}
 
 
-def run_case(dt, bm, rk, widths, R, split_k: int):
+def run_case(dt, bm, rk, widths, R, layout, kernels, split_k: int):
     T, K, S = 8, 384, 3
     n = len(widths)
     x = torch.randn(T, K, dtype=dt)
     y = torch.randn(T, sum(widths), dtype=dt)
     a = [torch.randn(S, R, K, dtype=dt) for _ in widths]
-    b = [torch.randn(S, w, R, dtype=dt) for w in widths]
+    if layout == "pool":                                  # [S, R, N] storage, the [S, N, R] view
+        b = [torch.randn(S, R, w, dtype=dt).transpose(1, 2) for w in widths]
+    else:
+        b = [torch.randn(S, w, R, dtype=dt) for w in widths]
     sc = torch.rand(S)
     ranks = {"none": None, "per_slot": torch.tensor([R, 0, R // 2], dtype=torch.int32),
              "per_slice": torch.full((n, S), R // 2, dtype=torch.int64)}[rk]
     meta = olk.build_batch_meta(torch.tensor([0, 2, -1, 1, 0, 0, 2, 1]), S, block_m=bm)
     with configs.override_config("shrink", SPLIT_K=split_k):
         triton_sgmv.fused(y, x, a, b, sc, ranks, meta)
+        if kernels == "fused":
+            return
         h = triton_sgmv.shrink(x, a, ranks, meta)
         triton_sgmv.expand(y, h, b, sc, ranks, meta)
     if split_k == 1 and (dt, bm) in BACKWARD_CASES:   # the backward: swapped-role shrink /
@@ -136,7 +201,8 @@ def run_case(dt, bm, rk, widths, R, split_k: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--archs", default="80,90")
+    ap.add_argument("--archs", default="90")
+    ap.add_argument("--table", default="", help="write a markdown table of registers / stack per config here")
     ap.add_argument("--full", action="store_true", help="the whole shape/option product (slow)")
     ap.add_argument("--resources", action="store_true")
     opts = ap.parse_args(argv)
@@ -152,11 +218,11 @@ def main(argv=None) -> int:
 
     n_cases = 0
     for case in cases(opts.full):
-        for split_k in ((1, 4) if case[1] >= 16 else (1,)):
+        for split_k in ((1, 4) if case[1] >= 16 and case[-1] == "all" else (1,)):
             run_case(*case, split_k=split_k)
         n_cases += 1
 
-    seen, failures, t0 = {}, [], time.time()
+    seen, failures, t0, table = {}, [], time.time(), []
     for name, rec in recorders.items():
         for grid, args, kwargs in rec.calls:
             for cap in archs:
@@ -176,9 +242,15 @@ def main(argv=None) -> int:
                 dtype = problem_dtype(name, args)
                 if stack and int(stack.group(1)) > 0:
                     failures.append((name, cap, cfg, f"{dtype}: register spills ({res})"))
+                vec = vector_problem(name, kwargs, kernel.asm.get("ptx", ""))
+                if vec:
+                    failures.append((name, cap, cfg, f"{dtype}: {vec}"))
                 if opts.resources:
                     print(f"sm_{cap} {name} {dtype} {cfg}: {res}")
-    print(f"triton_compile_check: {n_cases} cases, {len(seen)} distinct compilations for sm_{archs}, "
+                table.append((cap, name, str(dtype).replace("torch.", ""), cfg, res))
+    if opts.table:
+        write_table(opts.table, table)
+    print(f"triton_compile_check: triton {triton.__version__}, {n_cases} cases, {len(seen)} distinct compilations for sm_{archs}, "
           f"{len(failures)} failed, {time.time() - t0:.0f}s")
     for name, cap, kwargs, err in failures[:20]:
         print(f"FAILED sm_{cap} {name} {kwargs}: {err}")

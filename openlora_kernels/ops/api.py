@@ -18,7 +18,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..checks import check_ranks
+from .. import checks as _checks
+from ..checks import check_batch_meta, check_ranks
 from ..metadata import LoRABatchMeta, build_batch_meta
 from . import backward as _backward
 from . import custom_ops  # noqa: F401  (registers torch.ops.openlora.*)
@@ -313,6 +314,22 @@ def _like(weights: TensorOrList, dim: int) -> torch.Tensor:
     return ws[0].new_empty((0, sum(w.shape[dim] for w in ws) if dim == 1 else ws[0].shape[dim]))
 
 
+_grad_enabled = torch.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling
+_FACTS = "_bound_facts"
+
+
+def _meta_facts(meta: LoRABatchMeta):
+    """(T, S, device index (-1: CPU), contents known to be consistent) of a metadata object, once
+    per object (a forward's layers all pass the same one): what BoundLoRA's call compares."""
+    ts = meta.token_slots
+    ok = _checks.META_OK_ATTR in meta.__dict__ or not (ts.is_cpu or _checks._debug_checks)
+    facts = (ts.shape[0], meta.num_slots, ts.get_device(), ok)
+    if ok:        # (an unchecked object is checked by its first call, then asked again)
+        object.__setattr__(meta, _FACTS, facts)
+    return facts
+
+
 class BoundLoRA:
     """:func:`add_lora` with the weight arguments checked once, for a layer that applies the same
     stacked adapters every forward (what a patched model layer does)::
@@ -328,7 +345,7 @@ class BoundLoRA:
     """
 
     __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend", "_a", "_b", "_name", "_dtype", "_device",
-                 "_S", "_R", "_K", "_N", "_bound", "_add_rows", "_weights")
+                 "_S", "_R", "_K", "_N", "_bound", "_add_rows", "_weights", "_dev", "_ranks_host", "_ranks_seen", "_fast")
     # (_weights: every weight tensor argument, for the requires-grad test of a call)
 
     def __init__(self, lora_a: TensorOrList, lora_b: TensorOrList, scalings: torch.Tensor,
@@ -346,25 +363,43 @@ class BoundLoRA:
         self._a, self._name = a_list, resolve_backend(backend, x.device)
         self._weights = (*a_list, *self._b, scalings)
         self._dtype, self._device, self._S, self._R, self._K, self._N = x.dtype, x.device, S, R, K, y.shape[1]
+        self._dev = -1 if x.device.type == "cpu" else (x.device.index if x.device.index is not None else 0)
+        # ranks on the host are value-checked on every call (memoised); on a GPU in debug mode only
+        self._ranks_host = self.ranks is not None and self.ranks.device.type == "cpu"
+        self._ranks_seen = None     # ranks' version counter when last checked
         bind = getattr(custom_ops.backend_module(self._name), "bind", None)
         if S == 0 or R == 0 or K == 0 or self._N == 0:
             bind = None        # a zero delta: the calls only check their arguments (_launch_add)
         self._bound = bind(self._a, self._b, scalings, self.ranks) if bind is not None else None
         self._add_rows = getattr(self._bound, "add_rows", None)
+        # (y, x, meta) -> bool: a launch through a recorded plan, False (nothing done) when there is none
+        self._fast = getattr(self._bound, "fast", None)
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, indices: Indices) -> torch.Tensor:
-        if torch.is_grad_enabled() and self._wants_grad(y, x):     # the autograd path: add_lora's
+        if _grad_enabled() and self._wants_grad(y, x):     # the autograd path: add_lora's
             return add_lora(y, x, self.lora_a, self.lora_b, indices, self.scalings, self.ranks, backend=self.backend)
-        if type(x) is torch.Tensor and type(y) is torch.Tensor and type(indices) is LoRABatchMeta:
-            xs, ys = x.shape, y.shape
-            if (len(xs) == 2 and len(ys) == 2 and xs[1] == self._K and ys[1] == self._N and xs[0] == ys[0]
-                    and x.dtype == self._dtype and y.dtype == self._dtype
-                    and indices.num_tokens == xs[0] and indices.num_slots == self._S
-                    and self._on_device(x, y, indices)):
-                if self._bound is not None and xs[0] and self._N and not torch.compiler.is_compiling():
-                    if self.ranks is not None:   # (cached: re-read only after an in-place change)
-                        check_ranks(self.ranks, self._R)
-                    self._bound(y, x, indices)
+        if type(indices) is LoRABatchMeta and type(x) is torch.Tensor and type(y) is torch.Tensor:
+            fast = self._fast
+            if fast is not None and not _is_compiling():
+                # a bound plan's launch: its key holds x's and y's shapes, strides, dtypes and
+                # devices, so a call that finds one passed this class's checks when it was made
+                if self._ranks_host or _checks._debug_checks:
+                    self._check_ranks()
+                if fast(y, x, indices):
+                    return y
+            # the bound path: a few compares against what was checked at bind time (the metadata's
+            # facts are read once per metadata object, see _meta_facts)
+            T, S, dev, ok = indices.__dict__.get(_FACTS) or _meta_facts(indices)
+            if (S == self._S and x.shape == (T, self._K) and y.shape == (T, self._N) and x.dtype is self._dtype
+                    and y.dtype is self._dtype and dev == self._dev and x.get_device() == dev
+                    and y.get_device() == dev):
+                bound = self._bound
+                if bound is not None and T and not _is_compiling():
+                    if self._ranks_host or _checks._debug_checks:
+                        self._check_ranks()
+                    if not ok:
+                        check_batch_meta(indices)     # (memoised on the object)
+                    bound(y, x, indices)
                     return y
                 return _launch_add(y, x, self._a, self._b, self.scalings, self.ranks, indices, self._name)
         return add_lora(y, x, self.lora_a, self.lora_b, indices, self.scalings, self.ranks, backend=self.backend)
@@ -391,6 +426,19 @@ class BoundLoRA:
         fn(T, x.data_ptr(), y.data_ptr(), rows[1], rows[2])
         return True
 
+    def _check_ranks(self) -> None:
+        """check_ranks on the bound ranks, re-read only after an in-place change (version counter)."""
+        ranks = self.ranks
+        if ranks is None:
+            return
+        try:
+            v = ranks._version
+        except RuntimeError:      # an inference tensor has no version counter: check every time
+            v = None
+        if v is None or v != self._ranks_seen:
+            check_ranks(ranks, self._R)
+            self._ranks_seen = v
+
     def _wants_grad(self, y, x) -> bool:
         """Whether a call's y, x or a weight argument requires grad (grad mode is on)."""
         return getattr(y, "requires_grad", False) or getattr(x, "requires_grad", False) or self._weights_grad()
@@ -401,10 +449,6 @@ class BoundLoRA:
                 return True
         return False
 
-    def _on_device(self, x: torch.Tensor, y: torch.Tensor, meta: LoRABatchMeta) -> bool:
-        if self._device.type == "cpu":     # (is_cpu: no torch.device object per check)
-            return x.is_cpu and y.is_cpu and meta.token_slots.is_cpu
-        return x.device == self._device and y.device == self._device and meta.device == self._device
 
 
 def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: Optional[torch.Tensor] = None,

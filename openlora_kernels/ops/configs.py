@@ -152,7 +152,10 @@ def _heuristic(kind: str, key: Dict[str, Any]) -> Dict[str, Any]:
             return {"BLOCK_N": bn, "BLOCK_K": 32 if wide else 64, "N_CHUNKS": 0,
                     "num_warps": 8 if fp32 else 4, "num_stages": 2}
         blk = _clamp(budget // (bm * rp), 16, 256)
-        return {"BLOCK_N": blk, "BLOCK_K": blk, "N_CHUNKS": 0, "num_warps": 4, "num_stages": 2}
+        # fp32 at the clamp (BLOCK_M x R_PAD >= 512): 8 warps, so that a thread's share of the
+        # [BLOCK_M, R_PAD, 16] products fits (4 warps spilled 8 bytes under Triton 3.6, sm_90)
+        warps = 8 if fp32 and bm * rp >= 512 else 4
+        return {"BLOCK_N": blk, "BLOCK_K": blk, "N_CHUNKS": 0, "num_warps": warps, "num_stages": 2}
     if kind == "wgrad":
         # tl.dot tiles (>= 16 each way); rows per step from the expected segment length T / S
         rows = key["N"] / max(1, min(key["n_slices"], key["N"]))

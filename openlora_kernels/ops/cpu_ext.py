@@ -157,20 +157,31 @@ class BoundAdd:
     """add_lora for one layer's fixed weights (what ``BoundLoRA`` uses on this backend): the weight
     arguments are converted once; a call passes only x, y and the batch metadata."""
 
-    __slots__ = ("_plan", "_keep", "_fallback", "add_rows")
+    __slots__ = ("_plan", "_keep", "_fallback", "add_rows", "_stale", "_args")
 
     def __init__(self, a_list, b_list, scalings, ranks, fallback):
         S, R, K = a_list[0].shape
         self._plan, self._keep = _plan(_module().OP_ADD, a_list[0].dtype, K, R, S, a_list, b_list, scalings, ranks)
         self._fallback = fallback          # prefill-like batches: the torch GEMM path
+        # Slices whose strides differ (e.g. the pool's rank-major B of unequal widths) were copied
+        # by _plan: a plan over copies would not see later slot writes, so such weights are not
+        # bound: every call builds its plan (and copies) afresh, as the unbound add_lora does.
+        kept_a, kept_b = self._keep[0], self._keep[1]
+        self._stale = not (all(p is q for p, q in zip(kept_a, a_list)) and all(p is q for p, q in zip(kept_b, b_list)))
+        if self._stale:
+            self._plan = self._keep = None
+            self._args = (list(a_list), list(b_list), scalings, ranks)
         # add_rows(T, x.data_ptr(), y.data_ptr(), *row_args(meta)[1:]) for contiguous x [T, K] and
         # y [T, N] of the plan's dtype: no checks at all (BoundLoRA.add_rows makes them).
-        self.add_rows = self._plan.add_rows
+        self.add_rows = None if self._stale else self._plan.add_rows
 
     def __call__(self, y, x, meta: LoRABatchMeta) -> None:
         if not _native(meta):
             check_batch_meta(meta)        # (memoised on the metadata object)
             return self._fallback(y, x, meta)
+        if self._stale:
+            check_batch_meta(meta)
+            return add_lora(y, x, *self._args[:2], self._args[2], self._args[3], meta)
         _add(self._plan, y, x, meta, _checked_ptrs)
 
 

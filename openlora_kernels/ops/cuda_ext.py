@@ -249,6 +249,101 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b
     _launch(OP_FUSED, x.dtype, meta, args, a_list, b_list, len(a_list), x.device)
 
 
+# ------------------------------------------------------------------------------- bound plans
+#
+# What BoundLoRA calls on this backend: the layer's weights, strides, slices, scalings and ranks are
+# parsed and validated once in C++ (``_cuda_sgmv.Bound``, rebuilt on every pool change); the batch
+# metadata once per forward (``_cuda_sgmv.MetaArgs``, kept on the metadata object); a call passes
+# x's and y's pointers and strides and the stream: one C++ call, which plans and launches exactly
+# as ``run`` does (tests/test_bound_plans.py compares the launched parameter bytes).
+
+
+# current device index and raw current stream of a device index: torch's C functions (one call each)
+if hasattr(torch._C, "_cuda_getDevice") and hasattr(torch._C, "_cuda_getCurrentRawStream"):
+    _current_device, _current_stream = torch._C._cuda_getDevice, torch._C._cuda_getCurrentRawStream
+else:                                     # a CPU build of torch (the host stub of benchmarks/ replaces these)
+    def _current_device() -> int:
+        return torch.cuda.current_device()
+
+    def _current_stream(index: int) -> int:
+        return torch.cuda.current_stream(index).cuda_stream
+
+
+def meta_args(meta: LoRABatchMeta):
+    """The binding's MetaArgs of ``meta``, once per metadata object (its tensors are not resized in place)."""
+    m = meta.__dict__.get("_cuda_args")
+    if m is None:
+        if meta.sorted_tokens.dtype != torch.int32 or meta.tile_info.dtype != torch.int32:
+            raise TypeError("indices: the batch metadata must hold int32 sorted_tokens and tile_info")
+        m = _module().MetaArgs(meta.sorted_tokens.data_ptr(), meta.tile_info.data_ptr(), meta.num_tiles,
+                               meta.num_tokens, meta.block_m)
+        ts = meta.token_slots
+        object.__setattr__(meta, "_cuda_key", (meta.block_m, meta.num_tiles, ts.shape[0], meta.num_slots,
+                                               ts.get_device()))
+        object.__setattr__(meta, "_cuda_args", m)
+    return m
+
+
+class BoundAdd:
+    """``add_lora`` on the CUDA backend for one layer's fixed weights (see "bound plans" above)."""
+
+    __slots__ = ("_plan", "_keep", "_index", "_n", "_R", "_device", "_seen", "__weakref__")
+
+    def __init__(self, a_list, b_list, scalings, ranks):
+        mod = _module()
+        S, R, K = a_list[0].shape
+        ra = _ranks_args(ranks)
+        self._plan = mod.Bound(dtype_code(a_list[0].dtype), K, R, S, scalings.data_ptr(), scalings.stride(0),
+                               ra["ranks"], ra["sr_n"], ra["sr_s"], ra["ranks_i64"], ra["has_ranks"],
+                               pack_slices(a_list, b_list, 0, len(a_list)))
+        self._keep = (list(a_list), list(b_list), scalings, ranks)   # what the plan points into
+        self._device = a_list[0].device
+        self._index = self._device.index if self._device.index is not None else 0
+        self._n, self._R = len(a_list), R
+        self._seen = set()      # signatures of the checked calls (see fast)
+
+    def fast(self, y, x, meta: LoRABatchMeta) -> bool:
+        """The launch of a decode-like call whose signature (x's and y's shapes, strides, dtypes,
+        devices; the metadata's facts) a checked call already had; False, having done nothing,
+        otherwise (BoundLoRA then checks the call and calls this object, which records it)."""
+        m = meta.__dict__.get("_cuda_args")
+        if m is None or m.block_m >= TENSOR_CORE_MIN_M:
+            return False
+        sx, sy = x.stride(), y.stride()
+        if ((meta.__dict__["_cuda_key"], x.shape, y.shape, sx, sy, x.dtype, y.dtype, x.get_device(), y.get_device())
+                not in self._seen or _current_device() != self._index):
+            return False
+        self._plan.add(x.data_ptr(), sx[0], sx[1], y.data_ptr(), sy[0], sy[1], m, 0, 0, 0, 0,
+                       _current_stream(self._index))
+        return True
+
+    def __call__(self, y, x, meta: LoRABatchMeta) -> None:
+        """A checked call (BoundLoRA's general path)."""
+        m = meta_args(meta)
+        if _current_device() != self._index:
+            a, b, scal, ranks = self._keep
+            with torch.cuda.device(self._device):
+                return add_lora(y, x, a, b, scal, ranks, meta)
+        sx, sy = x.stride(), y.stride()
+        if meta.block_m >= TENSOR_CORE_MIN_M:
+            h = torch.zeros((self._n, x.shape[0], self._R), dtype=torch.float32, device=x.device)
+            self._plan.add(x.data_ptr(), sx[0], sx[1], y.data_ptr(), sy[0], sy[1], m, h.data_ptr(), *h.stride(),
+                           _current_stream(self._index))
+            return
+        self._plan.add(x.data_ptr(), sx[0], sx[1], y.data_ptr(), sy[0], sy[1], m, 0, 0, 0, 0,
+                       _current_stream(self._index))
+        if len(self._seen) >= 64:
+            self._seen.clear()
+        self._seen.add((meta.__dict__["_cuda_key"], x.shape, y.shape, sx, sy, x.dtype, y.dtype, x.get_device(),
+                        y.get_device()))
+
+
+def bind(a_list, b_list, scalings, ranks) -> BoundAdd:
+    """A callable ``(y, x, meta) -> None`` equal to ``add_lora(y, x, a_list, b_list, scalings, ranks, meta)``
+    (what ``BoundLoRA`` calls on this backend; see "bound plans" above)."""
+    return BoundAdd(a_list, b_list, scalings, ranks)
+
+
 def weight_grads(p_list, q_list, scalings, ranks_list, meta: LoRABatchMeta, rank_on_p: bool, out_list) -> None:
     """The LoRA backward's segmented weight-gradient products (dA, dB; see torch_ref.weight_grads).
     csrc/ has no kernel for them: the Triton kernel when Triton can run on this GPU, else the torch

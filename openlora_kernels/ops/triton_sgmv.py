@@ -71,7 +71,7 @@ MAX_SLICES_PER_LAUNCH = 4
 # Per-slice ints are selected by program id (_pick); Triton turns an int argument equal to 1
 # into a constant, and a branch merging a constant with a runtime int does not compile, so
 # these are never specialised.
-_PER_SLICE_INTS = [f"{p}{i}" for p in ("n", "c", "bs") for i in range(MAX_SLICES_PER_LAUNCH)]
+_PER_SLICE_INTS = [f"{p}{i}" for p in ("n", "c", "bs", "br") for i in range(MAX_SLICES_PER_LAUNCH)]
 # T (the batch's row count, a bound of the index checks) changes every batch: not specialised,
 # so it never adds a compiled variant (T == 1, T % 16 == 0).
 _NO_SPECIALIZE = ["T", *_PER_SLICE_INTS]
@@ -146,6 +146,61 @@ def _mac(a, b, acc, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr):
     else:
         acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     return acc
+
+
+@triton.jit
+def _mult(v, VEC: tl.constexpr):
+    """``v`` (an int the host proved a multiple of VEC) in a form the compiler can see is one:
+    tl.multiple_of does not reach a value selected per slice (_pick) or a non-specialised
+    argument, a multiply by the constant does."""
+    return (v // VEC) * VEC
+
+
+@triton.jit
+def _load_b(b_ptr, offs_r, offs_n, rank, n_i, stride_br, stride_bn, B_LAYOUT: tl.constexpr, VEC: tl.constexpr):
+    """[len(offs_r), len(offs_n)] tile of one slot's B_i (b_ptr at the slot): B[n, r] at (r, n), 0 at
+    or beyond the rank and past n_i (never read there, except up to the next multiple of VEC in
+    the rank when VEC > 1: within the slot's R entries, and zeroed).
+
+    B_LAYOUT 1: rank-contiguous rows (the standard [S, N, R], stride over r = 1); 2: column-
+    contiguous (the pool's [S, N, R] view of [S, R, N] storage, stride over n = 1); 0: any
+    strides. VEC > 1: the host proved that every access of VEC elements along the contiguous
+    axis is 16-byte aligned (base, slot, row strides; n_i, and for layout 1 R, multiples of VEC),
+    so the loads can be 16-byte vectors: told to the compiler by writing those ints as multiples
+    of VEC (_mult), so that the masks compare against values it knows to be multiples of VEC."""
+    r_mask = offs_r < rank
+    if B_LAYOUT == 1:
+        if VEC > 1:
+            rank_v = tl.cdiv(rank, VEC) * VEC
+            bt = tl.load(b_ptr + offs_r[:, None] + offs_n[None, :] * _mult(stride_bn, VEC),
+                         mask=(offs_r < rank_v)[:, None] & (offs_n < n_i)[None, :], other=0.0)
+            bt = tl.where(r_mask[:, None], bt, 0.0)
+        else:
+            bt = tl.load(b_ptr + offs_r[:, None] + offs_n[None, :] * stride_bn,
+                         mask=r_mask[:, None] & (offs_n < n_i)[None, :], other=0.0)
+    elif B_LAYOUT == 2:
+        if VEC > 1:
+            bt = tl.load(b_ptr + offs_r[:, None] * _mult(stride_br, VEC) + offs_n[None, :],
+                         mask=r_mask[:, None] & (offs_n < _mult(n_i, VEC))[None, :], other=0.0)
+        else:
+            bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :],
+                         mask=r_mask[:, None] & (offs_n < n_i)[None, :], other=0.0)
+    else:
+        bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                     mask=r_mask[:, None] & (offs_n < n_i)[None, :], other=0.0)
+    return bt
+
+
+@triton.jit
+def _y_ptrs(y_ptr, rows, col0, offs_n, n_i, stride_yt, stride_yn, VEC: tl.constexpr):
+    """(pointers, column mask) of y[rows, col0 + offs_n]; VEC > 1: y's rows and the slice's first
+    column and width are multiples of VEC with a unit column stride (16-byte vectors)."""
+    if VEC > 1:
+        cols = _mult(col0, VEC) + offs_n
+        return (y_ptr + rows[:, None] * _mult(stride_yt, VEC) + cols[None, :].to(tl.int64),
+                offs_n < _mult(n_i, VEC))
+    cols = col0 + offs_n
+    return y_ptr + rows[:, None] * stride_yt + cols[None, :].to(tl.int64) * stride_yn, offs_n < n_i
 
 
 @triton.jit
@@ -238,13 +293,15 @@ def _sgmv_expand_kernel(
     n0, n1, n2, n3,                     # N_i of each slice
     c0, c1, c2, c3,                     # first column of each slice in y
     bs0, bs1, bs2, bs3,                 # slot stride of each B_i
-    stride_bn, stride_br,               # shared by all B_i
+    br0, br1, br2, br3,                 # rank stride of each B_i (the pool's rank-major B: N_i)
+    stride_bn,                          # shared by all B_i
     stride_hn, stride_ht, stride_hr,
     stride_yt, stride_yn,
     stride_rn, stride_rs,
     slice_base,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_RANKS: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
+    B_LAYOUT: tl.constexpr, VEC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -262,7 +319,8 @@ def _sgmv_expand_kernel(
     rows, m_mask = _tile_rows(sorted_ptr, start, end, T, BLOCK_M)
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_i
-    b_ptr = _pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot.to(tl.int64) * _pick(sid, bs0, bs1, bs2, bs3)
+    b_ptr = _pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot.to(tl.int64) * _mult(_pick(sid, bs0, bs1, bs2, bs3), VEC)
+    stride_br = _pick(sid, br0, br1, br2, br3)
     h_base = h_ptr + gsid.to(tl.int64) * stride_hn + rows[:, None] * stride_ht
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -271,15 +329,13 @@ def _sgmv_expand_kernel(
         r_mask = offs_r < rank
         ht = tl.load(h_base + offs_r[None, :] * stride_hr,
                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)              # [BM, BR]
-        bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)              # [BR, BN]
+        bt = _load_b(b_ptr, offs_r, offs_n, rank, n_i, stride_br, stride_bn, B_LAYOUT, VEC)   # [BR, BN]
         if USE_DOT and not FP32_DOT:
             ht = ht.to(bt.dtype)
         acc = _mac(ht, bt, acc, USE_DOT, FP32_DOT)
 
     scale = tl.load(scal_ptr + slot)
-    cols = _pick(sid, c0, c1, c2, c3) + offs_n
-    y_ptrs = y_ptr + rows[:, None] * stride_yt + cols[None, :].to(tl.int64) * stride_yn
+    y_ptrs, n_mask = _y_ptrs(y_ptr, rows, _pick(sid, c0, c1, c2, c3), offs_n, n_i, stride_yt, stride_yn, VEC)
     mask = m_mask[:, None] & n_mask[None, :]
     yv = tl.load(y_ptrs, mask=mask, other=0.0)
     tl.store(y_ptrs, (yv.to(tl.float32) + acc * scale).to(yv.dtype), mask=mask)
@@ -287,25 +343,30 @@ def _sgmv_expand_kernel(
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _sgmv_fused_kernel(
+    # what changes from call to call comes first (a bound plan passes these five, then the rest)
     x_ptr,                              # [T, K]
+    y_ptr,                              # [T, N] updated in place
+    sorted_ptr, tile_ptr,
+    T,
     a0_ptr, a1_ptr, a2_ptr, a3_ptr,     # [S, R, K] per slice
     b0_ptr, b1_ptr, b2_ptr, b3_ptr,     # [S, N_i, R] per slice
-    y_ptr,                              # [T, N] updated in place
     scal_ptr,                           # [S] fp32
-    ranks_ptr, sorted_ptr, tile_ptr,
-    G, T, K, R, S,
+    ranks_ptr,
+    G, K, R, S,
     n0, n1, n2, n3,
     c0, c1, c2, c3,
     bs0, bs1, bs2, bs3,
+    br0, br1, br2, br3,
     stride_xt, stride_xk,
     stride_as, stride_ar, stride_ak,
-    stride_bn, stride_br,
+    stride_bn,
     stride_yt, stride_yn,
     stride_rn, stride_rs,
     slice_base,
     tiles_per_chunk,                    # output tiles of BLOCK_N handled by one program
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     HAS_RANKS: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
+    B_LAYOUT: tl.constexpr, VEC: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -334,7 +395,8 @@ def _sgmv_fused_kernel(
     h = h * tl.load(scal_ptr + slot)
 
     # Expand: y[rows, cols] += h @ B[slot, cols, :rank].T over this program's output tiles.
-    b_ptr = _pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot64 * _pick(sid, bs0, bs1, bs2, bs3)
+    b_ptr = _pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot64 * _mult(_pick(sid, bs0, bs1, bs2, bs3), VEC)
+    stride_br = _pick(sid, br0, br1, br2, br3)
     col0 = _pick(sid, c0, c1, c2, c3)
     if USE_DOT and not FP32_DOT:
         hd = h.to(b_ptr.dtype.element_ty)
@@ -342,11 +404,9 @@ def _sgmv_fused_kernel(
         hd = h
     for nt in range(nt_lo, nt_hi):
         offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < n_i
-        bt = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)              # [R_PAD, BN]
+        bt = _load_b(b_ptr, offs_r, offs_n, rank, n_i, stride_br, stride_bn, B_LAYOUT, VEC)   # [R_PAD, BN]
         out = _mac(hd, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), USE_DOT, FP32_DOT)
-        y_ptrs = y_ptr + rows[:, None] * stride_yt + (col0 + offs_n)[None, :].to(tl.int64) * stride_yn
+        y_ptrs, n_mask = _y_ptrs(y_ptr, rows, col0, offs_n, n_i, stride_yt, stride_yn, VEC)
         mask = m_mask[:, None] & n_mask[None, :]
         yv = tl.load(y_ptrs, mask=mask, other=0.0)
         tl.store(y_ptrs, (yv.to(tl.float32) + out).to(yv.dtype), mask=mask)
@@ -445,6 +505,31 @@ def _pad4(items: Sequence, fill=None) -> List:
     return items + [items[0] if fill is None else fill] * (MAX_SLICES_PER_LAUNCH - len(items))
 
 
+def b_access(b_list: Sequence[torch.Tensor], y: torch.Tensor, cols: Sequence[int]):
+    """(B_LAYOUT, VEC) of an expand / fused launch over ``b_list`` into ``y`` (see _load_b): the
+    B layout all slices share (1 rank-contiguous, 2 column-contiguous, 0 other), and VEC = the
+    elements of a 16-byte vector when the host can prove every vector access of B and y aligned
+    (pointers, slot / row strides, slice widths and first columns, and for layout 1 the stacked
+    rank, all multiples of it), else 1."""
+    if all(B.stride(2) == 1 for B in b_list):
+        layout = 1
+    elif all(B.stride(1) == 1 for B in b_list):
+        layout = 2
+    else:
+        return 0, 1
+    esz = y.element_size()
+    v = 16 // esz
+    ok = (y.stride(1) == 1 and y.stride(0) % v == 0 and y.data_ptr() % 16 == 0
+          and all(c % v == 0 for c in cols)
+          and all(B.element_size() == esz and B.data_ptr() % 16 == 0 and B.stride(0) % v == 0
+                  and B.shape[1] % v == 0 for B in b_list))
+    if ok and layout == 1:
+        ok = all(B.stride(1) % v == 0 and B.shape[2] % v == 0 for B in b_list)
+    elif ok:
+        ok = all(B.stride(2) % v == 0 for B in b_list)
+    return layout, (v if ok else 1)
+
+
 def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torch.Tensor],
            meta: LoRABatchMeta, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     T, K = x.shape
@@ -481,7 +566,7 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
     n = len(b_list)
     if T == 0 or R == 0 or N == 0 or S == 0 or meta.num_tiles == 0:
         return
-    b_list = same_strides(b_list, (1, 2))
+    b_list = same_strides(b_list, (1,))
     cfg = kernel_config("expand", block_m=meta.block_m, K=0, N=N, R=R, n_slices=n, dtype=y.dtype, device=y.device)
     rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
     cols = slice_columns(b_list)
@@ -491,36 +576,41 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
         widths = [B.shape[1] for B in b]
         grid = (meta.num_tiles, triton.cdiv(max(widths), cfg["BLOCK_N"]), cnt)
         bp, nn, cc, bs = _pad4(b), _pad4(widths, 0), _pad4(cols[base:base + cnt], 0), _pad4([B.stride(0) for B in b], 0)
+        br = _pad4([B.stride(2) for B in b], 0)
+        layout, vec = b_access(b, y, cols[base:base + cnt])
         _sgmv_expand_kernel[grid](
             h, bp[0], bp[1], bp[2], bp[3], y, scalings, rk, meta.sorted_tokens, meta.tile_info,
             meta.num_tiles, T, R, S,
             nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
-            B0.stride(1), B0.stride(2),
+            br[0], br[1], br[2], br[3],
+            B0.stride(1),
             h.stride(0), h.stride(1), h.stride(2),
             y.stride(0), y.stride(1),
             srn, srs, base,
             BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
             HAS_RANKS=has_r, USE_DOT=meta.block_m >= TENSOR_CORE_MIN_M, FP32_DOT=_fp32_dot(B0.dtype),
+            B_LAYOUT=layout, VEC=vec,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
 
-def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
-          scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> None:
+def fused_launches(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
+                   scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> List[tuple]:
+    """The launches of :func:`fused` as (kernel, grid, args, kwargs), one per group of up to 4
+    slices (empty for a zero delta). a_list / b_list must already share their strides."""
     T, K = x.shape
     N = y.shape[1]
     S, R, _ = a_list[0].shape
     n = len(a_list)
     if T == 0 or R == 0 or N == 0 or S == 0 or K == 0 or meta.num_tiles == 0:
-        return
-    a_list = same_strides(a_list, (0, 1, 2))
-    b_list = same_strides(b_list, (1, 2))
+        return []
     cfg = kernel_config("fused", block_m=meta.block_m, K=K, N=N, R=R, n_slices=n, dtype=x.dtype, device=x.device)
     use_dot = meta.block_m >= TENSOR_CORE_MIN_M
     r_pad = max(next_pow2(R), 16) if use_dot else next_pow2(R)
-    rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
+    rk, srn, srs, has_r = _ranks_args(ranks, scalings)
     cols = slice_columns(b_list)
     A0, B0 = a_list[0], b_list[0]
+    out = []
     for base, cnt in slice_groups(n, MAX_SLICES_PER_LAUNCH):
         a, b = a_list[base:base + cnt], b_list[base:base + cnt]
         widths = [B.shape[1] for B in b]
@@ -534,20 +624,31 @@ def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_li
         chunks = triton.cdiv(n_tiles, per_chunk)
         ap, bp = _pad4(a), _pad4(b)
         nn, cc, bs = _pad4(widths, 0), _pad4(cols[base:base + cnt], 0), _pad4([B.stride(0) for B in b], 0)
-        _sgmv_fused_kernel[(meta.num_tiles, chunks, cnt)](
-            x, ap[0], ap[1], ap[2], ap[3], bp[0], bp[1], bp[2], bp[3], y, scalings,
-            rk, meta.sorted_tokens, meta.tile_info,
-            meta.num_tiles, T, K, R, S,
-            nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
-            x.stride(0), x.stride(1),
-            A0.stride(0), A0.stride(1), A0.stride(2),
-            B0.stride(1), B0.stride(2),
-            y.stride(0), y.stride(1),
-            srn, srs, base, per_chunk,
-            BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], R_PAD=r_pad,
-            HAS_RANKS=has_r, USE_DOT=use_dot, FP32_DOT=_fp32_dot(x.dtype),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
+        br = _pad4([B.stride(2) for B in b], 0)
+        args = (x, y, meta.sorted_tokens, meta.tile_info, T,
+                ap[0], ap[1], ap[2], ap[3], bp[0], bp[1], bp[2], bp[3], scalings, rk,
+                meta.num_tiles, K, R, S,
+                nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
+                br[0], br[1], br[2], br[3],
+                x.stride(0), x.stride(1),
+                A0.stride(0), A0.stride(1), A0.stride(2),
+                B0.stride(1),
+                y.stride(0), y.stride(1),
+                srn, srs, base, per_chunk)
+        layout, vec = b_access(b, y, cols[base:base + cnt])
+        kwargs = dict(BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], R_PAD=r_pad,
+                      HAS_RANKS=has_r, USE_DOT=use_dot, FP32_DOT=_fp32_dot(x.dtype), B_LAYOUT=layout, VEC=vec,
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        out.append((_sgmv_fused_kernel, (meta.num_tiles, chunks, cnt), args, kwargs))
+    return out
+
+
+def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
+          scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> None:
+    a_list = same_strides(a_list, (0, 1, 2))
+    b_list = same_strides(b_list, (1,))
+    for kernel, grid, args, kwargs in fused_launches(y, x, a_list, b_list, scalings, ranks, meta):
+        kernel[grid](*args, **kwargs)
 
 
 def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
@@ -561,6 +662,185 @@ def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None
         fused(y, x, a_list, b_list, scalings, ranks, meta)
     else:
         expand(y, shrink(x, a_list, ranks, meta), b_list, scalings, ranks, meta)
+
+
+# ------------------------------------------------------------------------------- bound plans
+#
+# A patched layer calls add_lora with the same weights every forward; what does not change between
+# its calls is bound once (BoundAdd, through BoundLoRA, rebuilt on every pool change): the weight
+# pointers and strides, the slice layout, the configuration and, per launch-plan key, the grid,
+# the compiled kernel's launcher and the whole argument list. A call then fills in x, y, the
+# metadata's two pointers and T and calls Triton's launcher directly (CompiledKernel.run, the
+# call JITFunction.run itself ends with), skipping the JIT's binder, specialisation and cache
+# lookup and our own launch arithmetic.
+#
+# The plan key holds everything the compiled kernel was specialised on that a call can change:
+# block_m and G (the metadata's tile count: the grid and an int argument), the strides of x and y
+# (int arguments: Triton specialises on == 1 and % 16), and the 16-byte alignment of the four
+# pointers a call passes (pointer arguments: specialised on % 16). So a plan is only used for
+# calls that the JIT would have sent to the same compiled kernel with the same arguments
+# (tests/test_bound_plans.py checks the arguments against the JIT's).
+#
+# The first call of a key takes the JIT path (compiling when needed) and records the plan. Calls
+# that do not fit (the interpreter, a prefill-like batch, which runs shrink then expand, a current
+# device other than the layer's, a launch hook registered with Triton's knobs, weights whose
+# slices do not share strides) take the general path, unchanged.
+
+_PLAN_DYNAMIC = ("x_ptr", "y_ptr", "sorted_ptr", "tile_ptr", "T")   # the fused kernel's first five parameters
+_MAX_PLANS = 64
+
+
+def _launch_hooks():
+    """Triton's launch hook chains (a profiler adds to them); calls with a hook registered take the
+    JIT path, which passes them their launch metadata."""
+    try:
+        from triton import knobs
+        rt = knobs.runtime
+        return rt.launch_enter_hook, rt.launch_exit_hook
+    except (ImportError, AttributeError):        # pragma: no cover - older Triton
+        return None, None
+
+
+def _device_getters(drv):
+    """(current device index, current raw stream of a device index): torch's C functions when
+    this is torch's CUDA (what Triton's driver wraps), else the driver's (a stub's)."""
+    cur, stream = drv.get_current_device, drv.get_current_stream
+    import torch as _t
+    if cur is getattr(_t.cuda, "current_device", None) and hasattr(_t._C, "_cuda_getDevice"):
+        cur = _t._C._cuda_getDevice
+    return cur, stream
+
+
+def _launch_entry(compiled, grid, tail):
+    """One launch of a bound plan: how to call the compiled kernel's launcher with the five
+    per-call arguments followed by ``tail`` (every other parameter, constexprs included, in
+    order). Direct to the launcher's C function when its Python wrapper adds nothing (no scratch
+    memory, no tensor descriptors, no sanitizer): Triton 3.9's generic launcher and 3.6's
+    per-signature one take different argument lists; else through the wrapper, as
+    JITFunction.run calls it."""
+    run = compiled.run
+    fn, packed = compiled.function, compiled.packed_metadata
+    direct = (getattr(run, "global_scratch_size", 1) == 0 and getattr(run, "profile_scratch_size", 1) == 0
+              and not getattr(run, "gsan_enabled", False) and hasattr(run, "launch")
+              and hasattr(run, "launch_cooperative_grid") and hasattr(run, "launch_pdl"))
+    if direct and hasattr(run, "arg_annotations") and hasattr(run, "kernel_signature"):
+        return (1, run.launch, *grid, fn, run.launch_cooperative_grid, run.launch_pdl, packed,
+                run.arg_annotations, run.kernel_signature, tuple(tail))
+    if direct and not hasattr(run, "arg_annotations"):
+        return (2, run.launch, *grid, fn, run.launch_cooperative_grid, run.launch_pdl, packed, None, None, tuple(tail))
+    return (0, run, *grid, fn, None, None, packed, None, None, tuple(tail))
+
+
+def meta_launch_key(meta: LoRABatchMeta):
+    """(plan key part, sorted_tokens pointer, tile_info pointer, T), once per metadata object
+    (every layer of a forward passes the same one; its tensors are not resized in place). The key
+    part: block_m, G, T, S, the device and the pointers' alignment."""
+    k = meta.__dict__.get("_triton_key")
+    if k is None:
+        sp, tp = meta.sorted_tokens.data_ptr(), meta.tile_info.data_ptr()
+        ts = meta.token_slots
+        T = ts.shape[0]
+        k = ((meta.block_m, meta.tile_info.shape[1], T, meta.num_slots, ts.get_device(), sp & 15, tp & 15), sp, tp, T)
+        object.__setattr__(meta, "_triton_key", k)
+    return k
+
+
+class BoundAdd:
+    """``add_lora`` on the Triton backend for one layer's fixed weights (see "bound plans" above)."""
+
+    __slots__ = ("_a", "_b", "_scal", "_ranks", "_plans", "_ok", "_dev_index", "_stream", "_current",
+                 "_hooks", "plan_hits", "__weakref__")
+
+    def __init__(self, a_list, b_list, scalings, ranks):
+        a2, b2 = same_strides(a_list, (0, 1, 2)), same_strides(b_list, (1,))
+        # strided copies would go stale when the pool writes a slot: such weights take the general path
+        self._ok = (all(p is q for p, q in zip(a2, a_list)) and all(p is q for p, q in zip(b2, b_list))
+                    and not triton_interpreter_enabled())
+        self._a, self._b, self._scal, self._ranks = list(a_list), list(b_list), scalings, ranks
+        dev = a_list[0].device
+        self._dev_index = dev.index if dev.type == "cuda" and dev.index is not None else 0
+        self._plans = {}
+        self._stream = self._current = None
+        self._hooks = ((), ())      # the launch hook chains' lists of hooks (non-empty: the JIT path)
+        self.plan_hits = 0
+
+    def _general(self, y, x, meta) -> None:
+        add_lora(y, x, self._a, self._b, self._scal, self._ranks, meta)
+
+    def fast(self, y, x, meta: LoRABatchMeta) -> bool:
+        """Launch through the plan of this call's key; False, having done nothing, when there is none
+        (BoundLoRA then checks the call and calls this object, which records the plan). The key
+        holds x's and y's shapes, strides, dtypes and devices (a plan exists only for keys whose
+        call passed BoundLoRA's checks) and the alignment of the four pointers."""
+        mk = meta.__dict__.get("_triton_key")
+        if mk is None:
+            return False
+        mkey, sp, tp, T = mk
+        xp, yp = x.data_ptr(), y.data_ptr()
+        plan = self._plans.get((mkey, x.shape, y.shape, x.stride(), y.stride(), x.dtype, y.dtype,
+                                x.get_device(), y.get_device(), xp & 15, yp & 15))
+        if plan is None or self._hooks[0] or self._hooks[1] or self._current() != self._dev_index:
+            return False
+        stream = self._stream(self._dev_index)
+        for kind, launch, g0, g1, g2, fn, coop, pdl, packed, ann, ksig, tail in plan:
+            if kind == 1:        # Triton 3.9's generic C launcher
+                launch(g0, g1, g2, stream, fn, coop, pdl, packed, None, None, None, None, None, ann, ksig,
+                       (xp, yp, sp, tp, T, *tail))
+            elif kind == 2:      # Triton 3.6's per-signature C launcher
+                launch(g0, g1, g2, stream, fn, coop, pdl, None, None, packed, None, None, None,
+                       xp, yp, sp, tp, T, *tail)
+            else:                # the launcher's Python wrapper (CompiledKernel.run)
+                launch(g0, g1, g2, stream, fn, packed, None, None, None, xp, yp, sp, tp, T, *tail)
+        self.plan_hits += 1
+        return True
+
+    def __call__(self, y, x, meta: LoRABatchMeta) -> None:
+        """A checked call (BoundLoRA's general path): the plan's launch, else the general path,
+        recording the plan."""
+        mkey = meta_launch_key(meta)[0]
+        if self.fast(y, x, meta):
+            return
+        xp, yp = x.data_ptr(), y.data_ptr()
+        key = (mkey, x.shape, y.shape, x.stride(), y.stride(), x.dtype, y.dtype, x.get_device(), y.get_device(),
+               xp & 15, yp & 15)
+        self._first(key, y, x, meta)
+
+    def _first(self, key, y, x, meta) -> None:
+        """The general path; records the plan of ``key`` when it can serve later calls."""
+        T, K = x.shape
+        S, R, _ = self._a[0].shape
+        if (not self._ok or meta.block_m >= TENSOR_CORE_MIN_M or key in self._plans or T == 0 or K == 0 or R == 0 or S == 0
+                or y.shape[1] == 0 or not kernel_config("route", block_m=meta.block_m, K=K, N=y.shape[1], R=R,
+                                                        n_slices=len(self._a), dtype=x.dtype,
+                                                        device=x.device)["FUSED"]):
+            return self._general(y, x, meta)
+        from triton.runtime import driver
+        self._current, self._stream = _device_getters(driver.active)
+        enter, exit_ = _launch_hooks()
+        if self._current() != self._dev_index or getattr(enter, "calls", 1) or getattr(exit_, "calls", 1):
+            return self._general(y, x, meta)
+        plan = []
+        for kernel, grid, args, kwargs in fused_launches(y, x, self._a, self._b, self._scal, self._ranks, meta):
+            compiled = kernel[grid](*args, **kwargs)
+            if plan is None or compiled is None or not hasattr(compiled, "packed_metadata"):
+                plan = None              # (the interpreter, or a Triton without this interface)
+                continue
+            names = kernel.arg_names
+            assert tuple(names[:len(_PLAN_DYNAMIC)]) == _PLAN_DYNAMIC
+            full = list(args) + [kwargs[nm] for nm in names[len(args):]]
+            tail = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in full[len(_PLAN_DYNAMIC):]]
+            plan.append(_launch_entry(compiled, grid, tail))
+        if plan:
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = tuple(plan)
+            self._hooks = (getattr(enter, "calls", ()), getattr(exit_, "calls", ()))
+
+
+def bind(a_list, b_list, scalings, ranks) -> BoundAdd:
+    """A callable ``(y, x, meta) -> None`` equal to ``add_lora(y, x, a_list, b_list, scalings, ranks, meta)``
+    (what ``BoundLoRA`` calls on this backend; see "bound plans" above)."""
+    return BoundAdd(a_list, b_list, scalings, ranks)
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

@@ -19,8 +19,11 @@ class CudaError : public std::runtime_error {
 
 // What run_sgmv would launch for these arguments (a pure function of shapes, strides, pointer
 // alignment and the SM count: never of tensor contents, so a CUDA graph can hold the launch).
+enum class KernelKind : int { kSimt = 0, kMmaShrink = 1, kMmaExpand = 2 };
+
 struct LaunchPlan {
-  std::string kernel;            // simt_fused | simt_shrink | simt_expand | mma_shrink | mma_expand
+  const char* kernel = "";       // simt_fused | simt_shrink | simt_expand | mma_shrink | mma_expand
+  KernelKind kind = KernelKind::kSimt;
   int bm = 0;                    // rows per register tile (the kernel's BM template argument)
   int64_t grid[3] = {0, 0, 0};   // empty (0) when there is nothing to do
   int threads = 0;
@@ -38,7 +41,22 @@ LaunchPlan plan_launch(Op op, DType dtype, int block_m, const SgmvParams& p, int
 // Throws std::invalid_argument for bad arguments, CudaError for CUDA failures. No host sync.
 void run_sgmv(Op op, DType dtype, int block_m, const SgmvParams& p, std::uintptr_t stream);
 
-// Multiprocessor count of the current device (cached per device). Throws CudaError.
+// The launch stub (host-side measurements and tests without a GPU): while on, run_sgmv makes no
+// CUDA call; it counts each launch and keeps the last few (kernel, grid, the parameter bytes).
+struct StubLaunch {
+  std::string kernel;
+  int64_t grid[3] = {0, 0, 0};
+  int threads = 0;
+  int64_t smem_bytes = 0;
+  std::uintptr_t stream = 0;
+  std::string params;            // the SgmvParams passed to the kernel, byte for byte
+};
+void set_launch_stub(bool on, int sm_count);
+bool launch_stub_on();
+int64_t stub_launch_count();
+std::vector<StubLaunch> stub_recent_launches();
+
+// Multiprocessor count of the current device (cached per device; the stub's while it is on).
 int current_device_sm_count();
 
 // nvcc's __CUDA_ARCH_LIST__ for launchers.cu (e.g. "800,890,900") and its version ("13.0").
