@@ -46,6 +46,7 @@ enum Op : int { kAdd = 0, kShrink = 1, kExpand = 2 };
 constexpr int kBlockRows = 4;      // rows sharing one pass over the weights
 constexpr int64_t kUnitRows = 32;  // rows of one work unit (a multiple of kBlockRows)
 constexpr int64_t kPanelCols = 256;  // output columns of one B panel (a multiple of 8)
+constexpr int kPanelRows = 8;        // units of at least this many rows shrink through an A^T panel
 
 struct f16 { uint16_t bits; };
 struct bf16 { uint16_t bits; };
@@ -132,16 +133,15 @@ struct Scratch {
   int64_t* rows = nullptr;   // [kUnitRows] row ids of the unit
   float* h = nullptr;        // [kUnitRows, R] the unit's h
   float* panel = nullptr;    // [R, kPanelCols] B panel (rank-major fp32)
-  float* apanel = nullptr;   // [R, K] A as fp32 rows (only when A is not contiguous along K)
-  float* xrows = nullptr;    // [kBlockRows, K] x rows as fp32 (same case)
+  float* apanel = nullptr;   // [R, K] A as fp32 rows, or [K, Rp] A^T (shrink / add only)
+  float* xrows = nullptr;    // [kBlockRows, K] x rows as fp32 (same)
+  float* hpad = nullptr;     // [kBlockRows, Rp] a block's h from the A^T panel (same)
 };
 
-inline bool a_needs_panel(const Args& p) {
-  if (p.op == kExpand) return false;
-  if (p.sx_k != 1) return true;
-  for (int64_t i = 0; i < p.n_a; ++i)
-    if (p.a_sk[i] != 1) return true;
-  return false;
+inline int64_t padded_rank(int64_t R) { return (R + 15) / 16 * 16; }   // Rp: whole vectors of any ISA
+
+inline bool a_needs_panel(const Args& p) {   // (any shrink of a unit of kPanelRows rows does)
+  return p.op != kExpand;
 }
 
 // (rows, floats) of one thread's scratch for a call.
@@ -149,7 +149,7 @@ inline void scratch_size(const Args& p, int64_t* n_rows, int64_t* n_floats) {
   const int64_t R = p.R > 0 ? p.R : 1;
   *n_rows = kUnitRows;
   int64_t f = kUnitRows * R + R * kPanelCols + 16;
-  if (a_needs_panel(p)) f += R * p.K + kBlockRows * p.K + 16;
+  if (a_needs_panel(p)) f += padded_rank(R) * p.K + kBlockRows * p.K + kBlockRows * padded_rank(R) + 16;
   *n_floats = f;
 }
 
@@ -161,7 +161,8 @@ inline Scratch scratch_at(const Args& p, int64_t* rows, float* f) {
   s.panel = f + kUnitRows * R;
   if (a_needs_panel(p)) {
     s.apanel = s.panel + R * kPanelCols;
-    s.xrows = s.apanel + R * p.K;
+    s.xrows = s.apanel + padded_rank(R) * p.K;
+    s.hpad = s.xrows + kBlockRows * p.K;
   }
   return s;
 }

@@ -334,6 +334,19 @@ static inline void expand_chunk(const TW* w, int64_t w_sr, int rank, const float
     }
     pf.step(lines_of<TW>(NC));
   }
+  if (sizeof(TY) == 4 && sy_n == 1) {      // fp32 y: updated in vector registers
+    OLK_UNROLL
+    for (int m = 0; m < MB; ++m) {
+      float* y = reinterpret_cast<float*>(yr[m] + col);
+      OLK_UNROLL
+      for (int v = 0; v < V; ++v) {
+        vfw yv = loadw(y + v * kW);
+        yv += scale * acc[m][v];
+        std::memcpy(y + v * kW, &yv, sizeof(vfw));
+      }
+    }
+    return;
+  }
   float out[MB][NC];
   OLK_UNROLL
   for (int m = 0; m < MB; ++m) {
@@ -442,7 +455,36 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
   } else {
     const T* a_slot = static_cast<const T*>(p.a[i]) + u.slot * p.a_ss[i];
     const T* x = static_cast<const T*>(p.x);
-    if (p.a_sk[i] == 1 && p.sx_k == 1) {
+    if (n >= kPanelRows) {
+      // Many rows: A^T as an fp32 [K, rank] panel (8 x 8 register transposes), then the expand's
+      // register-blocked chunks with the roles swapped (x rows as coefficients, ranks as output
+      // columns): no horizontal sums, each x element broadcast once per chunk of ranks.
+      // The panel's rows are padded with zeros to whole vectors (rp columns): no scalar tails.
+      const int rp = static_cast<int>((rank + kW - 1) / kW * kW);
+      make_panel<T>(a_slot, p.a_sr[i], p.a_sk[i], 0, rank, static_cast<int>(p.K), s.apanel, rp);
+      if (rp > rank)
+        for (int64_t k = 0; k < p.K; ++k)
+          for (int j = rank; j < rp; ++j) s.apanel[k * rp + j] = 0.f;
+      float* hr[kBlockRows];
+      for (int m0 = 0; m0 < n; m0 += kBlockRows) {
+        const int mb = static_cast<int>(imin(kBlockRows, n - m0));
+        for (int m = 0; m < mb; ++m) {
+          const T* src = x + s.rows[m0 + m] * p.sx_t;
+          float* dst = s.xrows + m * p.K;
+          if (p.sx_k == 1) {
+#pragma omp simd
+            for (int64_t k = 0; k < p.K; ++k) dst[k] = to_f32(src[k]);
+          } else {
+            for (int64_t k = 0; k < p.K; ++k) dst[k] = to_f32(src[k * p.sx_k]);
+          }
+          hr[m] = s.hpad + m * rp;
+          for (int j = 0; j < rp; ++j) hr[m][j] = 0.f;
+        }
+        expand_rows<float, float>(s.apanel, rp, static_cast<int>(p.K), s.xrows, p.K, hr, mb, 0, 1, rp, 1.f, pf);
+        for (int m = 0; m < mb; ++m)
+          for (int j = 0; j < rank; ++j) h[(m0 + m) * hs + j] = hr[m][j];
+      }
+    } else if (p.a_sk[i] == 1 && p.sx_k == 1) {
       const T* xr[kBlockRows];
       for (int m0 = 0; m0 < n; m0 += kBlockRows) {
         const int mb = static_cast<int>(imin(kBlockRows, n - m0));
