@@ -7,7 +7,7 @@
 // The Python side (openlora_kernels/ops/cpu_ext.py) validates everything before calling.
 //
 // Also here: the work units of a call and their split over threads, the choice of the kernels'
-// instruction set at load time (kernels_v4/v3/base.cpp; the best the CPU runs, or
+// instruction set at load time (kernels_<isa>_<dtype>.cpp; the best the CPU runs, or
 // OPENLORA_CPU_ISA=base|x86-64-v3|x86-64-v4 to cap it), and the batch-metadata build for CPU
 // tensors (build_meta: a counting sort, a few microseconds).
 #define PY_SSIZE_T_CLEAN
@@ -31,25 +31,31 @@ namespace {
 
 // ------------------------------------------------------------------ the instruction set
 
-bool isa_runs(const IsaKernels& k) {
-  if (k.run[0] == nullptr) return false;       // not built for this compiler / target
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  if (&k == &v4::kernels) return __builtin_cpu_supports("x86-64-v4");
-  if (&k == &v3::kernels) return __builtin_cpu_supports("x86-64-v3");
-#endif
-  return &k == &base::kernels;
-}
+struct IsaKernels {
+  const char* name;
+  RunFn run[3];   // indexed by DType
+};
+const IsaKernels kV4 = {"x86-64-v4", {v4::run_f16, v4::run_bf16, v4::run_f32}};
+const IsaKernels kV3 = {"x86-64-v3", {v3::run_f16, v3::run_bf16, v3::run_f32}};
+const IsaKernels kBase = {"baseline", {base::run_f16, base::run_bf16, base::run_f32}};
+const IsaKernels* const kIsas[] = {&kV4, &kV3, &kBase};   // best first
 
-const IsaKernels* const kIsas[] = {&v4::kernels, &v3::kernels, &base::kernels};   // best first
+bool isa_runs(const IsaKernels& k) {
+#if defined(OLK_X86_LEVELS)
+  if (&k == &kV4) return __builtin_cpu_supports("x86-64-v4");
+  if (&k == &kV3) return __builtin_cpu_supports("x86-64-v3");
+#endif
+  return &k == &kBase;        // (the others are stubs when not built)
+}
 
 // The best level that runs here, at most `cap` (a name; empty: no cap). Null for an unknown name.
 const IsaKernels* pick_isa(const std::string& cap) {
   bool allowed = cap.empty() || cap == "best";
   for (const IsaKernels* k : kIsas) {
-    if (!allowed && (cap == k->name || (cap == "base" && k == &base::kernels))) allowed = true;
+    if (!allowed && (cap == k->name || (cap == "base" && k == &kBase))) allowed = true;
     if (allowed && isa_runs(*k)) return k;
   }
-  return allowed ? &base::kernels : nullptr;
+  return allowed ? &kBase : nullptr;
 }
 
 const IsaKernels* g_isa = nullptr;

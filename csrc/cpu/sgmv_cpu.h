@@ -3,10 +3,11 @@
 // Layout of the sources (each a small translation unit, so that a build compiles them in
 // parallel and none is slow; docs/kernels.md, "The native CPU kernel"):
 //   sgmv_cpu.h          this file: number formats, the call's arguments (Args), its work units
-//   sgmv_cpu_kernels.h  the kernels, written once, ISA-neutral (included by the three below)
-//   kernels_v4.cpp      the kernels compiled for x86-64-v4 (AVX-512)
-//   kernels_v3.cpp      ... for x86-64-v3 (AVX2 + FMA)
-//   kernels_base.cpp    ... for the baseline of the target (SSE2 on x86-64, NEON on arm64)
+//   sgmv_cpu_kernels.h  the kernels, written once, ISA-neutral
+//   sgmv_cpu_isa.inc    one instruction set x one dtype of them (a `#pragma GCC target` region)
+//   kernels_<isa>_<dtype>.cpp  the nine pairs: x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and
+//                       the target's baseline (SSE2 on x86-64, NEON on arm64), each for f32,
+//                       f16 and bf16
 //   bindings_cpu.cpp    the Python module (plain C API, no pybind11: it compiles in about a
 //                       second and a call costs less), work units, threads, ISA choice at load
 //                       time, and the batch-metadata build
@@ -47,6 +48,7 @@ constexpr int kBlockRows = 4;      // rows sharing one pass over the weights
 constexpr int64_t kUnitRows = 32;  // rows of one work unit (a multiple of kBlockRows)
 constexpr int64_t kPanelCols = 256;  // output columns of one B panel (a multiple of 8)
 constexpr int kPanelRows = 8;        // units of at least this many rows shrink through an A^T panel
+                                     // (so do all units when A or x is strided along K)
 
 struct f16 { uint16_t bits; };
 struct bf16 { uint16_t bits; };
@@ -133,7 +135,7 @@ struct Scratch {
   int64_t* rows = nullptr;   // [kUnitRows] row ids of the unit
   float* h = nullptr;        // [kUnitRows, R] the unit's h
   float* panel = nullptr;    // [R, kPanelCols] B panel (rank-major fp32)
-  float* apanel = nullptr;   // [R, K] A as fp32 rows, or [K, Rp] A^T (shrink / add only)
+  float* apanel = nullptr;   // [K, Rp] A^T as fp32 (shrink / add only)
   float* xrows = nullptr;    // [kBlockRows, K] x rows as fp32 (same)
   float* hpad = nullptr;     // [kBlockRows, Rp] a block's h from the A^T panel (same)
 };
@@ -167,17 +169,29 @@ inline Scratch scratch_at(const Args& p, int64_t* rows, float* f) {
   return s;
 }
 
-// The kernels of one instruction set: claim units from `next` until none is left. `stride`:
-// how many threads claim in turn (each prefetches the unit `stride` claims ahead).
+// The kernels of one instruction set and dtype: claim units from `next` until none is left.
+// `stride`: how many threads claim in turn (each prefetches the unit `stride` claims ahead).
 using RunFn = void (*)(const Args& p, const Unit* units, int64_t n, int64_t* next, int64_t stride, const Scratch& s);
-struct IsaKernels {
-  const char* name;
-  RunFn run[3];   // indexed by DType
-};
+using dtype_f16 = f16;
+using dtype_bf16 = bf16;
+using dtype_f32 = float;
 
-namespace v4 { extern const IsaKernels kernels; }     // null run entries when not built for it
-namespace v3 { extern const IsaKernels kernels; }
-namespace base { extern const IsaKernels kernels; }
+// x86-64-v4 / v3 kernels are built with GCC 11+ on x86-64 (#pragma GCC target("arch=...")); with
+// another compiler or target their entry points are stubs and only the baseline runs.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+#define OLK_X86_LEVELS 1
+#endif
+
+#define OLK_DECLARE_ISA(ns)                                                                          \
+  namespace ns {                                                                                     \
+  void run_f16(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);               \
+  void run_bf16(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);              \
+  void run_f32(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);               \
+  }
+OLK_DECLARE_ISA(v4)      // kernels_v4_*.cpp
+OLK_DECLARE_ISA(v3)      // kernels_v3_*.cpp
+OLK_DECLARE_ISA(base)    // kernels_base_*.cpp
+#undef OLK_DECLARE_ISA
 
 }  // namespace cpu
 }  // namespace openlora

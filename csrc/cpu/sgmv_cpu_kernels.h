@@ -455,11 +455,20 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
   } else {
     const T* a_slot = static_cast<const T*>(p.a[i]) + u.slot * p.a_ss[i];
     const T* x = static_cast<const T*>(p.x);
-    if (n >= kPanelRows) {
-      // Many rows: A^T as an fp32 [K, rank] panel (8 x 8 register transposes), then the expand's
+    if (n < kPanelRows && p.a_sk[i] == 1 && p.sx_k == 1) {
+      // Few rows (decode), A and x contiguous along K: dot products straight from A's rows.
+      const T* xr[kBlockRows];
+      for (int m0 = 0; m0 < n; m0 += kBlockRows) {
+        const int mb = static_cast<int>(imin(kBlockRows, n - m0));
+        for (int m = 0; m < mb; ++m) xr[m] = x + s.rows[m0 + m] * p.sx_t;
+        shrink_rows<T, T>(xr, mb, a_slot, p.a_sr[i], p.K, rank, h + m0 * hs, hs, pf);
+      }
+    } else {
+      // Many rows, or A / x strided along K: A^T as an fp32 [K, rp] panel (8 x 8 register
+      // transposes for the usual A, a plain conversion for a K-major one), then the expand's
       // register-blocked chunks with the roles swapped (x rows as coefficients, ranks as output
-      // columns): no horizontal sums, each x element broadcast once per chunk of ranks.
-      // The panel's rows are padded with zeros to whole vectors (rp columns): no scalar tails.
+      // columns): no horizontal sums, each x element broadcast once per chunk of ranks. The
+      // panel's rows are padded with zeros to whole vectors (rp columns): no scalar tails.
       const int rp = static_cast<int>((rank + kW - 1) / kW * kW);
       make_panel<T>(a_slot, p.a_sr[i], p.a_sk[i], 0, rank, static_cast<int>(p.K), s.apanel, rp);
       if (rp > rank)
@@ -483,26 +492,6 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
         expand_rows<float, float>(s.apanel, rp, static_cast<int>(p.K), s.xrows, p.K, hr, mb, 0, 1, rp, 1.f, pf);
         for (int m = 0; m < mb; ++m)
           for (int j = 0; j < rank; ++j) h[(m0 + m) * hs + j] = hr[m][j];
-      }
-    } else if (p.a_sk[i] == 1 && p.sx_k == 1) {
-      const T* xr[kBlockRows];
-      for (int m0 = 0; m0 < n; m0 += kBlockRows) {
-        const int mb = static_cast<int>(imin(kBlockRows, n - m0));
-        for (int m = 0; m < mb; ++m) xr[m] = x + s.rows[m0 + m] * p.sx_t;
-        shrink_rows<T, T>(xr, mb, a_slot, p.a_sr[i], p.K, rank, h + m0 * hs, hs, pf);
-      }
-    } else {       // A or x strided along K: fp32 copies of the slot's A rows and of the block's x rows
-      make_panel<T>(a_slot, p.a_sk[i], p.a_sr[i], 0, p.K, rank, s.apanel, p.K);
-      const float* xr[kBlockRows];
-      for (int m0 = 0; m0 < n; m0 += kBlockRows) {
-        const int mb = static_cast<int>(imin(kBlockRows, n - m0));
-        for (int m = 0; m < mb; ++m) {
-          const T* src = x + s.rows[m0 + m] * p.sx_t;
-          float* dst = s.xrows + m * p.K;
-          for (int64_t k = 0; k < p.K; ++k) dst[k] = to_f32(src[k * p.sx_k]);
-          xr[m] = dst;
-        }
-        shrink_rows<float, float>(xr, mb, s.apanel, p.K, p.K, rank, h + m0 * hs, hs, pf);
       }
     }
   }
