@@ -96,8 +96,10 @@ def test_every_layout_is_served_natively_and_right(dtype, b_layout, a_layout, bl
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_b_layouts_give_the_same_bits(dtype):
-    """The usual layout goes through fp32 panels, the rank-major one is read directly: the same
-    arithmetic in the same order, so the same bits (decode and prefill metadata, mixed ranks)."""
+    """Runs of more than 3 rows read the usual layout through fp32 panels and the rank-major one
+    directly: the same arithmetic in the same order, so the same bits (decode and prefill
+    metadata, mixed ranks). Shorter runs of the usual layout sum each column's products across
+    vector lanes (another order): the reference's values, not the same bits."""
     p = problem(90, 48, [520, 40], 3, 16, dtype, "mixed", seed=5, per_slot=45)
     for bm in (1, 32):
         meta = olk.build_batch_meta(p.indices, 3, block_m=bm)
@@ -107,6 +109,13 @@ def test_b_layouts_give_the_same_bits(dtype):
             olk.add_lora(y, p.x, p.a, [make(B) for B in p.b], meta, p.scalings, p.ranks, backend="cpu")
             outs.append(bits(y))
         assert all(torch.equal(o, outs[0]) for o in outs[1:])
+    for per_slot in (1, 2, 3):          # the short runs: every layout right
+        p = problem(24, 48, [97, 40], 8, 13, dtype, "mixed", seed=per_slot, per_slot=per_slot)
+        meta = olk.build_batch_meta(p.indices, 8, block_m=1)
+        for make in B_LAYOUTS.values():
+            y = p.y.clone()
+            olk.add_lora(y, p.x, p.a, [make(B) for B in p.b], meta, p.scalings, p.ranks, backend="cpu")
+            check_add(p, y, dtype)
 
 
 def test_weights_are_used_in_place():

@@ -20,14 +20,21 @@
 //   * B rank-major ([S, R, N] storage seen as an [S, N, R] view, what the adapter pool keeps):
 //     the output is walked in chunks whose accumulators stay in vector registers while the
 //     rank rows of B stream past (SIMD over N), then y is read and written once;
-//   * any other B layout (the usual [S, N, R], vLLM's, strided views): a panel of output
+//   * the usual [S, N, R] B (vLLM's too) for a unit of at most kDotRows rows: eight columns at a
+//     time, each column's products accumulated along the rank in a vector, the eight vectors
+//     summed across lanes by one 8 x 8 register transpose;
+//   * any other case (the usual layout for longer units, strided views): a panel of output
 //     columns of B is first transposed into a rank-major fp32 scratch (8 x 8 register
 //     transposes for the usual layout), then the same register-blocked chunks read it. The
 //     panel is made once per unit, so rows of a long segment share it.
+// The shrink of a unit of at least kPanelRows rows (or of a strided A / x) runs the same way
+// with the roles swapped: A^T as an fp32 [K, r] panel, the x rows as coefficients.
 // So a forward reads each active adapter's r rows of A and B once per unit, does r*(K+N)
 // multiply-adds per row, and never materialises a gathered copy of the weights. All
 // arithmetic is fp32; 16-bit outputs are rounded once (round to nearest even, as torch does).
-// Every row's result is the same bits whatever the B layout, the unit cuts and the threads.
+// A row's result is the same bits whatever the unit cuts and the threads, and whatever the B
+// layout except in units of at most kDotRows rows of the usual layout (lanes summed in another
+// order).
 // Rows with slot -1 are in no segment: never read or written. Whatever the metadata holds, no
 // access is out of bounds (docs/kernels.md): slots outside [0, S) cannot occur (the loop is over
 // [0, S); token_slots and tile_info are not read), each segment is clipped to [0, T) of
@@ -47,6 +54,7 @@ enum Op : int { kAdd = 0, kShrink = 1, kExpand = 2 };
 constexpr int kBlockRows = 4;      // rows sharing one pass over the weights
 constexpr int64_t kUnitRows = 32;  // rows of one work unit (a multiple of kBlockRows)
 constexpr int64_t kPanelCols = 256;  // output columns of one B panel (a multiple of 8)
+constexpr int kDotRows = 3;          // units of at most this many rows read the usual [N, R] B directly
 constexpr int kPanelRows = 8;        // units of at least this many rows shrink through an A^T panel
                                      // (so do all units when A or x is strided along K)
 

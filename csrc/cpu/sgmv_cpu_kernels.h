@@ -428,6 +428,57 @@ static void expand_rows(const TW* w, int64_t w_sr, int rank, const float* h, int
   }
 }
 
+#if defined(OLK_VEC)
+// Few rows and the usual [N, R] B (rows of B contiguous along the rank): eight columns at a time,
+// each column's products with h accumulated in a vector along the rank, then the eight vectors
+// summed across their lanes by one 8 x 8 transpose. Per element about as much work as the
+// rank-major path's (a panel would first cost a transpose of every element of B).
+template <typename TY, typename TW>
+static void expand_dot_rows(const TW* w, int64_t w_sn, int rank, const float* h, int64_t hs, TY* const* yr, int n,
+                            int64_t col, int64_t sy_n, int64_t width, float scale, Prefetcher& pf) {
+  const int r8 = rank / 8 * 8;
+  int64_t c0 = 0;
+  for (; c0 + 8 <= width; c0 += 8) {
+    const TW* wc = w + c0 * w_sn;
+    for (int m = 0; m < n; ++m) {
+      const float* hm = h + m * hs;
+      vf8 acc[8], o[8];
+      OLK_UNROLL
+      for (int c = 0; c < 8; ++c) acc[c] = vf8{};
+      for (int j0 = 0; j0 < r8; j0 += 8) {
+        const vf8 hv = load8(hm + j0);
+        OLK_UNROLL
+        for (int c = 0; c < 8; ++c) acc[c] += load8(wc + c * w_sn + j0) * hv;
+      }
+      if (r8 < rank) {
+        OLK_UNROLL
+        for (int c = 0; c < 8; ++c) {
+          float t = 0.f;
+          for (int j = r8; j < rank; ++j) t += to_f32(wc[c * w_sn + j]) * hm[j];
+          acc[c][0] += t;
+        }
+      }
+      transpose8(acc, o);
+      const vf8 sum = ((o[0] + o[1]) + (o[2] + o[3])) + ((o[4] + o[5]) + (o[6] + o[7]));
+      float out[1][8];
+      std::memcpy(out[0], &sum, 32);
+      update_y<TY, 1, 8>(yr + m, col + c0, sy_n, 8, scale, out);
+    }
+    pf.step(lines_of<TW>(8 * w_sn));
+  }
+  for (; c0 < width; ++c0) {
+    const TW* wc = w + c0 * w_sn;
+    for (int m = 0; m < n; ++m) {
+      const float* hm = h + m * hs;
+      float t = 0.f;
+      for (int j = 0; j < rank; ++j) t += to_f32(wc[j]) * hm[j];
+      TY* y = yr[m] + (col + c0) * sy_n;
+      *y = from_f32<TY>(to_f32(*y) + scale * t);
+    }
+  }
+}
+#endif
+
 // --------------------------------------------------------------------------------- a unit
 
 static inline float load_h(const Args& p, int64_t off) {
@@ -511,6 +562,12 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
     expand_rows<T, T>(b_slot, p.b_sr[i], rank, h, hs, yr, n, u.col, p.sy_n, width, scale, pf);
     return;
   }
+#if defined(OLK_VEC)
+  if (p.b_sr[i] == 1 && n <= kDotRows) {
+    expand_dot_rows<T, T>(b_slot, p.b_sn[i], rank, h, hs, yr, n, u.col, p.sy_n, width, scale, pf);
+    return;
+  }
+#endif
   for (int64_t n0 = 0; n0 < width; n0 += kPanelCols) {    // any other layout: rank-major fp32 panels
     const int64_t nc = imin(kPanelCols, width - n0);
     make_panel<T>(b_slot, p.b_sn[i], p.b_sr[i], n0, nc, rank, s.panel, nc);
