@@ -9,9 +9,13 @@ What it measures (see docs/benchmarks.md for the full story):
 * T = 1..512 (decode: one row per request) and 2048..16384 (prefill: --prefill-requests
   requests of T / requests rows each); ranks 8, 16, 64, 128 and a mixed set (8..128 in one
   batch); adapter popularity distinct / uniform / skewed / identical (benchmarks/workloads.py);
-* contenders: each usable backend of ours ("olk-<backend>"), and kernel_baselines.py's loop
-  (PEFT-style), gather_bmm and dense_one (the one-LoRA floor); each result is first checked
-  against a float32 reference (rel_err in the row);
+* contenders: each usable backend of ours ("olk-<backend>"; on a CPU the native "cpu" backend
+  and "torch"), and kernel_baselines.py's loop (PEFT-style), gather_bmm and dense_one (the
+  one-LoRA floor); each result is first checked against a float32 reference (rel_err in the
+  row). B is given in the usual layout, a list of per-slice [S, N_i, R] tensors (what PEFT and
+  vLLM hold); on a CPU each of our backends is also timed on the adapter pool's layout
+  ("olk-<backend>[pool-B]": rank-major [S, R, N_i] storage seen as [S, N_i, R] views, one
+  buffer per slice; --b-layouts), so that the two layouts compare row for row;
 * metrics: median, p20, p80 time per call (µs); achieved GB/s and % of the HBM roofline from
   roofline.py's minimum bytes over the bandwidth of a large device-to-device copy measured at
   the start of the same run; eager time (CUDA events around each call, inputs rotated over
@@ -20,9 +24,12 @@ What it measures (see docs/benchmarks.md for the full story):
 
 The full plan runs in priority order (add_lora over T first) and stops starting new cases once
 --budget-s is spent; rows are appended to the CSV case by case, so a cut-short run keeps what it
-measured. --quick runs tiny shapes in seconds (CPU smoke test: backend torch, no CUDA parts).
+measured. --quick runs tiny shapes in seconds (CPU smoke test, no CUDA parts). On a CPU without
+--quick the plan is the CPU preset (real shapes, T up to 512 and one prefill of 2048 rows: the
+GPU plan's 16384-row prefills would take minutes per call on two cores).
 
     python -m benchmarks.bench_kernels --quick                       # CPU smoke run
+    python -m benchmarks.bench_kernels --device cpu --threads 1      # CPU run (~15 minutes on 2 cores)
     python -m benchmarks.bench_kernels --budget-s 300                # full run on a GPU
 """
 from __future__ import annotations
@@ -66,6 +73,11 @@ FULL = dict(decode=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), prefill=(2048, 4096,
 QUICK = dict(decode=(1, 4), prefill=(64,), prefill_requests=4, sweep_tokens=(4, 64),
              ranks=("mixed",), base_rank="16", ops_order=("add_lora", "lora_shrink", "lora_expand"),
              budget_ms=4.0, min_reps=3, max_reps=20, graph_budget_ms=4.0, warmup=1)
+# A CPU without --quick: the real shapes, decode up to 512 rows and one prefill of 2048.
+CPU = dict(decode=(1, 4, 16, 64, 256, 512), prefill=(2048,), prefill_requests=16, sweep_tokens=(16, 256, 2048),
+           ranks=("8", "64", "mixed"), base_rank="16", ops_order=("add_lora", "lora_shrink", "lora_expand"),
+           budget_ms=150.0, min_reps=5, max_reps=60, graph_budget_ms=40.0, warmup=2)
+B_LAYOUTS = ("standard", "pool")
 SWEEP_SHAPES = ("4096->4096", "4096->4096+1024+1024")  # shapes of the rank and workload sweeps
 
 
@@ -89,6 +101,7 @@ class InputSet:
     h: Optional[torch.Tensor] = None             # [n, T, R] fp32 (lora_expand input)
     a_list: List[torch.Tensor] = dataclasses.field(default_factory=list)
     b_list: List[torch.Tensor] = dataclasses.field(default_factory=list)
+    b_pool: List[torch.Tensor] = dataclasses.field(default_factory=list)  # the same B, rank-major storage
     a_cat: Optional[torch.Tensor] = None         # dense_one: [n * r_f, K]
     b0_list: List[torch.Tensor] = dataclasses.field(default_factory=list)  # dense_one: [N_i, r_f]
     h0: Optional[torch.Tensor] = None            # dense_one expand input [T, n * r_f]
@@ -205,7 +218,7 @@ def make_batch(case: Case, K: int, widths: Tuple[int, ...], device: torch.device
                  r_f, float(scal_host[0]), problem, floor_problem)
 
 
-def make_set(op: str, b: Batch, T: int, device: torch.device, dtype: torch.dtype) -> InputSet:
+def make_set(op: str, b: Batch, T: int, device: torch.device, dtype: torch.dtype, pool_b: bool = False) -> InputSet:
     """Random inputs (never zeros): |x|, |h| ~ 1 and weights scaled so that |delta| ~ |y| ~ 1."""
     U, R, K, n = len(b.slot_ranks), b.R, b.K, len(b.widths)
     s = InputSet()
@@ -225,6 +238,8 @@ def make_set(op: str, b: Batch, T: int, device: torch.device, dtype: torch.dtype
                     for w in b.widths]
         s.b0_list = [torch.randn(w, b.floor_rank, device=device, dtype=dtype).mul_(b.floor_rank ** -0.5)
                      for w in b.widths]
+        if pool_b:     # the pool's layout: [S, R, N_i] storage per slice, seen as [S, N_i, R]
+            s.b_pool = [B.transpose(1, 2).contiguous().transpose(1, 2) for B in s.b_list]
     if op == "lora_expand":
         row_rank = rank_t.index_select(0, b.slots64)
         s.h = torch.randn(n, T, R, device=device, dtype=torch.float32).mul_((lane[None, :] < row_rank[:, None]))
@@ -240,6 +255,7 @@ class Contender:
     name: str
     kind: str                 # olk | loop | gather_bmm | dense_one
     backend: Optional[str] = None
+    b_layout: str = "standard"  # olk: "standard" ([S, N_i, R] per slice) or "pool" (rank-major views)
 
     @property
     def same_function(self) -> bool:
@@ -253,11 +269,13 @@ def runner(c: Contender, op: str, b: Batch) -> Callable[[InputSet], Any]:
         import openlora_kernels as olk
 
         meta, ranks, sc, be = b.meta, b.ranks, b.scalings, c.backend
+        pool = c.b_layout == "pool"
         if op == "add_lora":
-            return lambda s: olk.add_lora(s.y, s.x, s.a_list, s.b_list, meta, sc, ranks, backend=be)
+            return lambda s: olk.add_lora(s.y, s.x, s.a_list, s.b_pool if pool else s.b_list, meta, sc, ranks,
+                                          backend=be)
         if op == "lora_shrink":
             return lambda s: olk.lora_shrink(s.x, s.a_list, meta, ranks, backend=be)
-        return lambda s: olk.lora_expand(s.y, s.h, s.b_list, meta, sc, ranks, backend=be)
+        return lambda s: olk.lora_expand(s.y, s.h, s.b_pool if pool else s.b_list, meta, sc, ranks, backend=be)
     if c.kind == "loop":
         g, R = b.groups, b.R
         if op == "add_lora":
@@ -287,6 +305,8 @@ def skip_reason(c: Contender, case: Case, b: Batch, device: torch.device, args, 
         need = kb.gather_bytes(case.T, b.R, b.K, b.widths, elem)
         if need > args.gather_max_bytes:
             return f"would gather {need / 2**30:.1f} GiB of weights (> --gather-max-bytes)"
+    if c.b_layout == "pool" and case.op == "lora_shrink":
+        return "lora_shrink reads no B"
     if c.kind == "loop" and len(b.groups) > args.loop_max_adapters:
         return f"{len(b.groups)} adapters > --loop-max-adapters"
     if c.kind == "olk" and c.backend == "torch" and device.type == "cuda" and case.regime == "prefill" \
@@ -406,10 +426,17 @@ class Runner:
         torch.manual_seed(self.args.seed)
         b = make_batch(case, K, widths, dev, dtype, self.args.pool_slots, self.args.seed)
         set_bytes = roofline.op_bytes(case.op, b.problem)
+        # (the pool-layout copy of B each set also holds: counted against the memory cap only, as
+        # one call reads one layout)
+        copy_bytes = 0 if case.op == "lora_shrink" else len(b.slot_ranks) * sum(b.widths) * b.R * elem
         n_sets = common.rotation_sets(set_bytes, self.cache, max_sets=self.args.max_sets,
-                                      max_total_bytes=self.mem_cap)
-        sets = [make_set(case.op, b, case.T, dev, dtype) for _ in range(n_sets)]
+                                      max_total_bytes=self.mem_cap * set_bytes // (set_bytes + copy_bytes))
+        pool_b = case.op != "lora_shrink" and any(c.b_layout == "pool" for c in contenders)
+        sets = [make_set(case.op, b, case.T, dev, dtype, pool_b) for _ in range(n_sets)]
         ref = reference(case.op, b, sets[0], case.T)
+        # the checks start from set 0's y as made (the timed calls accumulate into y: after a few
+        # hundred of them its 16-bit rounding error is no longer small next to one call's delta)
+        pristine = sets[0] if sets[0].y is None else dataclasses.replace(sets[0], y=sets[0].y.clone())
         rows = []
         common_extra = {
             "model": label, "K": K, "widths": list(widths), "n_slices": len(widths), "T": case.T,
@@ -432,7 +459,7 @@ class Runner:
             problem = b.problem if c.same_function else b.floor_problem
             try:
                 run = runner(c, case.op, b)
-                err = check(run, case.op, sets[0], ref) if c.same_function else None
+                err = check(run, case.op, pristine, ref) if c.same_function else None
                 fn = lambda j, run=run: run(sets[j])  # noqa: E731
                 # a slow contender gets few calls: probe one call (after compiling) first
                 fn(0)
@@ -462,6 +489,7 @@ class Runner:
                                  "metric": metric, "median": t["median"] * 1e3, "p20": t["p20"] * 1e3,
                                  "p80": t["p80"] * 1e3, "unit": "us", **common_extra, **s, "reps": t["reps"],
                                  "rel_err": err, "check": "n/a" if err is None else ("ok" if ok else "FAIL"),
+                                 "b_layout": c.b_layout if c.kind == "olk" else "standard",
                                  "task": "batch" if c.same_function else f"one adapter of rank {b.floor_rank}"})
                     print(f"{tag} {metric:10s} {t['median'] * 1e3:10.1f} us  {s['pct_roofline']:6.1f}% of roofline"
                           f" ({s['roofline_us']:.1f} us)" + ("" if err is None else f"  rel_err {err:.1e}")
@@ -500,14 +528,18 @@ def parse_args(argv=None):
     p.add_argument("--tokens", nargs="+", type=int, default=None, help="restrict T to these values")
     p.add_argument("--prefill-requests", type=int, default=None, help="requests in a prefill batch (16; quick 4)")
     p.add_argument("--sweeps", nargs="+", default=list(SWEEPS), choices=SWEEPS)
-    p.add_argument("--backends", nargs="+", default=None, help="our backends to time (default: every usable one)")
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="our backends to time (default: every usable one; on a CPU: cpu and torch)")
+    p.add_argument("--b-layouts", nargs="+", default=None, choices=B_LAYOUTS,
+                   help="B layouts our backends are timed on (default: both on a CPU, standard on a GPU)")
     p.add_argument("--baselines", nargs="+", default=list(BASELINES), choices=BASELINES)
     p.add_argument("--pool-slots", type=int, default=64,
                    help="adapter slots the serving pool is modelled with (block_m is chosen from T and this)")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
     p.add_argument("--graph-below-us", type=float, default=50.0,
                    help="also time under a CUDA graph when the roofline time is below this (launch-bound)")
-    p.add_argument("--gather-max-bytes", type=float, default=2 * 2**30)
+    p.add_argument("--gather-max-bytes", type=float, default=None,
+                   help="skip gather_bmm when it would gather more (default 2 GiB on a GPU, 256 MiB on a CPU)")
     p.add_argument("--loop-max-adapters", type=int, default=1024)
     p.add_argument("--max-call-ms", type=float, default=None, help="skip a contender slower than this per call")
     p.add_argument("--max-sets", type=int, default=None, help="cap on rotation copies")
@@ -523,7 +555,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    preset = QUICK if args.quick else FULL
+    preset = QUICK if args.quick else (FULL if device.type == "cuda" else CPU)
     dtype = getattr(torch, args.dtype or "bfloat16")
     if args.ranks is None:
         args.ranks = [preset["base_rank"], *preset["ranks"]]
@@ -531,6 +563,8 @@ def main(argv=None) -> int:
         args.max_sets = 4 if (args.quick and device.type != "cuda") else 512
     if args.max_call_ms is None:
         args.max_call_ms = 2000.0 if device.type != "cuda" else 250.0
+    if args.gather_max_bytes is None:
+        args.gather_max_bytes = 2 * 2**30 if device.type == "cuda" else 2**28
     if device.type == "cpu" and args.backends and "triton" in args.backends:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the Triton kernels are first imported
     threads_before = torch.get_num_threads()
@@ -547,11 +581,17 @@ def _run(args, device: torch.device, preset: Dict[str, Any], dtype: torch.dtype)
     import openlora_kernels as olk
 
     usable = {n: i for n, i in olk.available_backends(device).items() if i.usable}
-    wanted = args.backends or (["torch"] if device.type == "cpu" else list(usable))
+    cpu_default = [n for n in ("cpu", "torch") if n in usable]
+    wanted = args.backends or (cpu_default if device.type == "cpu" else list(usable))
+    layouts = args.b_layouts or (list(B_LAYOUTS) if device.type == "cpu" else ["standard"])
     contenders = []
     for name in wanted:
         if name in usable:
-            contenders.append(Contender(f"olk-{name}", "olk", name))
+            for lay in layouts:
+                suffix = "" if lay == "standard" else "[pool-B]"
+                if lay == "pool" and name == "torch" and "cpu" in wanted:
+                    continue     # (fewer rows: the layouts are compared on the native backend)
+                contenders.append(Contender(f"olk-{name}{suffix}", "olk", name, lay))
         else:
             info = olk.available_backends(device).get(name)
             print(f"backend {name}: not timed ({info.reason if info else 'unknown backend'})")

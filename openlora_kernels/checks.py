@@ -42,11 +42,16 @@ def check_slot_indices(indices: torch.Tensor, num_slots: int, name: str = "indic
     bad = (indices < -1) | (indices >= num_slots)
     if bool(bad.any()):
         pos = int(torch.argmax(bad.to(torch.int8)))
-        val = int(indices[pos])
-        raise IndexError(
-            f"{name}: value {val} at position {pos} is out of range for {num_slots} adapter slots "
-            f"(valid values are -1 for 'no adapter' and 0..{num_slots - 1})"
-        )
+        raise slot_index_error(indices, pos, num_slots, name)
+
+
+def slot_index_error(indices: torch.Tensor, pos: int, num_slots: int, name: str = "indices") -> IndexError:
+    """The IndexError for the out-of-range index at position ``pos`` (the first one)."""
+    val = int(indices[pos])
+    return IndexError(
+        f"{name}: value {val} at position {pos} is out of range for {num_slots} adapter slots "
+        f"(valid values are -1 for 'no adapter' and 0..{num_slots - 1})"
+    )
 
 
 # ranks tensors already checked, with the version counter they had then: a layer passes the same

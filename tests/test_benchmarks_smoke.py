@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import openlora_kernels as olk
 from benchmarks import bench_kernels, bench_model, bench_swap, common, model_fixtures, report, roofline
 from benchmarks import sanitizer_parity, workloads
 from benchmarks import kernel_baselines as kb
@@ -108,7 +109,10 @@ def test_bench_kernels_quick_writes_wellformed_rows(quick_csv):
         assert 0 < r["p20"] <= r["median"] <= r["p80"], r
     timed = [r for r in rows if r["kernel"] in roofline.OPS]
     assert {r["kernel"] for r in rows} == {"ceiling", "build_batch_meta", *roofline.OPS}
-    assert {r["contender"] for r in timed} == {"olk-torch", "loop", "gather_bmm", "dense_one"}
+    ours = {"olk-cpu", "olk-cpu[pool-B]", "olk-torch"} if olk.available_backends("cpu")["cpu"].usable else {"olk-torch"}
+    assert {r["contender"] for r in timed} == ours | {"loop", "gather_bmm", "dense_one"}
+    assert {r["extra"]["b_layout"] for r in timed if r["contender"].endswith("[pool-B]")} <= {"pool"}
+    assert not [r for r in timed if r["contender"].endswith("[pool-B]") and r["kernel"] == "lora_shrink"]
     quick_shapes = {bench_kernels.shape_label(*bench_kernels.shape_dims(s, True)[1:]) for s in bench_kernels.SHAPES}
     assert {r["shape"] for r in timed} == quick_shapes == {"64->64", "64->172", "172->64", "64->64+16+16"}
     assert all(r["extra"]["model"].endswith("--quick)") for r in timed)
@@ -251,7 +255,8 @@ def test_gpu_suite_runs_end_to_end_in_quick_mode(tmp_path):
                              text=True).stdout.split()
     assert "results/kernels_cpu_quick.csv" in listing and "logs/bench_kernels.log" in listing
     rows = common.read_rows(str(out / "kernels_cpu_quick.csv"))
-    assert rows and {r["contender"] for r in rows if r["kernel"] == "add_lora"} == {"olk-torch", "loop"}
+    ours = {"olk-cpu", "olk-cpu[pool-B]", "olk-torch"} if olk.available_backends("cpu")["cpu"].usable else {"olk-torch"}
+    assert rows and {r["contender"] for r in rows if r["kernel"] == "add_lora"} == ours | {"loop"}
     for kind in ("model", "swap"):
         assert f"results/{kind}_cpu_quick.csv" in listing
         assert common.read_rows(str(tmp_path / "results" / f"{kind}_cpu_quick.csv"))[0]["benchmark"] == kind

@@ -70,18 +70,19 @@ def test_plan_rejects_null_metadata():
 
 
 @needs_ext
-def test_prefill_like_batches_use_the_torch_gemms(monkeypatch):
-    """block_m >= 16 goes to torch_ref (threaded GEMMs); the native kernel serves decode tiles."""
+def test_prefill_like_batches_run_natively(monkeypatch):
+    """Every batch runs the native kernel, prefill-like (block_m >= 16) too: the torch GEMMs are
+    never called, and the result is the reference's."""
     calls = []
-    monkeypatch.setattr(cpu_ext.torch_ref, "add_lora", lambda *a: calls.append("torch"))
+    for name in ("add_lora", "shrink", "expand"):
+        monkeypatch.setattr(cpu_ext.torch_ref, name, lambda *a, _n=name, **k: calls.append(_n))
     p = make_problem(64, 32, [16], 2, 4, poison_padding=False)
-    olk.add_lora(p.y.clone(), p.x, p.a[0], p.b[0], olk.build_batch_meta(p.indices, 2, block_m=16), p.scalings,
-                 backend="cpu")
-    assert calls == ["torch"]
-    y = p.y.clone()
-    olk.add_lora(y, p.x, p.a[0], p.b[0], olk.build_batch_meta(p.indices, 2, block_m=4), p.scalings, backend="cpu")
-    assert calls == ["torch"]
-    torch.testing.assert_close(y.double(), p.y.double() + reference_delta(p), atol=1e-4, rtol=1e-4)
+    for bm in (16, 64, 4):
+        y = p.y.clone()
+        olk.add_lora(y, p.x, p.a[0], p.b[0], olk.build_batch_meta(p.indices, 2, block_m=bm), p.scalings,
+                     backend="cpu")
+        torch.testing.assert_close(y.double(), p.y.double() + reference_delta(p), atol=1e-4, rtol=1e-4)
+    assert calls == []
 
 
 @needs_ext
@@ -157,7 +158,7 @@ def test_bound_lora_add_rows_declines_what_it_does_not_serve():
         assert torch.equal(args[0].detach(), before)
     torch_op = olk.BoundLoRA(p.a[0], p.b[0], p.scalings, p.ranks, backend="torch")
     assert torch_op.add_rows(y, x, rows) is False                # no native plan
-    assert cpu_ext.row_args(olk.build_batch_meta(p.indices, 3, block_m=16)) is None   # prefill-like
+    assert cpu_ext.row_args(olk.build_batch_meta(p.indices, 3, block_m=16)) is not None   # prefill-like: served
 
 
 @needs_ext

@@ -1,10 +1,12 @@
 """backend="cpu": native CPU kernels (csrc/cpu/, module ``_cpu_sgmv``) behind the usual contract.
 
-Decode-like batches (metadata ``block_m`` < 16: about one row per adapter) run the native kernel:
-one call per layer reads each active adapter's A and B once, computes in fp32 and adds into y,
-with no gathered weight copies and no per-slot PyTorch ops (whose fixed cost dominates small CPU
-batches). Prefill-like batches (long segments) go to the torch backend's GEMMs, which use
-PyTorch's threaded BLAS. ``auto`` picks this backend for CPU tensors when the module is built
+Every batch runs the native kernel, decode-like and prefill-like alike: one call per layer reads
+each active adapter's A and B once per run of up to 32 of its rows, computes in fp32 and adds into
+y, with no gathered weight copies and no per-slot PyTorch ops (whose fixed cost dominates small
+CPU batches), split over PyTorch's own OpenMP threads. Any weight layout is read as it is: the
+pool's rank-major B directly, the usual [S, N, R] B (and vLLM's) through 8 x 8 register
+transposes into a small fp32 panel, per-slice buffers of different strides each with its own
+strides (no copy). ``auto`` picks this backend for CPU tensors when the module is built
 (``pip install`` compiles it with the machine's C++ compiler; without one the backend reports
 itself unavailable and ``auto`` uses "torch").
 
@@ -22,15 +24,15 @@ from typing import Optional
 import torch
 
 from ..checks import check_batch_meta
-from ..metadata import TENSOR_CORE_MIN_M, LoRABatchMeta
+from ..metadata import LoRABatchMeta
 from . import torch_ref
-from .launch_args import DTYPE_CODES, rank_strides, same_strides
+from .launch_args import DTYPE_CODES, rank_strides
 
 _state = {}
 # The native expand writes y in the weights' dtype (ops/backward.py: multi-slice dx sums 16-bit parts)
 EXPAND_FP32_Y = False
-# The LoRA backward's segmented weight-gradient products (dA, dB) run on PyTorch's GEMMs, as the
-# prefill path does: the torch backend's segment / padded strategies (ops/torch_ref.py).
+# The LoRA backward's segmented weight-gradient products (dA, dB) run on PyTorch's GEMMs: the
+# torch backend's segment / padded strategies (ops/torch_ref.py).
 weight_grads = torch_ref.weight_grads
 
 
@@ -41,7 +43,7 @@ def _module():
             _state["mod"], _state["reason"] = _cpu_sgmv, None
         except ImportError as e:
             _state["mod"] = None
-            _state["reason"] = ("the native CPU extension was not built (it needs a C++ compiler and pybind11 "
+            _state["reason"] = ("the native CPU extension was not built (it needs a C++ compiler "
                                 f"when the package is installed): {e}")
     return _state["mod"]
 
@@ -88,10 +90,6 @@ def threading_info() -> dict:
     return {"available": bool(available), "min_elements": int(min_elements), "max_threads": int(max_threads)}
 
 
-def _native(meta: LoRABatchMeta) -> bool:
-    return meta.block_m < TENSOR_CORE_MIN_M
-
-
 def _ranks_args(ranks: Optional[torch.Tensor]):
     """(pointer, int64?, stride over slices, stride over slots); a null pointer for no ranks."""
     if ranks is None:
@@ -100,18 +98,16 @@ def _ranks_args(ranks: Optional[torch.Tensor]):
 
 
 def _plan(op: int, dtype: torch.dtype, K: int, R: int, S: int, a_list=(), b_list=(), scalings=None, ranks=None):
-    """The C++ Plan holding one layer's static arguments (weights, scalings, ranks)."""
-    a_list = same_strides(a_list, (0, 1, 2)) if a_list else []
-    b_list = same_strides(b_list, (1, 2)) if b_list else []
-    A0 = a_list[0] if a_list else None
-    B0 = b_list[0] if b_list else None
+    """The C++ Plan holding one layer's static arguments (weights, scalings, ranks). Each slice
+    keeps its own strides: the tensors are used as they are, whatever their layout (no copy)."""
+    a_list, b_list = list(a_list), list(b_list)
     rp, r64, srn, srs = _ranks_args(ranks)
     plan = _module().Plan(
         op, DTYPE_CODES[dtype], K, R, S,
-        [A.data_ptr() for A in a_list],
-        A0.stride(0) if A0 is not None else 0, A0.stride(1) if A0 is not None else 0, A0.stride(2) if A0 is not None else 1,
+        [A.data_ptr() for A in a_list], [A.stride(0) for A in a_list], [A.stride(1) for A in a_list],
+        [A.stride(2) for A in a_list],
         [B.data_ptr() for B in b_list], [B.shape[1] for B in b_list], [B.stride(0) for B in b_list],
-        B0.stride(1) if B0 is not None else 0, B0.stride(2) if B0 is not None else 0,
+        [B.stride(1) for B in b_list], [B.stride(2) for B in b_list],
         scalings.data_ptr() if scalings is not None else 0, rp, r64, srn, srs)
     return plan, (a_list, b_list, scalings, ranks)   # the tensors the plan points into: keep them alive
 
@@ -139,10 +135,10 @@ def _checked_ptrs(meta: LoRABatchMeta):
 
 def row_args(meta: LoRABatchMeta):
     """``(num_tokens, sorted_tokens pointer, seg_info pointer)`` when the native kernel serves
-    ``meta`` (CPU metadata of a decode-like batch) and the module is built, else None: what
-    :meth:`BoundAdd.add_rows` takes, computed once per metadata object (a patched model asks once
-    per forward, then every layer passes it)."""
-    if not _native(meta) or not meta.token_slots.is_cpu or _module() is None:
+    ``meta`` (CPU metadata) and the module is built, else None: what :meth:`BoundAdd.add_rows`
+    takes, computed once per metadata object (a patched model asks once per forward, then every
+    layer passes it)."""
+    if not meta.token_slots.is_cpu or _module() is None:
         return None
     return _checked_ptrs(meta)[:3]
 
@@ -157,43 +153,25 @@ class BoundAdd:
     """add_lora for one layer's fixed weights (what ``BoundLoRA`` uses on this backend): the weight
     arguments are converted once; a call passes only x, y and the batch metadata."""
 
-    __slots__ = ("_plan", "_keep", "_fallback", "add_rows", "_stale", "_args")
+    __slots__ = ("_plan", "_keep", "add_rows")
 
-    def __init__(self, a_list, b_list, scalings, ranks, fallback):
+    def __init__(self, a_list, b_list, scalings, ranks):
         S, R, K = a_list[0].shape
         self._plan, self._keep = _plan(_module().OP_ADD, a_list[0].dtype, K, R, S, a_list, b_list, scalings, ranks)
-        self._fallback = fallback          # prefill-like batches: the torch GEMM path
-        # Slices whose strides differ (e.g. the pool's rank-major B of unequal widths) were copied
-        # by _plan: a plan over copies would not see later slot writes, so such weights are not
-        # bound: every call builds its plan (and copies) afresh, as the unbound add_lora does.
-        kept_a, kept_b = self._keep[0], self._keep[1]
-        self._stale = not (all(p is q for p, q in zip(kept_a, a_list)) and all(p is q for p, q in zip(kept_b, b_list)))
-        if self._stale:
-            self._plan = self._keep = None
-            self._args = (list(a_list), list(b_list), scalings, ranks)
         # add_rows(T, x.data_ptr(), y.data_ptr(), *row_args(meta)[1:]) for contiguous x [T, K] and
         # y [T, N] of the plan's dtype: no checks at all (BoundLoRA.add_rows makes them).
-        self.add_rows = None if self._stale else self._plan.add_rows
+        self.add_rows = self._plan.add_rows
 
     def __call__(self, y, x, meta: LoRABatchMeta) -> None:
-        if not _native(meta):
-            check_batch_meta(meta)        # (memoised on the metadata object)
-            return self._fallback(y, x, meta)
-        if self._stale:
-            check_batch_meta(meta)
-            return add_lora(y, x, *self._args[:2], self._args[2], self._args[3], meta)
         _add(self._plan, y, x, meta, _checked_ptrs)
 
 
 def bind(a_list, b_list, scalings, ranks) -> BoundAdd:
     """A callable ``(y, x, meta) -> None`` equal to ``add_lora(y, x, a_list, b_list, meta, scalings, ranks)``."""
-    fallback = lambda y, x, meta: torch_ref.add_lora(y, x, a_list, b_list, scalings, ranks, meta)  # noqa: E731
-    return BoundAdd(a_list, b_list, scalings, ranks, fallback)
+    return BoundAdd(a_list, b_list, scalings, ranks)
 
 
 def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
-    if not _native(meta):
-        return torch_ref.add_lora(y, x, a_list, b_list, scalings, ranks, meta)
     S, R, K = a_list[0].shape
     if x.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0 or K == 0:
         return      # a zero delta: y is not written
@@ -202,8 +180,6 @@ def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None
 
 
 def shrink(x, a_list, ranks, meta: LoRABatchMeta, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    if not _native(meta):
-        return torch_ref.shrink(x, a_list, ranks, meta, out=out)
     S, R, K = a_list[0].shape
     h = torch_ref.new_h(out, len(a_list), x.shape[0], R, x.device)
     if x.shape[0] == 0 or S == 0 or R == 0 or K == 0:
@@ -216,8 +192,6 @@ def shrink(x, a_list, ranks, meta: LoRABatchMeta, out: Optional[torch.Tensor] = 
 
 
 def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
-    if not _native(meta):
-        return torch_ref.expand(y, h, b_list, scalings, ranks, meta)
     S, _, R = b_list[0].shape
     if y.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0:
         return
@@ -225,3 +199,21 @@ def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
     T, srt, seg, _ = _meta_ptrs(meta)
     plan.run(T, 0, 0, 1, y.data_ptr(), y.stride(0), y.stride(1),
              h.data_ptr(), DTYPE_CODES[h.dtype], h.stride(0), h.stride(1), h.stride(2), srt, seg)
+
+
+def isa() -> str:
+    """The instruction set the kernels run with: "x86-64-v4" (AVX-512), "x86-64-v3" (AVX2 + FMA)
+    or "baseline": the best the CPU runs, chosen when the module loads (OPENLORA_CPU_ISA caps it)."""
+    if _module() is None:
+        raise RuntimeError(f"backend 'cpu' is unavailable: {unavailable_reason()}")
+    return _module().isa()
+
+
+def set_isa(name: str) -> str:
+    """Run the kernels with the best instruction set the CPU runs, at most ``name`` ("best",
+    "x86-64-v4", "x86-64-v3" or "base"); returns the one chosen. For tests and comparisons (the
+    levels' results may differ in the last bits: their vector widths order the shrink's sums
+    differently)."""
+    if _module() is None:
+        raise RuntimeError(f"backend 'cpu' is unavailable: {unavailable_reason()}")
+    return _module().set_isa(name)

@@ -1,0 +1,4 @@
+// The native CPU kernels for x86-64-v3 (AVX2 + FMA), f16 (see sgmv_cpu.h and sgmv_cpu_isa.inc).
+#define OLK_ISA_LEVEL 3
+#define OLK_DTYPE f16
+#include "sgmv_cpu_isa.inc"

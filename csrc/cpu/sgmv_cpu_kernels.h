@@ -1,0 +1,587 @@
+// The native CPU kernels, written once for every instruction set (see sgmv_cpu.h for the design).
+//
+// Included by kernels_<isa>.cpp inside namespace openlora::cpu::<isa> and, for the x86-64
+// levels, inside a `#pragma GCC target` region: everything defined here is compiled for that
+// instruction set. So this file uses no std templates (an instantiation compiled for AVX-512
+// could be the one the linker keeps for every caller), only builtins and its own helpers.
+// The including file defines:
+//   kVecBytes    bytes of one vector register the expand's accumulators use (64 / 32 / 16)
+//   kAccVecs     vector registers of accumulators one output chunk keeps (half of them)
+//   kDotJB4      A rows per dot block when the block has 4 x rows (register budget)
+// (this file is included once per translation unit; no include guard on purpose)
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define OLK_UNROLL _Pragma("GCC unroll 16")
+#else
+#define OLK_UNROLL
+#endif
+
+static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+
+template <typename T>
+constexpr int64_t lines_of(int64_t elems) { return (elems * static_cast<int64_t>(sizeof(T)) + 63) / 64; }
+
+// ------------------------------------------------------------------ eight-float vectors
+// GCC / Clang vector extensions: the same source becomes AVX-512 / AVX2 / SSE / NEON code.
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)   // (__builtin_shufflevector)
+#define OLK_VEC 1
+// The ISA's own width for the expand's accumulators (kVecBytes from the including file).
+constexpr int kW = kVecBytes / 4;
+typedef float vfw __attribute__((vector_size(kVecBytes)));
+typedef uint32_t vuw __attribute__((vector_size(kVecBytes)));
+typedef uint16_t vhw __attribute__((vector_size(kVecBytes / 2)));
+
+static inline vfw loadw(const float* p) { vfw v; std::memcpy(&v, p, sizeof(v)); return v; }
+static inline vfw loadw(const bf16* p) {
+  vhw h; std::memcpy(&h, p, sizeof(h));
+  const vuw u = __builtin_convertvector(h, vuw) << 16;
+  vfw f; std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+template <typename VU, typename VF>
+static inline VF f16_bits_to_f32(VU w) {   // to_f32(f16) on every lane, the same bits
+  const VU exp_mask = VU{} + (0x7c00u << 13);
+  VU o = (w & 0x7fffu) << 13;
+  const VU e = o & exp_mask;
+  o += (127u - 15u) << 23;
+  const VU is_inf = (VU)(e == exp_mask);
+  const VU is_sub = (VU)(e == 0u);
+  o += is_inf & ((128u - 16u) << 23);
+  VF f, magic;
+  const VU m = VU{} + (113u << 23), o1 = o + (1u << 23);
+  std::memcpy(&f, &o1, sizeof(f));
+  std::memcpy(&magic, &m, sizeof(f));
+  f -= magic;
+  VU sub;
+  std::memcpy(&sub, &f, sizeof(sub));
+  o = (is_sub & sub) | (~is_sub & o);
+  o |= (w & 0x8000u) << 16;
+  std::memcpy(&f, &o, sizeof(f));
+  return f;
+}
+static inline vfw loadw(const f16* p) {
+  vhw h; std::memcpy(&h, p, sizeof(h));
+  return f16_bits_to_f32<vuw, vfw>(__builtin_convertvector(h, vuw));
+}
+#else
+constexpr int kW = 4;
+#endif
+#if defined(OLK_VEC)
+typedef float vf8 __attribute__((vector_size(32)));
+typedef uint32_t vu8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+typedef uint16_t vh8 __attribute__((vector_size(16)));
+
+static inline vf8 as_f(vu8 u) { vf8 f; std::memcpy(&f, &u, 32); return f; }
+
+static inline vf8 load8(const float* p) { vf8 v; std::memcpy(&v, p, 32); return v; }
+static inline vf8 load8(const bf16* p) {
+  vh8 h; std::memcpy(&h, p, 16);
+  return as_f(__builtin_convertvector(h, vu8) << 16);
+}
+static inline vf8 load8(const f16* p) {
+  vh8 h; std::memcpy(&h, p, 16);
+  return f16_bits_to_f32<vu8, vf8>(__builtin_convertvector(h, vu8));
+}
+
+// Transposes the 8 x 8 block r[c][l] into o[l][c] (24 shuffles).
+static inline void transpose8(const vf8 r[8], vf8 o[8]) {
+  vf8 t[8], u[8];
+  OLK_UNROLL
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  OLK_UNROLL
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  OLK_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    o[i] = __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    o[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+#endif
+
+// ------------------------------------------------------------------------------ prefetch
+
+// Software prefetch of the NEXT unit's weights, spread over the current unit's arithmetic: every
+// step() asks for a few more cache lines (into L2) of the next slot's A rows, then its B rows. So
+// the next adapter streams in from L3 / DRAM while this one computes, instead of a burst of a
+// thousand prefetches that stalls the core until the memory queue drains (measured: a cold call
+// then cost fetch + compute instead of about the larger of the two). A unit's rows are [rank]
+// runs of K (A) or N (B) elements at a row stride; the walk covers the span from the first row's
+// start to the last row's end (for padded rows a few lines more: still inside the tensor, and a
+// prefetch never faults). Two plain byte ranges keep step() to a compare and a prefetch per line.
+struct Prefetcher {
+  const char* p = nullptr; const char* e = nullptr;      // range being walked
+  const char* p2 = nullptr; const char* e2 = nullptr;    // the one after it (empty: none)
+
+  template <typename T>
+  void reset(const Args& q, const Unit* u) {
+    p = e = p2 = e2 = nullptr;
+    if (u == nullptr || u->rank <= 0) return;
+    const int64_t sz = static_cast<int64_t>(sizeof(T));
+    const int64_t i = u->slice;
+    // (lengths in elements, computed before any pointer: an empty tensor may have a null base)
+    if (q.op != kExpand && q.a_sk[i] == 1 && q.K > 0 && q.a[i] != nullptr) {
+      p = static_cast<const char*>(q.a[i]) + u->slot * q.a_ss[i] * sz;
+      e = p + ((u->rank - 1) * q.a_sr[i] + q.K) * sz;
+    }
+    const int64_t w = q.op != kShrink ? q.widths[i] : 0;
+    if (w > 0 && q.b[i] != nullptr) {
+      const char* b0 = static_cast<const char*>(q.b[i]) + u->slot * q.b_ss[i] * sz;
+      if (q.b_sn[i] == 1) {          // rank-major: rank runs of N
+        p2 = b0; e2 = b0 + ((u->rank - 1) * q.b_sr[i] + w) * sz;
+      } else if (q.b_sr[i] == 1) {   // [N, R]: N runs of R, of which the first rank are read
+        p2 = b0; e2 = b0 + ((w - 1) * q.b_sn[i] + u->rank) * sz;
+      }
+    }
+    if (p >= e) { p = p2; e = e2; p2 = e2 = nullptr; }
+  }
+  inline void step(int64_t lines) {
+    const char* a = p;
+    const char* ae = e;
+    for (; lines > 0; --lines) {
+      if (a >= ae) {
+        if (p2 >= e2) break;
+        a = p2; ae = e2; e = e2; p2 = e2 = nullptr;
+      }
+      __builtin_prefetch(a, 0, 2);
+      a += 64;
+    }
+    p = a;
+  }
+  void finish() { step(INT64_MAX); }
+};
+
+// ------------------------------------------------------------------------------- shrink
+
+// out[m * JB + j] = sum_k x_m[k] * a_j[k] for the MB x rows of a block and JB rows of A (row j at
+// a + j * a_sr), in one pass over k (contiguous case). MB * JB independent sums (vector
+// accumulators), so the loop runs at the FMA rate instead of one FMA latency per vector.
+template <typename TX, typename TA, int MB, int JB>
+static inline void dot_block(const TX* const* xr, const TA* a, int64_t a_sr, int64_t K, float* out) {
+  float s00 = 0.f, s01 = 0.f, s02 = 0.f, s03 = 0.f, s10 = 0.f, s11 = 0.f, s12 = 0.f, s13 = 0.f;
+  float s20 = 0.f, s21 = 0.f, s22 = 0.f, s23 = 0.f, s30 = 0.f, s31 = 0.f, s32 = 0.f, s33 = 0.f;
+  const TX* x0 = xr[0];
+  const TX* x1 = xr[MB > 1 ? 1 : 0];
+  const TX* x2 = xr[MB > 2 ? 2 : 0];
+  const TX* x3 = xr[MB > 3 ? 3 : 0];
+  const TA* a0 = a;
+  const TA* a1 = a + (JB > 1 ? a_sr : 0);
+  const TA* a2 = a + (JB > 2 ? 2 * a_sr : 0);
+  const TA* a3 = a + (JB > 3 ? 3 * a_sr : 0);
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
+  for (int64_t k = 0; k < K; ++k) {
+    const float v0 = to_f32(a0[k]);
+    const float v1 = JB > 1 ? to_f32(a1[k]) : 0.f;
+    const float v2 = JB > 2 ? to_f32(a2[k]) : 0.f;
+    const float v3 = JB > 3 ? to_f32(a3[k]) : 0.f;
+    const float w0 = to_f32(x0[k]);
+    s00 += w0 * v0; if (JB > 1) s01 += w0 * v1; if (JB > 2) s02 += w0 * v2; if (JB > 3) s03 += w0 * v3;
+    if (MB > 1) {
+      const float w1 = to_f32(x1[k]);
+      s10 += w1 * v0; if (JB > 1) s11 += w1 * v1; if (JB > 2) s12 += w1 * v2; if (JB > 3) s13 += w1 * v3;
+    }
+    if (MB > 2) {
+      const float w2 = to_f32(x2[k]);
+      s20 += w2 * v0; if (JB > 1) s21 += w2 * v1; if (JB > 2) s22 += w2 * v2; if (JB > 3) s23 += w2 * v3;
+    }
+    if (MB > 3) {
+      const float w3 = to_f32(x3[k]);
+      s30 += w3 * v0; if (JB > 1) s31 += w3 * v1; if (JB > 2) s32 += w3 * v2; if (JB > 3) s33 += w3 * v3;
+    }
+  }
+  const float sums[4][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}, {s20, s21, s22, s23}, {s30, s31, s32, s33}};
+  OLK_UNROLL
+  for (int m = 0; m < MB; ++m) {
+    OLK_UNROLL
+    for (int j = 0; j < JB; ++j) out[m * JB + j] = sums[m][j];
+  }
+}
+
+// h[m * hs + j] = x_m . a_j for j < rank (A rows contiguous along K, at a + j * a_sr).
+template <typename TX, typename TA, int MB>
+static void shrink_block(const TX* const* xr, const TA* a, int64_t a_sr, int64_t K, int rank, float* h,
+                         int64_t hs, Prefetcher& pf) {
+  constexpr int JB = MB == 4 ? kDotJB4 : 4;
+  float out[kBlockRows * 4];
+  const int64_t step = lines_of<TA>(K);
+  int j = 0;
+  for (; j + JB <= rank; j += JB) {
+    dot_block<TX, TA, MB, JB>(xr, a + j * a_sr, a_sr, K, out);
+    OLK_UNROLL
+    for (int m = 0; m < MB; ++m) {
+      OLK_UNROLL
+      for (int jj = 0; jj < JB; ++jj) h[m * hs + j + jj] = out[m * JB + jj];
+    }
+    pf.step(JB * step);
+  }
+  for (; j < rank; ++j) {
+    dot_block<TX, TA, MB, 1>(xr, a + j * a_sr, a_sr, K, out);
+    OLK_UNROLL
+    for (int m = 0; m < MB; ++m) h[m * hs + j] = out[m];
+    pf.step(step);
+  }
+}
+
+template <typename TX, typename TA>
+static void shrink_rows(const TX* const* xr, int n, const TA* a, int64_t a_sr, int64_t K, int rank, float* h,
+                        int64_t hs, Prefetcher& pf) {
+  if (n == 4) {
+    shrink_block<TX, TA, 4>(xr, a, a_sr, K, rank, h, hs, pf);
+  } else {
+    int m = 0;
+    if (n - m >= 2) { shrink_block<TX, TA, 2>(xr + m, a, a_sr, K, rank, h + m * hs, hs, pf); m += 2; }
+    if (n - m >= 1) shrink_block<TX, TA, 1>(xr + m, a, a_sr, K, rank, h + m * hs, hs, pf);
+  }
+}
+
+// ------------------------------------------------------------------------- weight panels
+
+// P[j * ldp + c] = w[(c0 + c) * s_c + j * s_j] as fp32, for c < nc, j < rank: rank-major fp32
+// rows from a slot's weights of any strides. Contiguous along j (the usual [N, R] B, the [K, R]
+// view of a rank-major A): 8 x 8 register transposes; contiguous along c: converted rows.
+template <typename TW>
+static void make_panel(const TW* w, int64_t s_c, int64_t s_j, int64_t c0, int64_t nc, int rank, float* P,
+                       int64_t ldp) {
+  if (s_c == 1) {
+    for (int j = 0; j < rank; ++j) {
+      const TW* src = w + j * s_j + c0;
+      float* dst = P + j * ldp;
+#pragma omp simd
+      for (int64_t c = 0; c < nc; ++c) dst[c] = to_f32(src[c]);
+    }
+    return;
+  }
+  int64_t c = 0;
+#if defined(OLK_VEC)
+  if (s_j == 1) {
+    vf8 r[8], o[8];
+    for (; c + 8 <= nc; c += 8) {
+      const TW* col = w + (c0 + c) * s_c;
+      int j = 0;
+      for (; j + 8 <= rank; j += 8) {
+        OLK_UNROLL
+        for (int i = 0; i < 8; ++i) r[i] = load8(col + i * s_c + j);
+        transpose8(r, o);
+        OLK_UNROLL
+        for (int l = 0; l < 8; ++l) std::memcpy(P + (j + l) * ldp + c, &o[l], 32);
+      }
+      for (; j < rank; ++j) {
+        OLK_UNROLL
+        for (int i = 0; i < 8; ++i) P[j * ldp + c + i] = to_f32(col[i * s_c + j]);
+      }
+    }
+  }
+#endif
+  for (; c < nc; ++c) {
+    const TW* col = w + (c0 + c) * s_c;
+    for (int j = 0; j < rank; ++j) P[j * ldp + c] = to_f32(col[j * s_j]);
+  }
+}
+
+// -------------------------------------------------------------------------------- expand
+
+// y_m[n * sy_n] += scale * acc_m[n] for n < nc (y_m = yr[m] + col * sy_n): y read and written once.
+template <typename TY, int MB, int NCMAX>
+static inline void update_y(TY* const* yr, int64_t col, int64_t sy_n, int64_t nc, float scale,
+                            const float (&acc)[MB][NCMAX]) {
+  OLK_UNROLL
+  for (int m = 0; m < MB; ++m) {
+    TY* y = yr[m] + col * sy_n;
+    if (sy_n == 1) {
+#pragma omp simd
+      for (int64_t n = 0; n < nc; ++n) y[n] = from_f32<TY>(to_f32(y[n]) + scale * acc[m][n]);
+    } else {
+      for (int64_t n = 0; n < nc; ++n) y[n * sy_n] = from_f32<TY>(to_f32(y[n * sy_n]) + scale * acc[m][n]);
+    }
+  }
+}
+
+#if defined(OLK_VEC)
+// Columns [0, NC) of the block's y rows += scale * sum_j h[m * hs + j] * w_j[n] (w_j = w + j * w_sr,
+// contiguous along n). The MB x NC accumulators are vector registers (NC / kW of them per row)
+// kept across the rank loop; each rank row of w is loaded (and converted) once for the MB rows.
+// (Vector types and unroll pragmas rather than loops left to the optimiser: -O2 keeps such
+// loops' accumulators in memory, and -O3 doubles the compile time.)
+template <typename TY, typename TW, int MB, int NC>
+static inline void expand_chunk(const TW* w, int64_t w_sr, int rank, const float* h, int64_t hs, TY* const* yr,
+                                int64_t col, int64_t sy_n, float scale, Prefetcher& pf) {
+  constexpr int V = NC / kW;
+  vfw acc[MB][V];
+  OLK_UNROLL
+  for (int m = 0; m < MB; ++m) {
+    OLK_UNROLL
+    for (int v = 0; v < V; ++v) acc[m][v] = vfw{};
+  }
+  for (int j = 0; j < rank; ++j) {
+    const TW* wrow = w + j * w_sr;
+    vfw b[V];
+    OLK_UNROLL
+    for (int v = 0; v < V; ++v) b[v] = loadw(wrow + v * kW);
+    OLK_UNROLL
+    for (int m = 0; m < MB; ++m) {
+      const float c = h[m * hs + j];
+      OLK_UNROLL
+      for (int v = 0; v < V; ++v) acc[m][v] += c * b[v];
+    }
+    pf.step(lines_of<TW>(NC));
+  }
+  if (sizeof(TY) == 4 && sy_n == 1) {      // fp32 y: updated in vector registers
+    OLK_UNROLL
+    for (int m = 0; m < MB; ++m) {
+      float* y = reinterpret_cast<float*>(yr[m] + col);
+      OLK_UNROLL
+      for (int v = 0; v < V; ++v) {
+        vfw yv = loadw(y + v * kW);
+        yv += scale * acc[m][v];
+        std::memcpy(y + v * kW, &yv, sizeof(vfw));
+      }
+    }
+    return;
+  }
+  float out[MB][NC];
+  OLK_UNROLL
+  for (int m = 0; m < MB; ++m) {
+    OLK_UNROLL
+    for (int v = 0; v < V; ++v) std::memcpy(&out[m][v * kW], &acc[m][v], sizeof(vfw));
+  }
+  update_y<TY, MB, NC>(yr, col, sy_n, NC, scale, out);
+}
+#else
+template <typename TY, typename TW, int MB, int NC>
+static inline void expand_chunk(const TW* w, int64_t w_sr, int rank, const float* h, int64_t hs, TY* const* yr,
+                                int64_t col, int64_t sy_n, float scale, Prefetcher& pf) {
+  float acc[MB][NC];
+  for (int m = 0; m < MB; ++m)
+#pragma omp simd
+    for (int n = 0; n < NC; ++n) acc[m][n] = 0.f;
+  for (int j = 0; j < rank; ++j) {
+    const TW* wrow = w + j * w_sr;
+    float c[MB];
+    for (int m = 0; m < MB; ++m) c[m] = h[m * hs + j];
+#pragma omp simd
+    for (int n = 0; n < NC; ++n) {
+      const float bv = to_f32(wrow[n]);
+      for (int m = 0; m < MB; ++m) acc[m][n] += c[m] * bv;
+    }
+    pf.step(lines_of<TW>(NC));
+  }
+  update_y<TY, MB, NC>(yr, col, sy_n, NC, scale, acc);
+}
+#endif
+
+// The last, partial chunk (nc < kW columns).
+template <typename TY, typename TW, int MB>
+static void expand_tail(const TW* w, int64_t w_sr, int rank, const float* h, int64_t hs, int64_t nc, TY* const* yr,
+                        int64_t col, int64_t sy_n, float scale) {
+  float acc[MB][kW] = {};
+  for (int j = 0; j < rank; ++j) {
+    const TW* wrow = w + j * w_sr;
+    OLK_UNROLL
+    for (int m = 0; m < MB; ++m) {
+      const float c = h[m * hs + j];
+      for (int64_t n = 0; n < nc; ++n) acc[m][n] += c * to_f32(wrow[n]);
+    }
+  }
+  update_y<TY, MB, kW>(yr, col, sy_n, nc, scale, acc);
+}
+
+// Columns [0, width) of the block's y rows from rank-major weights w (row j at w + j * w_sr):
+// chunks whose accumulators fill half of the vector registers (kAccVecs), then of one vector,
+// then a tail.
+template <typename TY, typename TW, int MB>
+static void expand_block(const TW* w, int64_t w_sr, int rank, const float* h, int64_t hs, TY* const* yr,
+                         int64_t col, int64_t sy_n, int64_t width, float scale, Prefetcher& pf) {
+  constexpr int NC = (kAccVecs / MB) * kW;
+  int64_t n0 = 0;
+  for (; n0 + NC <= width; n0 += NC)
+    expand_chunk<TY, TW, MB, NC>(w + n0, w_sr, rank, h, hs, yr, col + n0, sy_n, scale, pf);
+  if (NC > kW)
+    for (; n0 + kW <= width; n0 += kW)
+      expand_chunk<TY, TW, MB, kW>(w + n0, w_sr, rank, h, hs, yr, col + n0, sy_n, scale, pf);
+  if (n0 < width) expand_tail<TY, TW, MB>(w + n0, w_sr, rank, h, hs, width - n0, yr, col + n0, sy_n, scale);
+}
+
+template <typename TY, typename TW>
+static void expand_rows(const TW* w, int64_t w_sr, int rank, const float* h, int64_t hs, TY* const* yr, int n,
+                        int64_t col, int64_t sy_n, int64_t width, float scale, Prefetcher& pf) {
+  for (int m0 = 0; m0 < n; m0 += kBlockRows) {
+    const int mb = static_cast<int>(imin(kBlockRows, n - m0));
+    if (mb == 4) {
+      expand_block<TY, TW, 4>(w, w_sr, rank, h + m0 * hs, hs, yr + m0, col, sy_n, width, scale, pf);
+    } else {
+      int m = m0;
+      if (m0 + mb - m >= 2) {
+        expand_block<TY, TW, 2>(w, w_sr, rank, h + m * hs, hs, yr + m, col, sy_n, width, scale, pf);
+        m += 2;
+      }
+      if (m0 + mb - m >= 1) expand_block<TY, TW, 1>(w, w_sr, rank, h + m * hs, hs, yr + m, col, sy_n, width, scale, pf);
+    }
+  }
+}
+
+#if defined(OLK_VEC)
+// Few rows and the usual [N, R] B (rows of B contiguous along the rank): eight columns at a time,
+// each column's products with h accumulated in a vector along the rank, then the eight vectors
+// summed across their lanes by one 8 x 8 transpose. Per element about as much work as the
+// rank-major path's (a panel would first cost a transpose of every element of B).
+template <typename TY, typename TW>
+static void expand_dot_rows(const TW* w, int64_t w_sn, int rank, const float* h, int64_t hs, TY* const* yr, int n,
+                            int64_t col, int64_t sy_n, int64_t width, float scale, Prefetcher& pf) {
+  const int r8 = rank / 8 * 8;
+  int64_t c0 = 0;
+  for (; c0 + 8 <= width; c0 += 8) {
+    const TW* wc = w + c0 * w_sn;
+    for (int m = 0; m < n; ++m) {
+      const float* hm = h + m * hs;
+      vf8 acc[8], o[8];
+      OLK_UNROLL
+      for (int c = 0; c < 8; ++c) acc[c] = vf8{};
+      for (int j0 = 0; j0 < r8; j0 += 8) {
+        const vf8 hv = load8(hm + j0);
+        OLK_UNROLL
+        for (int c = 0; c < 8; ++c) acc[c] += load8(wc + c * w_sn + j0) * hv;
+      }
+      if (r8 < rank) {
+        OLK_UNROLL
+        for (int c = 0; c < 8; ++c) {
+          float t = 0.f;
+          for (int j = r8; j < rank; ++j) t += to_f32(wc[c * w_sn + j]) * hm[j];
+          acc[c][0] += t;
+        }
+      }
+      transpose8(acc, o);
+      const vf8 sum = ((o[0] + o[1]) + (o[2] + o[3])) + ((o[4] + o[5]) + (o[6] + o[7]));
+      float out[1][8];
+      std::memcpy(out[0], &sum, 32);
+      update_y<TY, 1, 8>(yr + m, col + c0, sy_n, 8, scale, out);
+    }
+    pf.step(lines_of<TW>(8 * w_sn));
+  }
+  for (; c0 < width; ++c0) {
+    const TW* wc = w + c0 * w_sn;
+    for (int m = 0; m < n; ++m) {
+      const float* hm = h + m * hs;
+      float t = 0.f;
+      for (int j = 0; j < rank; ++j) t += to_f32(wc[j]) * hm[j];
+      TY* y = yr[m] + (col + c0) * sy_n;
+      *y = from_f32<TY>(to_f32(*y) + scale * t);
+    }
+  }
+}
+#endif
+
+// --------------------------------------------------------------------------------- a unit
+
+static inline float load_h(const Args& p, int64_t off) {
+  switch (p.h_dtype) {
+    case kF16: return to_f32(static_cast<const f16*>(p.h)[off]);
+    case kBF16: return to_f32(static_cast<const bf16*>(p.h)[off]);
+    default: return static_cast<const float*>(p.h)[off];
+  }
+}
+
+template <typename T>
+static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher& pf) {
+  const int64_t i = u.slice, hs = p.R;
+  const int rank = u.rank;
+  int n = 0;                                    // the unit's rows: ids inside [0, T) only
+  for (int64_t m = 0; m < imin(u.len, kUnitRows); ++m) {
+    const int64_t r = p.sorted[u.start + m];
+    if (r >= 0 && r < p.T) s.rows[n++] = r;
+  }
+  if (n == 0) return;
+  float* h = s.h;                               // [n, R]: this unit's h rows
+  if (p.op == kExpand) {
+    for (int m = 0; m < n; ++m)
+      for (int j = 0; j < rank; ++j) h[m * hs + j] = load_h(p, i * p.sh_n + s.rows[m] * p.sh_t + j * p.sh_r);
+  } else {
+    const T* a_slot = static_cast<const T*>(p.a[i]) + u.slot * p.a_ss[i];
+    const T* x = static_cast<const T*>(p.x);
+    if (n < kPanelRows && p.a_sk[i] == 1 && p.sx_k == 1) {
+      // Few rows (decode), A and x contiguous along K: dot products straight from A's rows.
+      const T* xr[kBlockRows];
+      for (int m0 = 0; m0 < n; m0 += kBlockRows) {
+        const int mb = static_cast<int>(imin(kBlockRows, n - m0));
+        for (int m = 0; m < mb; ++m) xr[m] = x + s.rows[m0 + m] * p.sx_t;
+        shrink_rows<T, T>(xr, mb, a_slot, p.a_sr[i], p.K, rank, h + m0 * hs, hs, pf);
+      }
+    } else {
+      // Many rows, or A / x strided along K: A^T as an fp32 [K, rp] panel (8 x 8 register
+      // transposes for the usual A, a plain conversion for a K-major one), then the expand's
+      // register-blocked chunks with the roles swapped (x rows as coefficients, ranks as output
+      // columns): no horizontal sums, each x element broadcast once per chunk of ranks. The
+      // panel's rows are padded with zeros to whole vectors (rp columns): no scalar tails.
+      const int rp = static_cast<int>((rank + kW - 1) / kW * kW);
+      make_panel<T>(a_slot, p.a_sr[i], p.a_sk[i], 0, rank, static_cast<int>(p.K), s.apanel, rp);
+      if (rp > rank)
+        for (int64_t k = 0; k < p.K; ++k)
+          for (int j = rank; j < rp; ++j) s.apanel[k * rp + j] = 0.f;
+      float* hr[kBlockRows];
+      for (int m0 = 0; m0 < n; m0 += kBlockRows) {
+        const int mb = static_cast<int>(imin(kBlockRows, n - m0));
+        for (int m = 0; m < mb; ++m) {
+          const T* src = x + s.rows[m0 + m] * p.sx_t;
+          float* dst = s.xrows + m * p.K;
+          if (p.sx_k == 1) {
+#pragma omp simd
+            for (int64_t k = 0; k < p.K; ++k) dst[k] = to_f32(src[k]);
+          } else {
+            for (int64_t k = 0; k < p.K; ++k) dst[k] = to_f32(src[k * p.sx_k]);
+          }
+          hr[m] = s.hpad + m * rp;
+          for (int j = 0; j < rp; ++j) hr[m][j] = 0.f;
+        }
+        expand_rows<float, float>(s.apanel, rp, static_cast<int>(p.K), s.xrows, p.K, hr, mb, 0, 1, rp, 1.f, pf);
+        for (int m = 0; m < mb; ++m)
+          for (int j = 0; j < rank; ++j) h[(m0 + m) * hs + j] = hr[m][j];
+      }
+    }
+  }
+  if (p.op == kShrink) {
+    float* ho = static_cast<float*>(p.h);
+    for (int m = 0; m < n; ++m)
+      for (int j = 0; j < rank; ++j) ho[i * p.sh_n + s.rows[m] * p.sh_t + j * p.sh_r] = h[m * hs + j];
+    return;
+  }
+  T* y = static_cast<T*>(p.y);
+  T* yr[kUnitRows];
+  for (int m = 0; m < n; ++m) yr[m] = y + s.rows[m] * p.sy_t;
+  const T* b_slot = static_cast<const T*>(p.b[i]) + u.slot * p.b_ss[i];
+  const float scale = p.scal[u.slot];
+  const int64_t width = p.widths[i];
+  if (p.b_sn[i] == 1) {       // rank-major B: its rows are read as they are
+    expand_rows<T, T>(b_slot, p.b_sr[i], rank, h, hs, yr, n, u.col, p.sy_n, width, scale, pf);
+    return;
+  }
+#if defined(OLK_VEC)
+  if (p.b_sr[i] == 1 && n <= kDotRows) {
+    expand_dot_rows<T, T>(b_slot, p.b_sn[i], rank, h, hs, yr, n, u.col, p.sy_n, width, scale, pf);
+    return;
+  }
+#endif
+  for (int64_t n0 = 0; n0 < width; n0 += kPanelCols) {    // any other layout: rank-major fp32 panels
+    const int64_t nc = imin(kPanelCols, width - n0);
+    make_panel<T>(b_slot, p.b_sn[i], p.b_sr[i], n0, nc, rank, s.panel, nc);
+    expand_rows<T, float>(s.panel, nc, rank, h, hs, yr, n, u.col + n0, p.sy_n, nc, scale, pf);
+  }
+}
+
+template <typename T>
+static void run_claimed(const Args& p, const Unit* units, int64_t n, int64_t* next, int64_t stride, const Scratch& s) {
+  Prefetcher pf;
+  for (int64_t k = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); k < n;
+       k = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) {
+    pf.finish();
+    pf.reset<T>(p, k + stride < n ? &units[k + stride] : nullptr);
+    run_unit<T>(p, units[k], s, pf);
+  }
+}
