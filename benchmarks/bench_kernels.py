@@ -335,7 +335,7 @@ def check(run: Callable[[InputSet], Any], op: str, s: InputSet, ref: torch.Tenso
 
 
 class Runner:
-    def __init__(self, args, preset, device: torch.device, dtype: torch.dtype, out: str):
+    def __init__(self, args, preset, device: torch.device, dtype: torch.dtype, out: "common.ResultsFile"):
         self.args, self.preset, self.device, self.dtype, self.out = args, preset, device, dtype, out
         self.env = common.env_info(device)
         if self.env["commit"] == "unknown" and os.environ.get("OPENLORA_COMMIT"):
@@ -353,7 +353,7 @@ class Runner:
 
     def write(self, rows: List[Dict[str, Any]]) -> None:
         if rows:
-            common.write_rows(self.out, rows, self.env)
+            self.out.write(rows, self.env)      # a common.ResultsFile
             self.rows_written += len(rows)
 
     # ---- ceilings
@@ -517,7 +517,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"), help="default bfloat16")
     p.add_argument("--out", default=None, help="CSV path (default <out-dir>/kernels_<device>[_quick].csv)")
-    p.add_argument("--out-dir", default=common.RESULTS_DIR, help="folder of the default CSV path (benchmarks/results)")
+    p.add_argument("--out-dir", default=common.RESULTS_DIR, help="folder of the default CSV path (benchmarks/out, or $OPENLORA_BENCH_OUT; "
+                   "committed files: an explicit --out benchmarks/results/<file>.csv)")
     p.add_argument("--append", action="store_true", help="append to --out instead of starting it afresh")
     p.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
@@ -599,14 +600,15 @@ def _run(args, device: torch.device, preset: Dict[str, Any], dtype: torch.dtype)
 
     slug = common.device_slug(device) + ("_quick" if args.quick else "")
     out = args.out or os.path.join(args.out_dir, f"kernels_{slug}.csv")
-    if os.path.exists(out) and not args.append:
-        os.remove(out)
-    runner_ = Runner(args, preset, device, dtype, out)
+    # A fresh run over an existing file is staged in <out>.partial and replaces it only at the end:
+    # an interrupted run leaves the old file as it was (common.ResultsFile).
+    results = common.ResultsFile(out, append=args.append)
+    runner_ = Runner(args, preset, device, dtype, results)
     print(f"device: {runner_.env['device']} | torch {runner_.env['torch']} | triton {runner_.env['triton']} | "
           f"commit {runner_.env['commit']} | contenders: {', '.join(c.name for c in contenders)}")
     t_start = time.monotonic()
     plan = build_plan(args, preset)
-    with torch.inference_mode():
+    with results, torch.inference_mode():
         runner_.ceilings()
         if "meta" in args.sweeps:
             tokens = [t for t in preset["decode"] + preset["prefill"] if args.tokens is None or t in args.tokens]
