@@ -55,6 +55,7 @@ constexpr int kBlockRows = 4;      // rows sharing one pass over the weights
 constexpr int64_t kUnitRows = 32;  // rows of one work unit (a multiple of kBlockRows)
 constexpr int64_t kPanelCols = 256;  // output columns of one B panel (a multiple of 8)
 constexpr int kDotRows = 3;          // units of at most this many rows read the usual [N, R] B directly
+constexpr int kMaxDotRank = 512;     // (when the rank is at most this)
 constexpr int kPanelRows = 8;        // units of at least this many rows shrink through an A^T panel
                                      // (so do all units when A or x is strided along K)
 

@@ -429,42 +429,78 @@ static void expand_rows(const TW* w, int64_t w_sr, int rank, const float* h, int
 }
 
 #if defined(OLK_VEC)
-// Few rows and the usual [N, R] B (rows of B contiguous along the rank): eight columns at a time,
-// each column's products with h accumulated in a vector along the rank, then the eight vectors
-// summed across their lanes by one 8 x 8 transpose. Per element about as much work as the
-// rank-major path's (a panel would first cost a transpose of every element of B).
+template <typename A, typename B> struct same_type { static constexpr bool value = false; };
+template <typename A> struct same_type<A, A> { static constexpr bool value = true; };
+
+// sum_j w_c[j] * h[j] for the eight columns w_c = w + c * w_sn (j < rank): each column's products
+// accumulated along the rank in a vector, then the eight vectors summed across their lanes by
+// one 8 x 8 transpose. bf16 weights: sixteen ranks per load, the even and odd ones as two fp32
+// vectors (a shift and a mask, no widening), h split the same way (he / ho: its even and odd
+// entries, r16 of each).
+template <typename TW>
+static inline vf8 dot8_columns(const TW* w, int64_t w_sn, int rank, const float* h, const float* he,
+                               const float* ho, int r16) {
+  vf8 acc[8], o[8];
+  OLK_UNROLL
+  for (int c = 0; c < 8; ++c) acc[c] = vf8{};
+  int j0 = 0;
+  if (same_type<TW, bf16>::value) {
+    for (; j0 < r16; j0 += 16) {
+      const vf8 hev = load8(he + j0 / 2), hov = load8(ho + j0 / 2);
+      OLK_UNROLL
+      for (int c = 0; c < 8; ++c) {
+        vu8 u;
+        std::memcpy(&u, w + c * w_sn + j0, 32);
+        acc[c] += as_f(u << 16) * hev + as_f(u & 0xffff0000u) * hov;
+      }
+    }
+  }
+  const int r8 = rank / 8 * 8;
+  for (; j0 < r8; j0 += 8) {
+    const vf8 hv = load8(h + j0);
+    OLK_UNROLL
+    for (int c = 0; c < 8; ++c) acc[c] += load8(w + c * w_sn + j0) * hv;
+  }
+  if (r8 < rank) {
+    OLK_UNROLL
+    for (int c = 0; c < 8; ++c) {
+      float t = 0.f;
+      for (int j = r8; j < rank; ++j) t += to_f32(w[c * w_sn + j]) * h[j];
+      acc[c][0] += t;
+    }
+  }
+  transpose8(acc, o);
+  return ((o[0] + o[1]) + (o[2] + o[3])) + ((o[4] + o[5]) + (o[6] + o[7]));
+}
+
+// Few rows and the usual [N, R] B (rows of B contiguous along the rank): dot8_columns over blocks
+// of 64 columns per row (the block's B stays in L1 for the unit's other rows), y updated once
+// per block. Per element about as much work as the rank-major path's (a panel would first cost
+// a transpose of every element of B).
 template <typename TY, typename TW>
 static void expand_dot_rows(const TW* w, int64_t w_sn, int rank, const float* h, int64_t hs, TY* const* yr, int n,
                             int64_t col, int64_t sy_n, int64_t width, float scale, Prefetcher& pf) {
-  const int r8 = rank / 8 * 8;
-  int64_t c0 = 0;
-  for (; c0 + 8 <= width; c0 += 8) {
-    const TW* wc = w + c0 * w_sn;
-    for (int m = 0; m < n; ++m) {
-      const float* hm = h + m * hs;
-      vf8 acc[8], o[8];
-      OLK_UNROLL
-      for (int c = 0; c < 8; ++c) acc[c] = vf8{};
-      for (int j0 = 0; j0 < r8; j0 += 8) {
-        const vf8 hv = load8(hm + j0);
-        OLK_UNROLL
-        for (int c = 0; c < 8; ++c) acc[c] += load8(wc + c * w_sn + j0) * hv;
-      }
-      if (r8 < rank) {
-        OLK_UNROLL
-        for (int c = 0; c < 8; ++c) {
-          float t = 0.f;
-          for (int j = r8; j < rank; ++j) t += to_f32(wc[c * w_sn + j]) * hm[j];
-          acc[c][0] += t;
-        }
-      }
-      transpose8(acc, o);
-      const vf8 sum = ((o[0] + o[1]) + (o[2] + o[3])) + ((o[4] + o[5]) + (o[6] + o[7]));
-      float out[1][8];
-      std::memcpy(out[0], &sum, 32);
-      update_y<TY, 1, 8>(yr + m, col + c0, sy_n, 8, scale, out);
+  constexpr int kBlk = 64;
+  const int r16 = same_type<TW, bf16>::value ? rank / 16 * 16 : 0;
+  float he[kBlockRows][kMaxDotRank / 2], ho[kBlockRows][kMaxDotRank / 2];
+  for (int m = 0; m < n; ++m)
+    for (int j = 0; j < r16; j += 2) {
+      he[m][j / 2] = h[m * hs + j];
+      ho[m][j / 2] = h[m * hs + j + 1];
     }
-    pf.step(lines_of<TW>(8 * w_sn));
+  int64_t c0 = 0;
+  float out[1][kBlk];
+  for (; c0 + 8 <= width; c0 += kBlk) {
+    const int64_t nb = imin(kBlk, (width - c0) / 8 * 8);
+    for (int m = 0; m < n; ++m) {
+      for (int64_t g = 0; g < nb; g += 8) {
+        const vf8 sum = dot8_columns<TW>(w + (c0 + g) * w_sn, w_sn, rank, h + m * hs, he[m], ho[m], r16);
+        std::memcpy(&out[0][g], &sum, 32);
+      }
+      update_y<TY, 1, kBlk>(yr + m, col + c0, sy_n, nb, scale, out);
+    }
+    pf.step(lines_of<TW>(nb * w_sn));
+    if (nb < kBlk) { c0 += nb; break; }
   }
   for (; c0 < width; ++c0) {
     const TW* wc = w + c0 * w_sn;
@@ -563,7 +599,7 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
     return;
   }
 #if defined(OLK_VEC)
-  if (p.b_sr[i] == 1 && n <= kDotRows) {
+  if (p.b_sr[i] == 1 && n <= kDotRows && rank <= kMaxDotRank) {
     expand_dot_rows<T, T>(b_slot, p.b_sn[i], rank, h, hs, yr, n, u.col, p.sy_n, width, scale, pf);
     return;
   }
