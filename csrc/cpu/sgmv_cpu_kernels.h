@@ -246,8 +246,8 @@ static void shrink_rows(const TX* const* xr, int n, const TA* a, int64_t a_sr, i
 // ------------------------------------------------------------------------- weight panels
 
 // P[j * ldp + c] = w[(c0 + c) * s_c + j * s_j] as fp32, for c < nc, j < rank: rank-major fp32
-// rows from a slot's weights of any strides. Contiguous along j (the usual [N, R] B, the [K, R]
-// view of a rank-major A): 8 x 8 register transposes; contiguous along c: converted rows.
+// rows from a slot's weights of any strides. Contiguous along j (the usual [N, R] B, A for its
+// [K, R] transpose): 8 x 8 register transposes; contiguous along c: converted rows.
 template <typename TW>
 static void make_panel(const TW* w, int64_t s_c, int64_t s_j, int64_t c0, int64_t nc, int rank, float* P,
                        int64_t ldp) {
@@ -432,15 +432,26 @@ static void expand_rows(const TW* w, int64_t w_sr, int rank, const float* h, int
 template <typename A, typename B> struct same_type { static constexpr bool value = false; };
 template <typename A> struct same_type<A, A> { static constexpr bool value = true; };
 
+// [sum of a[0]'s lanes, ..., sum of a[7]'s lanes]: pairwise (horizontal-add) sums within the
+// 128-bit halves, then the two halves added (21 operations, a transpose and adds would be 31).
+static inline vf8 hadd8(vf8 a, vf8 b) {
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+static inline vf8 lane_sums8(const vf8 a[8]) {
+  const vf8 u0 = hadd8(hadd8(a[0], a[1]), hadd8(a[2], a[3]));
+  const vf8 u1 = hadd8(hadd8(a[4], a[5]), hadd8(a[6], a[7]));
+  return __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
 // sum_j w_c[j] * h[j] for the eight columns w_c = w + c * w_sn (j < rank): each column's products
-// accumulated along the rank in a vector, then the eight vectors summed across their lanes by
-// one 8 x 8 transpose. bf16 weights: sixteen ranks per load, the even and odd ones as two fp32
+// accumulated along the rank in a vector, then the eight vectors summed across their lanes. bf16 weights: sixteen ranks per load, the even and odd ones as two fp32
 // vectors (a shift and a mask, no widening), h split the same way (he / ho: its even and odd
 // entries, r16 of each).
 template <typename TW>
 static inline vf8 dot8_columns(const TW* w, int64_t w_sn, int rank, const float* h, const float* he,
                                const float* ho, int r16) {
-  vf8 acc[8], o[8];
+  vf8 acc[8];
   OLK_UNROLL
   for (int c = 0; c < 8; ++c) acc[c] = vf8{};
   int j0 = 0;
@@ -469,8 +480,7 @@ static inline vf8 dot8_columns(const TW* w, int64_t w_sn, int rank, const float*
       acc[c][0] += t;
     }
   }
-  transpose8(acc, o);
-  return ((o[0] + o[1]) + (o[2] + o[3])) + ((o[4] + o[5]) + (o[6] + o[7]));
+  return lane_sums8(acc);
 }
 
 // Few rows and the usual [N, R] B (rows of B contiguous along the rank): dot8_columns over blocks
@@ -594,17 +604,21 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
   const T* b_slot = static_cast<const T*>(p.b[i]) + u.slot * p.b_ss[i];
   const float scale = p.scal[u.slot];
   const int64_t width = p.widths[i];
-  if (p.b_sn[i] == 1) {       // rank-major B: its rows are read as they are
+  const bool rank_major = p.b_sn[i] == 1;
+  if (rank_major && (sizeof(T) == 4 || n < kPanelRows)) {   // its rows are read as they are
     expand_rows<T, T>(b_slot, p.b_sr[i], rank, h, hs, yr, n, u.col, p.sy_n, width, scale, pf);
     return;
   }
 #if defined(OLK_VEC)
-  if (p.b_sr[i] == 1 && n <= kDotRows && rank <= kMaxDotRank) {
+  if (!rank_major && p.b_sr[i] == 1 && n <= kDotRows && rank <= kMaxDotRank) {
     expand_dot_rows<T, T>(b_slot, p.b_sn[i], rank, h, hs, yr, n, u.col, p.sy_n, width, scale, pf);
     return;
   }
 #endif
-  for (int64_t n0 = 0; n0 < width; n0 += kPanelCols) {    // any other layout: rank-major fp32 panels
+  // Any other layout, or a 16-bit B for a longer run: rank-major fp32 panels of 256 columns (the
+  // usual layout transposed, a rank-major one converted once instead of in every row block);
+  // the same values and the same arithmetic as the rank-major path, so the same bits.
+  for (int64_t n0 = 0; n0 < width; n0 += kPanelCols) {
     const int64_t nc = imin(kPanelCols, width - n0);
     make_panel<T>(b_slot, p.b_sn[i], p.b_sr[i], n0, nc, rank, s.panel, nc);
     expand_rows<T, float>(s.panel, nc, rank, h, hs, yr, n, u.col + n0, p.sy_n, nc, scale, pf);
