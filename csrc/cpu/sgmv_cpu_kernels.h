@@ -1,8 +1,8 @@
 // The native CPU kernels, written once for every instruction set (see sgmv_cpu.h for the design).
 //
-// Included by kernels_<isa>.cpp inside namespace openlora::cpu::<isa> and, for the x86-64
-// levels, inside a `#pragma GCC target` region: everything defined here is compiled for that
-// instruction set. So this file uses no std templates (an instantiation compiled for AVX-512
+// Included by sgmv_cpu_isa.inc (for each kernels_<isa>_<dtype>.cpp) inside namespace
+// openlora::cpu::<isa> and, for the x86-64 levels, inside a `#pragma GCC target` region:
+// everything defined here is compiled for that instruction set. So this file uses no std templates (an instantiation compiled for AVX-512
 // could be the one the linker keeps for every caller), only builtins and its own helpers.
 // The including file defines:
 //   kVecBytes    bytes of one vector register the expand's accumulators use (64 / 32 / 16)
@@ -24,6 +24,7 @@ constexpr int64_t lines_of(int64_t elems) { return (elems * static_cast<int64_t>
 
 // ------------------------------------------------------------------ eight-float vectors
 // GCC / Clang vector extensions: the same source becomes AVX-512 / AVX2 / SSE / NEON code.
+// (Older compilers, without __builtin_shufflevector, build scalar loops in their place.)
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)   // (__builtin_shufflevector)
 #define OLK_VEC 1
 // The ISA's own width for the expand's accumulators (kVecBytes from the including file).
@@ -70,7 +71,6 @@ constexpr int kW = 4;
 #if defined(OLK_VEC)
 typedef float vf8 __attribute__((vector_size(32)));
 typedef uint32_t vu8 __attribute__((vector_size(32)));
-typedef int32_t vi8 __attribute__((vector_size(32)));
 typedef uint16_t vh8 __attribute__((vector_size(16)));
 
 static inline vf8 as_f(vu8 u) { vf8 f; std::memcpy(&f, &u, 32); return f; }
