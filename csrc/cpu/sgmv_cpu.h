@@ -5,9 +5,9 @@
 //   sgmv_cpu.h          this file: number formats, the call's arguments (Args), its work units
 //   sgmv_cpu_kernels.h  the kernels, written once, ISA-neutral
 //   sgmv_cpu_isa.inc    one instruction set x one dtype of them (a `#pragma GCC target` region)
-//   kernels_<isa>_<dtype>.cpp  the nine pairs: x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and
-//                       the target's baseline (SSE2 on x86-64, NEON on arm64), each for f32,
-//                       f16 and bf16
+//   kernels_<isa>_<dtype>.cpp  x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the target's
+//                       baseline (SSE2 on x86-64, NEON on arm64), each for f32, f16 and bf16
+//                       (except f16 on v4: those CPUs run the v3 fp16 kernels)
 //   bindings_cpu.cpp    the Python module (plain C API, no pybind11: it compiles in about a
 //                       second and a call costs less), work units, threads, ISA choice at load
 //                       time, and the batch-metadata build
@@ -23,9 +23,10 @@
 //   * the usual [S, N, R] B (vLLM's too) for a unit of at most kDotRows rows: eight columns at a
 //     time, each column's products accumulated along the rank in a vector, the eight vectors
 //     summed across lanes by one 8 x 8 register transpose;
-//   * any other case (the usual layout for longer units, strided views): a panel of output
-//     columns of B is first transposed into a rank-major fp32 scratch (8 x 8 register
-//     transposes for the usual layout), then the same register-blocked chunks read it. The
+//   * any other case (the usual layout for longer units, strided views, a 16-bit rank-major B
+//     for units of kPanelRows rows or more): a panel of output columns of B is first written
+//     to a rank-major fp32 scratch (8 x 8 register transposes for the usual layout, a plain
+//     conversion for a rank-major one), then the same register-blocked chunks read it. The
 //     panel is made once per unit, so rows of a long segment share it.
 // The shrink of a unit of at least kPanelRows rows (or of a strided A / x) runs the same way
 // with the roles swapped: A^T as an fp32 [K, r] panel, the x rows as coefficients.
@@ -55,6 +56,7 @@ constexpr int kBlockRows = 4;      // rows sharing one pass over the weights
 constexpr int64_t kUnitRows = 32;  // rows of one work unit (a multiple of kBlockRows)
 constexpr int64_t kPanelCols = 256;  // output columns of one B panel (a multiple of 8)
 constexpr int kDotRows = 3;          // units of at most this many rows read the usual [N, R] B directly
+constexpr int kMaxDotRank = 512;     // (when the rank is at most this)
 constexpr int kPanelRows = 8;        // units of at least this many rows shrink through an A^T panel
                                      // (so do all units when A or x is strided along K)
 
@@ -196,7 +198,7 @@ using dtype_f32 = float;
   void run_bf16(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);              \
   void run_f32(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);               \
   }
-OLK_DECLARE_ISA(v4)      // kernels_v4_*.cpp
+OLK_DECLARE_ISA(v4)      // kernels_v4_*.cpp (no fp16: x86-64-v4 CPUs run v3's)
 OLK_DECLARE_ISA(v3)      // kernels_v3_*.cpp
 OLK_DECLARE_ISA(base)    // kernels_base_*.cpp
 #undef OLK_DECLARE_ISA

@@ -1,8 +1,8 @@
 // The native CPU kernels, written once for every instruction set (see sgmv_cpu.h for the design).
 //
-// Included by kernels_<isa>.cpp inside namespace openlora::cpu::<isa> and, for the x86-64
-// levels, inside a `#pragma GCC target` region: everything defined here is compiled for that
-// instruction set. So this file uses no std templates (an instantiation compiled for AVX-512
+// Included by sgmv_cpu_isa.inc (for each kernels_<isa>_<dtype>.cpp) inside namespace
+// openlora::cpu::<isa> and, for the x86-64 levels, inside a `#pragma GCC target` region:
+// everything defined here is compiled for that instruction set. So this file uses no std templates (an instantiation compiled for AVX-512
 // could be the one the linker keeps for every caller), only builtins and its own helpers.
 // The including file defines:
 //   kVecBytes    bytes of one vector register the expand's accumulators use (64 / 32 / 16)
@@ -24,6 +24,7 @@ constexpr int64_t lines_of(int64_t elems) { return (elems * static_cast<int64_t>
 
 // ------------------------------------------------------------------ eight-float vectors
 // GCC / Clang vector extensions: the same source becomes AVX-512 / AVX2 / SSE / NEON code.
+// (Older compilers, without __builtin_shufflevector, build scalar loops in their place.)
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)   // (__builtin_shufflevector)
 #define OLK_VEC 1
 // The ISA's own width for the expand's accumulators (kVecBytes from the including file).
@@ -70,7 +71,6 @@ constexpr int kW = 4;
 #if defined(OLK_VEC)
 typedef float vf8 __attribute__((vector_size(32)));
 typedef uint32_t vu8 __attribute__((vector_size(32)));
-typedef int32_t vi8 __attribute__((vector_size(32)));
 typedef uint16_t vh8 __attribute__((vector_size(16)));
 
 static inline vf8 as_f(vu8 u) { vf8 f; std::memcpy(&f, &u, 32); return f; }
@@ -246,8 +246,8 @@ static void shrink_rows(const TX* const* xr, int n, const TA* a, int64_t a_sr, i
 // ------------------------------------------------------------------------- weight panels
 
 // P[j * ldp + c] = w[(c0 + c) * s_c + j * s_j] as fp32, for c < nc, j < rank: rank-major fp32
-// rows from a slot's weights of any strides. Contiguous along j (the usual [N, R] B, the [K, R]
-// view of a rank-major A): 8 x 8 register transposes; contiguous along c: converted rows.
+// rows from a slot's weights of any strides. Contiguous along j (the usual [N, R] B, A for its
+// [K, R] transpose): 8 x 8 register transposes; contiguous along c: converted rows.
 template <typename TW>
 static void make_panel(const TW* w, int64_t s_c, int64_t s_j, int64_t c0, int64_t nc, int rank, float* P,
                        int64_t ldp) {
@@ -429,42 +429,88 @@ static void expand_rows(const TW* w, int64_t w_sr, int rank, const float* h, int
 }
 
 #if defined(OLK_VEC)
-// Few rows and the usual [N, R] B (rows of B contiguous along the rank): eight columns at a time,
-// each column's products with h accumulated in a vector along the rank, then the eight vectors
-// summed across their lanes by one 8 x 8 transpose. Per element about as much work as the
-// rank-major path's (a panel would first cost a transpose of every element of B).
+template <typename A, typename B> struct same_type { static constexpr bool value = false; };
+template <typename A> struct same_type<A, A> { static constexpr bool value = true; };
+
+// [sum of a[0]'s lanes, ..., sum of a[7]'s lanes]: pairwise (horizontal-add) sums within the
+// 128-bit halves, then the two halves added (21 operations, a transpose and adds would be 31).
+static inline vf8 hadd8(vf8 a, vf8 b) {
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+static inline vf8 lane_sums8(const vf8 a[8]) {
+  const vf8 u0 = hadd8(hadd8(a[0], a[1]), hadd8(a[2], a[3]));
+  const vf8 u1 = hadd8(hadd8(a[4], a[5]), hadd8(a[6], a[7]));
+  return __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// sum_j w_c[j] * h[j] for the eight columns w_c = w + c * w_sn (j < rank): each column's products
+// accumulated along the rank in a vector, then the eight vectors summed across their lanes. bf16 weights: sixteen ranks per load, the even and odd ones as two fp32
+// vectors (a shift and a mask, no widening), h split the same way (he / ho: its even and odd
+// entries, r16 of each).
+template <typename TW>
+static inline vf8 dot8_columns(const TW* w, int64_t w_sn, int rank, const float* h, const float* he,
+                               const float* ho, int r16) {
+  vf8 acc[8];
+  OLK_UNROLL
+  for (int c = 0; c < 8; ++c) acc[c] = vf8{};
+  int j0 = 0;
+  if (same_type<TW, bf16>::value) {
+    for (; j0 < r16; j0 += 16) {
+      const vf8 hev = load8(he + j0 / 2), hov = load8(ho + j0 / 2);
+      OLK_UNROLL
+      for (int c = 0; c < 8; ++c) {
+        vu8 u;
+        std::memcpy(&u, w + c * w_sn + j0, 32);
+        acc[c] += as_f(u << 16) * hev + as_f(u & 0xffff0000u) * hov;
+      }
+    }
+  }
+  const int r8 = rank / 8 * 8;
+  for (; j0 < r8; j0 += 8) {
+    const vf8 hv = load8(h + j0);
+    OLK_UNROLL
+    for (int c = 0; c < 8; ++c) acc[c] += load8(w + c * w_sn + j0) * hv;
+  }
+  if (r8 < rank) {
+    OLK_UNROLL
+    for (int c = 0; c < 8; ++c) {
+      float t = 0.f;
+      for (int j = r8; j < rank; ++j) t += to_f32(w[c * w_sn + j]) * h[j];
+      acc[c][0] += t;
+    }
+  }
+  return lane_sums8(acc);
+}
+
+// Few rows and the usual [N, R] B (rows of B contiguous along the rank): dot8_columns over blocks
+// of 64 columns per row (the block's B stays in L1 for the unit's other rows), y updated once
+// per block. Per element about as much work as the rank-major path's (a panel would first cost
+// a transpose of every element of B).
 template <typename TY, typename TW>
 static void expand_dot_rows(const TW* w, int64_t w_sn, int rank, const float* h, int64_t hs, TY* const* yr, int n,
                             int64_t col, int64_t sy_n, int64_t width, float scale, Prefetcher& pf) {
-  const int r8 = rank / 8 * 8;
-  int64_t c0 = 0;
-  for (; c0 + 8 <= width; c0 += 8) {
-    const TW* wc = w + c0 * w_sn;
-    for (int m = 0; m < n; ++m) {
-      const float* hm = h + m * hs;
-      vf8 acc[8], o[8];
-      OLK_UNROLL
-      for (int c = 0; c < 8; ++c) acc[c] = vf8{};
-      for (int j0 = 0; j0 < r8; j0 += 8) {
-        const vf8 hv = load8(hm + j0);
-        OLK_UNROLL
-        for (int c = 0; c < 8; ++c) acc[c] += load8(wc + c * w_sn + j0) * hv;
-      }
-      if (r8 < rank) {
-        OLK_UNROLL
-        for (int c = 0; c < 8; ++c) {
-          float t = 0.f;
-          for (int j = r8; j < rank; ++j) t += to_f32(wc[c * w_sn + j]) * hm[j];
-          acc[c][0] += t;
-        }
-      }
-      transpose8(acc, o);
-      const vf8 sum = ((o[0] + o[1]) + (o[2] + o[3])) + ((o[4] + o[5]) + (o[6] + o[7]));
-      float out[1][8];
-      std::memcpy(out[0], &sum, 32);
-      update_y<TY, 1, 8>(yr + m, col + c0, sy_n, 8, scale, out);
+  constexpr int kBlk = 64;
+  const int r16 = same_type<TW, bf16>::value ? rank / 16 * 16 : 0;
+  float he[kBlockRows][kMaxDotRank / 2], ho[kBlockRows][kMaxDotRank / 2];
+  for (int m = 0; m < n; ++m)
+    for (int j = 0; j < r16; j += 2) {
+      he[m][j / 2] = h[m * hs + j];
+      ho[m][j / 2] = h[m * hs + j + 1];
     }
-    pf.step(lines_of<TW>(8 * w_sn));
+  int64_t c0 = 0;
+  float out[1][kBlk];
+  for (; c0 + 8 <= width; c0 += kBlk) {
+    const int64_t nb = imin(kBlk, (width - c0) / 8 * 8);
+    for (int m = 0; m < n; ++m) {
+      for (int64_t g = 0; g < nb; g += 8) {
+        const vf8 sum = dot8_columns<TW>(w + (c0 + g) * w_sn, w_sn, rank, h + m * hs, he[m], ho[m], r16);
+        std::memcpy(&out[0][g], &sum, 32);
+      }
+      update_y<TY, 1, kBlk>(yr + m, col + c0, sy_n, nb, scale, out);
+    }
+    pf.step(lines_of<TW>(nb * w_sn));
+    if (nb < kBlk) { c0 += nb; break; }
   }
   for (; c0 < width; ++c0) {
     const TW* wc = w + c0 * w_sn;
@@ -558,17 +604,21 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
   const T* b_slot = static_cast<const T*>(p.b[i]) + u.slot * p.b_ss[i];
   const float scale = p.scal[u.slot];
   const int64_t width = p.widths[i];
-  if (p.b_sn[i] == 1) {       // rank-major B: its rows are read as they are
+  const bool rank_major = p.b_sn[i] == 1;
+  if (rank_major && (sizeof(T) == 4 || n < kPanelRows)) {   // its rows are read as they are
     expand_rows<T, T>(b_slot, p.b_sr[i], rank, h, hs, yr, n, u.col, p.sy_n, width, scale, pf);
     return;
   }
 #if defined(OLK_VEC)
-  if (p.b_sr[i] == 1 && n <= kDotRows) {
+  if (!rank_major && p.b_sr[i] == 1 && n <= kDotRows && rank <= kMaxDotRank) {
     expand_dot_rows<T, T>(b_slot, p.b_sn[i], rank, h, hs, yr, n, u.col, p.sy_n, width, scale, pf);
     return;
   }
 #endif
-  for (int64_t n0 = 0; n0 < width; n0 += kPanelCols) {    // any other layout: rank-major fp32 panels
+  // Any other layout, or a 16-bit B for a longer run: rank-major fp32 panels of 256 columns (the
+  // usual layout transposed, a rank-major one converted once instead of in every row block);
+  // the same values and the same arithmetic as the rank-major path, so the same bits.
+  for (int64_t n0 = 0; n0 < width; n0 += kPanelCols) {
     const int64_t nc = imin(kPanelCols, width - n0);
     make_panel<T>(b_slot, p.b_sn[i], p.b_sr[i], n0, nc, rank, s.panel, nc);
     expand_rows<T, float>(s.panel, nc, rank, h, hs, yr, n, u.col + n0, p.sy_n, nc, scale, pf);

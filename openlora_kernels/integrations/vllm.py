@@ -89,7 +89,7 @@ check_vllm_version()
 
 from vllm.lora.punica_wrapper.punica_base import PunicaWrapperBase  # noqa: E402
 
-from ..metadata import LoRABatchMeta, build_batch_meta, choose_block_m, max_tiles  # noqa: E402
+from ..metadata import LoRABatchMeta, _native_builder, build_batch_meta, choose_block_m, max_tiles  # noqa: E402
 from ..ops.api import BoundLoRA, add_lora, lora_expand, lora_shrink  # noqa: E402
 from ..ops.backends import BACKEND_CHOICES, resolve_backend  # noqa: E402
 
@@ -223,7 +223,10 @@ def host_batch_meta(slots: np.ndarray, num_slots: int, block_m: int) -> LoRABatc
 
 
 def _host_meta(key: np.ndarray, S: int, bm: int) -> LoRABatchMeta:
-    """host_batch_meta from ``key``: each row's slot in [0, S), or S for no adapter (T, S > 0)."""
+    """host_batch_meta from ``key``: each row's slot in [0, S), or S for no adapter (T, S > 0).
+    With the native CPU extension built: its counting sort (build_batch_meta), else numpy."""
+    if _native_builder() is not None:
+        return build_batch_meta(torch.from_numpy(np.where(key < S, key, -1).astype(np.int32)), S, block_m=bm)
     T = key.shape[0]
     order = np.argsort(key, kind="stable")
     seg_len = np.bincount(key, minlength=S + 1)[:S]

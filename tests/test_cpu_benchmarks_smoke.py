@@ -1,0 +1,36 @@
+"""Smoke runs of the CPU benchmarks added for the native backend (seconds each): the metadata
+benchmark against vLLM (when installed) and the before/after harness on one tree against itself."""
+import csv
+import os
+
+import pytest
+
+import openlora_kernels as olk
+from benchmarks import bench_cpu_ab, bench_metadata, common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_metadata_quick_writes_rows(tmp_path):
+    out = str(tmp_path / "meta.csv")
+    assert bench_metadata.main(["--quick", "--out", out]) == 0
+    rows = common.read_rows(out)
+    contenders = {r["contender"] for r in rows}
+    assert {"olk", "olk_from_list", "olk_torch_ops"} <= contenders
+    assert all(r["unit"] == "us" and 0 < r["p20"] <= r["median"] <= r["p80"] for r in rows)
+    assert {r["extra"]["regime"] for r in rows} == {"decode", "prefill"}
+
+
+@pytest.mark.skipif(not olk.available_backends("cpu")["cpu"].usable, reason="the native CPU extension is not built")
+def test_bench_cpu_ab_runs_two_trees_in_turn(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench_cpu_ab, "cases", lambda: {"tiny_rm": (8, 4, 32, 48, 4, "float32", "rm", None),
+                                                        "tiny_std": (16, 2, 32, 48, 4, "bfloat16", "std", 8)})
+    out = str(tmp_path / "ab.csv")
+    assert bench_cpu_ab.main(["--tree", f"a={ROOT}@x1", "--tree", f"b={ROOT}@x2", "--rounds", "2", "--reps", "2",
+                              "--out", out]) == 0
+    with open(out, newline="", encoding="utf-8") as f:
+        raw = list(csv.DictReader(f))
+    assert len(raw) == 4
+    rows = common.read_rows(out)
+    assert {(r["contender"], r["extra"]["tree_commit"]) for r in rows} == {("a", "x1"), ("b", "x2")}
+    assert all(r["extra"]["vs_a"] > 0 for r in rows)
