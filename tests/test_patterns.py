@@ -90,10 +90,23 @@ def test_unicode_categories_agree_with_re(c, pattern):
     ("(.*.*)*X", "a" * 20000 + "X", True),
 ])
 def test_patterns_that_make_re_backtrack_run_in_linear_time(pattern, s, want):
-    t0 = time.perf_counter()
+    """re backtracks exponentially on these (it would not finish); ours is linear in the input:
+    4x the input takes about 4x the time (best of 3 each, so a loaded machine does not decide),
+    well under the 16x of a quadratic matcher."""
     assert compile_pattern(pattern).fullmatch(s) is want
     assert peft_key_matches(pattern, "model.layers.0." + s) is want
-    assert time.perf_counter() - t0 < 0.5
+    quarter = s[:len(s) // 4] + s[len(s) - (len(s) > 20000):]     # same ending (the "X" / "b" case)
+
+    def best(text):
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            compile_pattern(pattern).fullmatch(text)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    small, big = best(quarter), best(s)
+    assert big < 10 * small + 0.02, f"{pattern!r}: {big:.3f} s for {len(s)} chars, {small:.3f} s for {len(quarter)}"
 
 
 @pytest.mark.parametrize("pattern,why", [
