@@ -96,7 +96,23 @@ def per_call(backend: str, quick: bool) -> Dict[str, Dict[str, float]]:
         op(y, x, meta)                                      # compile / record the plan
         bound = _blocks(lambda: op(y, x, meta), calls, blocks)
         unbound = _blocks(lambda: olk.add_lora(y, x, a, b, meta, sc, rk, backend=backend), calls // 5, blocks)
-    return {"bound": bound, "add_lora": unbound}
+        out = {"bound": bound, "add_lora": unbound}
+        if backend == "triton":
+            # the other decode plan, forced (ops/triton_segment.py: two launches and the thread's h)
+            from openlora_kernels.ops import triton_segment
+            other = "fused" if triton_segment.decode_plan(x, y, [a], meta, {"DECODE": "auto"}) == "segment" else "segment"
+            old = os.environ.get("OPENLORA_TRITON_DECODE")
+            os.environ["OPENLORA_TRITON_DECODE"] = other
+            try:
+                op2 = olk.BoundLoRA(a, b, sc, rk, backend=backend)
+                op2(y, x, meta)
+                out[f"bound[{other} plan]"] = _blocks(lambda: op2(y, x, meta), calls, blocks)
+            finally:
+                if old is None:
+                    os.environ.pop("OPENLORA_TRITON_DECODE", None)
+                else:
+                    os.environ["OPENLORA_TRITON_DECODE"] = old
+    return out
 
 
 def per_step(backend: str, quick: bool):
@@ -208,6 +224,9 @@ def main(argv=None) -> int:
               f"wall {_q(calls['bound'][1])['median']:.2f}); add_lora {_q(calls['add_lora'][0])['median']:7.2f} us; "
               f"decode step: LoRA {s_['median']:.2f} ms CPU (step {_q(with_l)['median']:.2f} - base "
               f"{_q(base)['median']:.2f}); the calls alone {_q(calls_cpu)['median']:.2f} ms CPU")
+        for what in calls:
+            if what.startswith("bound["):
+                print(f"  {backend:6s} BoundLoRA call, {what[6:-1]}: {_q(calls[what][0])['median']:.2f} us CPU")
     if opts.out:
         common.write_rows(opts.out, rows, env)
         print(f"  rows -> {opts.out}")

@@ -20,13 +20,14 @@ Plans (``plan_bytes(plan, seg, ...)``):
   (grid tiles x rank chunks x slices x split-K) reads x once per rank chunk and slice, A once per
   tile; writes h (fp32 atomics when split-K: a read and a write per add); the expand (tiles x
   column blocks x slices) reads h once per column block, B once per tile, y once.
-* ``segment``: the proposed decode design (docs/kernels.md, "Decode design within 1.25x"):
-  launch 1, grid (slots, K splits): a program loads x's K-chunk of each row of its segment once
-  and every slice's A[slot, :r, K-chunk] once, and adds its partial h (fp32 atomics into a
-  zero-filled [n, T, R] h); launch 2, grid (slots, column chunks, slices): a program holds its
-  segment's h rows in registers (<= 64 rows x R_PAD) and walks its chunk's B sub-tiles once,
-  updating y. x, A, B and y move once; h costs the zero fill, 2 x 4 bytes per atomic add and
-  one read per column chunk.
+* ``segment``: the decode plan of ops/triton_segment.py (docs/kernels.md, "The segment decode
+  plan"): launch 1, grid (slots, K splits): a program loads x's K-chunk of each row of its segment
+  once and every slice's A[slot, :r, K-chunk] once per BLOCK_M rows, and adds its partial h (fp32
+  atomics into a zero-filled [n, T, R] h; one K split: a plain store, no zero fill); launch 2,
+  grid (slots, column chunks, slices): a program holds BLOCK_M of its segment's h rows in
+  registers and walks its chunk's B sub-tiles once per BLOCK_M rows, updating y. With segments
+  of at most BLOCK_M rows x, A, B and y move once; h costs the zero fill, 2 x 4 bytes per atomic
+  add and one read per column chunk.
 """
 from __future__ import annotations
 
@@ -63,12 +64,14 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def plan_bytes(plan: str, p: Segments, *, block_m: int = 1, chunks: Sequence[int] = (), rank_block: int = 64,
-               col_block: int = 64, split_k: int = 1, k_split_elems: int = 512, seg_chunk_cols: int = 1024) -> Dict[str, int]:
+               col_block: int = 64, split_k: int = 1, k_split_elems: int = 0, seg_chunk_cols: int = 1024,
+               seg_block_m: int = 64) -> Dict[str, int]:
     """Bytes by tensor (x, A, B, y, h) and their total for one add_lora call under ``plan``.
 
     ``chunks``: per slice, the fused plan's column chunks (default 1 each); ``rank_block`` /
     ``col_block`` / ``split_k``: the split plan's BLOCK_R, BLOCK_N and SPLIT_K;
-    ``k_split_elems`` / ``seg_chunk_cols``: the segment plan's K per split and columns per chunk."""
+    ``k_split_elems`` / ``seg_chunk_cols`` / ``seg_block_m``: the segment plan's K per split, columns
+    per chunk (0: the whole K) and rows per step (ops/configs.py, kind "segment": K_SPAN, COLS, BLOCK_M)."""
     b, K, n, N = p.b, p.K, len(p.widths), sum(p.widths)
     chunks = list(chunks) or [1] * n
     out = {"x": 0, "A": 0, "B": 0, "y": 0, "h": 0}
@@ -93,15 +96,17 @@ def plan_bytes(plan: str, p: Segments, *, block_m: int = 1, chunks: Sequence[int
                 out["B"] += tiles * b * r * Ni
                 out["y"] += 2 * b * ln * Ni
     elif plan == "segment":
-        splits = _cdiv(K, k_split_elems)
-        out["h"] += 4 * n * p.T * p.R                                     # zero fill
+        splits = _cdiv(K, k_split_elems) if k_split_elems > 0 else 1      # 0: the whole K per program
+        if splits > 1:
+            out["h"] += 4 * n * p.T * p.R                                 # zero fill (atomics follow)
         for ln, r in p.segs:
+            steps = _cdiv(ln, seg_block_m)                                 # row steps of the segment
             out["x"] += b * ln * K                                         # once: all slices per program
             for Ni in p.widths:
-                out["A"] += b * r * K
-                out["h"] += 8 * ln * r * splits                           # atomic adds (read + write)
+                out["A"] += steps * b * r * K
+                out["h"] += (8 * splits if splits > 1 else 4) * ln * r    # atomic adds (read + write), or a store
                 out["h"] += 4 * ln * r * _cdiv(Ni, seg_chunk_cols)        # h rows, once per column chunk
-                out["B"] += b * r * Ni
+                out["B"] += steps * b * r * Ni
                 out["y"] += 2 * b * ln * Ni
     else:
         raise ValueError(f"plan: unknown plan {plan!r}; expected fused, split or segment")

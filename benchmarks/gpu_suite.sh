@@ -10,7 +10,8 @@
 #               (OPENLORA_CUDA_ARCHS, default 90; PYTHONPATH=repo root either way)
 #   backends    olk.available_backends() on the GPU
 #   pytest_gpu  pytest -m gpu -q (the GPU-only tests; exit 5 = none collected)
-#   ops_parity  pytest tests/test_ops_parity.py on the GPU (bf16 tensor-core parity included)
+#   ops_parity  pytest tests/test_ops_parity.py and test_triton_segment.py on the GPU (bf16
+#               tensor-core parity included, both Triton decode plans)
 #   parity      benchmarks/sanitizer_parity.py --quick: every op / backend on awkward indices
 #               (also fills Triton's cache for the next step)
 #   sanitizer   the same under compute-sanitizer memcheck, caching allocator off
@@ -193,7 +194,7 @@ if wants pytest_gpu; then
 fi
 if wants ops_parity; then  # the parity matrix on the GPU: bf16 tensor-core paths included
     step ops_parity "${OPS_PARITY_TIMEOUT_S:-60}" $((BENCH_MIN_S + POST_RESERVE)) \
-        "$PY" -m pytest -q -p no:cacheprovider -rfE -x tests/test_ops_parity.py
+        "$PY" -m pytest -q -p no:cacheprovider -rfE -x tests/test_ops_parity.py tests/test_triton_segment.py
 fi
 if wants parity; then  # the --quick subset: also compiles what the sanitizer run needs
     step parity "${PARITY_TIMEOUT_S:-45}" $((BENCH_MIN_S + POST_RESERVE)) \

@@ -63,3 +63,29 @@ def test_fused_model_uses_the_launchers_grid(monkeypatch):
         bn = bm.fused_block_n(meta.block_m, 4096, widths, R)
         assert kw["BLOCK_N"] == bn
         assert (grid[1],) * len(widths) == bm.fused_chunks(meta.num_tiles, widths, block_n=bn)
+
+
+def test_segment_model_uses_the_launchers_geometry(monkeypatch):
+    """The segment plan's K split, column chunk and rows per step in the model are the launcher's
+    (ops/triton_segment.py with its GPU heuristics: the whole K per program) at the headline shapes'
+    stacked rank (64, bf16), and its grids are (S, 1) and (S, column chunks, slices)."""
+    from openlora_kernels.ops import configs, triton_segment
+
+    monkeypatch.setattr(triton_segment, "kernel_config",
+                        lambda kind, device, **shape: configs.heuristic_config(kind, **shape))
+    T, S, widths, R = 64, 8, (4096, 1024, 1024), 64
+    x, y = torch.zeros(T, 4096, dtype=torch.bfloat16), torch.zeros(T, sum(widths), dtype=torch.bfloat16)
+    a = [torch.zeros(S, R, 4096, dtype=torch.bfloat16) for _ in widths]
+    b = [torch.zeros(S, R, w, dtype=torch.bfloat16).transpose(1, 2) for w in widths]
+    meta = olk.build_batch_meta(torch.arange(T) % S, S)
+    h, launches = triton_segment.segment_launches(y, x, a, b, torch.ones(S), None, meta)
+    (_, g_shrink, _, kw_s), (_, g_expand, _, kw_e) = launches
+    cols = kw_e["BLOCK_N"] * (configs.heuristic_config("segment", block_m=1, K=4096, N=6144, R=R, n_slices=3,
+                                                       dtype=torch.bfloat16)["COLS"] // kw_e["BLOCK_N"])
+    assert g_shrink == (S, 1, 1) and kw_s["NS"] == 3 and not kw_s["ATOMIC"] and h is not None
+    assert g_expand == (S, -(-4096 // cols), 3) and cols == 1024
+    assert kw_s["BLOCK_M"] == kw_e["BLOCK_M"] == 64
+    # and the model with these parameters is what test_segment_design_... checks
+    p = bm.Segments(((64, 64),), 64, 4096, widths, R)
+    assert bm.plan_bytes("segment", p) == bm.plan_bytes("segment", p, k_split_elems=0, seg_chunk_cols=cols,
+                                                        seg_block_m=kw_s["BLOCK_M"])

@@ -4,7 +4,9 @@ Run WITHOUT TRITON_INTERPRET (the kernels are compiled for sm_90 offline; benchm
 stands in for the driver). For each case a BoundLoRA makes a first call (the JIT path, which
 records the plan) and a second (the bound plan); both reach Triton's C launcher, whose
 arguments are recorded: grid, stream, function and every kernel argument must be identical.
-A third and fourth call with another batch (another tile count) check a second plan key. Exits 1
+A third and fourth call with another batch (another tile count) check a second plan key. Both
+decode plans: the fused kernel (one launch per slice group) and the segment plan (shrink then
+expand per slice group, ops/triton_segment.py). Exits 1
 on a mismatch; prints "triton_bound_check: N cases, 0 failed".
 
     python tests/triton_bound_check.py [--quick]
@@ -44,7 +46,9 @@ def weights(dt, widths, rk, layout, S, R=16, K=64, seed=0):
 
 def main() -> int:
     failures, n = [], 0
-    for dt, widths, rk, layout, rows, S in CASES[:1] if "--quick" in sys.argv else CASES:
+    cases = [(*c, plan) for plan in ("fused", "segment") for c in (CASES[:1] if "--quick" in sys.argv else CASES)]
+    for dt, widths, rk, layout, rows, S, plan in cases:
+        os.environ["OPENLORA_TRITON_DECODE"] = plan      # the decode plan under test (triton_segment.decode_plan)
         record = []
         with stub_triton(record), torch.no_grad():
             a, b, sc, ranks = weights(dt, widths, rk, layout, S)
@@ -60,11 +64,14 @@ def main() -> int:
                 op(y, x, meta)               # the bound plan
                 first, second = record[start:mid], record[mid:]
                 n += 1
-                what = f"{dt} widths={widths} ranks={rk} B={layout} T={T} block_m={meta.block_m}"
+                what = f"{plan}: {dt} widths={widths} ranks={rk} B={layout} T={T} block_m={meta.block_m}"
+                per_call = -(-len(widths) // 4) * (2 if plan == "segment" else 1)
                 if op._bound.plan_hits != hits + 1:
                     failures.append(f"{what}: the second call did not take the bound plan")
                 elif not first or first != second:
                     failures.append(f"{what}: launches differ\n  jit:   {first}\n  bound: {second}")
+                elif len(first) != per_call:
+                    failures.append(f"{what}: {len(first)} launches per call, expected {per_call} ({plan} plan)")
     print(f"triton_bound_check: {n} cases, {len(failures)} failed")
     for f in failures:
         print("FAILED", f)

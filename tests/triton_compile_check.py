@@ -40,12 +40,14 @@ from triton.backends.nvidia.compiler import CUDABackend  # noqa: E402
 from triton.runtime import jit as tjit  # noqa: E402
 
 import openlora_kernels as olk  # noqa: E402
-from openlora_kernels.ops import configs, triton_sgmv  # noqa: E402
+from openlora_kernels.ops import configs, triton_segment, triton_sgmv  # noqa: E402
 
 KERNELS = ("_sgmv_shrink_kernel", "_sgmv_expand_kernel", "_sgmv_fused_kernel", "_sgmv_wgrad_kernel")
+SEGMENT_KERNELS = ("_seg_shrink_kernel", "_seg_expand_kernel")     # ops/triton_segment.py
 # Position of the argument whose dtype is the problem's dtype (x, or B for expand: the backward's
 # dx runs it with a float32 y; for the weight gradients P or Q, whichever is not the fp32 one).
-DTYPE_ARG = {"_sgmv_shrink_kernel": 0, "_sgmv_expand_kernel": 1, "_sgmv_fused_kernel": 0, "_sgmv_wgrad_kernel": 0}
+DTYPE_ARG = {"_sgmv_shrink_kernel": 0, "_sgmv_expand_kernel": 1, "_sgmv_fused_kernel": 0, "_sgmv_wgrad_kernel": 0,
+             "_seg_shrink_kernel": 0, "_seg_expand_kernel": 1}
 
 
 def problem_dtype(name, args):
@@ -100,7 +102,7 @@ def vector_problem(name: str, kwargs, ptx: str) -> str:
     missing. (y's stores are as wide as the tile allows: a decode tile of BLOCK_M x BLOCK_N
     elements over 128 threads holds 2-8 per thread, so they are 4- to 16-byte accesses, each
     warp's contiguous: not checked.)"""
-    if name not in ("_sgmv_fused_kernel", "_sgmv_expand_kernel") or kwargs.get("VEC", 1) <= 1:
+    if name not in ("_sgmv_fused_kernel", "_sgmv_expand_kernel", "_seg_expand_kernel") or kwargs.get("VEC", 1) <= 1:
         return ""
     if name == "_sgmv_fused_kernel" and kwargs.get("USE_DOT"):
         return ""          # (the fused kernel on tensor-core tiles: compiled for coverage, not a route add_lora takes)
@@ -165,6 +167,34 @@ def decode_cases():
                     yield dt, bm, "per_slot", widths, R, layout, "fused"
 
 
+def segment_cases():
+    """The segment decode plan (triton_segment.py) at every rank in DECODE_RANKS, both B layouts,
+    every dtype, rows per step 16 (T = 8) and the largest (T = 64), one K split (h stored) and
+    several (h by atomics): no spills, and vector loads in the expand where VEC > 1."""
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for layout, widths in (("standard", (512,)), ("pool", (512, 128, 128))):
+            for R in DECODE_RANKS:
+                for T in (8, 64):
+                    yield dt, R, layout, widths, T
+
+
+def run_segment_case(dt, R, layout, widths, T):
+    K, S = 1024, 3
+    x = torch.randn(T, K, dtype=dt)
+    y = torch.randn(T, sum(widths), dtype=dt)
+    a = [torch.randn(S, R, K, dtype=dt) for _ in widths]
+    if layout == "pool":
+        b = [torch.randn(S, R, w, dtype=dt).transpose(1, 2) for w in widths]
+    else:
+        b = [torch.randn(S, w, R, dtype=dt) for w in widths]
+    sc = torch.rand(S)
+    ranks = torch.tensor([R, 0, R // 2], dtype=torch.int32)
+    meta = olk.build_batch_meta(torch.randint(-1, S, (T,)), S, block_m=1)
+    triton_segment.segment(y, x, a, b, sc, ranks, meta)                    # one split: h stored
+    with configs.override_config("segment", K_SPAN=512):
+        triton_segment.segment(y, x, a, b, sc, ranks, meta)                # K splits of 512: atomics
+
+
 # (dtype, block_m) of the cases that also compile the backward's launches: the weight-gradient
 # kernel in every dtype, the swapped-role shrink / expand in both tile modes.
 BACKWARD_CASES = {(torch.float16, 16), (torch.bfloat16, 1), (torch.bfloat16, 64), (torch.float32, 16)}
@@ -205,21 +235,29 @@ def main(argv=None) -> int:
     ap.add_argument("--table", default="", help="write a markdown table of registers / stack per config here")
     ap.add_argument("--full", action="store_true", help="the whole shape/option product (slow)")
     ap.add_argument("--resources", action="store_true")
+    ap.add_argument("--only-segment", action="store_true", help="only the segment decode plan's launches")
     opts = ap.parse_args(argv)
     archs = [int(a) for a in opts.archs.split(",")]
 
     recorders = {name: _Recorder(getattr(triton_sgmv, name)) for name in KERNELS}
     for name, rec in recorders.items():
         setattr(triton_sgmv, name, rec)
+    for name in SEGMENT_KERNELS:
+        recorders[name] = _Recorder(getattr(triton_segment, name))
+        setattr(triton_segment, name, recorders[name])
     # GPU heuristics rather than the interpreter's pinned config; an H100-like SM count.
-    triton_sgmv.kernel_config = lambda kind, device, **shape: {
-        **configs.heuristic_config(kind, **shape), **configs._overrides.get(kind, {})}
-    triton_sgmv.device_facts = lambda device: ("offline", 132)
+    for mod in (triton_sgmv, triton_segment):
+        mod.kernel_config = lambda kind, device, **shape: {
+            **configs.heuristic_config(kind, **shape), **configs._overrides.get(kind, {})}
+        mod.device_facts = lambda device: ("offline", 132)
 
     n_cases = 0
-    for case in cases(opts.full):
+    for case in ([] if opts.only_segment else cases(opts.full)):
         for split_k in ((1, 4) if case[1] >= 16 and case[-1] == "all" else (1,)):
             run_case(*case, split_k=split_k)
+        n_cases += 1
+    for case in segment_cases():
+        run_segment_case(*case)
         n_cases += 1
 
     seen, failures, t0, table = {}, [], time.time(), []

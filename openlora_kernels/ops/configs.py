@@ -16,7 +16,11 @@ Kinds and their keys:
   shrink  BLOCK_R, BLOCK_K, SPLIT_K, num_warps, num_stages
   expand  BLOCK_N, BLOCK_R, num_warps, num_stages
   fused   BLOCK_N, BLOCK_K, N_CHUNKS (0 = derive from the SM count), num_warps, num_stages
-  route   FUSED (bool): add_lora runs the fused kernel, else shrink then expand
+  route   FUSED (bool): add_lora runs a decode plan, else shrink then expand (prefill);
+          DECODE ("fused" | "segment" | "auto"), SEGMENT_MIN_BYTES: which decode plan ("auto": the
+          segment plan when the fused plan's modelled re-reads of A exceed SEGMENT_MIN_BYTES)
+  segment BLOCK_M (most rows per step), BLOCK_K, K_SPAN (K per shrink program, 0: all), BLOCK_N, COLS
+          (columns per expand program), num_warps (expand), SHRINK_WARPS, num_stages (triton_segment.py)
   wgrad   BLOCK_T (rows per step), BLOCK_R (rank block), BLOCK_F (block of the other dim: K for
           dA, N for dB), SPLIT_T (0 = derive from the SM count and T / S), num_warps, num_stages
           (the backward's weight gradients; key: K = the other dim, N = T, R, n_slices = S)
@@ -124,8 +128,24 @@ def _heuristic(kind: str, key: Dict[str, Any]) -> Dict[str, Any]:
     # CUDA-core tiles hold BLOCK_M x BLOCK_R x BLOCK_K products in registers: keep that bounded.
     budget = 8192 if bm == 1 else 4096
     if kind == "route":
-        # Decode-like batches are launch- and memory-bound: one launch, intermediate on chip.
-        return {"FUSED": not dot}
+        # Decode-like batches are launch- and memory-bound: one fused launch while A's re-reads stay
+        # within L2's reach (a quarter of a 32-50 MB L2: untimed guess, a GPU run's table moves it),
+        # beyond that the segment plan, which reads every weight byte once (triton_segment.py).
+        return {"FUSED": not dot, "DECODE": "auto", "SEGMENT_MIN_BYTES": 8 << 20}
+    if kind == "segment":
+        rpad = max(rp, 16)
+        # rows per step: fp32 tiles of 32+ rows spill at R_PAD >= 64 (sm_90, tests/triton_compile_check.py)
+        # (and 16-bit ones of 32 rows at R_PAD 128; 8 warps lose the expand's 16-byte loads)
+        block_m = 16 if (fp32 or rpad >= 128) else 64
+        # the shrink holds one [BLOCK_M, R_PAD] fp32 accumulator per slice (up to 4): 8 warps past
+        # 256 lanes of them or 8192 elements (fused QKV at R_PAD 128, or 64 with 64 rows)
+        acc = min(key["n_slices"], 4) * rpad
+        # K_SPAN 0: the whole K per shrink program (h stored, no zero fill, no atomics: a bound plan
+        # of two launches, deterministic); a GPU run may split K for more programs per segment
+        return {"BLOCK_M": block_m, "BLOCK_K": 32 if fp32 else 64, "K_SPAN": 0,
+                "BLOCK_N": 32 if fp32 else 64, "COLS": 1024, "num_warps": 4,
+                "SHRINK_WARPS": 8 if (acc >= 256 or acc * block_m >= 8192) else 4,
+                "num_stages": 1 if (fp32 and rpad >= 128) else 2}
     if kind == "shrink":
         # K blocks no longer than K itself (rounded up to 16): the backward's dY Bᵀ shrink runs over
         # a slice's width N_i, which can be small (a K block 16 times too long spills registers)
@@ -167,7 +187,10 @@ def _heuristic(kind: str, key: Dict[str, Any]) -> Dict[str, Any]:
 def _interpreter_pinned(kind: str, key: Dict[str, Any]) -> Dict[str, Any]:
     dot = key["block_m"] >= TENSOR_CORE_MIN_M
     if kind == "route":
-        return {"FUSED": not dot}
+        return {"FUSED": not dot, "DECODE": "auto", "SEGMENT_MIN_BYTES": 8 << 20}
+    if kind == "segment":   # small K span and column chunk: the tests reach K splits and several chunks
+        return {"BLOCK_M": 16, "BLOCK_K": 16, "K_SPAN": 32, "BLOCK_N": 16, "COLS": 32, "num_warps": 4,
+                "SHRINK_WARPS": 4, "num_stages": 1}
     if kind == "shrink":
         return {"BLOCK_R": 16, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 1}
     if kind == "expand":

@@ -52,6 +52,7 @@ Interpreter (TRITON_INTERPRET=1): its bf16 tl.dot is wrong, so bf16 dots are upc
 """
 from __future__ import annotations
 
+import threading
 from typing import List, Optional, Sequence
 
 import torch
@@ -659,7 +660,11 @@ def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None
     route = kernel_config("route", block_m=meta.block_m, K=K, N=y.shape[1], R=R, n_slices=len(a_list),
                           dtype=x.dtype, device=x.device)
     if route["FUSED"]:
-        fused(y, x, a_list, b_list, scalings, ranks, meta)
+        from .triton_segment import decode_plan, segment
+        if decode_plan(x, y, a_list, meta, route) == "segment":
+            segment(y, x, a_list, b_list, scalings, ranks, meta)
+        else:
+            fused(y, x, a_list, b_list, scalings, ranks, meta)
     else:
         expand(y, shrink(x, a_list, ranks, meta), b_list, scalings, ranks, meta)
 
@@ -731,16 +736,38 @@ def _launch_entry(compiled, grid, tail):
     return (0, run, *grid, fn, None, None, packed, None, None, tuple(tail))
 
 
+_H_LOCAL = threading.local()
+
+
+def _segment_h(stream, shape, device) -> torch.Tensor:
+    """The segment plan's [n, T, R] fp32 h for a bound call: one buffer per thread, stream and
+    shape, reused by that thread's later calls. Safe without a zero fill or a sync: with one K
+    split every entry the expand reads is first written by the shrink before it on the same
+    stream, and a buffer is only ever used by one thread on one stream, whose launches run in
+    the order they were made (two threads sharing a stream each have their own buffer)."""
+    cache = getattr(_H_LOCAL, "bufs", None)
+    if cache is None:
+        cache = _H_LOCAL.bufs = {}
+    key = (stream, shape, device)
+    h = cache.get(key)
+    if h is None:
+        if len(cache) >= _MAX_PLANS:
+            cache.clear()
+        h = cache[key] = torch.empty(shape, dtype=torch.float32, device=device)
+    return h
+
+
 def meta_launch_key(meta: LoRABatchMeta):
-    """(plan key part, sorted_tokens pointer, tile_info pointer, T), once per metadata object
+    """(plan key part, sorted_tokens pointer, tile_info pointer, T, seg_info pointer), once per metadata object
     (every layer of a forward passes the same one; its tensors are not resized in place). The key
     part: block_m, G, T, S, the device and the pointers' alignment."""
     k = meta.__dict__.get("_triton_key")
     if k is None:
-        sp, tp = meta.sorted_tokens.data_ptr(), meta.tile_info.data_ptr()
+        sp, tp, gp = meta.sorted_tokens.data_ptr(), meta.tile_info.data_ptr(), meta.seg_info.data_ptr()
         ts = meta.token_slots
         T = ts.shape[0]
-        k = ((meta.block_m, meta.tile_info.shape[1], T, meta.num_slots, ts.get_device(), sp & 15, tp & 15), sp, tp, T)
+        k = ((meta.block_m, meta.tile_info.shape[1], T, meta.num_slots, ts.get_device(), sp & 15, tp & 15, gp & 15),
+             sp, tp, T, gp)
         object.__setattr__(meta, "_triton_key", k)
     return k
 
@@ -775,22 +802,28 @@ class BoundAdd:
         mk = meta.__dict__.get("_triton_key")
         if mk is None:
             return False
-        mkey, sp, tp, T = mk
+        mkey, sp, tp, T, gp = mk
         xp, yp = x.data_ptr(), y.data_ptr()
         plan = self._plans.get((mkey, x.shape, y.shape, x.stride(), y.stride(), x.dtype, y.dtype,
                                 x.get_device(), y.get_device(), xp & 15, yp & 15))
         if plan is None or self._hooks[0] or self._hooks[1] or self._current() != self._dev_index:
             return False
         stream = self._stream(self._dev_index)
-        for kind, launch, g0, g1, g2, fn, coop, pdl, packed, ann, ksig, tail in plan:
+        h_shape, entries = plan
+        if h_shape is None:                      # the fused kernel: (x, y, sorted_tokens, tile_info, T)
+            dyn = ((xp, yp, sp, tp, T),)
+        else:                                    # the segment plan: its shrink, then its expand
+            hp = _segment_h(stream, h_shape, x.device).data_ptr()
+            dyn = ((xp, hp, sp, gp, T), (hp, yp, sp, gp, T))
+        for (kind, launch, g0, g1, g2, fn, coop, pdl, packed, ann, ksig, tail, which) in entries:
+            d = dyn[which]
             if kind == 1:        # Triton 3.9's generic C launcher
                 launch(g0, g1, g2, stream, fn, coop, pdl, packed, None, None, None, None, None, ann, ksig,
-                       (xp, yp, sp, tp, T, *tail))
+                       (*d, *tail))
             elif kind == 2:      # Triton 3.6's per-signature C launcher
-                launch(g0, g1, g2, stream, fn, coop, pdl, None, None, packed, None, None, None,
-                       xp, yp, sp, tp, T, *tail)
+                launch(g0, g1, g2, stream, fn, coop, pdl, None, None, packed, None, None, None, *d, *tail)
             else:                # the launcher's Python wrapper (CompiledKernel.run)
-                launch(g0, g1, g2, stream, fn, packed, None, None, None, xp, yp, sp, tp, T, *tail)
+                launch(g0, g1, g2, stream, fn, packed, None, None, None, *d, *tail)
         self.plan_hits += 1
         return True
 
@@ -810,30 +843,48 @@ class BoundAdd:
         T, K = x.shape
         S, R, _ = self._a[0].shape
         if (not self._ok or meta.block_m >= TENSOR_CORE_MIN_M or key in self._plans or T == 0 or K == 0 or R == 0 or S == 0
-                or y.shape[1] == 0 or not kernel_config("route", block_m=meta.block_m, K=K, N=y.shape[1], R=R,
-                                                        n_slices=len(self._a), dtype=x.dtype,
-                                                        device=x.device)["FUSED"]):
+                or y.shape[1] == 0):
             return self._general(y, x, meta)
+        route = kernel_config("route", block_m=meta.block_m, K=K, N=y.shape[1], R=R, n_slices=len(self._a),
+                              dtype=x.dtype, device=x.device)
+        from . import triton_segment
+        if not route["FUSED"]:
+            return self._general(y, x, meta)
+        seg = triton_segment.decode_plan(x, y, self._a, meta, route) == "segment"
         from triton.runtime import driver
         self._current, self._stream = _device_getters(driver.active)
         enter, exit_ = _launch_hooks()
         if self._current() != self._dev_index or getattr(enter, "calls", 1) or getattr(exit_, "calls", 1):
             return self._general(y, x, meta)
+        h_shape = None
+        if seg:
+            # the h of this call: the thread's buffer for this stream and shape (see _segment_h)
+            h_shape = (len(self._a), T, R)
+            h = _segment_h(self._stream(self._dev_index), h_shape, x.device)
+            h0, launches = triton_segment.segment_launches(y, x, self._a, self._b, self._scal, self._ranks, meta, h=h)
+            if h0 is not h:                 # (a K-split shrink adds into a zero-filled h: the general path)
+                return self._general(y, x, meta)
+            dyn_names = {triton_segment._seg_shrink_kernel: (triton_segment.SHRINK_DYNAMIC, 0),
+                         triton_segment._seg_expand_kernel: (triton_segment.EXPAND_DYNAMIC, 1)}
+        else:
+            launches = fused_launches(y, x, self._a, self._b, self._scal, self._ranks, meta)
+            dyn_names = {_sgmv_fused_kernel: (_PLAN_DYNAMIC, 0)}
         plan = []
-        for kernel, grid, args, kwargs in fused_launches(y, x, self._a, self._b, self._scal, self._ranks, meta):
+        for kernel, grid, args, kwargs in launches:
             compiled = kernel[grid](*args, **kwargs)
             if plan is None or compiled is None or not hasattr(compiled, "packed_metadata"):
                 plan = None              # (the interpreter, or a Triton without this interface)
                 continue
             names = kernel.arg_names
-            assert tuple(names[:len(_PLAN_DYNAMIC)]) == _PLAN_DYNAMIC
+            dyn, which = dyn_names[kernel]
+            assert tuple(names[:len(dyn)]) == dyn
             full = list(args) + [kwargs[nm] for nm in names[len(args):]]
-            tail = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in full[len(_PLAN_DYNAMIC):]]
-            plan.append(_launch_entry(compiled, grid, tail))
+            tail = [v.data_ptr() if isinstance(v, torch.Tensor) else v for v in full[len(dyn):]]
+            plan.append((*_launch_entry(compiled, grid, tail), which))
         if plan:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.clear()
-            self._plans[key] = tuple(plan)
+            self._plans[key] = (h_shape, tuple(plan))
             self._hooks = (getattr(enter, "calls", ()), getattr(exit_, "calls", ()))
 
 
