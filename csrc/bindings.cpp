@@ -125,6 +125,8 @@ py::dict plan_to_dict(const openlora::LaunchPlan& pl) {
   d["smem_bytes"] = pl.smem_bytes;
   d["vec_k"] = static_cast<bool>(pl.vec_k);
   d["vec_r"] = static_cast<bool>(pl.vec_r);
+  d["vec_n"] = static_cast<bool>(pl.vec_n);
+  d["vec_y"] = static_cast<bool>(pl.vec_y);
   d["split_k"] = pl.split_k;
   d["k_per_split"] = pl.k_per_split;
   d["cols_per_chunk"] = pl.cols_per_chunk;

@@ -74,6 +74,25 @@ bool vec_r_ok(const SgmvParams& p, int64_t esz) {
   return ok;
 }
 
+// 16-byte loads along N from every B (the pool's column-contiguous B: unit stride over n, 16-byte
+// aligned slots and rank rows; a vector starts at a multiple of 8 columns, so it is aligned too).
+bool vec_n_ok(const SgmvParams& p, int64_t esz) {
+  bool ok = true;
+  for (int i = 0; i < p.n_slices && ok; ++i) {
+    const SliceArgs& s = p.slices[i];
+    ok = s.b_sn == 1 && aligned16(s.b) && (s.b_ss * esz) % 16 == 0 && (s.b_sr * esz) % 16 == 0;
+  }
+  return ok;
+}
+
+// Two adjacent columns of y as one 4-byte access (16-bit y): unit column stride, 4-byte aligned
+// base and rows, even first column of every slice (pairs start at even columns of a slice).
+bool vec_y_ok(const SgmvParams& p, int64_t esz) {
+  bool ok = esz == 2 && p.sy_n == 1 && reinterpret_cast<std::uintptr_t>(p.y) % 4 == 0 && (p.sy_t * esz) % 4 == 0;
+  for (int i = 0; i < p.n_slices && ok; ++i) ok = p.slices[i].col % 2 == 0;
+  return ok;
+}
+
 void validate_sizes(Op op, DType dt, int block_m, const SgmvParams& p) {
   const int o = static_cast<int>(op), d = static_cast<int>(dt);
   require(o >= 0 && o <= 2, "op: expected 0 (fused), 1 (shrink) or 2 (expand), got " + std::to_string(o));
@@ -126,6 +145,8 @@ LaunchPlan plan_launch(Op op, DType dt, int block_m, const SgmvParams& p, int sm
   LaunchPlan plan;
   plan.vec_k = op != Op::kExpand && vec_k_ok(p, esz);
   plan.vec_r = op != Op::kShrink && vec_r_ok(p, esz);
+  plan.vec_n = op == Op::kExpand && !plan.vec_r && vec_n_ok(p, esz);
+  plan.vec_y = op == Op::kExpand && vec_y_ok(p, esz);
   const bool empty = p.G == 0 || p.T == 0 || p.R == 0 || p.S == 0 || (op == Op::kShrink ? false : max_n == 0) ||
                      (op != Op::kExpand && p.K == 0);
 
@@ -295,6 +316,8 @@ void run_sgmv(Op op, DType dt, int block_m, const SgmvParams& p, std::uintptr_t 
   std::memcpy(&q, &p, sizeof q);   // (padding bytes included: the stub records them)
   q.vec_k = plan.vec_k;
   q.vec_r = plan.vec_r;
+  q.vec_n = plan.vec_n;
+  q.vec_y = plan.vec_y;
   q.split_k = plan.split_k;
   q.k_per_split = plan.k_per_split;
   q.cols_per_chunk = plan.cols_per_chunk;

@@ -152,6 +152,30 @@ def test_plan_vector_loads_need_alignment(binding):
     assert not _plan(binding, cuda_ext.OP_FUSED, x, y, a, bt, meta)["vec_r"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_plan_pool_layout_expand_reads_b_by_16_byte_vectors_along_n(binding, dtype):
+    """The tensor-core expand on the pool's rank-major B ([S, R, N] storage seen as [S, N, R]):
+    16-byte copies along N (vec_n: the kernel keeps the tile as [rank][n] and reads it through
+    ldmatrix .trans; .ci/compile_cuda.sh checks the SASS), not 2-byte loads strided by N; y's
+    paired 4-byte read-modify-write (vec_y) where its columns allow."""
+    x, y, a, b, meta = _problem(T=40, K=256, widths=(256, 64, 64), dtype=dtype, block_m=16)
+    h = torch.zeros(3, 40, 16)
+    pool = [B.transpose(1, 2).contiguous().transpose(1, 2) for B in b]
+    assert pool[0].stride(1) == 1
+    pe = _plan(binding, cuda_ext.OP_EXPAND, x, y, a, pool, meta, h=h)
+    assert pe["kernel"] == "mma_expand" and pe["vec_n"] and not pe["vec_r"] and pe["vec_y"]
+    std = _plan(binding, cuda_ext.OP_EXPAND, x, y, a, b, meta, h=h)
+    assert std["vec_r"] and not std["vec_n"]
+    # misaligned rank rows (N_i odd): neither vector path; y of odd first columns: no pairs
+    x2, y2, a2, b2, meta2 = _problem(T=40, K=256, widths=(255,), dtype=dtype, block_m=16)
+    odd = [B.transpose(1, 2).contiguous().transpose(1, 2) for B in b2]
+    p2 = _plan(binding, cuda_ext.OP_EXPAND, x2, y2, a2, odd, meta2, h=torch.zeros(1, 40, 16))
+    assert not p2["vec_n"] and not p2["vec_r"]
+    ybuf = torch.randn(40, 258, dtype=dtype)
+    assert not _plan(binding, cuda_ext.OP_EXPAND, x, ybuf[:, 1:257], a[:1], pool[:1], meta, h=h[:1])["vec_y"]
+    assert not _plan(binding, cuda_ext.OP_FUSED, x, y, a, pool, meta)["vec_n"]        # expand only
+
+
 def test_plan_empty_launches_nothing(binding):
     x, y, a, b, meta = _problem(idx=torch.full((6,), -1))
     assert _plan(binding, cuda_ext.OP_FUSED, x[:, :0], y, [A[:, :, :0] for A in a], b, meta)["grid"] == (0, 0, 0)
@@ -657,3 +681,53 @@ def test_offsets_past_int32(block_m):
     _assert_close(y[tail], want, idx[tail], dtype)
     _assert_close(h[0, tail], h_ref[0], idx[tail], dtype, tol=H_TOL)
     assert int(torch.count_nonzero(y[:T - 64])) == 0, "rows without an adapter were written"
+
+
+# ------------------------------------------------------------------- tensor-core fragment addressing
+
+
+def _frag_fns():
+    """The lane -> (row, column) functions of csrc/include/openlora/mma.cuh, read from the source
+    (each is one C expression of `lane` that is also a Python expression)."""
+    import re
+    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "csrc", "include", "openlora", "mma.cuh")).read()
+    fns = {}
+    for name, expr in re.findall(r"OLK_DEVICE int (\w+)\(int lane\) \{ return ([^;]+); \}", src):
+        fns[name] = eval("lambda lane: " + expr)      # noqa: S307 (our own header's integer expressions)
+    return fns
+
+
+def _ldmatrix_x4(tile, addr, trans):
+    """PTX ldmatrix.m8n8.x4(.trans) on a 2-D shared tile: lanes 8i..8i+7 give the (row, col) of
+    matrix i's rows (8 contiguous elements each); register i of lane t holds matrix i's elements
+    (t/4, 2(t%4)), (t/4, 2(t%4)+1), or with .trans (2(t%4), t/4), (2(t%4)+1, t/4)."""
+    regs = [[None] * 4 for _ in range(32)]
+    for t in range(32):
+        g, q = t // 4, t % 4
+        for i in range(4):
+            rows = [addr(8 * i + r) for r in range(8)]
+            if trans:
+                pair = [tile[rows[2 * q + e][0]][rows[2 * q + e][1] + g] for e in (0, 1)]
+            else:
+                pair = [tile[rows[g][0]][rows[g][1] + 2 * q + e] for e in (0, 1)]
+            regs[t][i] = tuple(pair)
+    return regs
+
+
+def test_expand_b_fragments_are_the_same_from_either_b_layout():
+    """The tensor-core expand's B fragments for two adjacent n8 tiles and one k16 step, read by
+    ldmatrix from B kept as [n][k] (rank-contiguous B) and by ldmatrix .trans from B kept as [k][n]
+    (the pool's column-contiguous B, vec_n), with the header's own lane functions: both must give
+    every lane the elements mma.m16n8k16 wants, b0 = (k 2q, 2q+1; n g), b1 = (k 2q+8, +9; n g), for
+    tiles n 0-7 and 8-15 (registers 0, 1 and 2, 3)."""
+    f = _frag_fns()
+    B = [[(n, k) for k in range(16)] for n in range(16)]          # B[n][k] = its own coordinates
+    Bt = [[B[n][k] for n in range(16)] for k in range(16)]         # the same values as [k][n]
+    plain = _ldmatrix_x4(B, lambda lane: (f["b_frag_row"](lane), f["b_frag_col"](lane)), trans=False)
+    trans = _ldmatrix_x4(Bt, lambda lane: (f["bt_frag_k"](lane), f["bt_frag_n"](lane)), trans=True)
+    for t in range(32):
+        g, q = t // 4, t % 4
+        want = [((n0 + g, 2 * q + k0), (n0 + g, 2 * q + 1 + k0)) for n0 in (0, 8) for k0 in (0, 8)]
+        assert plain[t] == want, (t, plain[t])
+        assert trans[t] == want, (t, trans[t])

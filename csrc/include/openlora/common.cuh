@@ -145,4 +145,19 @@ OLK_DEVICE void add_to(T* p, float v) {
   *p = DTypeTraits<T>::from_float(DTypeTraits<T>::to_float(*p) + v);
 }
 
+// p[0] += v0, p[1] += v1 as one 4-byte read and write (16-bit T, p 4-byte aligned); each element
+// rounded once, as add_to rounds it.
+template <typename T>
+OLK_DEVICE void add_pair_to(T* p, float v0, float v1) {
+  static_assert(sizeof(T) == 2, "add_pair_to: 16-bit types only");
+  using DT = DTypeTraits<T>;
+  uint32_t w = *reinterpret_cast<const uint32_t*>(p);
+  T e[2];
+  memcpy(e, &w, 4);
+  e[0] = DT::from_float(DT::to_float(e[0]) + v0);
+  e[1] = DT::from_float(DT::to_float(e[1]) + v1);
+  memcpy(&w, e, 4);
+  *reinterpret_cast<uint32_t*>(p) = w;
+}
+
 }  // namespace openlora

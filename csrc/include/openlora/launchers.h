@@ -29,6 +29,7 @@ struct LaunchPlan {
   int threads = 0;
   int64_t smem_bytes = 0;        // dynamic shared memory
   int vec_k = 0, vec_r = 0;      // 16-byte loads along K (x, A) / along R (B)
+  int vec_n = 0, vec_y = 0;      // 16-byte loads along N (B column-contiguous) / paired y columns
   int split_k = 1;
   int64_t k_per_split = 0;
   int64_t cols_per_chunk = 0;

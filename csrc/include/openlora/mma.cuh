@@ -40,6 +40,15 @@ OLK_DEVICE void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
                : "r"(smem_addr(smem)));
 }
 
+// The same with each 8x8 matrix transposed: rows given are k rows of a [k][n] tile, and register i
+// of every lane receives matrix i's elements at (n = lane/4, k = 2*(lane%4), +1): the "col" B
+// fragment of mma.m16n8k16 read from B stored n-contiguous.
+OLK_DEVICE void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem)));
+}
+
 template <typename T>
 struct Mma16816;
 
@@ -72,5 +81,9 @@ OLK_DEVICE int a_frag_col(int lane) { return (lane >> 4) << 3; }
 // ... of two adjacent n8 tiles of B stored [n][k] (registers: b0, b1 of tile 0, b0, b1 of tile 1).
 OLK_DEVICE int b_frag_row(int lane) { return (lane & 7) + ((lane >> 4) << 3); }
 OLK_DEVICE int b_frag_col(int lane) { return ((lane >> 3) & 1) << 3; }
+// ... the same two n8 tiles with B stored [k][n], for ldmatrix_x4_trans: lane's k row and n column
+// (matrix i = lane / 8: k 0-7 | 8-15 for i even | odd, n 0-7 | 8-15 for i < 2 | >= 2).
+OLK_DEVICE int bt_frag_k(int lane) { return (lane & 7) + (((lane >> 3) & 1) << 3); }
+OLK_DEVICE int bt_frag_n(int lane) { return (lane >> 4) << 3; }
 
 }  // namespace openlora

@@ -49,6 +49,10 @@ struct SgmvParams {
   // Filled by the launcher's plan (see launchers.cu), not by the caller:
   int vec_k;                      // 16-byte loads along K are legal for x and every A
   int vec_r;                      // 16-byte loads along R are legal for every B
+  int vec_n;                      // 16-byte loads along N are legal for every B (column-contiguous:
+                                  // the pool's rank-major [S, R, N] storage seen as [S, N, R])
+  int vec_y;                      // y's columns contiguous, rows, slices' first columns and y even:
+                                  // two adjacent columns are one 4-byte read-modify-write (16-bit y)
   int split_k;                    // tensor-core shrink: CTAs sharing one tile's K (fp32 atomics)
   int64_t k_per_split;            // K elements per split (multiple of the K tile)
   int64_t cols_per_chunk;         // CUDA-core fused/expand: output columns per CTA

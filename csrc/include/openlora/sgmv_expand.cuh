@@ -10,7 +10,12 @@
 //           k16 steps at or past the rank are skipped. fp32 accumulators in registers.
 //   end     each accumulator is scaled and added into y in fp32, rounded once, masked by row
 //           validity and by the slice's width. No two CTAs touch the same element: no atomics.
-// Rank-0 slots exit at once. Without 16-byte alignment (vec_r = 0) bs is filled by scalar loads.
+// Rank-0 slots exit at once. B's layout decides how bs is filled: rank-contiguous rows (the
+// standard [S, N, R], vec_r) by 16-byte cp.async along the rank, as [n][rank]; column-contiguous
+// rows (the pool's rank-major storage seen as [S, N, R], vec_n) by 16-byte cp.async along n, as
+// [rank][n] (bts), read back through ldmatrix .trans, so neither layout takes strided 2-byte loads;
+// otherwise (no 16-byte alignment) by scalar loads. With vec_y two adjacent output columns are one
+// 4-byte read-modify-write of y.
 #pragma once
 
 #include "openlora/mma.cuh"
@@ -24,6 +29,8 @@ constexpr int BN = 128;        // output columns per CTA
 constexpr int WN = BN / kWarps;  // per warp
 constexpr int RK = 64;         // rank entries per step
 constexpr int kLds = RK + 8;   // padded shared row, elements
+constexpr int kLdsN = BN + 8;  // ... of the [rank][n] tile (vec_n)
+constexpr int kBsElems = BN * kLds > RK * kLdsN ? BN * kLds : RK * kLdsN;
 
 template <typename T, int BM>
 OLK_DEVICE void load_rank_step(const SgmvParams& p, const SliceArgs& sl, const T* b_slot, const int64_t* rows_s,
@@ -34,6 +41,19 @@ OLK_DEVICE void load_rank_step(const SgmvParams& p, const SliceArgs& sl, const T
     const int64_t tr = rows_s[r];
     const float hv = (tr >= 0 && rk0 + j < rank) ? p.h[gsid * p.sh_n + tr * p.sh_t + (rk0 + j) * p.sh_r] : 0.f;
     hs[r * kLds + j] = DT::from_float(hv);
+  }
+  if (p.vec_n) {  // [rank][n]: rank row j's columns n0 .. n0 + 127, 8 at a time (16-byte aligned)
+    constexpr int kNVecs = BN / 8;
+    for (int v = threadIdx.x; v < RK * kNVecs; v += kThreads) {
+      const int j = v / kNVecs, c = (v % kNVecs) * 8;
+      const int64_t n = n0 + c;
+      const int64_t left = sl.n - n;
+      const int valid = rk0 + j < rank && left > 0 ? (left < 8 ? static_cast<int>(left) : 8) : 0;
+      const T* src = valid > 0 ? b_slot + (rk0 + j) * sl.b_sr + n : b_slot;
+      cp_async_16(bs + j * kLdsN + c, src, valid * static_cast<int>(sizeof(T)));
+    }
+    cp_async_commit();
+    return;
   }
   constexpr int kVecs = RK / 8;
   for (int v = threadIdx.x; v < BN * kVecs; v += kThreads) {
@@ -57,7 +77,7 @@ template <typename T, int BM>
 __global__ void __launch_bounds__(kThreads) sgmv_expand_mma_kernel(const __grid_constant__ SgmvParams p) {
   static_assert(BM % 16 == 0 && BM <= 64, "BM must be 16, 32 or 64");
   __shared__ __align__(16) T hs[BM * kLds];
-  __shared__ __align__(16) T bs[BN * kLds];
+  __shared__ __align__(16) T bs[kBsElems];   // [BN][kLds], or [RK][kLdsN] with vec_n
   __shared__ int64_t rows_s[BM];
   CtaTask task;
   if (!load_task(p, blockIdx.x, blockIdx.z, task)) return;
@@ -95,7 +115,10 @@ __global__ void __launch_bounds__(kThreads) sgmv_expand_mma_kernel(const __grid_
 #pragma unroll
         for (int np = 0; np < WN / 16; ++np) {
           uint32_t bf[4];
-          ldmatrix_x4(bf, bs + (warp * WN + np * 16 + b_frag_row(lane)) * kLds + ks * 16 + b_frag_col(lane));
+          if (p.vec_n)
+            ldmatrix_x4_trans(bf, bs + (ks * 16 + bt_frag_k(lane)) * kLdsN + warp * WN + np * 16 + bt_frag_n(lane));
+          else
+            ldmatrix_x4(bf, bs + (warp * WN + np * 16 + b_frag_row(lane)) * kLds + ks * 16 + b_frag_col(lane));
 #pragma unroll
           for (int mi = 0; mi < BM / 16; ++mi) {
             Mma16816<T>::run(acc[mi][2 * np], af[mi], bf[0], bf[1]);
@@ -113,13 +136,19 @@ __global__ void __launch_bounds__(kThreads) sgmv_expand_mma_kernel(const __grid_
 #pragma unroll
   for (int mi = 0; mi < BM / 16; ++mi)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
+    for (int c = 0; c < 4; c += 2) {  // accumulators c, c + 1: one row, columns n, n + 1 (n even)
       const int64_t tr = rows_s[mi * 16 + (lane >> 2) + (c >> 1) * 8];
       if (tr < 0) continue;
 #pragma unroll
       for (int ni = 0; ni < WN / 8; ++ni) {
-        const int64_t n = n0 + warp * WN + ni * 8 + (lane & 3) * 2 + (c & 1);
-        if (n < sl.n) add_to(y + tr * p.sy_t + (sl.col + n) * p.sy_n, acc[mi][ni][c] * scale);
+        const int64_t n = n0 + warp * WN + ni * 8 + (lane & 3) * 2;
+        T* yp = y + tr * p.sy_t + (sl.col + n) * p.sy_n;
+        if (p.vec_y && n + 1 < sl.n) {
+          add_pair_to(yp, acc[mi][ni][c] * scale, acc[mi][ni][c + 1] * scale);
+        } else {
+          if (n < sl.n) add_to(yp, acc[mi][ni][c] * scale);
+          if (n + 1 < sl.n) add_to(yp + p.sy_n, acc[mi][ni][c + 1] * scale);
+        }
       }
     }
 }
