@@ -150,7 +150,7 @@ def test_limits_themselves_are_accepted():
     assert p.fullmatch("a" * (MAX_STATES - 1)) and not p.fullmatch("a" * MAX_STATES)
     t0 = time.perf_counter()
     assert compile_pattern("(?:){1000000000}b").fullmatch("b")          # an empty item repeated: 2 states
-    assert time.perf_counter() - t0 < 0.5
+    assert time.perf_counter() - t0 < 5.0                                # (a billion copies: hours)
 
 
 def test_types_and_cache():
