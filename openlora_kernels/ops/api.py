@@ -691,7 +691,8 @@ def _check_ids(ids, T: int, device: torch.device) -> torch.Tensor:
 
 
 def lora_embedding_shrink(ids: torch.Tensor, lora_a: torch.Tensor, indices: Indices,
-                          ranks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          ranks: Optional[torch.Tensor] = None, *, offsets: Optional[torch.Tensor] = None,
+                          max_rank: Optional[int] = None) -> torch.Tensor:
     """The shrink of an embedding LoRA: ``h[0, t, :] = A[s, :, ids[t]]`` (the columns of
     ``lora_embedding_A`` picked by token id: ``x`` is the token's one-hot vector), 0 for rows
     with slot -1 and beyond each slot's rank. Returns a new [1, T, R] float32 tensor, the ``h``
@@ -701,11 +702,19 @@ def lora_embedding_shrink(ids: torch.Tensor, lora_a: torch.Tensor, indices: Indi
     embedding's error, raised before this runs); ``lora_a`` [S, R, V] stacked
     ``lora_embedding_A`` of S slots. A gather, not a GEMM: plain PyTorch indexing on any device
     and backend, no host synchronisation. Never records a graph: no gradients for A here (the
-    embedding's frozen adapters are served, not trained).
+    embedding's frozen adapters are served, not trained). ``offsets`` / ``max_rank``: the packed
+    form (``lora_a`` [rows, V], slot s's rows from ``offsets[s]``; see :func:`add_lora`).
     """
+    packed = None
+    if offsets is not None:
+        lora_a, _, packed = _packed_args(lora_a, None, offsets, ranks, max_rank, b=False)
+    elif max_rank is not None:
+        _packed_args(lora_a, None, None, ranks, max_rank)         # raises: max_rank only with offsets
     _tensor(lora_a, "lora_a", 3)
     _float(lora_a, "lora_a", True)
     S, R, V = lora_a.shape
+    if packed is not None:
+        _packed.check_offsets_arg(offsets, S, lora_a.device)
     _check_ids(ids, ids.shape[0] if isinstance(ids, torch.Tensor) else 0, lora_a.device)
     T = ids.shape[0]
     ranks = _check_ranks(ranks, S, 1, lora_a.device)
@@ -717,7 +726,16 @@ def lora_embedding_shrink(ids: torch.Tensor, lora_a: torch.Tensor, indices: Indi
     keep = slots >= 0
     s = slots.clamp(min=0)
     with torch.no_grad():
-        h = lora_a[s, :, ids.long().clamp(0, V - 1)].to(dt)         # [T, R]
+        if packed is not None:
+            _packed.check_offsets(packed, ranks)
+            rows = packed.rows
+            buf = _packed.buffer_of(lora_a, rows, 1)                   # [rows, V]
+            off = packed.offsets.long().clamp(0, rows)
+            j = (off[s][:, None] + torch.arange(R, device=buf.device)[None, :]).clamp(max=max(rows - 1, 0))
+            h = buf[j, ids.long().clamp(0, V - 1)[:, None]].to(dt)    # [T, R]
+            ranks = torch.minimum(ranks.reshape(-1, S)[0].long(), rows - off)
+        else:
+            h = lora_a[s, :, ids.long().clamp(0, V - 1)].to(dt)         # [T, R]
         if ranks is not None:
             r = ranks.reshape(-1, S)[0].long()[s]
             keep = keep[:, None] & (torch.arange(R, device=h.device)[None, :] < r[:, None])
@@ -729,6 +747,7 @@ def lora_embedding_shrink(ids: torch.Tensor, lora_a: torch.Tensor, indices: Indi
 
 def add_lora_embedding(y: torch.Tensor, ids: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                        indices: Indices, scalings: torch.Tensor, ranks: Optional[torch.Tensor] = None, *,
+                       offsets: Optional[torch.Tensor] = None, max_rank: Optional[int] = None,
                        backend: str = "auto") -> torch.Tensor:
     """An embedding LoRA, added into ``y`` in place (PEFT's ``lora_embedding_A`` / ``_B``):
     ``y[t] += scalings[s] * A[s, :r_s, ids[t]] @ B[s, :, :r_s].T`` for rows whose slot s is not -1.
@@ -741,30 +760,34 @@ def add_lora_embedding(y: torch.Tensor, ids: torch.Tensor, lora_a: torch.Tensor,
     _tensor(y, "y", 2)
     _float(y, "y", backend == "torch")
     _check_ids(ids, y.shape[0], y.device)
-    _tensor(lora_a, "lora_a", 3)
+    _tensor(lora_a, "lora_a", 2 if offsets is not None else 3)
     _same_device(lora_a, "lora_a", y.device)
     if lora_a.dtype != y.dtype:
         raise TypeError(f"lora_a: dtype {lora_a.dtype} does not match y's dtype {y.dtype}")
-    h = lora_embedding_shrink(ids, lora_a, indices, ranks)
-    return lora_expand(y, h, lora_b, indices, scalings, ranks, backend=backend)
+    h = lora_embedding_shrink(ids, lora_a, indices, ranks, offsets=offsets, max_rank=max_rank)
+    return lora_expand(y, h, lora_b, indices, scalings, ranks, offsets=offsets, backend=backend)
 
 
 class BoundEmbeddingLoRA:
     """:func:`add_lora_embedding` with the weight arguments checked once (a patched nn.Embedding's
     call: ``op(y, ids, meta)``)."""
 
-    __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend")
+    __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend", "offsets", "max_rank")
 
     def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scalings: torch.Tensor,
-                 ranks: Optional[torch.Tensor] = None, *, backend: str = "auto"):
-        y = _like(lora_b, 1)
+                 ranks: Optional[torch.Tensor] = None, *, offsets: Optional[torch.Tensor] = None,
+                 max_rank: Optional[int] = None, backend: str = "auto"):
+        y = lora_b.new_empty((0, lora_b.shape[0])) if offsets is not None and isinstance(lora_b, torch.Tensor) \
+            and lora_b.dim() == 2 else _like(lora_b, 1)
         add_lora_embedding(y, torch.zeros(0, dtype=torch.long, device=y.device), lora_a, lora_b,
-                           torch.zeros(0, dtype=torch.int32, device=y.device), scalings, ranks, backend=backend)
+                           torch.zeros(0, dtype=torch.int32, device=y.device), scalings, ranks, offsets=offsets,
+                           max_rank=max_rank, backend=backend)
         self.lora_a, self.lora_b, self.scalings, self.ranks, self.backend = lora_a, lora_b, scalings, ranks, backend
+        self.offsets, self.max_rank = offsets, max_rank
 
     def __call__(self, y: torch.Tensor, ids: torch.Tensor, indices: Indices) -> torch.Tensor:
         return add_lora_embedding(y, ids, self.lora_a, self.lora_b, indices, self.scalings, self.ranks,
-                                  backend=self.backend)
+                                  offsets=self.offsets, max_rank=self.max_rank, backend=self.backend)
 
 
 # --------------------------------------------------------------------------------- DoRA
