@@ -79,8 +79,10 @@ def views(lora_a, lora_b, offsets, ranks, max_rank, a_required: bool = True, b_r
         raise ValueError("ranks: required with offsets (the packed form has no implicit rank)")
     if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 0:
         raise ValueError(f"max_rank: with offsets, expected an int >= 0 (the largest rank of a slot), got {max_rank!r}")
-    if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1:
-        check_offsets_arg(offsets, -1, torch.device("cpu"))      # raises naming the problem
+    if not isinstance(offsets, torch.Tensor):
+        raise TypeError(f"offsets: expected a torch.Tensor or None, got {type(offsets).__name__}")
+    if offsets.dim() != 1:
+        raise ValueError(f"offsets: expected shape [S] (one first row per slot), got {tuple(offsets.shape)}")
     S = offsets.shape[0]
     rows = None
     a_views = b_views = None
