@@ -340,7 +340,7 @@ def _sgmv_expand_kernel(
     n_mask = offs_n < n_i
     stride_br = _pick(sid, br0, br1, br2, br3)
     b_ptr = (_pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot.to(tl.int64) * _mult(_pick(sid, bs0, bs1, bs2, bs3), VEC)
-             + roff * stride_br)
+             + _mult(roff * stride_br, VEC))   # (VEC > 1 only where the rank stride is a multiple of it)
     h_base = h_ptr + gsid.to(tl.int64) * stride_hn + rows[:, None] * stride_ht
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -419,7 +419,7 @@ def _sgmv_fused_kernel(
     # Expand: y[rows, cols] += h @ B[slot, cols, :rank].T over this program's output tiles.
     stride_br = _pick(sid, br0, br1, br2, br3)
     b_ptr = (_pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot64 * _mult(_pick(sid, bs0, bs1, bs2, bs3), VEC)
-             + roff * stride_br)
+             + _mult(roff * stride_br, VEC))   # (VEC > 1 only where the rank stride is a multiple of it)
     col0 = _pick(sid, c0, c1, c2, c3)
     if USE_DOT and not FP32_DOT:
         hd = h.to(b_ptr.dtype.element_ty)
