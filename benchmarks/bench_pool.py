@@ -2,7 +2,8 @@
 
     python -m benchmarks.bench_pool [--out benchmarks/results/pool_cpu.csv] [--quick]
 
-A patched random Llama-shaped model (all seven projections of every layer) and adapters of ranks
+A patched random Llama-shaped model (the seven projections of every layer: the layers the adapters
+target, so that neither pool reserves bytes for a layer no adapter uses) and adapters of ranks
 8 / 16 / 32 / 64 / 128 in equal shares, max_rank = 128:
 
   capacity   the padded pool (``patch_model(max_adapters=M, max_rank=128)``: M slots of 128 rows
@@ -37,10 +38,9 @@ from typing import Dict, List
 import torch
 
 from . import common
-from .model_fixtures import Dims, build_model, dims_extra, save_peft_adapters, share_weights_copy
+from .model_fixtures import PROJECTIONS, Dims, build_model, dims_extra, save_peft_adapters, share_weights_copy
 
-RESULTS = os.path.join(common.RESULTS_DIR, "pool_cpu.csv")
-OUT_DEFAULT = os.path.join(os.path.dirname(__file__), "out", "pool_cpu.csv")
+OUT_DEFAULT = os.path.join(common.RESULTS_DIR, "pool_cpu.csv")
 RANKS = (8, 16, 32, 64, 128)
 MAX_RANK = 128
 
@@ -58,7 +58,7 @@ def sources(base, root: str) -> Dict[int, object]:
 
 def olk_patch(base):
     import openlora_kernels as olk
-    return olk.patch_model(share_weights_copy(base), max_adapters=1, max_rank=1)
+    return olk.patch_model(share_weights_copy(base), target_modules=list(PROJECTIONS), max_adapters=1, max_rank=1)
 
 
 def make_source(weights):
@@ -72,7 +72,7 @@ def slot_bytes_padded(lm) -> int:
 def capacity(base, weights, M: int, churn_factor: int, seed: int, backend: str) -> List[dict]:
     import openlora_kernels as olk
 
-    padded = olk.patch_model(share_weights_copy(base), max_adapters=M, max_rank=MAX_RANK, backend=backend)
+    padded = olk.patch_model(share_weights_copy(base), target_modules=list(PROJECTIONS), max_adapters=M, max_rank=MAX_RANK, backend=backend)
     n_names = 4 * M               # (the packed pool holds ~2.6 M of them)
     names = [f"a{i:03d}" for i in range(n_names)]
     rank_of = {n: RANKS[i % len(RANKS)] for i, n in enumerate(names)}
@@ -103,7 +103,7 @@ def capacity(base, weights, M: int, churn_factor: int, seed: int, backend: str) 
     n_pad = first_eviction(padded)
     budget = slot_bytes_padded(padded)        # the padded pool's slot bytes (every layer allocated now)
     churn_pad = churn(padded, churn_factor * n_pad)
-    packed = olk.patch_model(share_weights_copy(base), max_adapters=M, max_rank=MAX_RANK, backend=backend, device_budget_bytes=budget)
+    packed = olk.patch_model(share_weights_copy(base), target_modules=list(PROJECTIONS), max_adapters=M, max_rank=MAX_RANK, backend=backend, device_budget_bytes=budget)
     for n in names:
         packed.load_adapter(n, make_source(weights[rank_of[n]]))
     n_pack = first_eviction(packed)
@@ -127,8 +127,8 @@ def load_times(base, weights, reps: int, backend: str, per_row: int) -> List[dic
     rows = []
     for r in RANKS:
         pools = {
-            "padded": olk.patch_model(share_weights_copy(base), max_adapters=1, max_rank=MAX_RANK, backend=backend),
-            "packed": olk.patch_model(share_weights_copy(base), max_adapters=1, max_rank=MAX_RANK, backend=backend,
+            "padded": olk.patch_model(share_weights_copy(base), target_modules=list(PROJECTIONS), max_adapters=1, max_rank=MAX_RANK, backend=backend),
+            "packed": olk.patch_model(share_weights_copy(base), target_modules=list(PROJECTIONS), max_adapters=1, max_rank=MAX_RANK, backend=backend,
                                       device_budget_bytes=r * per_row),
         }
         for lm in pools.values():
@@ -164,7 +164,7 @@ def decode_times(base, weights, M: int, reps: int, backend: str, vocab: int) -> 
     lms, outs = {}, {}
     for k in ("padded", "packed"):
         budget = slot_bytes_padded(lms["padded"]) if k == "packed" else None    # the same bytes
-        lm = lms[k] = olk.patch_model(share_weights_copy(base), max_adapters=M, max_rank=MAX_RANK, backend=backend,
+        lm = lms[k] = olk.patch_model(share_weights_copy(base), target_modules=list(PROJECTIONS), max_adapters=M, max_rank=MAX_RANK, backend=backend,
                                       device_budget_bytes=budget)
         for n, r in zip(names, ranks):
             lm.load_adapter(n, make_source(weights[r]), pin=True)
