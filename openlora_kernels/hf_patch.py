@@ -599,6 +599,9 @@ class MultiLoRAModel:
         _check_name(name, "name")
         if not isinstance(trainable, bool):
             raise TypeError(f"trainable: expected a bool, got {type(trainable).__name__}")
+        if trainable and self.pool.packed:
+            raise ValueError("trainable: training needs the padded pool (its Parameters view [slot, rank, "
+                             "features] slices); patch without device_budget_bytes to train")
         given = {k: v for k, v in (("r", r), ("lora_alpha", lora_alpha), ("target_modules", target_modules),
                                    ("use_rslora", use_rslora)) if v is not None}
         if source is None:
