@@ -521,8 +521,8 @@ class AdapterPool:
         self._entries: Dict[str, _Entry] = {}
         # Packed pool (layers built with packed_rows, see packed_layout): slot ids number
         # num_slots >= max_adapters (an id per resident adapter; max_adapters bounds a batch).
-        self.packed = any(ls.packed for ls in layers.values())
-        if self.packed and not all(ls.packed for ls in layers.values()):
+        self.packed = any(getattr(ls, "packed", False) for ls in layers.values())
+        if self.packed and not all(getattr(ls, "packed", False) for ls in layers.values()):
             raise ValueError("layers: either every layer is packed or none is")
         S = next(iter(layers.values())).num_slots if (self.packed and layers) else max_adapters
         self.num_slots = S
