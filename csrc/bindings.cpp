@@ -82,6 +82,13 @@ SgmvParams parse_params(const py::dict& args, const std::vector<std::vector<int6
   p.sr_s = get(args, "sr_s");
   p.ranks_i64 = static_cast<int>(get(args, "ranks_i64"));
   p.has_ranks = static_cast<int>(get(args, "has_ranks"));
+  if (args.contains("offs")) {   // the packed form (optional keys)
+    p.offs = ptr<const void*>(args, "offs");
+    p.offs_i64 = static_cast<int>(get(args, "offs_i64"));
+    p.rows = get(args, "rows");
+    p.has_offs = p.offs != nullptr;
+    if (p.has_offs && p.rows < 0) throw std::invalid_argument("rows: must be >= 0");
+  }
   p.sorted_tokens = ptr<const int32_t*>(args, "sorted_tokens");
   p.tile_info = ptr<const int32_t*>(args, "tile_info");
   p.G = get(args, "G");

@@ -65,8 +65,9 @@ bool vec_k_ok(const SgmvParams& p, int64_t esz) {
 }
 
 // 16-byte loads along R from every B (vectors start at multiples of 16 bytes, never pass R).
+// Not in the packed form: a slot's ranks then start at any row.
 bool vec_r_ok(const SgmvParams& p, int64_t esz) {
-  bool ok = true;
+  bool ok = !p.has_offs;
   for (int i = 0; i < p.n_slices && ok; ++i) {
     const SliceArgs& s = p.slices[i];
     ok = s.b_sr == 1 && aligned16(s.b) && (s.b_ss * esz) % 16 == 0 && (s.b_sn * esz) % 16 == 0;

@@ -67,7 +67,7 @@ from .metadata import LoRABatchMeta, build_batch_meta
 from .ops import cpu_ext
 from .ops.api import dora_rescale
 from .ops.backends import BACKEND_CHOICES, resolve_backend
-from .pool import AdapterPool, HostLoRA, HostSlotArena, LayerSlots, Lease, MemoryReport, Prefetch
+from .pool import AdapterPool, HostLoRA, HostSlotArena, LayerSlots, Lease, MemoryReport, Prefetch, packed_layout
 from .training import SlotDelta, TrainableAdapter, fresh_adapter, save_adapter, slot_parameters
 
 BASE = "__base__"
@@ -486,7 +486,7 @@ class MultiLoRAModel:
     """
 
     def __init__(self, model: nn.Module, *, max_adapters: int, max_rank: int, target_modules: TargetModules,
-                 backend: str, host_budget_bytes: Optional[int]):
+                 backend: str, host_budget_bytes: Optional[int], device_budget_bytes: Optional[int] = None):
         for arg, v in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{arg}: expected a positive int, got {v!r}")
@@ -503,10 +503,17 @@ class MultiLoRAModel:
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
         self.target_modules = target_modules
         arena = HostSlotArena()   # CPU layers' slots, packed in huge pages (pool.py)
+        num_slots, rows = max_adapters, None
+        if device_budget_bytes is not None:     # the rank-packed pool (pool.py, packed_layout)
+            itemsize = max((t.weight.dtype.itemsize for t in picked), default=4)
+            rows, num_slots = packed_layout([(t.in_features, t.out_features, t.experts) for t in picked], itemsize,
+                                            device_budget_bytes, max_rank, max_adapters)
+        self.num_slots = num_slots
         self._layers: Dict[str, LayerSlots] = {
-            t.name: LayerSlots(t.name, t.in_features, t.out_features, max_adapters, max_rank, t.weight.device,
+            t.name: LayerSlots(t.name, t.in_features, t.out_features, num_slots, max_rank, t.weight.device,
                                t.weight.dtype, backend, arena, kind="embedding" if t.kind == "embedding" else
-                               "experts" if t.kind == "experts" else "linear", experts=t.experts)
+                               "experts" if t.kind == "experts" else "linear", experts=t.experts,
+                               packed_rows=None if rows is None else rows * max(t.experts, 1))
             for t in picked}
         self._targets: Dict[str, Target] = {t.name: t for t in picked}
         self._modules_by_name = dict(model.named_modules())
@@ -518,8 +525,9 @@ class MultiLoRAModel:
         expect = Expectation(check=self._check_shapes, max_bytes=self._max_adapter_bytes())
         self.pool = AdapterPool(self._layers, max_adapters, max_rank, self._bind, host_budget_bytes,
                                 read=functools.partial(load_adapter_weights, expect=expect,
-                                                       params=self._param_target))
-        self._meta_cache = _MetaCache(max_adapters)
+                                                       params=self._param_target),
+                                device_budget_bytes=device_budget_bytes)
+        self._meta_cache = _MetaCache(num_slots)
         # This model's batch state per call (module doc of _CallState); set_batch() spans, by id,
         # with the thread that opened them (a forward elsewhere without a batch of its own refuses
         # to guess whether it was meant to use one).
@@ -545,7 +553,7 @@ class MultiLoRAModel:
                 hook = _embedding_hook if t.kind == "embedding" else _lora_hook
                 self._hooks.append(t.module.register_forward_hook(hook(ls, self._call), with_kwargs=True))
         for mod, params in experts.values():
-            self._hooks.append(mod.register_forward_hook(experts_hook(params, self._call, max_adapters),
+            self._hooks.append(mod.register_forward_hook(experts_hook(params, self._call, num_slots),
                                                          with_kwargs=True))
         # Gradient checkpointing replays a layer's forward during the backward, outside the call:
         # the checkpoint function of every layer that has one is wrapped so the replay sees the batch
@@ -591,6 +599,9 @@ class MultiLoRAModel:
         _check_name(name, "name")
         if not isinstance(trainable, bool):
             raise TypeError(f"trainable: expected a bool, got {type(trainable).__name__}")
+        if trainable and self.pool.packed:
+            raise ValueError("trainable: training needs the padded pool (its Parameters view [slot, rank, "
+                             "features] slices); patch without device_budget_bytes to train")
         given = {k: v for k, v in (("r", r), ("lora_alpha", lora_alpha), ("target_modules", target_modules),
                                    ("use_rslora", use_rslora)) if v is not None}
         if source is None:
@@ -1062,12 +1073,12 @@ class MultiLoRAModel:
         self.clear_batch()
         lease = None
         if isinstance(slots, LoRABatchMeta):
-            if slots.num_slots != self.max_adapters:
+            if slots.num_slots != self.num_slots:
                 raise ValueError(f"slots: the metadata was built for {slots.num_slots} slots, but the pool has "
-                                 f"max_adapters={self.max_adapters}")
+                                 f"{self.num_slots} slot ids (max_adapters={self.max_adapters})")
             meta = slots
         elif isinstance(slots, torch.Tensor):
-            meta = build_batch_meta(slots, self.max_adapters)
+            meta = build_batch_meta(slots, self.num_slots)
         elif isinstance(slots, Sequence) and not isinstance(slots, str):
             for i, n in enumerate(slots):
                 if n is not None and n != BASE:
@@ -1076,7 +1087,7 @@ class MultiLoRAModel:
             device = next(iter(self._layers.values())).device
             ids = [-1 if (n is None or n == BASE) else lease.slots[n] for n in slots]
             try:
-                meta = build_batch_meta(torch.tensor(ids, dtype=torch.int32).to(device), self.max_adapters)
+                meta = build_batch_meta(torch.tensor(ids, dtype=torch.int32).to(device), self.num_slots)
             except BaseException:
                 lease.release()
                 raise
@@ -1138,7 +1149,8 @@ class MultiLoRAModel:
 
 
 def patch_model(model: nn.Module, max_adapters: int = 8, max_rank: int = 64, target_modules: TargetModules = None,
-                backend: str = "auto", *, host_budget_bytes: Optional[int] = None) -> MultiLoRAModel:
+                backend: str = "auto", *, host_budget_bytes: Optional[int] = None,
+                device_budget_bytes: Optional[int] = None) -> MultiLoRAModel:
     """Patch ``model`` in place (forward hooks; weights untouched) to serve many LoRA adapters.
 
     Args:
@@ -1150,6 +1162,13 @@ def patch_model(model: nn.Module, max_adapters: int = 8, max_rank: int = 64, tar
         backend: kernel backend for add_lora ("auto": Triton on a GPU, torch on the CPU).
         host_budget_bytes: most bytes of adapter weights kept in host memory (None: no limit);
             past it the least recently used adapters are dropped and re-read from their source.
+        device_budget_bytes: None (default): padded slots, [max_adapters, max_rank, features] per
+            layer. An int: the RANK-PACKED pool: each layer holds one buffer of rows sized so that
+            all layers together take at most this many bytes; a resident adapter occupies only its
+            own ranks' rows, so many more than max_adapters stay resident (max_adapters still
+            bounds the distinct adapters of one batch); least-recently-used adapters are evicted
+            until a new one fits (docs/usage.md, "Device memory").
     """
     return MultiLoRAModel(model, max_adapters=max_adapters, max_rank=max_rank, target_modules=target_modules,
-                          backend=backend, host_budget_bytes=host_budget_bytes)
+                          backend=backend, host_budget_bytes=host_budget_bytes,
+                          device_budget_bytes=device_budget_bytes)

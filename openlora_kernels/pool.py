@@ -141,6 +141,23 @@ class HostSlotArena:
         self._chunk, self._used = whole[off:off + size], 0
 
 
+def packed_layout(dims: Sequence[Tuple[int, int, int]], itemsize: int, device_budget_bytes: int, max_rank: int,
+                  max_adapters: int) -> Tuple[int, int]:
+    """(rows per expert-unit C, slot ids) of a packed pool over layers ``dims`` [(K, N, E)]: every
+    layer gets C rows (C * E for an experts layer), so that all of them together take at most
+    ``device_budget_bytes``; an adapter of rank r in every layer then takes r / C of the budget.
+    Slot ids: one per resident adapter, at least max_adapters, room for C / 8 adapters (rank 8
+    in every layer), at most 4096 (the batch metadata and the CPU kernel's loop are per slot id)."""
+    per_row = sum((K + N) * max(E, 1) for K, N, E in dims) * itemsize
+    if isinstance(device_budget_bytes, bool) or not isinstance(device_budget_bytes, int) or device_budget_bytes < 1:
+        raise ValueError(f"device_budget_bytes: expected None or a positive int, got {device_budget_bytes!r}")
+    C = device_budget_bytes // per_row if per_row else 0
+    if C < 1:
+        raise ValueError(f"device_budget_bytes: {device_budget_bytes} bytes hold no rank row of the patched layers "
+                         f"({per_row} bytes per rank over all of them)")
+    return C, max(max_adapters, min(4096, C // 8))
+
+
 class LayerSlots:
     """The device slots of one patched layer and its add_lora call (``op``) over them.
 
@@ -154,7 +171,8 @@ class LayerSlots:
 
     def __init__(self, name: str, in_features: int, out_features: int, num_slots: int, max_rank: int,
                  device: torch.device, dtype: torch.dtype, backend: str = "auto",
-                 arena: Optional[HostSlotArena] = None, kind: str = "linear", experts: int = 0):
+                 arena: Optional[HostSlotArena] = None, kind: str = "linear", experts: int = 0,
+                 packed_rows: Optional[int] = None):
         self.name, self.in_features, self.out_features = name, in_features, out_features
         self.arena = arena if torch.device(device).type == "cpu" else None   # CPU slots only
         self.num_slots, self.max_rank, self.device, self.dtype = num_slots, max_rank, device, dtype
@@ -174,6 +192,61 @@ class LayerSlots:
         self.dora: Optional[Tuple[torch.Tensor, torch.Tensor, frozenset]] = None
         self.active: frozenset = frozenset()        # adapter slots with weights here
         self.active_mask = torch.zeros(num_slots, dtype=torch.bool, device=device)   # the same, [S] on the device
+        # Packed mode (``packed_rows``: the rows of this layer's one buffer): ``a`` [rows, K], ``bt``
+        # [rows, N]; an adapter slot holds the rows [off, off + E * rank) (its experts one after
+        # another), virtual slot v's offset in ``offsets`` [V] (int32). ``extents``: {slot: (off,
+        # rows)}, the allocator's view (guarded by the pool's state lock; the rows' contents by
+        # its write lock).
+        self.packed = packed_rows is not None
+        self.capacity = int(packed_rows) if self.packed else 0
+        self.offsets_host = [0] * V
+        self.offsets = torch.zeros(V, dtype=torch.int32, device=device)
+        self.extents: Dict[int, Tuple[int, int]] = {}
+
+    # ------------------------------------------------------------------ packed row allocator
+
+    def row_bytes(self) -> int:
+        """Bytes of one packed row (one rank of A and of B)."""
+        return (self.in_features + self.out_features) * self.dtype.itemsize
+
+    def rows_for(self, w: HostLoRA) -> int:
+        return max(self.experts, 1) * w.rank
+
+    @property
+    def free_rows(self) -> int:
+        return self.capacity - sum(n for _, n in self.extents.values())
+
+    def find(self, n: int) -> Optional[int]:
+        """First row of the lowest free run of ``n`` rows, or None."""
+        cur = 0
+        for off, m in sorted(self.extents.values()):
+            if off - cur >= n:
+                return cur
+            cur = max(cur, off + m)
+        return cur if self.capacity - cur >= n else None
+
+    def compaction_moves(self, movable: Callable[[int], bool]) -> List[Tuple[int, int, int, int]]:
+        """(slot, old offset, new offset, rows) that slide the movable slots' runs down over the
+        free rows (in ascending order: each move's target lies below its source and above the
+        previous moves' targets); runs of unmovable slots stay where they are. Updates extents."""
+        moves, cur = [], 0
+        for slot, (off, n) in sorted(self.extents.items(), key=lambda kv: kv[1][0]):
+            if movable(slot) and off > cur:
+                moves.append((slot, off, cur, n))
+                self.extents[slot] = (cur, n)
+                off = cur
+            cur = off + n
+        return moves
+
+    def move(self, slot: int, old: int, new: int, n: int) -> None:
+        """(write lock held; nothing reads ``slot``) Copy its rows from ``old`` to ``new`` and
+        repoint its virtual slots. Call publish() afterwards."""
+        if n and self.a is not None:
+            self.a[new:new + n].copy_(self.a[old:old + n].clone())
+            self.bt[new:new + n].copy_(self.bt[old:old + n].clone())
+        E = max(self.experts, 1)
+        for v in range(slot * E, (slot + 1) * E):
+            self.offsets_host[v] += new - old
 
     @property
     def nbytes(self) -> int:
@@ -185,6 +258,15 @@ class LayerSlots:
         return n
 
     def _allocate(self) -> None:
+        if self.a is None and self.packed:
+            C = self.capacity
+            if self.arena is not None:
+                self.a = self.arena.zeros((C, self.in_features), self.dtype)
+                self.bt = self.arena.zeros((C, self.out_features), self.dtype)
+                return
+            self.a = torch.zeros((C, self.in_features), dtype=self.dtype, device=self.device)
+            self.bt = torch.zeros((C, self.out_features), dtype=self.dtype, device=self.device)
+            return
         if self.a is None:
             S, R = self.num_virtual, self.max_rank
             if self.arena is not None:
@@ -194,8 +276,9 @@ class LayerSlots:
             self.a = torch.zeros((S, R, self.in_features), dtype=self.dtype, device=self.device)
             self.bt = torch.zeros((S, R, self.out_features), dtype=self.dtype, device=self.device)
 
-    def write(self, slot: int, w: Optional[HostLoRA]) -> None:
-        """Copy ``w`` into ``slot`` (None: mark the slot empty here). Call publish() afterwards."""
+    def write(self, slot: int, w: Optional[HostLoRA], off: Optional[int] = None) -> None:
+        """Copy ``w`` into ``slot`` (None: mark the slot empty here). Call publish() afterwards.
+        Packed mode: into rows [off, off + rows_for(w)) (reserved in ``extents`` by the pool)."""
         E = max(self.experts, 1)
         self._dora_host.discard(slot)
         if w is None:
@@ -206,10 +289,20 @@ class LayerSlots:
         r = w.rank
         a, bt = (w.a, w.bt) if self.experts else (w.a[None], w.bt[None])
         v0 = slot * E
-        self.a[v0:v0 + E, :r].copy_(a, non_blocking=True)
-        self.a[v0:v0 + E, r:].zero_()
-        self.bt[v0:v0 + E, :r].copy_(bt, non_blocking=True)
-        self.bt[v0:v0 + E, r:].zero_()
+        if self.packed:
+            n = E * r
+            if off is None or off < 0 or off + n > self.capacity:
+                raise ValueError(f"{self.name}: rows {off}..{(off or 0) + n} are outside the packed buffer's "
+                                 f"{self.capacity} rows")
+            self.a[off:off + n].copy_(a.reshape(n, self.in_features), non_blocking=True)
+            self.bt[off:off + n].copy_(bt.reshape(n, self.out_features), non_blocking=True)
+            for e in range(E):
+                self.offsets_host[v0 + e] = off + e * r
+        else:
+            self.a[v0:v0 + E, :r].copy_(a, non_blocking=True)
+            self.a[v0:v0 + E, r:].zero_()
+            self.bt[v0:v0 + E, :r].copy_(bt, non_blocking=True)
+            self.bt[v0:v0 + E, r:].zero_()
         for v in range(v0, v0 + E):
             self.ranks_host[v], self.scal_host[v] = r, float(w.scaling)
         if w.dora_scale is not None:
@@ -224,13 +317,20 @@ class LayerSlots:
         """Send the host ranks/scalings to the device and rebind the add_lora call."""
         ranks = torch.tensor(self.ranks_host, dtype=torch.int32)
         scal = torch.tensor(self.scal_host, dtype=torch.float32)
+        offs = torch.tensor(self.offsets_host, dtype=torch.int32) if self.packed else None
         if self.device.type == "cpu":
             self.ranks, self.scalings = ranks, scal
+            if offs is not None:
+                self.offsets = offs
         else:
             ranks, scal = ranks.pin_memory(), scal.pin_memory()
             self.ranks.copy_(ranks, non_blocking=True)
             self.scalings.copy_(scal, non_blocking=True)
             keep_alive += [ranks, scal]
+            if offs is not None:
+                offs = offs.pin_memory()
+                self.offsets.copy_(offs, non_blocking=True)
+                keep_alive.append(offs)
         if self._dora_host:
             has = torch.zeros(self.num_slots, dtype=torch.bool)
             has[sorted(self._dora_host)] = True
@@ -255,6 +355,10 @@ class LayerSlots:
         r_eff = max(self.ranks_host)
         if r_eff == 0:
             self.op = None
+        elif self.packed:
+            # One buffer, a row offset per (virtual) slot: ops/packed.py.
+            self.op = bound(self.a, self.bt.transpose(0, 1), self.scalings, self.ranks, offsets=self.offsets,
+                            max_rank=self.max_rank, backend=self.backend)
         elif resolve_backend(self.backend, self.device) == "torch":
             # The PyTorch backend's work grows with R: pass only the ranks in use (views, no
             # copies); ranks=None when every slot has exactly that rank here.
@@ -278,8 +382,9 @@ class AdapterMemory:
     acquired: int = 0          # acquire() calls not yet released
     rank: int = 0              # its largest rank over the layers it targets
     dtype: Optional[torch.dtype] = None   # storage dtype of its weights (host and slots)
-    device_bytes: int = 0      # what its slot occupies in the layers it targets (rank padded to
-                               # max_rank; 0 when not resident)
+    device_bytes: int = 0      # what it occupies on the device in the layers it targets: its own
+                               # ranks' rows in a packed pool, its slot (rank padded to max_rank)
+                               # in a padded one; 0 when not resident
 
     @property
     def host_bytes(self) -> int:
@@ -294,6 +399,8 @@ class MemoryReport:
     host_budget_bytes: Optional[int]
     max_adapters: int
     max_rank: int
+    device_budget_bytes: Optional[int] = None   # a packed pool's budget (None: a padded pool)
+    num_slots: int = 0                          # slot ids (a packed pool has more than max_adapters)
 
     @property
     def device_bytes_used(self) -> int:
@@ -305,16 +412,23 @@ class MemoryReport:
         mb = 1 / 2 ** 20
         budget = "unlimited" if self.host_budget_bytes is None else f"{self.host_budget_bytes * mb:.2f} MiB"
         used = sum(a.slot is not None for a in self.adapters)
-        lines = [f"device slots: {used}/{self.max_adapters} in use, max rank {self.max_rank}, "
-                 f"{self.device_bytes * mb:.2f} MiB allocated, of which the resident adapters' weights "
-                 f"{self.device_bytes_used * mb:.2f} MiB",
+        if self.device_budget_bytes is not None:
+            resident = sum(a.device_bytes for a in self.adapters)
+            head = (f"device (packed): {used} adapters resident in {resident * mb:.2f} MiB of a "
+                    f"{self.device_budget_bytes * mb:.2f} MiB budget ({self.device_bytes * mb:.2f} MiB allocated), "
+                    f"{self.num_slots} slot ids, at most {self.max_adapters} adapters per batch, max rank {self.max_rank}")
+        else:
+            head = (f"device slots: {used}/{self.max_adapters} in use, max rank {self.max_rank}, "
+                    f"{self.device_bytes * mb:.2f} MiB allocated, of which the resident adapters' weights "
+                    f"{self.device_bytes_used * mb:.2f} MiB")
+        lines = [head,
                  f"host: {self.host_bytes * mb:.2f} MiB of adapter weights (budget {budget})",
-                 f"{'adapter':<24} {'rank':>4} {'dtype':>8} {'MiB':>9} {'dev MiB':>9} {'host':>5} {'slot':>5} "
+                 f"{'adapter':<24} {'rank':>4} {'dtype':>8} {'MiB':>9} {'dev MiB':>9} {'host MiB':>9} {'slot':>5} "
                  f"{'pinned':>6} {'held':>5}"]
         for a in self.adapters:
             dt = str(a.dtype).replace("torch.", "") if a.dtype is not None else "-"
             lines.append(f"{a.name:<24} {a.rank:>4} {dt:>8} {a.nbytes * mb:>9.3f} {a.device_bytes * mb:>9.3f} "
-                         f"{'yes' if a.in_host_memory else 'no':>5} {'-' if a.slot is None else a.slot:>5} "
+                         f"{a.host_bytes * mb:>9.3f} {'-' if a.slot is None else a.slot:>5} "
                          f"{'yes' if a.pinned else 'no':>6} {a.leases + a.acquired:>5}")
         return "\n".join(lines)
 
@@ -397,13 +511,22 @@ class AdapterPool:
     PREFETCH_WORKERS = 2       # threads reading and copying prefetched adapters (I/O bound)
 
     def __init__(self, layers: Dict[str, LayerSlots], max_adapters: int, max_rank: int, bind: Binder,
-                 host_budget_bytes: Optional[int] = None, read: Optional[Callable[[AdapterSource], AdapterWeights]] = None):
+                 host_budget_bytes: Optional[int] = None, read: Optional[Callable[[AdapterSource], AdapterWeights]] = None,
+                 device_budget_bytes: Optional[int] = None):
         self.layers, self.max_adapters, self.max_rank = layers, max_adapters, max_rank
         self.host_budget_bytes = host_budget_bytes
+        self.device_budget_bytes = device_budget_bytes
         self._bind = bind
         self._load = read or load_adapter_weights
         self._entries: Dict[str, _Entry] = {}
-        S = max_adapters
+        # Packed pool (layers built with packed_rows, see packed_layout): slot ids number
+        # num_slots >= max_adapters (an id per resident adapter; max_adapters bounds a batch).
+        self.packed = any(getattr(ls, "packed", False) for ls in layers.values())
+        if self.packed and not all(getattr(ls, "packed", False) for ls in layers.values()):
+            raise ValueError("layers: either every layer is packed or none is")
+        S = next(iter(layers.values())).num_slots if (self.packed and layers) else max_adapters
+        self.num_slots = S
+        self._freed_readers: List["torch.cuda.Event"] = []   # GPU: last readers of rows freed since the last write
         self._owner: List[Optional[_Entry]] = [None] * S         # a slot's adapter (set before its copies end)
         self._slot_layers: List[Set[str]] = [set() for _ in range(S)]   # layers where a slot has weights
         self._clock = itertools.count(1)
@@ -443,8 +566,21 @@ class AdapterPool:
             self._check_free(name)
             self._add_entry(name, source, host, config)
 
+    def _check_fits(self, name: str, host: Bound) -> None:
+        """A packed pool refuses an adapter that needs more rows in a layer than the budget gives it."""
+        if not self.packed:
+            return
+        for layer, w in host.items():
+            ls = self.layers[layer]
+            n = ls.rows_for(w)
+            if n > ls.capacity:
+                raise ValueError(f"adapter {name!r}: layer {layer!r} needs {n} rows (rank {w.rank}), but "
+                                 f"device_budget_bytes={self.device_budget_bytes} gives each layer room for "
+                                 f"{ls.capacity} rows; raise the budget or lower the adapter's rank")
+
     def _add_entry(self, name: str, source: AdapterSource, host: Bound, config: Dict[str, Any]) -> _Entry:
         """(state lock held)"""
+        self._check_fits(name, host)
         entry = _Entry(name, source, host, config)
         entry.last_used = next(self._clock)
         self._entries[name] = entry
@@ -522,7 +658,7 @@ class AdapterPool:
         lease = Lease(self, entries, {})
         try:
             if missing:
-                self._make_resident(missing)
+                self._make_resident(missing, entries)
             with self._lock:
                 lease.slots = {e.name: e.slot for e in entries}
                 ready = [self._ready[e.slot] for e in entries] if self._cuda else ()
@@ -685,6 +821,9 @@ class AdapterPool:
         def slot_bytes(e: _Entry) -> int:
             if e.slot is None:
                 return 0
+            if self.packed:
+                return sum(ls.extents.get(e.slot, (0, 0))[1] * ls.row_bytes()
+                           for name, ls in self.layers.items() if name in e.fingerprint)
             return sum(ls.nbytes // ls.num_slots for name, ls in self.layers.items() if name in e.fingerprint)
 
         with self._lock:
@@ -693,7 +832,8 @@ class AdapterPool:
                                            e.dtype, slot_bytes(e)) for e in self._entries.values())
             return MemoryReport(adapters, sum(ls.nbytes for ls in self.layers.values()),
                                 sum(e.nbytes for e in self._entries.values() if e.host is not None),
-                                self.host_budget_bytes, self.max_adapters, self.max_rank)
+                                self.host_budget_bytes, self.max_adapters, self.max_rank,
+                                self.device_budget_bytes if self.packed else None, self.num_slots)
 
     # ------------------------------------------------------------------------------- internals
 
@@ -747,7 +887,7 @@ class AdapterPool:
             e.host = None
             total -= e.nbytes
 
-    def _make_resident(self, entries: Sequence[_Entry]) -> None:
+    def _make_resident(self, entries: Sequence[_Entry], held: Optional[Sequence[_Entry]] = None) -> None:
         """Load each entry into a slot unless it is (or becomes, by another thread) resident.
         The caller holds the entries (lease or pin), so nothing evicts them meanwhile."""
         for e in entries:
@@ -755,6 +895,9 @@ class AdapterPool:
                 if e.slot is not None:
                     continue
             host = self._host(e)                     # may read the source: no lock held
+            if self.packed:
+                self._make_resident_packed(e, host, entries if held is None else held)
+                continue
             with self._write_lock:
                 with self._lock:
                     if e.retired:
@@ -772,6 +915,119 @@ class AdapterPool:
                     raise
                 with self._lock:
                     e.slot = slot
+
+    # ------------------------------------------------------------------------ packed pool
+
+    def _make_resident_packed(self, e: _Entry, host: Bound, own: Sequence[_Entry] = ()) -> None:
+        """Packed pool: place ``e`` (held by the caller) in a slot id and runs of rows in every
+        layer it targets, evicting least-recently-used adapters nothing holds and compacting
+        layers (sliding runs of adapters nothing else holds down) until it fits. ``own``: the
+        entries the caller holds once each (its batch, not yet served): they may move too."""
+        with self._write_lock:
+            with self._lock:
+                if e.retired:
+                    raise KeyError(f"adapter {e.name!r} was unloaded while a batch was being prepared for it")
+                if e.slot is not None:
+                    return                           # another thread loaded it meanwhile
+                slot, offs, moves, movers = self._place_packed(e, host, own)
+                self._owner[slot] = e                # reserved; e.slot is set once the copies are issued
+                for z in movers:                     # not resident while their rows move: a batch
+                    self._owner[z].slot = None       # that names one waits for the write lock
+            try:
+                self._write_packed(slot, host, offs, moves, movers)
+            except BaseException:
+                with self._lock:
+                    self._owner[slot] = None
+                    for ls in self.layers.values():
+                        ls.extents.pop(slot, None)
+                    for z in movers:                 # their rows may be half moved: not resident
+                        owner, self._owner[z] = self._owner[z], None
+                        for ls in self.layers.values():
+                            ls.extents.pop(z, None)
+                raise
+            with self._lock:
+                e.slot = slot
+                for z in movers:
+                    self._owner[z].slot = z
+
+    def _place_packed(self, e: _Entry, host: Bound, own: Sequence[_Entry] = ()):
+        """(both locks held) (slot id, {layer: first row}, {layer: moves}, slots that move),
+        the extents already reserved; evicted adapters are detached."""
+        need = {layer: self.layers[layer].rows_for(w) for layer, w in host.items()}
+        moves: Dict[str, List[Tuple[int, int, int, int]]] = {}
+        mine = {id(o) for o in own}
+
+        def movable(s: int) -> bool:
+            # resident, and held by nothing but (once) the caller's own batch, which is not served yet
+            o = self._owner[s]
+            return (o is not None and o is not e and o.slot == s and not (o.pinned or o.acquired)
+                    and o.leases == (1 if id(o) in mine else 0))
+
+        while True:
+            slot = next((s for s, o in enumerate(self._owner) if o is None), None)
+            if slot is not None:
+                offs = {layer: self.layers[layer].find(n) for layer, n in need.items()}
+                short = [layer for layer, o in offs.items() if o is None]
+                if short and all(self.layers[layer].free_rows >= need[layer] for layer in short):
+                    for layer in short:              # fragmented: compact (off the hot path)
+                        moves.setdefault(layer, []).extend(self.layers[layer].compaction_moves(movable))
+                    offs = {layer: self.layers[layer].find(n) for layer, n in need.items()}
+                    short = [layer for layer, o in offs.items() if o is None]
+                if not short:
+                    for layer, n in need.items():
+                        self.layers[layer].extents[slot] = (offs[layer], n)
+                    movers = sorted({z for mv in moves.values() for z, *_ in mv
+                                     if self._owner[z] is not None and self._owner[z].slot == z})
+                    for z in movers:
+                        self._freed_readers.extend(self._readers[z].values())
+                    return slot, offs, moves, movers
+            candidates = [o for o in self._owner if o is not None and o is not e and o.slot is not None
+                          and o.evictable()]
+            if not candidates:
+                raise NoFreeSlotError(
+                    f"adapter {e.name!r} does not fit: every resident adapter is pinned, acquired or in a batch "
+                    f"being served (device_budget_bytes={self.device_budget_bytes}, {self.num_slots} slot ids)")
+            self._detach(min(candidates, key=lambda c: c.last_used))
+
+    def _write_packed(self, slot: int, host: Bound, offs: Dict[str, int],
+                      moves: Dict[str, List[Tuple[int, int, int, int]]], movers: Sequence[int]) -> None:
+        """(write lock held; nothing reads ``slot`` or the moving slots) Empty the slot's old
+        layers and the evicted slots', apply the compaction moves in order, copy ``host`` into its
+        rows, publish the touched layers."""
+        old = self._slot_layers[slot]
+        self._slot_layers[slot] = set()
+        touched = old | set(host) | set(moves)
+        with self._lock:
+            waits, self._readers[slot] = self._readers[slot], {}
+            freed, self._freed_readers = self._freed_readers, []
+            stale = [(s, self._slot_layers[s]) for s, o in enumerate(self._owner) if o is None and s != slot
+                     and self._slot_layers[s]]
+        self._begin_copies(waits, freed)
+        try:
+            for layer in old:
+                self.layers[layer].write(slot, None)
+            for s, layers in stale:                   # evicted / freed slots: empty everywhere
+                for layer in layers:
+                    self.layers[layer].write(s, None)
+                touched |= layers
+                self._slot_layers[s] = set()
+            for layer, mv in moves.items():
+                for z, src, dst, n in mv:
+                    self.layers[layer].move(z, src, dst, n)
+            try:
+                for layer, w in host.items():
+                    self.layers[layer].write(slot, w, offs[layer])
+            except BaseException:
+                for layer in host:
+                    self.layers[layer].write(slot, None)
+                raise
+            self._slot_layers[slot] = set(host)
+        finally:
+            keep: List[torch.Tensor] = []
+            for name in touched:
+                self.layers[name].publish(keep)
+            self._end_copies(slot, movers)
+            self._keep_alive(keep + [t for w in host.values() for t in (w.a, w.bt)])
 
     def _victim_slot(self) -> int:
         """(state lock held) A free slot, else the least recently used evictable adapter's."""
@@ -791,6 +1047,10 @@ class AdapterPool:
             return None
         slot, entry.slot = entry.slot, None
         self._owner[slot] = None
+        if self.packed:          # its rows are free (their contents stay until overwritten)
+            for ls in self.layers.values():
+                ls.extents.pop(slot, None)
+            self._freed_readers.extend(self._readers[slot].values())
         return slot
 
     def _end_lease(self, entries: List[_Entry]) -> None:
@@ -808,6 +1068,11 @@ class AdapterPool:
     def _write_slot(self, slot: int, host: Bound) -> None:
         """(write lock held; no lease holds ``slot``) Empty the slot in every layer it has weights
         in, copy ``host`` into it and publish the touched layers."""
+        if self.packed:
+            if host:
+                raise RuntimeError("packed pool: slots are written by _make_resident_packed")
+            self._write_packed(slot, {}, {}, {}, ())
+            return
         old = self._slot_layers[slot]
         self._slot_layers[slot] = set()
         touched = old | set(host)
@@ -847,9 +1112,10 @@ class AdapterPool:
             out[stream] = ev
         return out
 
-    def _begin_copies(self, waits: Dict[Any, "torch.cuda.Event"]) -> None:
+    def _begin_copies(self, waits: Dict[Any, "torch.cuda.Event"], freed: Sequence["torch.cuda.Event"] = ()) -> None:
         """On GPUs: switch to a side stream that first waits for this thread's compute stream and
-        for the last readers of the slot on every stream."""
+        for the last readers of the slot on every stream (and, in a packed pool, of the rows freed
+        or moved since the last write: ``freed``)."""
         self._stream_ctx = []
         for dev in self._cuda:
             stream = self._streams.get(dev)
@@ -859,11 +1125,13 @@ class AdapterPool:
             for reader, ev in waits.items():
                 if reader.device == dev:
                     stream.wait_event(ev)
+            for ev in freed:
+                stream.wait_event(ev)       # (an event of another device is waited on across devices)
             ctx = torch.cuda.stream(stream)
             ctx.__enter__()
             self._stream_ctx.append((dev, stream, ctx))
 
-    def _end_copies(self, slot: int) -> None:
+    def _end_copies(self, slot: int, movers: Sequence[int] = ()) -> None:
         """Record the slot's ready event; order the copies before this thread's next use."""
         ready = {}
         for dev, stream, ctx in reversed(self._stream_ctx):
@@ -875,6 +1143,8 @@ class AdapterPool:
         self._stream_ctx = []
         if ready:
             self._ready[slot] = ready
+            for z in movers:
+                self._ready[z] = ready
 
     def _keep_alive(self, tensors: List[torch.Tensor]) -> None:
         """Host tensors read by in-flight non_blocking copies must outlive them (write lock held)."""

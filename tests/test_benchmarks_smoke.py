@@ -860,3 +860,17 @@ def test_bench_ab_compares_two_checkouts(tmp_path, capsys):
     assert sorted(r["contender"] for r in rows) == ["base@after", "base@before", "openlora@after", "openlora@before"]
     with pytest.raises(SystemExit, match="--before"):
         bench_ab.main(["--before", str(tmp_path)])
+
+
+def test_bench_pool_quick_run_writes_rows(tmp_path):
+    from benchmarks import bench_pool
+
+    out = str(tmp_path / "pool.csv")
+    assert bench_pool.main(["--quick", "--reps", "2", "--threads", "1", "--out", out]) == 0
+    rows = common.read_rows(out)
+    got = {(r["contender"], r["metric"], r["extra"].get("rank")) for r in rows}
+    for c in ("padded", "packed"):
+        assert (c, "resident_at_first_eviction", None) in got and (c, "decode_forward_ms", None) in got
+        assert all((c, "load_ms", r) in got for r in bench_pool.RANKS)
+    res = {r["contender"]: float(r["median"]) for r in rows if r["metric"] == "resident_at_first_eviction"}
+    assert res["packed"] > res["padded"]          # same bytes, more adapters resident

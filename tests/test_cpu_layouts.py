@@ -124,7 +124,7 @@ def test_weights_are_used_in_place():
     p = make_problem(8, 32, [64, 16, 16], 3, 8)
     b_list = [rank_major(B) for B in p.b]
     mod = cpu_ext._module()
-    plan, (a_kept, b_kept, _, _) = cpu_ext._plan(mod.OP_ADD, torch.float32, 32, 8, 3, p.a, b_list, p.scalings)
+    plan, (a_kept, b_kept, _, _, _) = cpu_ext._plan(mod.OP_ADD, torch.float32, 32, 8, 3, p.a, b_list, p.scalings)
     assert all(k is t for k, t in zip(a_kept, p.a)) and all(k is t for k, t in zip(b_kept, b_list))
 
 

@@ -493,3 +493,60 @@ def test_an_embedding_with_max_norm_is_left_out_by_default_and_refused_by_name()
     assert olk.patch_model(model, max_adapters=2, max_rank=4).patched_modules == ("1",)
     with pytest.raises(NotImplementedError, match=r"module '0'.*max_norm"):
         olk.patch_model(torch.nn.Sequential(torch.nn.Embedding(10, 8, max_norm=1.0)), target_modules=["0"])
+
+
+# ------------------------------------------------------------------ the rank-packed pool (device_budget_bytes)
+
+
+def packed_kw(zoo, rows: int = 40, **kw):
+    """patch_model arguments of a rank-packed pool giving every patched layer ``rows`` rank rows."""
+    probe = olk.patch_model(copy.deepcopy(zoo.base), max_adapters=1, max_rank=1, **kw)
+    per_row = sum((ls.in_features + ls.out_features) * max(ls.experts, 1) * ls.dtype.itemsize
+                  for ls in probe._layers.values())
+    return {"device_budget_bytes": rows * per_row, **kw}
+
+
+PACKED_BACKENDS = [b for b in ("torch", "cpu") if b in BACKENDS]
+
+
+@pytest.mark.parametrize("backend", PACKED_BACKENDS)
+def test_packed_pool_dora_rows_equal_peft(dora, backend):
+    """DoRA and plain LoRA through the packed addressing: each row PEFT's with its adapter alone."""
+    lm = dora.patched(backend, **packed_kw(dora))
+    assert next(iter(lm.pool.layers.values())).packed
+    check_forward(lm, dora, ["dora", None, "lora", "dora_l1", "__base__"], [6, 3, 5, 4, 6], tol=(DORA_TOL, DORA_TOL))
+
+
+@pytest.mark.parametrize("backend", PACKED_BACKENDS)
+def test_packed_pool_embedding_rows_equal_peft(emb, backend):
+    """Embedding LoRA (the packed embedding shrink gathers each slot's rows by offset)."""
+    tied = "tied" in emb.paths
+    kw = dict(target_modules=r".*(embed_tokens|q_proj|v_proj|gate_proj|lm_head)") if tied else {}
+    lm = emb.patched(backend, **packed_kw(emb, **kw))
+    rows = ["emb", None, "emb_only", "__base__"] + (["tied"] if tied else [])
+    check_forward(lm, emb, rows, [6, 3, 5, 4, 6][:len(rows)])
+
+
+@pytest.mark.parametrize("backend", PACKED_BACKENDS)
+def test_packed_pool_moe_expert_rows_equal_peft(moe, backend):
+    """Expert LoRA: an adapter's experts packed one after another in the layer's buffer (E x rank
+    rows, a virtual slot's offset per expert)."""
+    lm = moe.patched(backend, **packed_kw(moe))
+    ls = lm.pool.layers["model.layers.0.mlp.experts.gate_up_proj"]
+    assert ls.kind == "experts" and ls.packed and ls.capacity == 40 * ls.experts
+    rows = ["all", None, "experts", "down"]
+    kw, keep = batch_inputs(moe.arch, [6, 3, 5, 4], seed=1)
+    out = lm(adapter_names=rows, **kw).logits
+    for i, name in enumerate(rows):
+        if name is None:
+            continue
+        want = moe.want("forward", name, kw)[i]
+        torch.testing.assert_close(out[i][keep[i]], want[keep[i]], atol=ATOL, rtol=RTOL,
+                                   msg=lambda m: f"{moe.arch} row {i} ({name}): {m}")
+
+
+def test_packed_pool_refuses_training(dora):
+    lm = olk.patch_model(copy.deepcopy(dora.base), max_adapters=2, max_rank=16, **packed_kw(dora))
+    with pytest.raises(ValueError, match="trainable.*device_budget_bytes"):
+        lm.load_adapter("lora", dora.paths["lora"], trainable=True)
+    assert "lora" not in lm.adapters

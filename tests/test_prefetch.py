@@ -15,7 +15,7 @@ import torch
 import openlora_kernels as olk
 from openlora_kernels.adapters import read_adapter_dir
 
-from test_hf_concurrency import STABLE, check, mismatches, patched, zoo  # noqa: F401 (fixture)
+from test_hf_concurrency import STABLE, check, mismatches, packed_budget, patched, zoo  # noqa: F401 (fixture)
 
 SLOW = 0.5
 
@@ -160,13 +160,15 @@ def test_prefetch_arguments(zoo):
     assert handle.wait(30) and "p" in lm.adapters
 
 
-def test_prefetch_races_with_serving(zoo):
+@pytest.mark.parametrize("pool", ["padded", "packed"])
+def test_prefetch_races_with_serving(zoo, pool):
     """One thread prefetches, unloads and prefetches again two adapters (slow sources) while
     another serves batches that mix them with resident ones: every served row is right or the
     batch fails with the name unknown (it was unloaded at that moment), never wrong. (Five slots:
     a batch's three adapters plus the two a prefetch may be copying into at that moment.)"""
     base, paths, ids, mask, ref = zoo
-    lm = patched(zoo, max_adapters=5)
+    # packed: 30 rank rows per layer for ranks 2..16 (six adapters): prefetches evict by bytes
+    lm = patched(zoo, max_adapters=5, **({"device_budget_bytes": packed_budget(base, 30)} if pool == "packed" else {}))
     stop = threading.Event()
     errors = []
 

@@ -149,6 +149,15 @@ def cases(full: bool):
         for i, (dt, bm) in enumerate(itertools.product(dtypes, block_ms)):
             yield dt, bm, ranks_opts[i % 3], widths_opts[(i // 3 + i) % 3], R_opts[i % 4], "standard", "all"
     yield from decode_cases()
+    yield from packed_cases()
+
+
+def packed_cases():
+    """The packed form (ops/packed.py: per-slot row offsets into one buffer per slice, the pool's
+    rank-major B): fused, shrink and expand in both tile modes, every dtype."""
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for bm in (1, 4, 16):
+            yield dt, bm, "per_slot", (512, 128, 128), 64, "packed", "all"
 
 
 DECODE_RANKS = (8, 16, 32, 64, 128)
@@ -206,14 +215,29 @@ def run_case(dt, bm, rk, widths, R, layout, kernels, split_k: int):
     x = torch.randn(T, K, dtype=dt)
     y = torch.randn(T, sum(widths), dtype=dt)
     a = [torch.randn(S, R, K, dtype=dt) for _ in widths]
-    if layout == "pool":                                  # [S, R, N] storage, the [S, N, R] view
+    packed = None
+    if layout == "packed":                                # one [rows, K] / rank-major [rows, N] buffer per slice
+        from openlora_kernels.ops import packed as packed_mod
+        rows = S * R + 5
+        offs = torch.tensor([3, R + 4, 2 * R + 5], dtype=torch.int32)
+        ranks0 = torch.tensor([R, 0, R // 2], dtype=torch.int32)
+        a2 = [torch.randn(rows, K, dtype=dt) for _ in widths]
+        b2 = [torch.randn(rows, w, dtype=dt).T for w in widths]
+        a, b, packed = packed_mod.views(a2, b2, offs, ranks0, R)
+    elif layout == "pool":                                  # [S, R, N] storage, the [S, N, R] view
         b = [torch.randn(S, R, w, dtype=dt).transpose(1, 2) for w in widths]
-    else:
+    elif layout != "packed":
         b = [torch.randn(S, w, R, dtype=dt) for w in widths]
     sc = torch.rand(S)
     ranks = {"none": None, "per_slot": torch.tensor([R, 0, R // 2], dtype=torch.int32),
              "per_slice": torch.full((n, S), R // 2, dtype=torch.int64)}[rk]
     meta = olk.build_batch_meta(torch.tensor([0, 2, -1, 1, 0, 0, 2, 1]), S, block_m=bm)
+    if packed is not None:
+        with configs.override_config("shrink", SPLIT_K=split_k):
+            triton_sgmv.fused(y, x, a, b, sc, ranks, meta, packed)
+            h = triton_sgmv.shrink(x, a, ranks, meta, packed=packed)
+            triton_sgmv.expand(y, h, b, sc, ranks, meta, packed)
+        return
     with configs.override_config("shrink", SPLIT_K=split_k):
         triton_sgmv.fused(y, x, a, b, sc, ranks, meta)
         if kernels == "fused":
@@ -236,6 +260,7 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="the whole shape/option product (slow)")
     ap.add_argument("--resources", action="store_true")
     ap.add_argument("--only-segment", action="store_true", help="only the segment decode plan's launches")
+    ap.add_argument("--packed-only", action="store_true", help="only the packed form's cases (quick)")
     opts = ap.parse_args(argv)
     archs = [int(a) for a in opts.archs.split(",")]
 
@@ -252,7 +277,7 @@ def main(argv=None) -> int:
         mod.device_facts = lambda device: ("offline", 132)
 
     n_cases = 0
-    for case in ([] if opts.only_segment else cases(opts.full)):
+    for case in ([] if opts.only_segment else packed_cases() if opts.packed_only else cases(opts.full)):
         for split_k in ((1, 4) if case[1] >= 16 and case[-1] == "all" else (1,)):
             run_case(*case, split_k=split_k)
         n_cases += 1

@@ -102,10 +102,16 @@ void make_units(const Args& p, std::vector<Unit>& units) {
         const int64_t off = i * p.s_rn + s * p.s_rs;
         r = p.ranks64 ? static_cast<const int64_t*>(p.ranks)[off] : static_cast<const int32_t*>(p.ranks)[off];
       }
-      const int rank = static_cast<int>(std::min<int64_t>(std::max<int64_t>(r, 0), p.R));
+      int64_t roff = 0, rmax = p.R;
+      if (p.offs != nullptr) {   // packed: rows [off, off + rank) of the slice's buffer, clamped into it
+        const int64_t o = p.offs64 ? static_cast<const int64_t*>(p.offs)[s] : static_cast<const int32_t*>(p.offs)[s];
+        roff = std::min<int64_t>(std::max<int64_t>(o, 0), p.rows);
+        rmax = std::min<int64_t>(rmax, p.rows - roff);
+      }
+      const int rank = static_cast<int>(std::min<int64_t>(std::max<int64_t>(r, 0), rmax));
       if (end <= start || rank == 0) continue;
       for (int64_t u = start; u < end; u += kUnitRows)
-        units.push_back(Unit{i, s, col, u, std::min<int64_t>(kUnitRows, end - u), rank});
+        units.push_back(Unit{i, s, col, u, std::min<int64_t>(kUnitRows, end - u), rank, roff});
     }
     col += p.op == kShrink ? 0 : p.widths[i];
   }
@@ -189,7 +195,7 @@ class Plan {
        const std::vector<int64_t>& a_ss, const std::vector<int64_t>& a_sr, const std::vector<int64_t>& a_sk,
        const std::vector<int64_t>& b, const std::vector<int64_t>& widths, const std::vector<int64_t>& b_ss,
        const std::vector<int64_t>& b_sn, const std::vector<int64_t>& b_sr, int64_t scal, int64_t ranks,
-       bool ranks64, int64_t s_rn, int64_t s_rs)
+       bool ranks64, int64_t s_rn, int64_t s_rs, int64_t offs = 0, bool offs64 = false, int64_t rows = 0)
       : dtype_(dtype), a_ss_(a_ss), a_sr_(a_sr), a_sk_(a_sk), widths_(widths), b_ss_(b_ss), b_sn_(b_sn), b_sr_(b_sr) {
     if (op < kAdd || op > kExpand) throw ArgError{"value", "op: unknown op code " + std::to_string(op)};
     if (dtype < kF16 || dtype > kF32) throw ArgError{"value", "dtype: unknown dtype code " + std::to_string(dtype)};
@@ -213,6 +219,8 @@ class Plan {
     for (int64_t w : widths_) n_total_ += w;
     p_.scal = static_cast<const float*>(ptr(scal));
     p_.ranks = ranks ? ptr(ranks) : nullptr; p_.ranks64 = ranks64; p_.s_rn = s_rn; p_.s_rs = s_rs;
+    if (offs != 0 && rows < 0) throw ArgError{"value", "rows: must be >= 0"};
+    p_.offs = offs ? ptr(offs) : nullptr; p_.offs64 = offs64; p_.rows = rows;
   }
   Plan(const Plan&) = delete;
   Plan& operator=(const Plan&) = delete;
@@ -376,14 +384,15 @@ struct PyPlan {
 };
 
 int plan_init(PyObject* self, PyObject* args, PyObject* kwargs) {
-  int op, dtype, ranks64;
-  long long K, R, S, scal, ranks, s_rn, s_rs;
+  int op, dtype, ranks64, offs64 = 0;
+  long long K, R, S, scal, ranks, s_rn, s_rs, offs = 0, rows = 0;
   PyObject *a, *a_ss, *a_sr, *a_sk, *b, *widths, *b_ss, *b_sn, *b_sr;
   static const char* names[] = {"op", "dtype", "K", "R", "S", "a", "a_ss", "a_sr", "a_sk", "b", "widths", "b_ss",
-                                "b_sn", "b_sr", "scal", "ranks", "ranks64", "s_rn", "s_rs", nullptr};
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiLLLOOOOOOOOOLLpLL:Plan", const_cast<char**>(names), &op, &dtype,
-                                   &K, &R, &S, &a, &a_ss, &a_sr, &a_sk, &b, &widths, &b_ss, &b_sn, &b_sr, &scal,
-                                   &ranks, &ranks64, &s_rn, &s_rs))
+                                "b_sn", "b_sr", "scal", "ranks", "ranks64", "s_rn", "s_rs", "offs", "offs64",
+                                "rows", nullptr};
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiLLLOOOOOOOOOLLpLL|LpL:Plan", const_cast<char**>(names), &op,
+                                   &dtype, &K, &R, &S, &a, &a_ss, &a_sr, &a_sk, &b, &widths, &b_ss, &b_sn, &b_sr,
+                                   &scal, &ranks, &ranks64, &s_rn, &s_rs, &offs, &offs64, &rows))
     return -1;
   std::vector<int64_t> va, vass, vasr, vask, vb, vw, vbss, vbsn, vbsr;
   if (!i64_list(a, -1, va, "a") || !i64_list(b, -1, vb, "b") || !i64_list(widths, -1, vw, "widths")) return -1;
@@ -394,7 +403,7 @@ int plan_init(PyObject* self, PyObject* args, PyObject* kwargs) {
   PyPlan* pp = reinterpret_cast<PyPlan*>(self);
   try {
     Plan* plan = new Plan(op, dtype, K, R, S, va, vass, vasr, vask, vb, vw, vbss, vbsn, vbsr, scal, ranks,
-                          ranks64 != 0, s_rn, s_rs);
+                          ranks64 != 0, s_rn, s_rs, offs, offs64 != 0, rows);
     delete pp->plan;
     pp->plan = plan;
   } catch (const ArgError& e) {
@@ -471,7 +480,7 @@ PyMethodDef plan_methods[] = {
 
 PyType_Slot plan_slots[] = {
     {Py_tp_doc, const_cast<char*>("Plan(op, dtype, K, R, S, a, a_ss, a_sr, a_sk, b, widths, b_ss, b_sn, b_sr, scal, "
-                                  "ranks, ranks64, s_rn, s_rs): one layer's static arguments (strides per slice: a "
+                                  "ranks, ranks64, s_rn, s_rs[, offs, offs64, rows]): one layer's static arguments (strides per slice: a "
                                   "list, or an int for all); add() / add_rows() / run() per batch")},
     {Py_tp_new, reinterpret_cast<void*>(PyType_GenericNew)},
     {Py_tp_init, reinterpret_cast<void*>(plan_init)},

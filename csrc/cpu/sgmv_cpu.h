@@ -130,6 +130,10 @@ struct Args {
   const int64_t* b_ss = nullptr; const int64_t* b_sn = nullptr; const int64_t* b_sr = nullptr;
   const float* scal = nullptr;
   const void* ranks = nullptr; bool ranks64 = false; int64_t s_rn = 0, s_rs = 0;
+  // Packed addressing (optional): slot s's rank rows start at row offs[s] of one buffer of `rows`
+  // rows per slice (the slot strides are then 0). Offsets are clamped to [0, rows] and ranks to
+  // rows - offset, so no offset makes a read out of bounds.
+  const void* offs = nullptr; bool offs64 = false; int64_t rows = 0;
   const int32_t* sorted = nullptr;      // [T]
   const int32_t* seg = nullptr;         // [2, S]: start, length
 };
@@ -138,6 +142,7 @@ struct Args {
 struct Unit {
   int64_t slice, slot, col, start, len;
   int rank;
+  int64_t roff;   // first row of the slot in a packed buffer (0 when not packed)
 };
 
 // Per-thread scratch the binding allocates (sizes: scratch_floats()); the kernels allocate nothing.

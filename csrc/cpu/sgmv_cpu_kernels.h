@@ -130,12 +130,12 @@ struct Prefetcher {
     const int64_t i = u->slice;
     // (lengths in elements, computed before any pointer: an empty tensor may have a null base)
     if (q.op != kExpand && q.a_sk[i] == 1 && q.K > 0 && q.a[i] != nullptr) {
-      p = static_cast<const char*>(q.a[i]) + u->slot * q.a_ss[i] * sz;
+      p = static_cast<const char*>(q.a[i]) + (u->slot * q.a_ss[i] + u->roff * q.a_sr[i]) * sz;
       e = p + ((u->rank - 1) * q.a_sr[i] + q.K) * sz;
     }
     const int64_t w = q.op != kShrink ? q.widths[i] : 0;
     if (w > 0 && q.b[i] != nullptr) {
-      const char* b0 = static_cast<const char*>(q.b[i]) + u->slot * q.b_ss[i] * sz;
+      const char* b0 = static_cast<const char*>(q.b[i]) + (u->slot * q.b_ss[i] + u->roff * q.b_sr[i]) * sz;
       if (q.b_sn[i] == 1) {          // rank-major: rank runs of N
         p2 = b0; e2 = b0 + ((u->rank - 1) * q.b_sr[i] + w) * sz;
       } else if (q.b_sr[i] == 1) {   // [N, R]: N runs of R, of which the first rank are read
@@ -550,7 +550,7 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
     for (int m = 0; m < n; ++m)
       for (int j = 0; j < rank; ++j) h[m * hs + j] = load_h(p, i * p.sh_n + s.rows[m] * p.sh_t + j * p.sh_r);
   } else {
-    const T* a_slot = static_cast<const T*>(p.a[i]) + u.slot * p.a_ss[i];
+    const T* a_slot = static_cast<const T*>(p.a[i]) + u.slot * p.a_ss[i] + u.roff * p.a_sr[i];
     const T* x = static_cast<const T*>(p.x);
     if (n < kPanelRows && p.a_sk[i] == 1 && p.sx_k == 1) {
       // Few rows (decode), A and x contiguous along K: dot products straight from A's rows.
@@ -601,7 +601,7 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
   T* y = static_cast<T*>(p.y);
   T* yr[kUnitRows];
   for (int m = 0; m < n; ++m) yr[m] = y + s.rows[m] * p.sy_t;
-  const T* b_slot = static_cast<const T*>(p.b[i]) + u.slot * p.b_ss[i];
+  const T* b_slot = static_cast<const T*>(p.b[i]) + u.slot * p.b_ss[i] + u.roff * p.b_sr[i];
   const float scale = p.scal[u.slot];
   const int64_t width = p.widths[i];
   const bool rank_major = p.b_sn[i] == 1;

@@ -23,6 +23,7 @@ from ..checks import check_batch_meta, check_ranks
 from ..metadata import LoRABatchMeta, build_batch_meta
 from . import backward as _backward
 from . import custom_ops  # noqa: F401  (registers torch.ops.openlora.*)
+from . import packed as _packed
 from .backends import resolve_backend
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -234,8 +235,24 @@ def forbid_backward(t: torch.Tensor, what: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------- the ops
 
 
+def _packed_args(lora_a, lora_b, offsets, ranks, max_rank, a: bool = True, b: bool = True):
+    """(lora_a, lora_b, Packed or None): the packed buffers as slot-stride-0 views (ops/packed.py)."""
+    if offsets is None:
+        if max_rank is not None:
+            raise ValueError("max_rank: only taken with offsets (the packed form); the padded form's R is lora_a's dim 1")
+        return lora_a, lora_b, None
+    return _packed.views(lora_a, lora_b, offsets, ranks, max_rank, a, b)
+
+
+def _no_packed_grad(packed) -> None:
+    if packed is not None:
+        raise NotImplementedError("offsets: gradients through the packed weight form are not implemented "
+                                  "(inference only: run under torch.no_grad(), or use the padded [S, R, K] form)")
+
+
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: TensorOrList, indices: Indices,
-             scalings: torch.Tensor, ranks: Optional[torch.Tensor] = None, *, backend: str = "auto") -> torch.Tensor:
+             scalings: torch.Tensor, ranks: Optional[torch.Tensor] = None, *, offsets: Optional[torch.Tensor] = None,
+             max_rank: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
     """Add each row's LoRA delta into ``y`` in place and return ``y``.
 
     ``y[t, cols_i] += scalings[s] * (x[t] @ A_i[s, :r_s].T) @ B_i[s, :, :r_s].T`` for every row t
@@ -250,6 +267,11 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: Ten
         indices: [T] int32/int64 slot per row (-1 = no adapter), or a :class:`LoRABatchMeta`.
         scalings: [S] float32 (alpha / r, or alpha / sqrt(r) for rsLoRA).
         ranks: [S] (or [n, S], per slice) int32/int64 rank of each slot, or None for R everywhere.
+        offsets: the PACKED form (ops/packed.py): [S] int32/int64, slot s uses rows
+            ``offsets[s] .. offsets[s] + ranks[s]`` of ONE buffer per slice: ``lora_a`` is then
+            [rows, K] and ``lora_b`` [N, rows] (or lists of such), ``ranks`` is required and
+            ``max_rank`` (int) bounds them. Backends "torch" and "cpu"; inference only.
+        max_rank: with ``offsets``, the largest rank a slot may have.
         backend: "auto", "torch", "triton" or "cuda" (see :func:`available_backends`).
 
     Example::
@@ -270,16 +292,20 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: Ten
     """
     grad = torch.is_grad_enabled() and _any_requires_grad(y, x, lora_a, lora_b, scalings)
     _x_y(x, y, allow64=backend == "torch")
+    lora_a, lora_b, packed = _packed_args(lora_a, lora_b, offsets, ranks, max_rank)
     a_list = _check_a(lora_a, x)
     S, R, K = a_list[0].shape
     b_list = _check_b(lora_b, y, S, R, len(a_list), isinstance(lora_a, (list, tuple)))
     _check_scalings(scalings, S, x.device, x.dtype == torch.float64)
     ranks = _check_ranks(ranks, S, len(a_list), x.device)
+    if packed is not None:
+        _packed.check_offsets_arg(offsets, S, x.device)
     meta = _meta_for(indices, x.shape[0], S, x.device)
     name = resolve_backend(backend, x.device)
     if grad:
+        _no_packed_grad(packed)
         return _add_autograd(y, x, a_list, b_list, scalings, ranks, meta, name)
-    return _launch_add(y, x, a_list, b_list, scalings, ranks, meta, name)
+    return _launch_add(y, x, a_list, b_list, scalings, ranks, meta, name, packed)
 
 
 def _add_autograd(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, name: str) -> torch.Tensor:
@@ -293,14 +319,21 @@ def _add_autograd(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, na
     return y
 
 
-def _launch_add(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, name: str) -> torch.Tensor:
+def _not_compiled(packed) -> None:
+    if packed is not None:
+        raise NotImplementedError("offsets: the packed weight form is not registered with torch.compile yet "
+                                  "(run it eagerly, or use the padded [S, R, K] form)")
+
+
+def _launch_add(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, name: str, packed=None) -> torch.Tensor:
     S, R, K = a_list[0].shape
     if x.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0 or K == 0:
         return y      # no row, column, slot, rank or input feature: a zero delta, y is not written
     if torch.compiler.is_compiling():
+        _not_compiled(packed)
         torch.ops.openlora.add_lora(y, x, a_list, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
     else:
-        custom_ops.run_add_lora(y, x, a_list, b_list, scalings, ranks, meta, name)
+        custom_ops.run_add_lora(y, x, a_list, b_list, scalings, ranks, meta, name, packed)
     return y
 
 
@@ -345,20 +378,26 @@ class BoundLoRA:
     """
 
     __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend", "_a", "_b", "_name", "_dtype", "_device",
-                 "_S", "_R", "_K", "_N", "_bound", "_add_rows", "_weights", "_dev", "_ranks_host", "_ranks_seen", "_fast")
+                 "_S", "_R", "_K", "_N", "_bound", "_add_rows", "_weights", "_dev", "_ranks_host", "_ranks_seen", "_fast",
+                 "offsets", "max_rank", "_packed")
     # (_weights: every weight tensor argument, for the requires-grad test of a call)
 
     def __init__(self, lora_a: TensorOrList, lora_b: TensorOrList, scalings: torch.Tensor,
-                 ranks: Optional[torch.Tensor] = None, *, backend: str = "auto"):
+                 ranks: Optional[torch.Tensor] = None, *, offsets: Optional[torch.Tensor] = None,
+                 max_rank: Optional[int] = None, backend: str = "auto"):
         # The checks of add_lora, against an empty x / y shaped like the weights.
-        x = _like(lora_a, 2)
-        y = x.new_empty((0, _like(lora_b, 1).shape[1]))
+        self.offsets, self.max_rank = offsets, max_rank
+        va, vb, self._packed = _packed_args(lora_a, lora_b, offsets, ranks, max_rank)
+        x = _like(va, 2)
+        y = x.new_empty((0, _like(vb, 1).shape[1]))
         _float(x, "lora_a", backend == "torch")
-        a_list = _check_a(lora_a, x)
+        a_list = _check_a(va, x)
         S, R, K = a_list[0].shape
-        self._b = _check_b(lora_b, y, S, R, len(a_list), isinstance(lora_a, (list, tuple)))
+        self._b = _check_b(vb, y, S, R, len(a_list), isinstance(lora_a, (list, tuple)))
         _check_scalings(scalings, S, x.device, x.dtype == torch.float64)
         self.ranks = _check_ranks(ranks, S, len(a_list), x.device)
+        if self._packed is not None:
+            _packed.check_offsets_arg(offsets, S, x.device)
         self.lora_a, self.lora_b, self.scalings, self.backend = lora_a, lora_b, scalings, backend
         self._a, self._name = a_list, resolve_backend(backend, x.device)
         self._weights = (*a_list, *self._b, scalings)
@@ -367,17 +406,28 @@ class BoundLoRA:
         # ranks on the host are value-checked on every call (memoised); on a GPU in debug mode only
         self._ranks_host = self.ranks is not None and self.ranks.device.type == "cpu"
         self._ranks_seen = None     # ranks' version counter when last checked
-        bind = getattr(custom_ops.backend_module(self._name), "bind", None)
+        mod = custom_ops.backend_module(self._name)
+        bind = getattr(mod, "bind", None)
         if S == 0 or R == 0 or K == 0 or self._N == 0:
             bind = None        # a zero delta: the calls only check their arguments (_launch_add)
-        self._bound = bind(self._a, self._b, scalings, self.ranks) if bind is not None else None
+        if self._packed is not None:
+            if not getattr(mod, "SUPPORTS_PACKED", False):
+                bind = None    # the general path (the reference's reading, or the backend's error)
+            self._ranks_host = self._ranks_host or self._packed.offsets.device.type == "cpu"
+        if bind is None:
+            self._bound = None
+        elif self._packed is not None:
+            self._bound = bind(self._a, self._b, scalings, self.ranks, self._packed)
+        else:
+            self._bound = bind(self._a, self._b, scalings, self.ranks)
         self._add_rows = getattr(self._bound, "add_rows", None)
         # (y, x, meta) -> bool: a launch through a recorded plan, False (nothing done) when there is none
         self._fast = getattr(self._bound, "fast", None)
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, indices: Indices) -> torch.Tensor:
         if _grad_enabled() and self._wants_grad(y, x):     # the autograd path: add_lora's
-            return add_lora(y, x, self.lora_a, self.lora_b, indices, self.scalings, self.ranks, backend=self.backend)
+            return add_lora(y, x, self.lora_a, self.lora_b, indices, self.scalings, self.ranks, offsets=self.offsets,
+                            max_rank=self.max_rank, backend=self.backend)
         if type(indices) is LoRABatchMeta and type(x) is torch.Tensor and type(y) is torch.Tensor:
             fast = self._fast
             if fast is not None and not _is_compiling():
@@ -401,8 +451,9 @@ class BoundLoRA:
                         check_batch_meta(indices)     # (memoised on the object)
                     bound(y, x, indices)
                     return y
-                return _launch_add(y, x, self._a, self._b, self.scalings, self.ranks, indices, self._name)
-        return add_lora(y, x, self.lora_a, self.lora_b, indices, self.scalings, self.ranks, backend=self.backend)
+                return _launch_add(y, x, self._a, self._b, self.scalings, self.ranks, indices, self._name, self._packed)
+        return add_lora(y, x, self.lora_a, self.lora_b, indices, self.scalings, self.ranks, offsets=self.offsets,
+                        max_rank=self.max_rank, backend=self.backend)
 
     def add_rows(self, y: torch.Tensor, x: torch.Tensor, rows) -> bool:
         """The patched-layer fast path of the native CPU backend: ``y += delta(x)`` for a
@@ -438,6 +489,8 @@ class BoundLoRA:
         if v is None or v != self._ranks_seen:
             check_ranks(ranks, self._R)
             self._ranks_seen = v
+        if self._packed is not None:
+            _packed.check_offsets(self._packed, ranks)     # (memoised on both tensors' versions)
 
     def _wants_grad(self, y, x) -> bool:
         """Whether a call's y, x or a weight argument requires grad (grad mode is on)."""
@@ -452,7 +505,8 @@ class BoundLoRA:
 
 
 def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: Optional[torch.Tensor] = None,
-                *, backend: str = "auto") -> torch.Tensor:
+                *, offsets: Optional[torch.Tensor] = None, max_rank: Optional[int] = None,
+                backend: str = "auto") -> torch.Tensor:
     """First half of :func:`add_lora`: ``h[i, t, :r_s] = x[t] @ A_i[s, :r_s].T``.
 
     Returns a new [n_slices, T, R] float32 tensor; rows with slot -1 and columns at or beyond a
@@ -460,15 +514,27 @@ def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: 
     Gradients: with grad mode on and x or a lora_a tensor requiring grad, the call is recorded by
     autograd: dx[t] = sum_i dh[i, t, :r] @ A_i[s, :r], dA_i[s] = sum over s's rows of
     dh[i, t, :r]ᵀ x[t] (float32 accumulation; zero beyond ranks, on unused slots, from -1 rows).
+    ``offsets`` / ``max_rank``: the packed form, as in :func:`add_lora` (``lora_a`` [rows, K]; h is
+    [n, T, min(max_rank, rows)]).
     """
     grad = torch.is_grad_enabled() and _any_requires_grad(x, lora_a)
     _tensor(x, "x", 2)
     _float(x, "x", backend == "torch")
+    lora_a, _, packed = _packed_args(lora_a, None, offsets, ranks, max_rank, b=False)
     a_list = _check_a(lora_a, x)
     S, R, K = a_list[0].shape
     ranks = _check_ranks(ranks, S, len(a_list), x.device)
+    if packed is not None:
+        _packed.check_offsets_arg(offsets, S, x.device)
+        if grad:
+            _no_packed_grad(packed)
     meta = _meta_for(indices, x.shape[0], S, x.device)
     name = resolve_backend(backend, x.device)
+    if packed is not None:
+        if x.shape[0] == 0 or S == 0 or R == 0 or K == 0:
+            return x.new_zeros((len(a_list), x.shape[0], R), dtype=torch.float32)
+        _not_compiled(packed if torch.compiler.is_compiling() else None)
+        return custom_ops.run_shrink(x, a_list, ranks, meta, name, packed=packed)
     if grad:          # the registered op, so that autograd records it (degenerate sizes too)
         if not torch.compiler.is_compiling():
             custom_ops.remember_meta(meta)
@@ -482,7 +548,8 @@ def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: 
 
 
 def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices: Indices, scalings: torch.Tensor,
-                ranks: Optional[torch.Tensor] = None, *, backend: str = "auto") -> torch.Tensor:
+                ranks: Optional[torch.Tensor] = None, *, offsets: Optional[torch.Tensor] = None,
+                backend: str = "auto") -> torch.Tensor:
     """Second half of :func:`add_lora`: ``y[t, cols_i] += scalings[s] * h[i, t, :r_s] @ B_i[s, :, :r_s].T``.
 
     ``h`` is [n_slices, T, R] (float32 from :func:`lora_shrink`, or float16/bfloat16). Returns ``y``.
@@ -490,8 +557,16 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices:
     recorded by autograd (y still updated in place; a leaf y that requires grad is refused):
     dh[i, t, :r] = scale_s * dy[t, cols_i] @ B_i[s, :, :r] (0 beyond ranks and on -1 rows), dB
     and dscalings as for :func:`add_lora`; y's gradient passes through unchanged.
+    ``offsets``: the packed form, as in :func:`add_lora` (``lora_b`` [N, rows], the slots' rank
+    bound is h's dim 2).
     """
     grad = torch.is_grad_enabled() and _any_requires_grad(y, h, lora_b, scalings)
+    packed = None
+    if offsets is not None:
+        _tensor(h, "h", 3)
+        _, lora_b, packed = _packed_args(None, lora_b, offsets, ranks, h.shape[2], a=False)
+        if grad:
+            _no_packed_grad(packed)
     _tensor(y, "y", 2)
     _float(y, "y", backend == "torch")
     _tensor(h, "h", 3)
@@ -510,8 +585,18 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices:
     b_list = _check_b(lora_b, y, S, h.shape[2], h.shape[0], None)
     _check_scalings(scalings, S, y.device, y.dtype == torch.float64)
     ranks = _check_ranks(ranks, S, len(b_list), y.device)
+    if packed is not None:
+        _packed.check_offsets_arg(offsets, S, y.device)
+        if h.shape[2] != b_list[0].shape[2]:
+            raise ValueError(f"h: has {h.shape[2]} ranks, but the packed buffers have only {b_list[0].shape[2]} rows")
     meta = _meta_for(indices, y.shape[0], S, y.device)
     name = resolve_backend(backend, y.device)
+    if packed is not None:
+        if y.shape[0] == 0 or y.shape[1] == 0 or S == 0 or h.shape[2] == 0:
+            return y
+        _not_compiled(packed if torch.compiler.is_compiling() else None)
+        custom_ops.run_expand(y, h, b_list, scalings, ranks, meta, name, packed=packed)
+        return y
     if grad:
         _check_in_place(y)
         if not torch.compiler.is_compiling():
@@ -606,7 +691,8 @@ def _check_ids(ids, T: int, device: torch.device) -> torch.Tensor:
 
 
 def lora_embedding_shrink(ids: torch.Tensor, lora_a: torch.Tensor, indices: Indices,
-                          ranks: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          ranks: Optional[torch.Tensor] = None, *, offsets: Optional[torch.Tensor] = None,
+                          max_rank: Optional[int] = None) -> torch.Tensor:
     """The shrink of an embedding LoRA: ``h[0, t, :] = A[s, :, ids[t]]`` (the columns of
     ``lora_embedding_A`` picked by token id: ``x`` is the token's one-hot vector), 0 for rows
     with slot -1 and beyond each slot's rank. Returns a new [1, T, R] float32 tensor, the ``h``
@@ -616,11 +702,19 @@ def lora_embedding_shrink(ids: torch.Tensor, lora_a: torch.Tensor, indices: Indi
     embedding's error, raised before this runs); ``lora_a`` [S, R, V] stacked
     ``lora_embedding_A`` of S slots. A gather, not a GEMM: plain PyTorch indexing on any device
     and backend, no host synchronisation. Never records a graph: no gradients for A here (the
-    embedding's frozen adapters are served, not trained).
+    embedding's frozen adapters are served, not trained). ``offsets`` / ``max_rank``: the packed
+    form (``lora_a`` [rows, V], slot s's rows from ``offsets[s]``; see :func:`add_lora`).
     """
+    packed = None
+    if offsets is not None:
+        lora_a, _, packed = _packed_args(lora_a, None, offsets, ranks, max_rank, b=False)
+    elif max_rank is not None:
+        _packed_args(lora_a, None, None, ranks, max_rank)         # raises: max_rank only with offsets
     _tensor(lora_a, "lora_a", 3)
     _float(lora_a, "lora_a", True)
     S, R, V = lora_a.shape
+    if packed is not None:
+        _packed.check_offsets_arg(offsets, S, lora_a.device)
     _check_ids(ids, ids.shape[0] if isinstance(ids, torch.Tensor) else 0, lora_a.device)
     T = ids.shape[0]
     ranks = _check_ranks(ranks, S, 1, lora_a.device)
@@ -632,7 +726,16 @@ def lora_embedding_shrink(ids: torch.Tensor, lora_a: torch.Tensor, indices: Indi
     keep = slots >= 0
     s = slots.clamp(min=0)
     with torch.no_grad():
-        h = lora_a[s, :, ids.long().clamp(0, V - 1)].to(dt)         # [T, R]
+        if packed is not None:
+            _packed.check_offsets(packed, ranks)
+            rows = packed.rows
+            buf = _packed.buffer_of(lora_a, rows, 1)                   # [rows, V]
+            off = packed.offsets.long().clamp(0, rows)
+            j = (off[s][:, None] + torch.arange(R, device=buf.device)[None, :]).clamp(max=max(rows - 1, 0))
+            h = buf[j, ids.long().clamp(0, V - 1)[:, None]].to(dt)    # [T, R]
+            ranks = torch.minimum(ranks.reshape(-1, S)[0].long(), rows - off)
+        else:
+            h = lora_a[s, :, ids.long().clamp(0, V - 1)].to(dt)         # [T, R]
         if ranks is not None:
             r = ranks.reshape(-1, S)[0].long()[s]
             keep = keep[:, None] & (torch.arange(R, device=h.device)[None, :] < r[:, None])
@@ -644,6 +747,7 @@ def lora_embedding_shrink(ids: torch.Tensor, lora_a: torch.Tensor, indices: Indi
 
 def add_lora_embedding(y: torch.Tensor, ids: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                        indices: Indices, scalings: torch.Tensor, ranks: Optional[torch.Tensor] = None, *,
+                       offsets: Optional[torch.Tensor] = None, max_rank: Optional[int] = None,
                        backend: str = "auto") -> torch.Tensor:
     """An embedding LoRA, added into ``y`` in place (PEFT's ``lora_embedding_A`` / ``_B``):
     ``y[t] += scalings[s] * A[s, :r_s, ids[t]] @ B[s, :, :r_s].T`` for rows whose slot s is not -1.
@@ -656,30 +760,34 @@ def add_lora_embedding(y: torch.Tensor, ids: torch.Tensor, lora_a: torch.Tensor,
     _tensor(y, "y", 2)
     _float(y, "y", backend == "torch")
     _check_ids(ids, y.shape[0], y.device)
-    _tensor(lora_a, "lora_a", 3)
+    _tensor(lora_a, "lora_a", 2 if offsets is not None else 3)
     _same_device(lora_a, "lora_a", y.device)
     if lora_a.dtype != y.dtype:
         raise TypeError(f"lora_a: dtype {lora_a.dtype} does not match y's dtype {y.dtype}")
-    h = lora_embedding_shrink(ids, lora_a, indices, ranks)
-    return lora_expand(y, h, lora_b, indices, scalings, ranks, backend=backend)
+    h = lora_embedding_shrink(ids, lora_a, indices, ranks, offsets=offsets, max_rank=max_rank)
+    return lora_expand(y, h, lora_b, indices, scalings, ranks, offsets=offsets, backend=backend)
 
 
 class BoundEmbeddingLoRA:
     """:func:`add_lora_embedding` with the weight arguments checked once (a patched nn.Embedding's
     call: ``op(y, ids, meta)``)."""
 
-    __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend")
+    __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend", "offsets", "max_rank")
 
     def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scalings: torch.Tensor,
-                 ranks: Optional[torch.Tensor] = None, *, backend: str = "auto"):
-        y = _like(lora_b, 1)
+                 ranks: Optional[torch.Tensor] = None, *, offsets: Optional[torch.Tensor] = None,
+                 max_rank: Optional[int] = None, backend: str = "auto"):
+        y = lora_b.new_empty((0, lora_b.shape[0])) if offsets is not None and isinstance(lora_b, torch.Tensor) \
+            and lora_b.dim() == 2 else _like(lora_b, 1)
         add_lora_embedding(y, torch.zeros(0, dtype=torch.long, device=y.device), lora_a, lora_b,
-                           torch.zeros(0, dtype=torch.int32, device=y.device), scalings, ranks, backend=backend)
+                           torch.zeros(0, dtype=torch.int32, device=y.device), scalings, ranks, offsets=offsets,
+                           max_rank=max_rank, backend=backend)
         self.lora_a, self.lora_b, self.scalings, self.ranks, self.backend = lora_a, lora_b, scalings, ranks, backend
+        self.offsets, self.max_rank = offsets, max_rank
 
     def __call__(self, y: torch.Tensor, ids: torch.Tensor, indices: Indices) -> torch.Tensor:
         return add_lora_embedding(y, ids, self.lora_a, self.lora_b, indices, self.scalings, self.ranks,
-                                  backend=self.backend)
+                                  offsets=self.offsets, max_rank=self.max_rank, backend=self.backend)
 
 
 # --------------------------------------------------------------------------------- DoRA

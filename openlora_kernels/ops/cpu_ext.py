@@ -34,6 +34,8 @@ EXPAND_FP32_Y = False
 # The LoRA backward's segmented weight-gradient products (dA, dB) run on PyTorch's GEMMs: the
 # torch backend's segment / padded strategies (ops/torch_ref.py).
 weight_grads = torch_ref.weight_grads
+# The packed weight form (ops/packed.py): a per-slot row offset into one buffer per slice.
+SUPPORTS_PACKED = True
 
 
 def _module():
@@ -97,19 +99,24 @@ def _ranks_args(ranks: Optional[torch.Tensor]):
     return (ranks.data_ptr(), ranks.dtype == torch.int64, *rank_strides(ranks))
 
 
-def _plan(op: int, dtype: torch.dtype, K: int, R: int, S: int, a_list=(), b_list=(), scalings=None, ranks=None):
-    """The C++ Plan holding one layer's static arguments (weights, scalings, ranks). Each slice
-    keeps its own strides: the tensors are used as they are, whatever their layout (no copy)."""
+def _plan(op: int, dtype: torch.dtype, K: int, R: int, S: int, a_list=(), b_list=(), scalings=None, ranks=None,
+          packed=None):
+    """The C++ Plan holding one layer's static arguments (weights, scalings, ranks, the packed
+    form's offsets). Each slice keeps its own strides: the tensors are used as they are, whatever
+    their layout (no copy)."""
     a_list, b_list = list(a_list), list(b_list)
     rp, r64, srn, srs = _ranks_args(ranks)
+    offs = packed.offsets if packed is not None else None
     plan = _module().Plan(
         op, DTYPE_CODES[dtype], K, R, S,
         [A.data_ptr() for A in a_list], [A.stride(0) for A in a_list], [A.stride(1) for A in a_list],
         [A.stride(2) for A in a_list],
         [B.data_ptr() for B in b_list], [B.shape[1] for B in b_list], [B.stride(0) for B in b_list],
         [B.stride(1) for B in b_list], [B.stride(2) for B in b_list],
-        scalings.data_ptr() if scalings is not None else 0, rp, r64, srn, srs)
-    return plan, (a_list, b_list, scalings, ranks)   # the tensors the plan points into: keep them alive
+        scalings.data_ptr() if scalings is not None else 0, rp, r64, srn, srs,
+        offs.data_ptr() if offs is not None else 0, offs is not None and offs.dtype == torch.int64,
+        packed.rows if packed is not None else 0)
+    return plan, (a_list, b_list, scalings, ranks, offs)   # the tensors the plan points into: keep them alive
 
 
 def _meta_ptrs(meta: LoRABatchMeta):
@@ -155,9 +162,10 @@ class BoundAdd:
 
     __slots__ = ("_plan", "_keep", "add_rows")
 
-    def __init__(self, a_list, b_list, scalings, ranks):
+    def __init__(self, a_list, b_list, scalings, ranks, packed=None):
         S, R, K = a_list[0].shape
-        self._plan, self._keep = _plan(_module().OP_ADD, a_list[0].dtype, K, R, S, a_list, b_list, scalings, ranks)
+        self._plan, self._keep = _plan(_module().OP_ADD, a_list[0].dtype, K, R, S, a_list, b_list, scalings, ranks,
+                                       packed)
         # add_rows(T, x.data_ptr(), y.data_ptr(), *row_args(meta)[1:]) for contiguous x [T, K] and
         # y [T, N] of the plan's dtype: no checks at all (BoundLoRA.add_rows makes them).
         self.add_rows = self._plan.add_rows
@@ -166,36 +174,37 @@ class BoundAdd:
         _add(self._plan, y, x, meta, _checked_ptrs)
 
 
-def bind(a_list, b_list, scalings, ranks) -> BoundAdd:
+def bind(a_list, b_list, scalings, ranks, packed=None) -> BoundAdd:
     """A callable ``(y, x, meta) -> None`` equal to ``add_lora(y, x, a_list, b_list, meta, scalings, ranks)``."""
-    return BoundAdd(a_list, b_list, scalings, ranks)
+    return BoundAdd(a_list, b_list, scalings, ranks, packed)
 
 
-def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
+def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, packed=None) -> None:
     S, R, K = a_list[0].shape
     if x.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0 or K == 0:
         return      # a zero delta: y is not written
-    plan, _keep = _plan(_module().OP_ADD, x.dtype, K, R, S, a_list, b_list, scalings, ranks)
+    plan, _keep = _plan(_module().OP_ADD, x.dtype, K, R, S, a_list, b_list, scalings, ranks, packed)
     _add(plan, y, x, meta)
 
 
-def shrink(x, a_list, ranks, meta: LoRABatchMeta, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def shrink(x, a_list, ranks, meta: LoRABatchMeta, out: Optional[torch.Tensor] = None, packed=None) -> torch.Tensor:
     S, R, K = a_list[0].shape
     h = torch_ref.new_h(out, len(a_list), x.shape[0], R, x.device)
     if x.shape[0] == 0 or S == 0 or R == 0 or K == 0:
         return h
-    plan, _keep = _plan(_module().OP_SHRINK, x.dtype, K, R, S, a_list=a_list, ranks=ranks)
+    plan, _keep = _plan(_module().OP_SHRINK, x.dtype, K, R, S, a_list=a_list, ranks=ranks, packed=packed)
     T, srt, seg, _ = _meta_ptrs(meta)
     plan.run(T, x.data_ptr(), x.stride(0), x.stride(1), 0, 0, 1,
              h.data_ptr(), DTYPE_CODES[h.dtype], h.stride(0), h.stride(1), h.stride(2), srt, seg)
     return h
 
 
-def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
+def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta, packed=None) -> None:
     S, _, R = b_list[0].shape
     if y.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0:
         return
-    plan, _keep = _plan(_module().OP_EXPAND, y.dtype, 0, R, S, b_list=b_list, scalings=scalings, ranks=ranks)
+    plan, _keep = _plan(_module().OP_EXPAND, y.dtype, 0, R, S, b_list=b_list, scalings=scalings, ranks=ranks,
+                        packed=packed)
     T, srt, seg, _ = _meta_ptrs(meta)
     plan.run(T, 0, 0, 1, y.data_ptr(), y.stride(0), y.stride(1),
              h.data_ptr(), DTYPE_CODES[h.dtype], h.stride(0), h.stride(1), h.stride(2), srt, seg)

@@ -161,7 +161,8 @@ def _ranks_args(ranks: Optional[torch.Tensor]) -> Dict[str, int]:
 
 def pack_args(*, meta: LoRABatchMeta, K: int, R: int, S: int, ranks: Optional[torch.Tensor],
               x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None,
-              h: Optional[torch.Tensor] = None, scalings: Optional[torch.Tensor] = None) -> Dict[str, int]:
+              h: Optional[torch.Tensor] = None, scalings: Optional[torch.Tensor] = None,
+              packed=None) -> Dict[str, int]:
     """The binding's ``args`` dict (see csrc/bindings.cpp); absent tensors become null pointers."""
     if meta.sorted_tokens.dtype != torch.int32 or meta.tile_info.dtype != torch.int32:
         raise TypeError("indices: the batch metadata must hold int32 sorted_tokens and tile_info")
@@ -182,6 +183,9 @@ def pack_args(*, meta: LoRABatchMeta, K: int, R: int, S: int, ranks: Optional[to
         args.update(h=h.data_ptr(), sh_n=h.stride(0), sh_t=h.stride(1), sh_r=h.stride(2))
     if scalings is not None:
         args.update(scal=scalings.data_ptr(), s_scal=scalings.stride(0))
+    if packed is not None:          # the packed form (ops/packed.py): optional keys of the binding
+        args.update(offs=packed.offsets.data_ptr(), offs_i64=int(packed.offsets.dtype == torch.int64),
+                    rows=packed.rows)
     return {k: int(v) for k, v in args.items()}
 
 
@@ -203,9 +207,12 @@ def _launch(op: int, dtype: torch.dtype, meta: LoRABatchMeta, args: Dict[str, in
 
 # ------------------------------------------------------------------------------ backend API
 
+# The packed weight form (ops/packed.py): a per-slot row offset (SgmvParams.offs, load_offset).
+SUPPORTS_PACKED = True
+
 
 def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torch.Tensor],
-           meta: LoRABatchMeta, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+           meta: LoRABatchMeta, out: Optional[torch.Tensor] = None, packed=None) -> torch.Tensor:
     """h [n_slices, T, R] fp32 = x @ A[slot, :rank].T per row (0 elsewhere), unscaled; into
     ``out`` (internal, any strides) when given."""
     T, K = x.shape
@@ -215,13 +222,13 @@ def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torc
     h = torch_ref.new_h(out, n, T, R, x.device)
     if T == 0 or R == 0 or K == 0 or S == 0 or meta.num_tiles == 0:
         return h
-    args = pack_args(meta=meta, K=K, R=R, S=S, ranks=ranks, x=x, h=h)
+    args = pack_args(meta=meta, K=K, R=R, S=S, ranks=ranks, x=x, h=h, packed=packed)
     _launch(OP_SHRINK, x.dtype, meta, args, a_list, None, n, x.device)
     return h
 
 
 def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], scalings: torch.Tensor,
-           ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> None:
+           ranks: Optional[torch.Tensor], meta: LoRABatchMeta, packed=None) -> None:
     """y[t, cols_i] += scalings[s] * h[i, t, :rank] @ B_i[s, :, :rank].T for rows with a slot."""
     T, N = y.shape
     S, _, R = b_list[0].shape
@@ -230,12 +237,12 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
     if T == 0 or R == 0 or N == 0 or S == 0 or meta.num_tiles == 0:
         return
     h32 = h if h.dtype == torch.float32 else h.to(torch.float32)  # exact for fp16 / bf16
-    args = pack_args(meta=meta, K=0, R=R, S=S, ranks=ranks, y=y, h=h32, scalings=scalings)
+    args = pack_args(meta=meta, K=0, R=R, S=S, ranks=ranks, y=y, h=h32, scalings=scalings, packed=packed)
     _launch(OP_EXPAND, y.dtype, meta, args, None, b_list, n, y.device)
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
-             scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> None:
+             scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta, packed=None) -> None:
     T, K = x.shape
     S, R, _ = a_list[0].shape
     N = y.shape[1]
@@ -243,9 +250,9 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b
     if T == 0 or R == 0 or N == 0 or K == 0 or S == 0 or meta.num_tiles == 0:
         return
     if meta.block_m >= TENSOR_CORE_MIN_M:
-        expand(y, shrink(x, a_list, ranks, meta), b_list, scalings, ranks, meta)
+        expand(y, shrink(x, a_list, ranks, meta, packed=packed), b_list, scalings, ranks, meta, packed)
         return
-    args = pack_args(meta=meta, K=K, R=R, S=S, ranks=ranks, x=x, y=y, scalings=scalings)
+    args = pack_args(meta=meta, K=K, R=R, S=S, ranks=ranks, x=x, y=y, scalings=scalings, packed=packed)
     _launch(OP_FUSED, x.dtype, meta, args, a_list, b_list, len(a_list), x.device)
 
 
@@ -338,9 +345,26 @@ class BoundAdd:
                         y.get_device()))
 
 
-def bind(a_list, b_list, scalings, ranks) -> BoundAdd:
+class _BoundPacked:
+    """The packed form on this backend: the checked general path each call (the C++ bound plan
+    does not take offsets yet)."""
+
+    __slots__ = ("_args",)
+
+    def __init__(self, a_list, b_list, scalings, ranks, packed):
+        self._args = (list(a_list), list(b_list), scalings, ranks, packed)
+
+    def __call__(self, y, x, meta: LoRABatchMeta) -> None:
+        a, b, scal, ranks, packed = self._args
+        with torch.cuda.device(a[0].device):
+            add_lora(y, x, a, b, scal, ranks, meta, packed)
+
+
+def bind(a_list, b_list, scalings, ranks, packed=None):
     """A callable ``(y, x, meta) -> None`` equal to ``add_lora(y, x, a_list, b_list, scalings, ranks, meta)``
     (what ``BoundLoRA`` calls on this backend; see "bound plans" above)."""
+    if packed is not None:
+        return _BoundPacked(a_list, b_list, scalings, ranks, packed)
     return BoundAdd(a_list, b_list, scalings, ranks)
 
 

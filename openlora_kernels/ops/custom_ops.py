@@ -106,25 +106,61 @@ def _meta(token_slots, sorted_tokens, seg_info, tile_info, num_slots: int, block
 # The value checks (metadata contents, ranks <= R) run here, before the backend: on CPU always,
 # on GPU in debug mode; each memoises its verdict, so a layer's call pays a lookup.
 
-def run_add_lora(y, x, lora_a, lora_b, scalings, ranks, meta: LoRABatchMeta, backend: str) -> None:
+def _packed_call(backend: str, what: str, packed, ranks, a_list=None, b_list=None):
+    """(module, a_list, b_list, ranks, packed) for a backend call in the packed form: the
+    backends with native packed addressing get it as it is; the reference ("torch") reads the
+    slots' rows into padded stacks (ops/packed.py)."""
+    from . import packed as _packed
+    _packed.check_offsets(packed, ranks)
+    mod = backend_module(backend)
+    if getattr(mod, "SUPPORTS_PACKED", False):
+        return mod, a_list, b_list, ranks, packed
+    if backend != "torch":
+        raise NotImplementedError(f"offsets: the packed weight form is not implemented on backend {backend!r} "
+                                  "yet (use backend 'cpu' or 'torch', or the padded [S, R, K] form)")
+    a_pad, b_pad, eff = _packed.padded_from(packed, ranks, a_list, b_list)
+    return mod, a_pad, b_pad, eff, None
+
+
+def run_add_lora(y, x, lora_a, lora_b, scalings, ranks, meta: LoRABatchMeta, backend: str, packed=None) -> None:
     check_batch_meta(meta)
     if ranks is not None:
         check_ranks(ranks, lora_a[0].shape[1])
+    if packed is not None:
+        mod, lora_a, lora_b, ranks, packed = _packed_call(backend, "add_lora", packed, ranks, lora_a, lora_b)
+        if packed is not None:
+            mod.add_lora(y, x, lora_a, lora_b, scalings, ranks, meta, packed=packed)
+        else:
+            mod.add_lora(y, x, lora_a, lora_b, scalings, ranks, meta)
+        return
     backend_module(backend).add_lora(y, x, lora_a, lora_b, scalings, ranks, meta)
 
 
-def run_shrink(x, lora_a, ranks, meta: LoRABatchMeta, backend: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def run_shrink(x, lora_a, ranks, meta: LoRABatchMeta, backend: str, out: Optional[torch.Tensor] = None,
+               packed=None) -> torch.Tensor:
     """``out``: internal, an [n, T, R] float32 tensor (any strides) to write h into instead of a new one."""
     check_batch_meta(meta)
     if ranks is not None:
         check_ranks(ranks, lora_a[0].shape[1])
+    if packed is not None:
+        mod, lora_a, _, ranks, packed = _packed_call(backend, "lora_shrink", packed, ranks, a_list=lora_a)
+        if packed is not None:
+            return mod.shrink(x, lora_a, ranks, meta, out=out, packed=packed)
+        return mod.shrink(x, lora_a, ranks, meta, out=out)
     return backend_module(backend).shrink(x, lora_a, ranks, meta, out=out)
 
 
-def run_expand(y, h, lora_b, scalings, ranks, meta: LoRABatchMeta, backend: str) -> None:
+def run_expand(y, h, lora_b, scalings, ranks, meta: LoRABatchMeta, backend: str, packed=None) -> None:
     check_batch_meta(meta)
     if ranks is not None:
         check_ranks(ranks, lora_b[0].shape[2])
+    if packed is not None:
+        mod, _, lora_b, ranks, packed = _packed_call(backend, "lora_expand", packed, ranks, b_list=lora_b)
+        if packed is not None:
+            mod.expand(y, h, lora_b, scalings, ranks, meta, packed=packed)
+        else:
+            mod.expand(y, h, lora_b, scalings, ranks, meta)
+        return
     backend_module(backend).expand(y, h, lora_b, scalings, ranks, meta)
 
 

@@ -130,6 +130,20 @@ def _rank(ranks_ptr, gsid, slot, stride_rn, stride_rs, R, HAS_RANKS: tl.constexp
 
 
 @triton.jit
+def _packed_rows(offs_ptr, slot, rows, rank, HAS_OFFS: tl.constexpr):
+    """(rank, first row) of ``slot`` in the packed form (ops/packed.py): the offset loaded from
+    ``offs_ptr`` (an integer tensor, not a pointer table) clamped to [0, rows], the rank to what
+    is left of the buffer; (rank, 0) otherwise."""
+    if HAS_OFFS:
+        o = tl.load(offs_ptr + slot).to(tl.int64)
+        o = tl.minimum(tl.maximum(o, 0), rows)
+        rank = tl.minimum(rank, (rows - o).to(tl.int32))
+    else:
+        o = slot.to(tl.int64) * 0
+    return rank, o
+
+
+@triton.jit
 def _mac_rowvec(a, b, part):
     """part[K, N] += a[0, K][:, None] * b[K, N]: one row's products, reduced over K after the loop
     (a GEMV keeps per-lane partial sums instead of a cross-thread reduction per K block)."""
@@ -241,6 +255,7 @@ def _sgmv_shrink_kernel(
     ranks_ptr,                          # [n_slices, S] int32/int64 via (stride_rn, stride_rs)
     sorted_ptr,                         # [T] int32: rows sorted by slot
     tile_ptr,                           # [3, G] int32: (slot, start, end) per tile
+    offs_ptr, rows_p,                   # packed form: [S] first row of each slot, rows of the buffers
     G, T, K, R, S,
     stride_xt, stride_xk,
     stride_as, stride_ar, stride_ak,
@@ -249,6 +264,7 @@ def _sgmv_shrink_kernel(
     slice_base,                         # global index of this launch's slice 0
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_RANKS: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
+    HAS_OFFS: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -260,6 +276,7 @@ def _sgmv_shrink_kernel(
         return
     gsid = slice_base + sid
     rank = _rank(ranks_ptr, gsid, slot, stride_rn, stride_rs, R, HAS_RANKS)
+    rank, roff = _packed_rows(offs_ptr, slot, rows_p, rank, HAS_OFFS)
     r0 = pid_r * BLOCK_R
     if r0 >= rank:
         return
@@ -270,7 +287,7 @@ def _sgmv_shrink_kernel(
     rows, m_mask = _tile_rows(sorted_ptr, start, end, T, BLOCK_M)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
-    a_ptr = _pick(sid, a0_ptr, a1_ptr, a2_ptr, a3_ptr) + slot.to(tl.int64) * stride_as
+    a_ptr = _pick(sid, a0_ptr, a1_ptr, a2_ptr, a3_ptr) + slot.to(tl.int64) * stride_as + roff * stride_ar
     acc = _shrink_rows(x_ptr, a_ptr, rows, m_mask, offs_r, r_mask, k_lo, k_hi,
                        stride_xt, stride_xk, stride_ar, stride_ak,
                        BLOCK_M, BLOCK_R, BLOCK_K, USE_DOT, FP32_DOT)
@@ -290,6 +307,7 @@ def _sgmv_expand_kernel(
     y_ptr,                              # [T, N] updated in place, N = sum N_i
     scal_ptr,                           # [S] fp32
     ranks_ptr, sorted_ptr, tile_ptr,    # as in the shrink kernel
+    offs_ptr, rows_p,
     G, T, R, S,
     n0, n1, n2, n3,                     # N_i of each slice
     c0, c1, c2, c3,                     # first column of each slice in y
@@ -302,7 +320,7 @@ def _sgmv_expand_kernel(
     slice_base,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_RANKS: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
-    B_LAYOUT: tl.constexpr, VEC: tl.constexpr,
+    B_LAYOUT: tl.constexpr, VEC: tl.constexpr, HAS_OFFS: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -312,6 +330,7 @@ def _sgmv_expand_kernel(
         return
     gsid = slice_base + sid
     rank = _rank(ranks_ptr, gsid, slot, stride_rn, stride_rs, R, HAS_RANKS)
+    rank, roff = _packed_rows(offs_ptr, slot, rows_p, rank, HAS_OFFS)
     n_i = _pick(sid, n0, n1, n2, n3)
     n_lo = pid_n * BLOCK_N
     if (rank == 0) | (n_lo >= n_i):
@@ -320,8 +339,9 @@ def _sgmv_expand_kernel(
     rows, m_mask = _tile_rows(sorted_ptr, start, end, T, BLOCK_M)
     offs_n = n_lo + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_i
-    b_ptr = _pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot.to(tl.int64) * _mult(_pick(sid, bs0, bs1, bs2, bs3), VEC)
     stride_br = _pick(sid, br0, br1, br2, br3)
+    b_ptr = (_pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot.to(tl.int64) * _mult(_pick(sid, bs0, bs1, bs2, bs3), VEC)
+             + _mult(roff * stride_br, VEC))   # (VEC > 1 only where the rank stride is a multiple of it)
     h_base = h_ptr + gsid.to(tl.int64) * stride_hn + rows[:, None] * stride_ht
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -353,6 +373,7 @@ def _sgmv_fused_kernel(
     b0_ptr, b1_ptr, b2_ptr, b3_ptr,     # [S, N_i, R] per slice
     scal_ptr,                           # [S] fp32
     ranks_ptr,
+    offs_ptr, rows_p,                   # packed form (see the shrink kernel)
     G, K, R, S,
     n0, n1, n2, n3,
     c0, c1, c2, c3,
@@ -367,7 +388,7 @@ def _sgmv_fused_kernel(
     tiles_per_chunk,                    # output tiles of BLOCK_N handled by one program
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     HAS_RANKS: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
-    B_LAYOUT: tl.constexpr, VEC: tl.constexpr,
+    B_LAYOUT: tl.constexpr, VEC: tl.constexpr, HAS_OFFS: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -377,6 +398,7 @@ def _sgmv_fused_kernel(
         return
     gsid = slice_base + sid
     rank = _rank(ranks_ptr, gsid, slot, stride_rn, stride_rs, R, HAS_RANKS)
+    rank, roff = _packed_rows(offs_ptr, slot, rows_p, rank, HAS_OFFS)
     n_i = _pick(sid, n0, n1, n2, n3)
     nt_lo = pid_c * tiles_per_chunk
     nt_hi = tl.minimum(nt_lo + tiles_per_chunk, tl.cdiv(n_i, BLOCK_N))
@@ -389,15 +411,16 @@ def _sgmv_fused_kernel(
     slot64 = slot.to(tl.int64)
 
     # Shrink: h = x[rows] @ A[slot, :rank].T, kept in registers.
-    a_ptr = _pick(sid, a0_ptr, a1_ptr, a2_ptr, a3_ptr) + slot64 * stride_as
+    a_ptr = _pick(sid, a0_ptr, a1_ptr, a2_ptr, a3_ptr) + slot64 * stride_as + roff * stride_ar
     h = _shrink_rows(x_ptr, a_ptr, rows, m_mask, offs_r, r_mask, 0, K,
                      stride_xt, stride_xk, stride_ar, stride_ak,
                      BLOCK_M, R_PAD, BLOCK_K, USE_DOT, FP32_DOT)
     h = h * tl.load(scal_ptr + slot)
 
     # Expand: y[rows, cols] += h @ B[slot, cols, :rank].T over this program's output tiles.
-    b_ptr = _pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot64 * _mult(_pick(sid, bs0, bs1, bs2, bs3), VEC)
     stride_br = _pick(sid, br0, br1, br2, br3)
+    b_ptr = (_pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot64 * _mult(_pick(sid, bs0, bs1, bs2, bs3), VEC)
+             + _mult(roff * stride_br, VEC))   # (VEC > 1 only where the rank stride is a multiple of it)
     col0 = _pick(sid, c0, c1, c2, c3)
     if USE_DOT and not FP32_DOT:
         hd = h.to(b_ptr.dtype.element_ty)
@@ -501,6 +524,18 @@ def _ranks_args(ranks: Optional[torch.Tensor], like: torch.Tensor):
     return (like if ranks is None else ranks, *rank_strides(ranks), ranks is not None)
 
 
+def _offs_args(packed, like: torch.Tensor):
+    """(offsets tensor, rows, HAS_OFFS) of the packed form (ops/packed.py), or placeholders."""
+    if packed is None:
+        return like, 0, False
+    return packed.offsets, packed.rows, True
+
+
+def _vec_packed(layout: int, vec: int, packed) -> int:
+    """A packed slot starts at any row: rank-contiguous B (layout 1) is then not vector aligned."""
+    return 1 if packed is not None and layout == 1 else vec
+
+
 def _pad4(items: Sequence, fill=None) -> List:
     items = list(items)
     return items + [items[0] if fill is None else fill] * (MAX_SLICES_PER_LAUNCH - len(items))
@@ -531,8 +566,12 @@ def b_access(b_list: Sequence[torch.Tensor], y: torch.Tensor, cols: Sequence[int
     return layout, (v if ok else 1)
 
 
+# The packed weight form (ops/packed.py): a per-slot row offset, loaded from an integer tensor.
+SUPPORTS_PACKED = True
+
+
 def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torch.Tensor],
-           meta: LoRABatchMeta, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+           meta: LoRABatchMeta, out: Optional[torch.Tensor] = None, packed=None) -> torch.Tensor:
     T, K = x.shape
     S, R, _ = a_list[0].shape
     n = len(a_list)
@@ -542,12 +581,13 @@ def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torc
     a_list = same_strides(a_list, (0, 1, 2))
     cfg = kernel_config("shrink", block_m=meta.block_m, K=K, N=0, R=R, n_slices=n, dtype=x.dtype, device=x.device)
     rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
+    op, rows_p, has_o = _offs_args(packed, meta.token_slots)
     A0 = a_list[0]
     for base, cnt in slice_groups(n, MAX_SLICES_PER_LAUNCH):
         a = _pad4(a_list[base:base + cnt])
         grid = (meta.num_tiles, triton.cdiv(R, cfg["BLOCK_R"]), cnt * cfg["SPLIT_K"])
         _sgmv_shrink_kernel[grid](
-            x, a[0], a[1], a[2], a[3], h, rk, meta.sorted_tokens, meta.tile_info,
+            x, a[0], a[1], a[2], a[3], h, rk, meta.sorted_tokens, meta.tile_info, op, rows_p,
             meta.num_tiles, T, K, R, S,
             x.stride(0), x.stride(1),
             A0.stride(0), A0.stride(1), A0.stride(2),
@@ -555,13 +595,13 @@ def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torc
             srn, srs, base,
             BLOCK_M=meta.block_m, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
             HAS_RANKS=has_r, USE_DOT=meta.block_m >= TENSOR_CORE_MIN_M, FP32_DOT=_fp32_dot(x.dtype),
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            HAS_OFFS=has_o, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return h
 
 
 def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], scalings: torch.Tensor,
-           ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> None:
+           ranks: Optional[torch.Tensor], meta: LoRABatchMeta, packed=None) -> None:
     T, N = y.shape
     S, _, R = b_list[0].shape
     n = len(b_list)
@@ -570,6 +610,7 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
     b_list = same_strides(b_list, (1,))
     cfg = kernel_config("expand", block_m=meta.block_m, K=0, N=N, R=R, n_slices=n, dtype=y.dtype, device=y.device)
     rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
+    op, rows_p, has_o = _offs_args(packed, meta.token_slots)
     cols = slice_columns(b_list)
     B0 = b_list[0]
     for base, cnt in slice_groups(n, MAX_SLICES_PER_LAUNCH):
@@ -579,8 +620,9 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
         bp, nn, cc, bs = _pad4(b), _pad4(widths, 0), _pad4(cols[base:base + cnt], 0), _pad4([B.stride(0) for B in b], 0)
         br = _pad4([B.stride(2) for B in b], 0)
         layout, vec = b_access(b, y, cols[base:base + cnt])
+        vec = _vec_packed(layout, vec, packed)
         _sgmv_expand_kernel[grid](
-            h, bp[0], bp[1], bp[2], bp[3], y, scalings, rk, meta.sorted_tokens, meta.tile_info,
+            h, bp[0], bp[1], bp[2], bp[3], y, scalings, rk, meta.sorted_tokens, meta.tile_info, op, rows_p,
             meta.num_tiles, T, R, S,
             nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
             br[0], br[1], br[2], br[3],
@@ -590,13 +632,14 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
             srn, srs, base,
             BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
             HAS_RANKS=has_r, USE_DOT=meta.block_m >= TENSOR_CORE_MIN_M, FP32_DOT=_fp32_dot(B0.dtype),
-            B_LAYOUT=layout, VEC=vec,
+            B_LAYOUT=layout, VEC=vec, HAS_OFFS=has_o,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
 
 def fused_launches(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
-                   scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> List[tuple]:
+                   scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta,
+                   packed=None) -> List[tuple]:
     """The launches of :func:`fused` as (kernel, grid, args, kwargs), one per group of up to 4
     slices (empty for a zero delta). a_list / b_list must already share their strides."""
     T, K = x.shape
@@ -609,6 +652,7 @@ def fused_launches(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tens
     use_dot = meta.block_m >= TENSOR_CORE_MIN_M
     r_pad = max(next_pow2(R), 16) if use_dot else next_pow2(R)
     rk, srn, srs, has_r = _ranks_args(ranks, scalings)
+    op, rows_p, has_o = _offs_args(packed, scalings)
     cols = slice_columns(b_list)
     A0, B0 = a_list[0], b_list[0]
     out = []
@@ -627,7 +671,7 @@ def fused_launches(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tens
         nn, cc, bs = _pad4(widths, 0), _pad4(cols[base:base + cnt], 0), _pad4([B.stride(0) for B in b], 0)
         br = _pad4([B.stride(2) for B in b], 0)
         args = (x, y, meta.sorted_tokens, meta.tile_info, T,
-                ap[0], ap[1], ap[2], ap[3], bp[0], bp[1], bp[2], bp[3], scalings, rk,
+                ap[0], ap[1], ap[2], ap[3], bp[0], bp[1], bp[2], bp[3], scalings, rk, op, rows_p,
                 meta.num_tiles, K, R, S,
                 nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
                 br[0], br[1], br[2], br[3],
@@ -637,22 +681,23 @@ def fused_launches(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tens
                 y.stride(0), y.stride(1),
                 srn, srs, base, per_chunk)
         layout, vec = b_access(b, y, cols[base:base + cnt])
+        vec = _vec_packed(layout, vec, packed)
         kwargs = dict(BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], R_PAD=r_pad,
                       HAS_RANKS=has_r, USE_DOT=use_dot, FP32_DOT=_fp32_dot(x.dtype), B_LAYOUT=layout, VEC=vec,
-                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                      HAS_OFFS=has_o, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         out.append((_sgmv_fused_kernel, (meta.num_tiles, chunks, cnt), args, kwargs))
     return out
 
 
 def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
-          scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta) -> None:
+          scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta, packed=None) -> None:
     a_list = same_strides(a_list, (0, 1, 2))
     b_list = same_strides(b_list, (1,))
-    for kernel, grid, args, kwargs in fused_launches(y, x, a_list, b_list, scalings, ranks, meta):
+    for kernel, grid, args, kwargs in fused_launches(y, x, a_list, b_list, scalings, ranks, meta, packed):
         kernel[grid](*args, **kwargs)
 
 
-def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
+def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, packed=None) -> None:
     T, K = x.shape
     S, R, _ = a_list[0].shape
     if T == 0 or K == 0 or R == 0 or S == 0 or y.shape[1] == 0:
@@ -661,12 +706,13 @@ def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None
                           dtype=x.dtype, device=x.device)
     if route["FUSED"]:
         from .triton_segment import decode_plan, segment
-        if decode_plan(x, y, a_list, meta, route) == "segment":
+        # (the packed form's per-slot row offsets are the fused and split kernels'; not the segment plan's)
+        if packed is None and decode_plan(x, y, a_list, meta, route) == "segment":
             segment(y, x, a_list, b_list, scalings, ranks, meta)
         else:
-            fused(y, x, a_list, b_list, scalings, ranks, meta)
+            fused(y, x, a_list, b_list, scalings, ranks, meta, packed)
     else:
-        expand(y, shrink(x, a_list, ranks, meta), b_list, scalings, ranks, meta)
+        expand(y, shrink(x, a_list, ranks, meta, packed=packed), b_list, scalings, ranks, meta, packed)
 
 
 # ------------------------------------------------------------------------------- bound plans
@@ -776,9 +822,10 @@ class BoundAdd:
     """``add_lora`` on the Triton backend for one layer's fixed weights (see "bound plans" above)."""
 
     __slots__ = ("_a", "_b", "_scal", "_ranks", "_plans", "_ok", "_dev_index", "_stream", "_current",
-                 "_hooks", "plan_hits", "__weakref__")
+                 "_hooks", "plan_hits", "_packed", "__weakref__")
 
-    def __init__(self, a_list, b_list, scalings, ranks):
+    def __init__(self, a_list, b_list, scalings, ranks, packed=None):
+        self._packed = packed
         a2, b2 = same_strides(a_list, (0, 1, 2)), same_strides(b_list, (1,))
         # strided copies would go stale when the pool writes a slot: such weights take the general path
         self._ok = (all(p is q for p, q in zip(a2, a_list)) and all(p is q for p, q in zip(b2, b_list))
@@ -792,7 +839,7 @@ class BoundAdd:
         self.plan_hits = 0
 
     def _general(self, y, x, meta) -> None:
-        add_lora(y, x, self._a, self._b, self._scal, self._ranks, meta)
+        add_lora(y, x, self._a, self._b, self._scal, self._ranks, meta, self._packed)
 
     def fast(self, y, x, meta: LoRABatchMeta) -> bool:
         """Launch through the plan of this call's key; False, having done nothing, when there is none
@@ -850,7 +897,7 @@ class BoundAdd:
         from . import triton_segment
         if not route["FUSED"]:
             return self._general(y, x, meta)
-        seg = triton_segment.decode_plan(x, y, self._a, meta, route) == "segment"
+        seg = self._packed is None and triton_segment.decode_plan(x, y, self._a, meta, route) == "segment"
         from triton.runtime import driver
         self._current, self._stream = _device_getters(driver.active)
         enter, exit_ = _launch_hooks()
@@ -867,7 +914,7 @@ class BoundAdd:
             dyn_names = {triton_segment._seg_shrink_kernel: (triton_segment.SHRINK_DYNAMIC, 0),
                          triton_segment._seg_expand_kernel: (triton_segment.EXPAND_DYNAMIC, 1)}
         else:
-            launches = fused_launches(y, x, self._a, self._b, self._scal, self._ranks, meta)
+            launches = fused_launches(y, x, self._a, self._b, self._scal, self._ranks, meta, self._packed)
             dyn_names = {_sgmv_fused_kernel: (_PLAN_DYNAMIC, 0)}
         plan = []
         for kernel, grid, args, kwargs in launches:
@@ -888,10 +935,10 @@ class BoundAdd:
             self._hooks = (getattr(enter, "calls", ()), getattr(exit_, "calls", ()))
 
 
-def bind(a_list, b_list, scalings, ranks) -> BoundAdd:
+def bind(a_list, b_list, scalings, ranks, packed=None) -> BoundAdd:
     """A callable ``(y, x, meta) -> None`` equal to ``add_lora(y, x, a_list, b_list, scalings, ranks, meta)``
     (what ``BoundLoRA`` calls on this backend; see "bound plans" above)."""
-    return BoundAdd(a_list, b_list, scalings, ranks)
+    return BoundAdd(a_list, b_list, scalings, ranks, packed)
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

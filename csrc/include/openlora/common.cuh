@@ -99,13 +99,32 @@ OLK_DEVICE int64_t load_row(const SgmvParams& p, int64_t pos) {
   return (r >= 0 && r < p.T) ? r : -1;
 }
 
-// Rank of `slot` for global slice `gsid`, clamped to [0, R] (R when no ranks are given).
+// First row of `slot` in the packed form, clamped to [0, rows] (0 when not packed).
+OLK_DEVICE int64_t load_offset(const SgmvParams& p, int64_t slot) {
+  if (!p.has_offs) return 0;
+  const int64_t o = p.offs_i64 ? static_cast<const int64_t*>(p.offs)[slot]
+                               : static_cast<int64_t>(static_cast<const int32_t*>(p.offs)[slot]);
+  return min(max(o, int64_t(0)), p.rows);
+}
+
+// Element offset of `slot`'s first rank row in a slice buffer (slot stride, plus the packed
+// form's row offset along the rank stride).
+OLK_DEVICE int64_t slot_base(const SgmvParams& p, int64_t slot, int64_t slot_stride, int64_t rank_stride) {
+  return slot * slot_stride + load_offset(p, slot) * rank_stride;
+}
+
+// Rank of `slot` for global slice `gsid`, clamped to [0, R] (R when no ranks are given), and in
+// the packed form to the rows left after its offset.
 OLK_DEVICE int load_rank(const SgmvParams& p, int gsid, int slot) {
-  if (!p.has_ranks) return static_cast<int>(p.R);
-  const int64_t off = gsid * p.sr_n + slot * p.sr_s;
-  const int64_t r = p.ranks_i64 ? static_cast<const int64_t*>(p.ranks)[off]
-                                : static_cast<int64_t>(static_cast<const int32_t*>(p.ranks)[off]);
-  return static_cast<int>(min(max(r, int64_t(0)), p.R));
+  int64_t r = p.R;
+  if (p.has_ranks) {
+    const int64_t off = gsid * p.sr_n + slot * p.sr_s;
+    r = p.ranks_i64 ? static_cast<const int64_t*>(p.ranks)[off]
+                    : static_cast<int64_t>(static_cast<const int32_t*>(p.ranks)[off]);
+    r = min(max(r, int64_t(0)), p.R);
+  }
+  if (p.has_offs) r = min(r, p.rows - load_offset(p, slot));
+  return static_cast<int>(r);
 }
 
 // What one CTA works on: a tile of one slot, one slice, that slot's rank for the slice.

@@ -41,6 +41,12 @@ struct SgmvParams {
   int64_t sr_n, sr_s;             // sr_n = 0 for per-slot ranks
   int ranks_i64;                  // 1: ranks are int64
   int has_ranks;
+  // Packed form (ops/packed.py): slot s's rank rows start at row offs[s] of each slice's buffer
+  // (slot strides 0); offsets clamped to [0, rows], ranks to rows - offset (load_rank).
+  const void* offs;               // [S] int32/int64, or null
+  int offs_i64;
+  int has_offs;
+  int64_t rows;
   const int32_t* sorted_tokens;   // [T] rows sorted by slot
   const int32_t* tile_info;       // [3, G] (slot or -1, start, end) per tile
   int64_t G, T, K, R, S;

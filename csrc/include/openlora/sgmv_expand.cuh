@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) sgmv_expand_mma_kernel(const __grid_
   t.end = min(t.end, t.start + BM);
   load_tile_rows<BM, kThreads>(p, t, rows_s);
 
-  const T* b_slot = static_cast<const T*>(sl.b) + t.slot * sl.b_ss;
+  const T* b_slot = static_cast<const T*>(sl.b) + slot_base(p, t.slot, sl.b_ss, sl.b_sr);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const bool warp_active = n0 + warp * WN < sl.n;  // warp-uniform
   float acc[BM / 16][WN / 8][4];

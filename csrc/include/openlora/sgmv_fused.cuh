@@ -43,7 +43,7 @@ OLK_DEVICE void shrink_rows(const SgmvParams& p, const SliceArgs& sl, int slot, 
   constexpr int JU = RankUnroll<BM>::value;
   const int lane = threadIdx.x & 31;
   const T* x = static_cast<const T*>(p.x);
-  const T* a_slot = static_cast<const T*>(sl.a) + slot * sl.a_ss;
+  const T* a_slot = static_cast<const T*>(sl.a) + slot_base(p, slot, sl.a_ss, sl.a_sr);
 
   for (int j0 = first * JU; j0 < rank; j0 += step * JU) {
     float acc[BM][JU];
@@ -133,7 +133,7 @@ OLK_DEVICE void expand_rows(const SgmvParams& p, const SliceArgs& sl, int slot, 
   using DT = DTypeTraits<T>;
   constexpr int V = DT::kVec;
   T* y = static_cast<T*>(p.y);
-  const T* b_slot = static_cast<const T*>(sl.b) + slot * sl.b_ss;
+  const T* b_slot = static_cast<const T*>(sl.b) + slot_base(p, slot, sl.b_ss, sl.b_sr);
 
   for (int64_t n = c_lo + threadIdx.x; n < c_hi; n += kThreads) {
     float acc[BM];

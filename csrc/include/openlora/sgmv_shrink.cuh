@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) sgmv_shrink_mma_kernel(const __grid_
 
   T* xs = reinterpret_cast<T*>(smem);
   T* as = xs + kStages * BM * kLds;
-  const T* a_slot = static_cast<const T*>(sl.a) + t.slot * sl.a_ss;
+  const T* a_slot = static_cast<const T*>(sl.a) + slot_base(p, t.slot, sl.a_ss, sl.a_sr);
   float acc[BM / 16][BR / 8][4];
 #pragma unroll
   for (int mi = 0; mi < BM / 16; ++mi)
