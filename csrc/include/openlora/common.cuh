@@ -170,13 +170,14 @@ template <typename T>
 OLK_DEVICE void add_pair_to(T* p, float v0, float v1) {
   static_assert(sizeof(T) == 2, "add_pair_to: 16-bit types only");
   using DT = DTypeTraits<T>;
-  uint32_t w = *reinterpret_cast<const uint32_t*>(p);
-  T e[2];
-  memcpy(e, &w, 4);
-  e[0] = DT::from_float(DT::to_float(e[0]) + v0);
-  e[1] = DT::from_float(DT::to_float(e[1]) + v1);
-  memcpy(&w, e, 4);
-  *reinterpret_cast<uint32_t*>(p) = w;
+  union Pair {
+    uint32_t w;
+    T e[2];
+  } u;
+  u.w = *reinterpret_cast<const uint32_t*>(p);
+  u.e[0] = DT::from_float(DT::to_float(u.e[0]) + v0);
+  u.e[1] = DT::from_float(DT::to_float(u.e[1]) + v1);
+  *reinterpret_cast<uint32_t*>(p) = u.w;
 }
 
 }  // namespace openlora

@@ -74,7 +74,7 @@ OLK_DEVICE void load_rank_step(const SgmvParams& p, const SliceArgs& sl, const T
 }
 
 template <typename T, int BM>
-__global__ void __launch_bounds__(kThreads) sgmv_expand_mma_kernel(const __grid_constant__ SgmvParams p) {
+__global__ void __launch_bounds__(kThreads, 1) sgmv_expand_mma_kernel(const __grid_constant__ SgmvParams p) {
   static_assert(BM % 16 == 0 && BM <= 64, "BM must be 16, 32 or 64");
   __shared__ __align__(16) T hs[BM * kLds];
   __shared__ __align__(16) T bs[kBsElems];   // [BN][kLds], or [RK][kLdsN] with vec_n
@@ -133,21 +133,25 @@ __global__ void __launch_bounds__(kThreads) sgmv_expand_mma_kernel(const __grid_
   if (!warp_active) return;
   const float scale = p.scal[t.slot * p.s_scal];
   T* y = static_cast<T*>(p.y);
+  const int64_t n_lane = n0 + warp * WN + (lane & 3) * 2;   // this lane's first column (even)
+  const int64_t n_end = sl.n;
+  const bool pairs = p.vec_y;
 #pragma unroll
   for (int mi = 0; mi < BM / 16; ++mi)
 #pragma unroll
     for (int c = 0; c < 4; c += 2) {  // accumulators c, c + 1: one row, columns n, n + 1 (n even)
       const int64_t tr = rows_s[mi * 16 + (lane >> 2) + (c >> 1) * 8];
       if (tr < 0) continue;
+      T* yrow = y + tr * p.sy_t + sl.col * p.sy_n;
 #pragma unroll
       for (int ni = 0; ni < WN / 8; ++ni) {
-        const int64_t n = n0 + warp * WN + ni * 8 + (lane & 3) * 2;
-        T* yp = y + tr * p.sy_t + (sl.col + n) * p.sy_n;
-        if (p.vec_y && n + 1 < sl.n) {
+        const int64_t n = n_lane + ni * 8;
+        T* yp = yrow + n * p.sy_n;
+        if (pairs && n + 1 < n_end) {
           add_pair_to(yp, acc[mi][ni][c] * scale, acc[mi][ni][c + 1] * scale);
         } else {
-          if (n < sl.n) add_to(yp, acc[mi][ni][c] * scale);
-          if (n + 1 < sl.n) add_to(yp + p.sy_n, acc[mi][ni][c + 1] * scale);
+          if (n < n_end) add_to(yp, acc[mi][ni][c] * scale);
+          if (n + 1 < n_end) add_to(yp + p.sy_n, acc[mi][ni][c + 1] * scale);
         }
       }
     }
