@@ -28,6 +28,51 @@ from .backends import resolve_backend
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 Indices = Union[torch.Tensor, LoRABatchMeta]
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Storage dtypes of lora_a / lora_b for each activation dtype (x / y): the kernels upcast the
+# weights on load and accumulate in float32 (docs/kernels.md, "Storage dtypes"). Which mixed
+# pairs a backend runs: its module's MIXED_STORAGE (checked once the backend is resolved).
+STORAGE_DTYPES = {
+    torch.float32: (torch.float32, torch.bfloat16, torch.float16),
+    torch.bfloat16: (torch.bfloat16,),
+    torch.float16: (torch.float16,),
+    torch.float64: (torch.float64,),
+}
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
+             if hasattr(torch, n))
+
+
+def _storage_ok(w_dtype: torch.dtype, act: torch.dtype, nm: str, act_name: str) -> None:
+    """Refuses a weight dtype that is no storage dtype for activations of dtype ``act``."""
+    if w_dtype in STORAGE_DTYPES.get(act, (act,)):
+        return
+    if w_dtype in _FP8:
+        raise TypeError(f"{nm}: storage dtype {w_dtype} (fp8) is not supported on any backend yet "
+                        "(adapter_dtype float8 needs per-output-channel scales, not implemented); "
+                        "store the adapters in bfloat16 / float16 instead")
+    allowed = ", ".join(str(d).replace("torch.", "") for d in STORAGE_DTYPES.get(act, (act,)))
+    raise TypeError(f"{nm}: dtype {w_dtype} does not match {act_name}'s dtype {act} (storage dtypes for "
+                    f"{str(act).replace('torch.', '')} activations: {allowed})")
+
+
+def check_storage(backend: str, act: torch.dtype, a_list=(), b_list=()) -> None:
+    """Refuses weights stored in a dtype other than ``act`` that backend ``backend`` (resolved)
+    does not run (each backend's MIXED_STORAGE: the (activation, weight) dtype pairs it upcasts)."""
+    first = None
+    for nm, ws in (("lora_a", a_list), ("lora_b", b_list)):
+        for W in ws:
+            if first is None:
+                first = W.dtype
+            elif W.dtype is not first:
+                raise TypeError(f"{nm}: dtype {W.dtype} differs from the other weights' {first}; lora_a and "
+                                "lora_b share one storage dtype")
+            if W.dtype is not act:
+                mixed = getattr(custom_ops.backend_module(backend), "MIXED_STORAGE", frozenset())
+                if (act, W.dtype) not in mixed:
+                    have = ", ".join(f"{str(w).replace('torch.', '')} weights with {str(a).replace('torch.', '')} "
+                                     "activations" for a, w in sorted(mixed, key=str)) or "none"
+                    raise TypeError(f"{nm}: storage dtype {W.dtype} (adapter_dtype) with {act} activations is not "
+                                    f"supported by backend {backend!r} (its mixed storage dtypes: {have}); use "
+                                    "backend='torch' or store the adapters in the activations' dtype")
 
 
 # ------------------------------------------------------------------------------ validation
@@ -76,7 +121,7 @@ def _check_a(lora_a: TensorOrList, x: torch.Tensor) -> List[torch.Tensor]:
         _tensor(A, nm, 3)
         _same_device(A, nm, x.device)
         if A.dtype != x.dtype:
-            raise TypeError(f"{nm}: dtype {A.dtype} does not match x's dtype {x.dtype}")
+            _storage_ok(A.dtype, x.dtype, nm, "x")
         if A.shape[2] != x.shape[1]:
             raise ValueError(f"{nm}: shape {tuple(A.shape)} is [S, R, K] with K={A.shape[2]}, but x has K={x.shape[1]}")
         if shape is None:
@@ -99,7 +144,7 @@ def _check_b(lora_b: TensorOrList, y: torch.Tensor, S: int, R: int, n_slices: in
         _tensor(B, nm, 3)
         _same_device(B, nm, y.device)
         if B.dtype != y.dtype:
-            raise TypeError(f"{nm}: dtype {B.dtype} does not match {y_name}'s dtype {y.dtype}")
+            _storage_ok(B.dtype, y.dtype, nm, y_name)
         if B.shape[0] != S:
             raise ValueError(f"{nm}: shape {tuple(B.shape)} is [S, N, R] with S={B.shape[0]}, but there are {S} slots")
         if B.shape[2] != R:
@@ -277,6 +322,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: Ten
     ranks = _check_ranks(ranks, S, len(a_list), x.device)
     meta = _meta_for(indices, x.shape[0], S, x.device)
     name = resolve_backend(backend, x.device)
+    check_storage(name, x.dtype, a_list, b_list)
     if grad:
         return _add_autograd(y, x, a_list, b_list, scalings, ranks, meta, name)
     return _launch_add(y, x, a_list, b_list, scalings, ranks, meta, name)
@@ -349,9 +395,16 @@ class BoundLoRA:
     # (_weights: every weight tensor argument, for the requires-grad test of a call)
 
     def __init__(self, lora_a: TensorOrList, lora_b: TensorOrList, scalings: torch.Tensor,
-                 ranks: Optional[torch.Tensor] = None, *, backend: str = "auto"):
-        # The checks of add_lora, against an empty x / y shaped like the weights.
+                 ranks: Optional[torch.Tensor] = None, *, backend: str = "auto", dtype: Optional[torch.dtype] = None):
+        # The checks of add_lora, against an empty x / y shaped like the weights, of the
+        # activations' dtype: ``dtype`` (None: the weights' own; else the weights are stored in
+        # a storage dtype of it, e.g. bfloat16 weights for float32 activations, STORAGE_DTYPES).
         x = _like(lora_a, 2)
+        if dtype is not None:
+            if not isinstance(dtype, torch.dtype):
+                raise TypeError(f"dtype: expected a torch.dtype or None, got {type(dtype).__name__}")
+            _float(x.new_empty(0, dtype=dtype), "dtype", backend == "torch")
+            x = x.to(dtype)
         y = x.new_empty((0, _like(lora_b, 1).shape[1]))
         _float(x, "lora_a", backend == "torch")
         a_list = _check_a(lora_a, x)
@@ -361,6 +414,7 @@ class BoundLoRA:
         self.ranks = _check_ranks(ranks, S, len(a_list), x.device)
         self.lora_a, self.lora_b, self.scalings, self.backend = lora_a, lora_b, scalings, backend
         self._a, self._name = a_list, resolve_backend(backend, x.device)
+        check_storage(self._name, x.dtype, a_list, self._b)
         self._weights = (*a_list, *self._b, scalings)
         self._dtype, self._device, self._S, self._R, self._K, self._N = x.dtype, x.device, S, R, K, y.shape[1]
         self._dev = -1 if x.device.type == "cpu" else (x.device.index if x.device.index is not None else 0)
@@ -370,7 +424,8 @@ class BoundLoRA:
         bind = getattr(custom_ops.backend_module(self._name), "bind", None)
         if S == 0 or R == 0 or K == 0 or self._N == 0:
             bind = None        # a zero delta: the calls only check their arguments (_launch_add)
-        self._bound = bind(self._a, self._b, scalings, self.ranks) if bind is not None else None
+        mixed = {"act_dtype": x.dtype} if a_list[0].dtype is not x.dtype else {}
+        self._bound = bind(self._a, self._b, scalings, self.ranks, **mixed) if bind is not None else None
         self._add_rows = getattr(self._bound, "add_rows", None)
         # (y, x, meta) -> bool: a launch through a recorded plan, False (nothing done) when there is none
         self._fast = getattr(self._bound, "fast", None)
@@ -469,6 +524,7 @@ def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: 
     ranks = _check_ranks(ranks, S, len(a_list), x.device)
     meta = _meta_for(indices, x.shape[0], S, x.device)
     name = resolve_backend(backend, x.device)
+    check_storage(name, x.dtype, a_list)
     if grad:          # the registered op, so that autograd records it (degenerate sizes too)
         if not torch.compiler.is_compiling():
             custom_ops.remember_meta(meta)
@@ -512,6 +568,7 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices:
     ranks = _check_ranks(ranks, S, len(b_list), y.device)
     meta = _meta_for(indices, y.shape[0], S, y.device)
     name = resolve_backend(backend, y.device)
+    check_storage(name, y.dtype, (), b_list)
     if grad:
         _check_in_place(y)
         if not torch.compiler.is_compiling():
@@ -577,6 +634,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_
         if not isinstance(v, bool):
             raise TypeError(f"{nm}: expected a bool, got {type(v).__name__}")
     name = resolve_backend(backend, x.device)
+    check_storage(name, x.dtype, a_list, b_list)
     n = len(a_list)
     with torch.no_grad():
         if torch.compiler.is_compiling():
@@ -659,7 +717,7 @@ def add_lora_embedding(y: torch.Tensor, ids: torch.Tensor, lora_a: torch.Tensor,
     _tensor(lora_a, "lora_a", 3)
     _same_device(lora_a, "lora_a", y.device)
     if lora_a.dtype != y.dtype:
-        raise TypeError(f"lora_a: dtype {lora_a.dtype} does not match y's dtype {y.dtype}")
+        _storage_ok(lora_a.dtype, y.dtype, "lora_a", "y")
     h = lora_embedding_shrink(ids, lora_a, indices, ranks)
     return lora_expand(y, h, lora_b, indices, scalings, ranks, backend=backend)
 
@@ -671,8 +729,10 @@ class BoundEmbeddingLoRA:
     __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend")
 
     def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scalings: torch.Tensor,
-                 ranks: Optional[torch.Tensor] = None, *, backend: str = "auto"):
+                 ranks: Optional[torch.Tensor] = None, *, backend: str = "auto", dtype: Optional[torch.dtype] = None):
         y = _like(lora_b, 1)
+        if dtype is not None:         # the embedding output's dtype (the weights: a storage dtype of it)
+            y = y.to(dtype)
         add_lora_embedding(y, torch.zeros(0, dtype=torch.long, device=y.device), lora_a, lora_b,
                            torch.zeros(0, dtype=torch.int32, device=y.device), scalings, ranks, backend=backend)
         self.lora_a, self.lora_b, self.scalings, self.ranks, self.backend = lora_a, lora_b, scalings, ranks, backend
