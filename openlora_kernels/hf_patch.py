@@ -65,7 +65,8 @@ from .adapters import (AdapterFormatError, AdapterWeights, Expectation, load_ada
 from .hf_params import experts_hook, experts_params, param_hooks, router_params
 from .metadata import LoRABatchMeta, build_batch_meta
 from .ops import cpu_ext
-from .ops.api import dora_rescale
+from .ops.api import _FP8 as _FP8_DTYPES
+from .ops.api import STORAGE_DTYPES, check_storage, dora_rescale
 from .ops.backends import BACKEND_CHOICES, resolve_backend
 from .pool import AdapterPool, HostLoRA, HostSlotArena, LayerSlots, Lease, MemoryReport, Prefetch
 from .training import SlotDelta, TrainableAdapter, fresh_adapter, save_adapter, slot_parameters
@@ -468,6 +469,40 @@ def _embedding_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_C
 # ------------------------------------------------------------------------------- the wrapper
 
 
+def _storage_dtypes(picked: Sequence[Target], adapter_dtype: Optional[torch.dtype], backend: str
+                    ) -> Dict[str, torch.dtype]:
+    """Each patched layer's slot storage dtype for ``adapter_dtype`` (None: the layer's own), refused
+    now (naming adapter_dtype, the layer and the backend) where no kernel would run it."""
+    if adapter_dtype is None:
+        return {t.name: t.weight.dtype for t in picked}
+    if not isinstance(adapter_dtype, torch.dtype):
+        raise TypeError(f"adapter_dtype: expected a torch.dtype or None, got {type(adapter_dtype).__name__}")
+    if adapter_dtype in _FP8_DTYPES:
+        raise ValueError(f"adapter_dtype: {adapter_dtype} (fp8) is not supported yet on any backend (backend="
+                         f"{backend!r}): fp8 storage needs per-output-channel scales, not implemented; use "
+                         "torch.bfloat16 or torch.float16")
+    if adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"adapter_dtype: expected torch.float32, torch.bfloat16, torch.float16 or None, "
+                         f"got {adapter_dtype}")
+    out = {}
+    for t in picked:
+        act = t.weight.dtype
+        if adapter_dtype not in STORAGE_DTYPES.get(act, (act,)):
+            raise ValueError(f"adapter_dtype: {adapter_dtype} is not a storage dtype for {t.name!r}, whose weights "
+                             f"are {act} (a {act} layer stores its adapters in {act}; 16-bit storage is for "
+                             "float32 layers)")
+        if adapter_dtype is not act:
+            name = resolve_backend(backend, t.weight.device)
+            w = torch.empty((0, 0, 0), dtype=adapter_dtype)
+            try:
+                check_storage(name, act, (w,))
+            except TypeError as e:
+                raise ValueError(f"adapter_dtype: {adapter_dtype} with {act} layers ({t.name!r}) is not supported "
+                                 f"by backend {name!r}: {e}") from None
+        out[t.name] = adapter_dtype
+    return out
+
+
 def _check_name(name: Any, what: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"{what}: adapter names are strings, got {type(name).__name__}")
@@ -486,7 +521,7 @@ class MultiLoRAModel:
     """
 
     def __init__(self, model: nn.Module, *, max_adapters: int, max_rank: int, target_modules: TargetModules,
-                 backend: str, host_budget_bytes: Optional[int]):
+                 backend: str, host_budget_bytes: Optional[int], adapter_dtype: Optional[torch.dtype] = None):
         for arg, v in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{arg}: expected a positive int, got {v!r}")
@@ -499,14 +534,17 @@ class MultiLoRAModel:
         picked = select_modules(model, target_modules)
         for t in picked:
             resolve_backend(backend, t.weight.device)   # unavailable backend: fail now, not mid-forward
+        storage = _storage_dtypes(picked, adapter_dtype, backend)
         self.model = model
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
+        self.adapter_dtype = adapter_dtype
         self.target_modules = target_modules
         arena = HostSlotArena()   # CPU layers' slots, packed in huge pages (pool.py)
         self._layers: Dict[str, LayerSlots] = {
             t.name: LayerSlots(t.name, t.in_features, t.out_features, max_adapters, max_rank, t.weight.device,
                                t.weight.dtype, backend, arena, kind="embedding" if t.kind == "embedding" else
-                               "experts" if t.kind == "experts" else "linear", experts=t.experts)
+                               "experts" if t.kind == "experts" else "linear", experts=t.experts,
+                               storage_dtype=storage[t.name])
             for t in picked}
         self._targets: Dict[str, Target] = {t.name: t for t in picked}
         self._modules_by_name = dict(model.named_modules())
@@ -591,6 +629,10 @@ class MultiLoRAModel:
         _check_name(name, "name")
         if not isinstance(trainable, bool):
             raise TypeError(f"trainable: expected a bool, got {type(trainable).__name__}")
+        if trainable and any(ls.storage_dtype is not ls.dtype for ls in self._layers.values()):
+            raise NotImplementedError(f"trainable: training an adapter stored in adapter_dtype={self.adapter_dtype} "
+                                      "(not the layers' dtype) is not supported; patch the model without "
+                                      "adapter_dtype to train")
         given = {k: v for k, v in (("r", r), ("lora_alpha", lora_alpha), ("target_modules", target_modules),
                                    ("use_rslora", use_rslora)) if v is not None}
         if source is None:
@@ -855,8 +897,8 @@ class MultiLoRAModel:
             if es is not None:
                 es = float(es.reshape(()).item()) if isinstance(es, torch.Tensor) and es.numel() == 1 else float(es)
                 scaling = scaling * es
-            a = m.a.to(ls.dtype).contiguous()
-            bt = b.to(ls.dtype).transpose(-1, -2).contiguous()
+            a = m.a.to(ls.storage_dtype).contiguous()        # (the host copy in the storage dtype too)
+            bt = b.to(ls.storage_dtype).transpose(-1, -2).contiguous()
             if ls.device.type == "cuda":
                 a, bt = a.pin_memory(), bt.pin_memory()
                 g = g.pin_memory() if g is not None else None
@@ -1138,7 +1180,8 @@ class MultiLoRAModel:
 
 
 def patch_model(model: nn.Module, max_adapters: int = 8, max_rank: int = 64, target_modules: TargetModules = None,
-                backend: str = "auto", *, host_budget_bytes: Optional[int] = None) -> MultiLoRAModel:
+                backend: str = "auto", *, host_budget_bytes: Optional[int] = None,
+                adapter_dtype: Optional[torch.dtype] = None) -> MultiLoRAModel:
     """Patch ``model`` in place (forward hooks; weights untouched) to serve many LoRA adapters.
 
     Args:
@@ -1150,6 +1193,11 @@ def patch_model(model: nn.Module, max_adapters: int = 8, max_rank: int = 64, tar
         backend: kernel backend for add_lora ("auto": Triton on a GPU, torch on the CPU).
         host_budget_bytes: most bytes of adapter weights kept in host memory (None: no limit);
             past it the least recently used adapters are dropped and re-read from their source.
+        adapter_dtype: the dtype adapters are stored in (host copies and device slots); None: each
+            layer's own dtype. torch.bfloat16 / torch.float16 for a float32 model halves the
+            adapter bytes (the kernels upcast on load and accumulate in float32; backends "torch",
+            "cpu", "triton"; docs/usage.md, "Adapter storage dtype"). A 16-bit model stores its
+            adapters in its own dtype. fp8 is not supported yet (refused).
     """
     return MultiLoRAModel(model, max_adapters=max_adapters, max_rank=max_rank, target_modules=target_modules,
-                          backend=backend, host_budget_bytes=host_budget_bytes)
+                          backend=backend, host_budget_bytes=host_budget_bytes, adapter_dtype=adapter_dtype)
