@@ -57,22 +57,23 @@ def _storage_ok(w_dtype: torch.dtype, act: torch.dtype, nm: str, act_name: str) 
 def check_storage(backend: str, act: torch.dtype, a_list=(), b_list=()) -> None:
     """Refuses weights stored in a dtype other than ``act`` that backend ``backend`` (resolved)
     does not run (each backend's MIXED_STORAGE: the (activation, weight) dtype pairs it upcasts)."""
-    first = None
-    for nm, ws in (("lora_a", a_list), ("lora_b", b_list)):
-        for W in ws:
-            if first is None:
-                first = W.dtype
-            elif W.dtype is not first:
-                raise TypeError(f"{nm}: dtype {W.dtype} differs from the other weights' {first}; lora_a and "
-                                "lora_b share one storage dtype")
-            if W.dtype is not act:
-                mixed = getattr(custom_ops.backend_module(backend), "MIXED_STORAGE", frozenset())
-                if (act, W.dtype) not in mixed:
-                    have = ", ".join(f"{str(w).replace('torch.', '')} weights with {str(a).replace('torch.', '')} "
-                                     "activations" for a, w in sorted(mixed, key=str)) or "none"
-                    raise TypeError(f"{nm}: storage dtype {W.dtype} (adapter_dtype) with {act} activations is not "
-                                    f"supported by backend {backend!r} (its mixed storage dtypes: {have}); use "
-                                    "backend='torch' or store the adapters in the activations' dtype")
+    ws = [("lora_a", W) for W in a_list] + [("lora_b", W) for W in b_list]
+    if not ws:
+        return
+    if any(W.dtype is not ws[0][1].dtype for _, W in ws):
+        odd = next((nm, W) for nm, W in ws if W.dtype is not act)
+        other = next((nm, W) for nm, W in ws if W.dtype is not odd[1].dtype)
+        raise TypeError(f"{odd[0]}: dtype {odd[1].dtype} does not match {other[0]}'s {other[1].dtype} (lora_a and "
+                        "lora_b share one storage dtype)")
+    w = ws[0][1].dtype
+    if w is not act:
+        mixed = getattr(custom_ops.backend_module(backend), "MIXED_STORAGE", frozenset())
+        if (act, w) not in mixed:
+            have = ", ".join(f"{str(b).replace('torch.', '')} weights with {str(a).replace('torch.', '')} "
+                             "activations" for a, b in sorted(mixed, key=str)) or "none"
+            raise TypeError(f"{ws[0][0]}: storage dtype {w} (adapter_dtype) with {act} activations is not "
+                            f"supported by backend {backend!r} (its mixed storage dtypes: {have}); use "
+                            "backend='torch' or store the adapters in the activations' dtype")
 
 
 # ------------------------------------------------------------------------------ validation
