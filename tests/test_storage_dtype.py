@@ -259,3 +259,40 @@ def test_patch_model_adapter_dtype_refusals(llama):
     with pytest.raises(NotImplementedError, match="adapter_dtype"):
         lm.load_adapter("t", None, trainable=True, r=4)
     assert lm.adapters == [] or list(lm.adapters) == []
+
+
+@pytest.mark.parametrize("storage", STORAGES, ids=["bf16", "fp16"])
+def test_cpu_storage_kernels_on_every_isa(storage):
+    """The native mixed kernels of each instruction set the CPU runs (x86-64-v4 runs v3's)."""
+    usable("cpu")
+    from openlora_kernels.ops import cpu_ext
+
+    before = cpu_ext.isa()
+    try:
+        for level in cpu_ext._module().isas():
+            assert cpu_ext.set_isa("base" if level == "baseline" else level) == level
+            for case in ("decode1", "decode3_mixed", "long_rank_major", "qkv_per_slice"):
+                p, p32 = _stored_problem(case, storage, seed=zlib.crc32(f"isa{level}{case}".encode()))
+                y = p.y.clone()
+                olk.add_lora(y, p.x, p.lora_a(), p.lora_b(), p.indices, p.scalings, p.ranks, backend="cpu")
+                _check(y, p, p32, storage, f"cpu {level} {case} {storage}")
+    finally:
+        cpu_ext.set_isa(before)
+
+
+def test_cpu_plan_refuses_unsupported_storage_pairs():
+    """The native binding checks the (activation, weight) dtype codes itself (f16 = 0, bf16 = 1, f32 = 2)."""
+    usable("cpu")
+    from openlora_kernels.ops import cpu_ext
+
+    mod = cpu_ext._module()
+    A = torch.zeros(1, 4, 8, dtype=torch.float16)
+    B = torch.zeros(1, 6, 4, dtype=torch.float16)
+    sc = torch.ones(1)
+    args = (mod.OP_ADD, 1, 8, 4, 1, [A.data_ptr()], 32, 8, 1, [B.data_ptr()], [6], 24, 4, 1, sc.data_ptr(), 0, False,
+            0, 0)
+    for act, w in ((1, 0), (0, 1), (0, 2), (1, 2)):       # bf16 x + f16 w, f16 x + bf16 w, 16-bit x + f32 w
+        with pytest.raises(ValueError, match="w_dtype"):
+            mod.Plan(args[0], act, *args[2:], w_dtype=w)
+    mod.Plan(args[0], 2, *args[2:], w_dtype=0)             # fp32 x + f16 w: accepted
+    mod.Plan(args[0], 2, *args[2:], w_dtype=1)             # fp32 x + bf16 w: accepted

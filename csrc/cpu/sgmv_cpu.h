@@ -7,9 +7,10 @@
 //   sgmv_cpu_isa.inc    one instruction set x one dtype of them (a `#pragma GCC target` region)
 //   kernels_<isa>_<dtype>.cpp  x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the target's
 //                       baseline (SSE2 on x86-64, NEON on arm64), each for f32, f16 and bf16
-//                       (except f16 on v4: those CPUs run the v3 fp16 kernels); the 16-bit
-//                       files also hold the fp32-activation kernels for weights stored in
-//                       their dtype (adapter_dtype: run_f32_wbf16 / run_f32_wf16)
+//                       (except f16 on v4: those CPUs run the v3 fp16 kernels); the v3 and
+//                       baseline 16-bit files also hold the fp32-activation kernels for weights
+//                       stored in their dtype (adapter_dtype: run_f32_wbf16 / run_f32_wf16;
+//                       x86-64-v4 CPUs run v3's)
 //   bindings_cpu.cpp    the Python module (plain C API, no pybind11: it compiles in about a
 //                       second and a call costs less), work units, threads, ISA choice at load
 //                       time, and the batch-metadata build
