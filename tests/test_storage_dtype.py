@@ -296,3 +296,107 @@ def test_cpu_plan_refuses_unsupported_storage_pairs():
             mod.Plan(args[0], act, *args[2:], w_dtype=w)
     mod.Plan(args[0], 2, *args[2:], w_dtype=0)             # fp32 x + f16 w: accepted
     mod.Plan(args[0], 2, *args[2:], w_dtype=1)             # fp32 x + bf16 w: accepted
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_race_serving_bf16_storage_while_the_pool_changes(tmp_path, backend):
+    """A serving thread (mixed batches, more adapters than slots) against a thread that loads,
+    unloads, pins and unpins, with a host budget that makes adapters be re-read (and converted to
+    bf16) from their sources meanwhile. Every served row must equal PEFT on the bf16-rounded
+    weights to the float32 parity tolerance (the docs/usage.md rule: the conversion happens while
+    an adapter is read, under no pool lock; a slot is written only while no lease holds it)."""
+    import os
+    import random
+    import threading
+    import time
+
+    from peft import LoraConfig
+
+    from hf_models import ATOL, RTOL, left_padded_batch, make_model, peft_model, save_adapter
+
+    usable(backend)
+    seconds = float(os.environ.get("OPENLORA_RACE_SECONDS", "5"))
+    base = make_model("llama")
+    stable, churn_names = ["s0", "s1", "s2"], ["c0", "c1"]
+    targets = [["q_proj", "v_proj"], "all-linear", ["down_proj", "up_proj"], ["k_proj", "o_proj"], "all-linear"]
+    paths = {n: save_adapter(base, LoraConfig(r=[2, 8, 16, 4, 6][i], lora_alpha=8, target_modules=targets[i],
+                                              init_lora_weights=False), str(tmp_path / n), seed=70 + i)
+             for i, n in enumerate(stable + churn_names)}
+    ids, mask = left_padded_batch([6, 4, 5], seed=5)
+    ref = {}
+    with torch.no_grad():
+        for n, p in paths.items():
+            m = peft_model(base, p)
+            for pn, prm in m.named_parameters():
+                if "lora_" in pn:
+                    prm.copy_(prm.to(torch.bfloat16).float())
+            ref[n] = m(input_ids=ids, attention_mask=mask).logits
+        ref[None] = base(input_ids=ids, attention_mask=mask).logits
+    budget = 2 * os.path.getsize(os.path.join(paths["s0"], "adapter_model.safetensors"))
+    lm = olk.patch_model(copy.deepcopy(base), backend=backend, max_adapters=3, max_rank=16, host_budget_bytes=budget,
+                         adapter_dtype=torch.bfloat16)
+    for n in stable:
+        lm.load_adapter(n, paths[n])
+    stop, errors, served, changes = threading.Event(), [], [0], [0]
+    names = stable + churn_names
+
+    def serve():
+        rng = random.Random(3)
+        while not stop.is_set():
+            picks = rng.sample(names, 2)
+            rows = [rng.choice(picks + [None]) for _ in range(3)]
+            try:
+                out = lm(input_ids=ids, attention_mask=mask, adapter_names=rows).logits
+            except KeyError as e:                    # a churn adapter unloaded just now
+                assert any(c in str(e) for c in churn_names), e
+                continue
+            except RuntimeError as e:                # every slot pinned / held
+                assert "no device slot can be freed" in str(e), e
+                continue
+            for i, name in enumerate(rows):
+                k = mask[i].bool()
+                if name is None and not torch.equal(out[i], ref[None][i]):
+                    errors.append(f"base row {i} changed")
+                elif not torch.allclose(out[i][k], ref[name][i][k], atol=ATOL, rtol=RTOL):
+                    errors.append(f"row {i} ({name}) off by {(out[i][k] - ref[name][i][k]).abs().max():.3g}")
+            if errors:
+                stop.set()
+            served[0] += 1
+
+    def churn():
+        rng = random.Random(4)
+        pinned = None
+        while not stop.is_set():
+            op = rng.choice(["load", "unload", "pin", "unpin"])
+            try:
+                if op == "load":
+                    n = rng.choice(churn_names)
+                    if n not in lm.adapters:
+                        lm.load_adapter(n, paths[n])
+                elif op == "unload":
+                    n = rng.choice(churn_names)
+                    if n in lm.adapters:
+                        lm.unload_adapter(n)
+                elif op == "pin" and pinned is None:
+                    pinned = rng.choice(stable)
+                    lm.pin(pinned)
+                elif op == "unpin" and pinned is not None:
+                    lm.unpin(pinned)
+                    pinned = None
+                changes[0] += 1
+            except RuntimeError as e:
+                assert "no device slot can be freed" in str(e), e
+            except ValueError as e:
+                assert "already loaded" in str(e), e
+            time.sleep(rng.random() * 0.002)
+
+    threads = [threading.Thread(target=serve), threading.Thread(target=churn)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:5]
+    assert served[0] >= 20 and changes[0] >= 50, (served, changes)
+    assert {a.dtype for a in lm.memory_report().adapters} == {torch.bfloat16}
