@@ -400,3 +400,57 @@ def test_race_serving_bf16_storage_while_the_pool_changes(tmp_path, backend):
     assert not errors, errors[:5]
     assert served[0] >= 20 and changes[0] >= 50, (served, changes)
     assert {a.dtype for a in lm.memory_report().adapters} == {torch.bfloat16}
+
+
+def _rounded_peft(ref, storage):
+    """A copy of PEFT model ``ref`` whose LoRA A / B weights are rounded to ``storage`` (float32
+    again): what ours computes exactly when it stores them in ``storage``."""
+    r = copy.deepcopy(ref)
+    with torch.no_grad():
+        for pn, prm in r.named_parameters():
+            if "lora_A" in pn or "lora_B" in pn or "lora_embedding_A" in pn or "lora_embedding_B" in pn:
+                prm.copy_(prm.to(storage).float())
+    return r
+
+
+@pytest.mark.parametrize("kind", ["embedding", "dora", "moe"])
+def test_other_adapter_kinds_with_bf16_storage(tmp_path, kind):
+    """Embedding LoRA (the gather then the 16-bit expand), DoRA (g folded into the stored B) and
+    MoE expert / router LoRA with adapter_dtype=bfloat16 on backend cpu: every row within the
+    2u * n * effect bound of PEFT's float32 result; embedding and MoE rows also equal PEFT on the
+    rounded weights to the parity tolerance (DoRA's column norm is computed from the float32
+    weights at load, PEFT's from the rounded ones: only the bound applies); base rows bit for bit
+    (llama; the MoE base's default experts implementation is not row-independent)."""
+    import test_hf_coverage as cov
+    from hf_models import ATOL, RTOL, batch_inputs
+
+    usable("cpu")
+    if kind == "moe":
+        arch, configs, base = "mixtral", cov.moe_configs(), cov.moe_base("mixtral")
+    else:
+        arch, base = "llama", None
+        configs = cov.embedding_configs("llama") if kind == "embedding" else cov.dora_configs("llama")
+    zoo = cov.Zoo(arch, configs, str(tmp_path), base=base)
+    lm = zoo.patched("cpu", adapter_dtype=torch.bfloat16)
+    rows = list(configs) + [None]
+    kw, keep = batch_inputs(arch, [6, 3, 5, 4][:len(rows)], seed=1)
+    out = lm(adapter_names=rows, **kw).logits
+    base_logits = zoo.want("forward", None, kw)
+    u = UNIT_ROUNDOFF[torch.bfloat16]
+    for i, name in enumerate(rows):
+        k = keep[i]
+        if name is None:
+            if kind != "moe":
+                assert torch.equal(out[i], base_logits[i])
+            continue
+        ref = zoo.refs[name]
+        want = zoo.want("forward", name, kw)[i]
+        n = sum(1 for pn, _ in ref.named_parameters() if "lora_A" in pn or "lora_embedding_A" in pn)
+        effect = (want[k] - base_logits[i][k]).abs().max()
+        err = (out[i][k] - want[k]).abs().max()
+        assert 0 < err <= 2 * u * n * effect, f"{kind} row {i} ({name}): {err:.3g} vs effect {effect:.3g}, n={n}"
+        if kind != "dora":
+            with torch.no_grad():
+                exact = _rounded_peft(ref, torch.bfloat16)(**kw).logits[i]
+            torch.testing.assert_close(out[i][k], exact[k], atol=ATOL, rtol=RTOL)
+    assert {a.dtype for a in lm.memory_report().adapters} == {torch.bfloat16}
