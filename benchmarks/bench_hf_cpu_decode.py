@@ -55,6 +55,7 @@ def build(args):
                       max_position_embeddings=256)
     base = AutoModelForCausalLM.from_config(cfg).eval()
     tmp = tempfile.mkdtemp(prefix="olk_bench_")
+    args.adapter_dir = tmp        # (the saved PEFT adapters, one folder per name: for other patchings)
     names = [f"adapter{i:02d}" for i in range(args.adapters)]
     lc = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=PROJECTIONS, init_lora_weights=False)
     peft_model = None

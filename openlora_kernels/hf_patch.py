@@ -65,7 +65,8 @@ from .adapters import (AdapterFormatError, AdapterWeights, Expectation, load_ada
 from .hf_params import experts_hook, experts_params, param_hooks, router_params
 from .metadata import LoRABatchMeta, build_batch_meta
 from .ops import cpu_ext
-from .ops.api import dora_rescale
+from .ops.api import _FP8 as _FP8_DTYPES
+from .ops.api import STORAGE_DTYPES, check_storage, dora_rescale
 from .ops.backends import BACKEND_CHOICES, resolve_backend
 from .pool import AdapterPool, HostLoRA, HostSlotArena, LayerSlots, Lease, MemoryReport, Prefetch, packed_layout
 from .training import SlotDelta, TrainableAdapter, fresh_adapter, save_adapter, slot_parameters
@@ -468,6 +469,40 @@ def _embedding_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_C
 # ------------------------------------------------------------------------------- the wrapper
 
 
+def _storage_dtypes(picked: Sequence[Target], adapter_dtype: Optional[torch.dtype], backend: str
+                    ) -> Dict[str, torch.dtype]:
+    """Each patched layer's slot storage dtype for ``adapter_dtype`` (None: the layer's own), refused
+    now (naming adapter_dtype, the layer and the backend) where no kernel would run it."""
+    if adapter_dtype is None:
+        return {t.name: t.weight.dtype for t in picked}
+    if not isinstance(adapter_dtype, torch.dtype):
+        raise TypeError(f"adapter_dtype: expected a torch.dtype or None, got {type(adapter_dtype).__name__}")
+    if adapter_dtype in _FP8_DTYPES:
+        raise ValueError(f"adapter_dtype: {adapter_dtype} (fp8) is not supported yet on any backend (backend="
+                         f"{backend!r}): fp8 storage needs per-output-channel scales, not implemented; use "
+                         "torch.bfloat16 or torch.float16")
+    if adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"adapter_dtype: expected torch.float32, torch.bfloat16, torch.float16 or None, "
+                         f"got {adapter_dtype}")
+    out = {}
+    for t in picked:
+        act = t.weight.dtype
+        if adapter_dtype not in STORAGE_DTYPES.get(act, (act,)):
+            raise ValueError(f"adapter_dtype: {adapter_dtype} is not a storage dtype for {t.name!r}, whose weights "
+                             f"are {act} (a {act} layer stores its adapters in {act}; 16-bit storage is for "
+                             "float32 layers)")
+        if adapter_dtype is not act:
+            name = resolve_backend(backend, t.weight.device)
+            w = torch.empty((0, 0, 0), dtype=adapter_dtype)
+            try:
+                check_storage(name, act, (w,))
+            except TypeError as e:
+                raise ValueError(f"adapter_dtype: {adapter_dtype} with {act} layers ({t.name!r}) is not supported "
+                                 f"by backend {name!r}: {e}") from None
+        out[t.name] = adapter_dtype
+    return out
+
+
 def _check_name(name: Any, what: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"{what}: adapter names are strings, got {type(name).__name__}")
@@ -486,7 +521,8 @@ class MultiLoRAModel:
     """
 
     def __init__(self, model: nn.Module, *, max_adapters: int, max_rank: int, target_modules: TargetModules,
-                 backend: str, host_budget_bytes: Optional[int], device_budget_bytes: Optional[int] = None):
+                 backend: str, host_budget_bytes: Optional[int], device_budget_bytes: Optional[int] = None,
+                 adapter_dtype: Optional[torch.dtype] = None):
         for arg, v in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{arg}: expected a positive int, got {v!r}")
@@ -499,13 +535,15 @@ class MultiLoRAModel:
         picked = select_modules(model, target_modules)
         for t in picked:
             resolve_backend(backend, t.weight.device)   # unavailable backend: fail now, not mid-forward
+        storage = _storage_dtypes(picked, adapter_dtype, backend)
         self.model = model
         self.max_adapters, self.max_rank, self.backend = max_adapters, max_rank, backend
+        self.adapter_dtype = adapter_dtype
         self.target_modules = target_modules
         arena = HostSlotArena()   # CPU layers' slots, packed in huge pages (pool.py)
         num_slots, rows = max_adapters, None
         if device_budget_bytes is not None:     # the rank-packed pool (pool.py, packed_layout)
-            itemsize = max((t.weight.dtype.itemsize for t in picked), default=4)
+            itemsize = max((storage[t.name].itemsize for t in picked), default=4)   # the slots' storage dtype
             rows, num_slots = packed_layout([(t.in_features, t.out_features, t.experts) for t in picked], itemsize,
                                             device_budget_bytes, max_rank, max_adapters)
         self.num_slots = num_slots
@@ -513,7 +551,8 @@ class MultiLoRAModel:
             t.name: LayerSlots(t.name, t.in_features, t.out_features, num_slots, max_rank, t.weight.device,
                                t.weight.dtype, backend, arena, kind="embedding" if t.kind == "embedding" else
                                "experts" if t.kind == "experts" else "linear", experts=t.experts,
-                               packed_rows=None if rows is None else rows * max(t.experts, 1))
+                               packed_rows=None if rows is None else rows * max(t.experts, 1),
+                               storage_dtype=storage[t.name])
             for t in picked}
         self._targets: Dict[str, Target] = {t.name: t for t in picked}
         self._modules_by_name = dict(model.named_modules())
@@ -602,6 +641,10 @@ class MultiLoRAModel:
         if trainable and self.pool.packed:
             raise ValueError("trainable: training needs the padded pool (its Parameters view [slot, rank, "
                              "features] slices); patch without device_budget_bytes to train")
+        if trainable and any(ls.storage_dtype is not ls.dtype for ls in self._layers.values()):
+            raise NotImplementedError(f"trainable: training an adapter stored in adapter_dtype={self.adapter_dtype} "
+                                      "(not the layers' dtype) is not supported; patch the model without "
+                                      "adapter_dtype to train")
         given = {k: v for k, v in (("r", r), ("lora_alpha", lora_alpha), ("target_modules", target_modules),
                                    ("use_rslora", use_rslora)) if v is not None}
         if source is None:
@@ -866,8 +909,8 @@ class MultiLoRAModel:
             if es is not None:
                 es = float(es.reshape(()).item()) if isinstance(es, torch.Tensor) and es.numel() == 1 else float(es)
                 scaling = scaling * es
-            a = m.a.to(ls.dtype).contiguous()
-            bt = b.to(ls.dtype).transpose(-1, -2).contiguous()
+            a = m.a.to(ls.storage_dtype).contiguous()        # (the host copy in the storage dtype too)
+            bt = b.to(ls.storage_dtype).transpose(-1, -2).contiguous()
             if ls.device.type == "cuda":
                 a, bt = a.pin_memory(), bt.pin_memory()
                 g = g.pin_memory() if g is not None else None
@@ -1150,7 +1193,7 @@ class MultiLoRAModel:
 
 def patch_model(model: nn.Module, max_adapters: int = 8, max_rank: int = 64, target_modules: TargetModules = None,
                 backend: str = "auto", *, host_budget_bytes: Optional[int] = None,
-                device_budget_bytes: Optional[int] = None) -> MultiLoRAModel:
+                device_budget_bytes: Optional[int] = None, adapter_dtype: Optional[torch.dtype] = None) -> MultiLoRAModel:
     """Patch ``model`` in place (forward hooks; weights untouched) to serve many LoRA adapters.
 
     Args:
@@ -1168,7 +1211,12 @@ def patch_model(model: nn.Module, max_adapters: int = 8, max_rank: int = 64, tar
             own ranks' rows, so many more than max_adapters stay resident (max_adapters still
             bounds the distinct adapters of one batch); least-recently-used adapters are evicted
             until a new one fits (docs/usage.md, "Device memory").
+        adapter_dtype: the dtype adapters are stored in (host copies and device slots); None: each
+            layer's own dtype. torch.bfloat16 / torch.float16 for a float32 model halves the
+            adapter bytes (the kernels upcast on load and accumulate in float32; backends "torch",
+            "cpu", "triton"; docs/usage.md, "Adapter storage dtype"). A 16-bit model stores its
+            adapters in its own dtype. fp8 is not supported yet (refused).
     """
     return MultiLoRAModel(model, max_adapters=max_adapters, max_rank=max_rank, target_modules=target_modules,
                           backend=backend, host_budget_bytes=host_budget_bytes,
-                          device_budget_bytes=device_budget_bytes)
+                          device_budget_bytes=device_budget_bytes, adapter_dtype=adapter_dtype)

@@ -10,7 +10,8 @@ Design
   rank (0 = this slot's adapter does not target this layer: no delta) and a scaling.
   An adapter occupies the same slot index in every layer, so one per-token slot vector (the batch
   metadata) serves the whole forward.
-* Host: every registered adapter keeps its weights (already in the layers' dtype, lora_B
+* Host: every registered adapter keeps its weights (already in the slots' storage dtype: the
+  layers' dtype, or ``adapter_dtype`` (e.g. bfloat16 for a float32 model), lora_B
   transposed, pinned when the layers live on a GPU) until the host budget is exceeded; then the
   least recently used ones are dropped and re-read from their source when next needed.
 * A batch takes a :class:`Lease` (:meth:`AdapterPool.lease`): every named adapter is made
@@ -56,6 +57,7 @@ function that checks an adapter against the model and returns per-layer host wei
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import itertools
 import math
 import mmap
@@ -172,10 +174,13 @@ class LayerSlots:
     def __init__(self, name: str, in_features: int, out_features: int, num_slots: int, max_rank: int,
                  device: torch.device, dtype: torch.dtype, backend: str = "auto",
                  arena: Optional[HostSlotArena] = None, kind: str = "linear", experts: int = 0,
-                 packed_rows: Optional[int] = None):
+                 packed_rows: Optional[int] = None, storage_dtype: Optional[torch.dtype] = None):
         self.name, self.in_features, self.out_features = name, in_features, out_features
         self.arena = arena if torch.device(device).type == "cpu" else None   # CPU slots only
         self.num_slots, self.max_rank, self.device, self.dtype = num_slots, max_rank, device, dtype
+        # dtype: the layer's activations; storage_dtype: the slots' weights (adapter_dtype; the
+        # kernels upcast them on load, ops/api.py STORAGE_DTYPES)
+        self.storage_dtype = storage_dtype if storage_dtype is not None else dtype
         self.backend, self.kind, self.experts = backend, kind, experts
         V = num_slots * max(experts, 1)             # (virtual) slots of the buffers
         self.num_virtual = V
@@ -207,7 +212,7 @@ class LayerSlots:
 
     def row_bytes(self) -> int:
         """Bytes of one packed row (one rank of A and of B)."""
-        return (self.in_features + self.out_features) * self.dtype.itemsize
+        return (self.in_features + self.out_features) * self.storage_dtype.itemsize
 
     def rows_for(self, w: HostLoRA) -> int:
         return max(self.experts, 1) * w.rank
@@ -261,20 +266,20 @@ class LayerSlots:
         if self.a is None and self.packed:
             C = self.capacity
             if self.arena is not None:
-                self.a = self.arena.zeros((C, self.in_features), self.dtype)
-                self.bt = self.arena.zeros((C, self.out_features), self.dtype)
+                self.a = self.arena.zeros((C, self.in_features), self.storage_dtype)
+                self.bt = self.arena.zeros((C, self.out_features), self.storage_dtype)
                 return
-            self.a = torch.zeros((C, self.in_features), dtype=self.dtype, device=self.device)
-            self.bt = torch.zeros((C, self.out_features), dtype=self.dtype, device=self.device)
+            self.a = torch.zeros((C, self.in_features), dtype=self.storage_dtype, device=self.device)
+            self.bt = torch.zeros((C, self.out_features), dtype=self.storage_dtype, device=self.device)
             return
         if self.a is None:
             S, R = self.num_virtual, self.max_rank
             if self.arena is not None:
-                self.a = self.arena.zeros((S, R, self.in_features), self.dtype)
-                self.bt = self.arena.zeros((S, R, self.out_features), self.dtype)
+                self.a = self.arena.zeros((S, R, self.in_features), self.storage_dtype)
+                self.bt = self.arena.zeros((S, R, self.out_features), self.storage_dtype)
                 return
-            self.a = torch.zeros((S, R, self.in_features), dtype=self.dtype, device=self.device)
-            self.bt = torch.zeros((S, R, self.out_features), dtype=self.dtype, device=self.device)
+            self.a = torch.zeros((S, R, self.in_features), dtype=self.storage_dtype, device=self.device)
+            self.bt = torch.zeros((S, R, self.out_features), dtype=self.storage_dtype, device=self.device)
 
     def write(self, slot: int, w: Optional[HostLoRA], off: Optional[int] = None) -> None:
         """Copy ``w`` into ``slot`` (None: mark the slot empty here). Call publish() afterwards.
@@ -352,6 +357,8 @@ class LayerSlots:
             mask = mask.to(self.device, non_blocking=True)
         self.active_mask = mask
         bound = BoundEmbeddingLoRA if self.kind == "embedding" else BoundLoRA
+        if self.storage_dtype is not self.dtype:       # the activations' dtype, for the checks
+            bound = functools.partial(bound, dtype=self.dtype)
         r_eff = max(self.ranks_host)
         if r_eff == 0:
             self.op = None

@@ -34,3 +34,24 @@ def test_bench_cpu_ab_runs_two_trees_in_turn(tmp_path, monkeypatch):
     rows = common.read_rows(out)
     assert {(r["contender"], r["extra"]["tree_commit"]) for r in rows} == {("a", "x1"), ("b", "x2")}
     assert all(r["extra"]["vs_a"] > 0 for r in rows)
+
+
+@pytest.mark.skipif(not olk.available_backends("cpu")["cpu"].usable, reason="the native CPU extension is not built")
+def test_bench_storage_dtype_rows_at_a_tiny_shape(tmp_path):
+    """rows() (what bench_pool collects) and main's CSV at a tiny shape: every contender, the
+    paired ratios, bf16 / fp16 storage with half the slot bytes of fp32 and a non-zero error."""
+    from benchmarks import bench_storage_dtype
+
+    argv = ["--rows", "4", "--hidden", "32", "--intermediate", "48", "--layers", "1", "--heads", "2", "--vocab", "64",
+            "--adapters", "2", "--rank", "4", "--rounds", "3"]
+    rows = bench_storage_dtype.rows(argv)
+    by = {r["contender"]: r for r in rows}
+    assert {"base", "openlora_fp32", "openlora_bf16", "openlora_fp16", "floor_bf16", "openlora_without_lora_math",
+            "lora_calls_bf16"} <= set(by)
+    assert by["base"]["ratio_vs_base"] == 1.0 and all(r["median"] > 0 and r["ratio_vs_base"] > 0 for r in rows)
+    assert by["openlora_bf16"]["slot_bytes"] * 2 == by["openlora_fp32"]["slot_bytes"]
+    assert 0 < by["openlora_fp16"]["max_abs_diff_vs_peft_fp32"] < by["openlora_bf16"]["max_abs_diff_vs_peft_fp32"]
+    assert by["openlora_fp32"]["diff_vs_lora_effect"] < 1e-4
+    out = str(tmp_path / "storage.csv")
+    bench_storage_dtype.main(argv + ["--out", out])
+    assert {r["contender"] for r in common.read_rows(out)} == set(by)

@@ -8,7 +8,8 @@ sm_90 (``--archs``) with the GPU heuristic configurations, and reads each kernel
 (cuobjdump on the cubin): a configuration that spills registers is a failure, and so is a fused /
 expand launch whose host proved 16-byte alignment (VEC > 1) but whose PTX has no vector loads and
 stores. The decode matrix compiles the fused kernel at every rank 8..128, block_m 1 / 2 / 4, both
-B layouts (standard and the pool's rank-major) and every dtype.
+B layouts (standard and the pool's rank-major) and every dtype; the storage-dtype launches (fp32
+activations with bf16 / fp16 weights, adapter_dtype) compile too (:func:`storage_cases`).
 ``--resources`` prints registers / stack / shared memory for every kernel; ``--table`` writes
 them as markdown (docs/kernels.md).
 
@@ -50,9 +51,19 @@ DTYPE_ARG = {"_sgmv_shrink_kernel": 0, "_sgmv_expand_kernel": 1, "_sgmv_fused_ke
              "_seg_shrink_kernel": 0, "_seg_expand_kernel": 1}
 
 
+# Position of the first weight argument (A, or B for expand): a weight dtype other than the
+# activations' is a storage-dtype launch (adapter_dtype: fp32 x / y, 16-bit weights).
+WEIGHT_ARG = {"_sgmv_shrink_kernel": 1, "_sgmv_expand_kernel": 1, "_sgmv_fused_kernel": 5}
+
+
 def problem_dtype(name, args):
     if name == "_sgmv_wgrad_kernel" and args[0].dtype == torch.float32:
         return args[1].dtype
+    if name in WEIGHT_ARG:
+        act = args[2 if name == "_sgmv_expand_kernel" else 0].dtype      # (expand: y)
+        w = args[WEIGHT_ARG[name]].dtype
+        if w != act and act == torch.float32 and name != "_sgmv_expand_kernel":
+            return f"float32+{str(w).replace('torch.', '')} weights"
     return args[DTYPE_ARG[name]].dtype
 
 
@@ -204,30 +215,44 @@ def run_segment_case(dt, R, layout, widths, T):
         triton_segment.segment(y, x, a, b, sc, ranks, meta)                # K splits of 512: atomics
 
 
+def storage_cases():
+    """Storage dtypes (adapter_dtype): fp32 activations with bf16 / fp16 weights, the fused decode
+    kernel (block_m 1 / 4, both B layouts, ranks 16 and 64) and the shrink + expand route of the
+    tensor-core tiles (block_m 16 / 64: fp32 products from the 16-bit loads)."""
+    for wdt in (torch.bfloat16, torch.float16):
+        for layout, widths in (("standard", (512,)), ("pool", (512, 128, 128))):
+            for bm in (1, 4):
+                for R in (16, 64):
+                    yield torch.float32, bm, "per_slot", widths, R, layout, "fused", wdt
+        for bm, rk, widths, R in ((16, "per_slice", (512, 128, 128), 64), (64, "per_slot", (512,), 16)):
+            yield torch.float32, bm, rk, widths, R, "pool", "all", wdt
+
+
 # (dtype, block_m) of the cases that also compile the backward's launches: the weight-gradient
 # kernel in every dtype, the swapped-role shrink / expand in both tile modes.
 BACKWARD_CASES = {(torch.float16, 16), (torch.bfloat16, 1), (torch.bfloat16, 64), (torch.float32, 16)}
 
 
-def run_case(dt, bm, rk, widths, R, layout, kernels, split_k: int):
+def run_case(dt, bm, rk, widths, R, layout, kernels, split_k: int, wdt=None):
     T, K, S = 8, 384, 3
     n = len(widths)
+    wdt = wdt or dt                                       # the weights' (storage) dtype
     x = torch.randn(T, K, dtype=dt)
     y = torch.randn(T, sum(widths), dtype=dt)
-    a = [torch.randn(S, R, K, dtype=dt) for _ in widths]
+    a = [torch.randn(S, R, K, dtype=wdt) for _ in widths]
     packed = None
     if layout == "packed":                                # one [rows, K] / rank-major [rows, N] buffer per slice
         from openlora_kernels.ops import packed as packed_mod
         rows = S * R + 5
         offs = torch.tensor([3, R + 4, 2 * R + 5], dtype=torch.int32)
         ranks0 = torch.tensor([R, 0, R // 2], dtype=torch.int32)
-        a2 = [torch.randn(rows, K, dtype=dt) for _ in widths]
-        b2 = [torch.randn(rows, w, dtype=dt).T for w in widths]
+        a2 = [torch.randn(rows, K, dtype=wdt) for _ in widths]
+        b2 = [torch.randn(rows, w, dtype=wdt).T for w in widths]
         a, b, packed = packed_mod.views(a2, b2, offs, ranks0, R)
     elif layout == "pool":                                  # [S, R, N] storage, the [S, N, R] view
-        b = [torch.randn(S, R, w, dtype=dt).transpose(1, 2) for w in widths]
-    elif layout != "packed":
-        b = [torch.randn(S, w, R, dtype=dt) for w in widths]
+        b = [torch.randn(S, R, w, dtype=wdt).transpose(1, 2) for w in widths]
+    else:
+        b = [torch.randn(S, w, R, dtype=wdt) for w in widths]
     sc = torch.rand(S)
     ranks = {"none": None, "per_slot": torch.tensor([R, 0, R // 2], dtype=torch.int32),
              "per_slice": torch.full((n, S), R // 2, dtype=torch.int64)}[rk]
@@ -243,8 +268,8 @@ def run_case(dt, bm, rk, widths, R, layout, kernels, split_k: int):
         if kernels == "fused":
             return
         h = triton_sgmv.shrink(x, a, ranks, meta)
-        triton_sgmv.expand(y, h, b, sc, ranks, meta)
-    if split_k == 1 and (dt, bm) in BACKWARD_CASES:   # the backward: swapped-role shrink /
+        triton_sgmv.expand(y, h, b, sc, ranks, meta, fp32_h=wdt != dt)
+    if split_k == 1 and wdt == dt and (dt, bm) in BACKWARD_CASES:   # the backward: swapped-role shrink /
         # expand (dx, float32 y for several slices), the weight-gradient kernel for dA and dB; B
         # rank-major (the pool's layout)
         from openlora_kernels.ops import backward
@@ -281,8 +306,11 @@ def main(argv=None) -> int:
         for split_k in ((1, 4) if case[1] >= 16 and case[-1] == "all" else (1,)):
             run_case(*case, split_k=split_k)
         n_cases += 1
-    for case in segment_cases():
+    for case in ([] if opts.packed_only else segment_cases()):
         run_segment_case(*case)
+        n_cases += 1
+    for case in ([] if opts.only_segment or opts.packed_only else storage_cases()):
+        run_case(*case[:-1], split_k=1, wdt=case[-1])
         n_cases += 1
 
     seen, failures, t0, table = {}, [], time.time(), []

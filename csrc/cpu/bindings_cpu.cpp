@@ -33,12 +33,16 @@ namespace {
 
 struct IsaKernels {
   const char* name;
-  RunFn run[3];   // indexed by DType
+  RunFn run[3];   // indexed by DType (x, y and the weights in it)
+  RunFn f32_w[2];  // fp32 x / y with weights stored in kF16 / kBF16 (adapter_dtype)
 };
-// (fp16 on an x86-64-v4 CPU runs the v3 kernels: the rarest dtype on a CPU, one translation unit fewer)
-const IsaKernels kV4 = {"x86-64-v4", {v3::run_f16, v4::run_bf16, v4::run_f32}};
-const IsaKernels kV3 = {"x86-64-v3", {v3::run_f16, v3::run_bf16, v3::run_f32}};
-const IsaKernels kBase = {"baseline", {base::run_f16, base::run_bf16, base::run_f32}};
+// (fp16 on an x86-64-v4 CPU runs the v3 kernels: the rarest dtype on a CPU, one translation unit
+// fewer; so do the storage-dtype kernels: a decode step reads 16-bit weights at memory speed
+// with AVX2 as well, and the extension's build stays short)
+const IsaKernels kV4 = {"x86-64-v4", {v3::run_f16, v4::run_bf16, v4::run_f32}, {v3::run_f32_wf16, v3::run_f32_wbf16}};
+const IsaKernels kV3 = {"x86-64-v3", {v3::run_f16, v3::run_bf16, v3::run_f32}, {v3::run_f32_wf16, v3::run_f32_wbf16}};
+const IsaKernels kBase = {"baseline", {base::run_f16, base::run_bf16, base::run_f32},
+                          {base::run_f32_wf16, base::run_f32_wbf16}};
 const IsaKernels* const kIsas[] = {&kV4, &kV3, &kBase};   // best first
 
 bool isa_runs(const IsaKernels& k) {
@@ -152,8 +156,9 @@ void split_worker(void* data) {
   s.fn(*s.p, s.units, s.n, &s.next, s.threads, scratch_at(*s.p, rows.data(), floats.data()));
 }
 
-// Runs one call; false when memory ran out (nothing or part of it done).
-bool run_split(const Args& p, int dtype) {
+// Runs one call (x / y of `dtype`, weights of `w_dtype`: the same, or kF16 / kBF16 with kF32,
+// which the Plan checked); false when memory ran out (nothing or part of it done).
+bool run_split(const Args& p, int dtype, int w_dtype) {
   static thread_local std::vector<Unit> units;      // reused: no allocation per call
   try {
     make_units(p, units);
@@ -171,7 +176,7 @@ bool run_split(const Args& p, int dtype) {
       threads = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(threads), n, 64}));
     }
   }
-  Split s{&p, units.data(), n, threads, g_isa->run[dtype]};
+  Split s{&p, units.data(), n, threads, w_dtype == dtype ? g_isa->run[dtype] : g_isa->f32_w[w_dtype]};
   if (threads <= 1) {
     split_worker(&s);
   } else {
@@ -195,10 +200,14 @@ class Plan {
        const std::vector<int64_t>& a_ss, const std::vector<int64_t>& a_sr, const std::vector<int64_t>& a_sk,
        const std::vector<int64_t>& b, const std::vector<int64_t>& widths, const std::vector<int64_t>& b_ss,
        const std::vector<int64_t>& b_sn, const std::vector<int64_t>& b_sr, int64_t scal, int64_t ranks,
-       bool ranks64, int64_t s_rn, int64_t s_rs, int64_t offs = 0, bool offs64 = false, int64_t rows = 0)
-      : dtype_(dtype), a_ss_(a_ss), a_sr_(a_sr), a_sk_(a_sk), widths_(widths), b_ss_(b_ss), b_sn_(b_sn), b_sr_(b_sr) {
+       bool ranks64, int64_t s_rn, int64_t s_rs, int w_dtype, int64_t offs = 0, bool offs64 = false, int64_t rows = 0)
+      : dtype_(dtype), w_dtype_(w_dtype), a_ss_(a_ss), a_sr_(a_sr), a_sk_(a_sk), widths_(widths), b_ss_(b_ss), b_sn_(b_sn), b_sr_(b_sr) {
     if (op < kAdd || op > kExpand) throw ArgError{"value", "op: unknown op code " + std::to_string(op)};
     if (dtype < kF16 || dtype > kF32) throw ArgError{"value", "dtype: unknown dtype code " + std::to_string(dtype)};
+    if (w_dtype != dtype && !(dtype == kF32 && (w_dtype == kF16 || w_dtype == kBF16)))
+      throw ArgError{"value", "w_dtype: weights stored in dtype code " + std::to_string(w_dtype) +
+                                  " are not supported with activations of dtype code " + std::to_string(dtype) +
+                                  " (the same dtype, or fp16 / bf16 weights with fp32 activations)"};
     if (K < 0 || R < 0 || S < 0) throw ArgError{"value", "K, R, S: sizes must be >= 0"};
     if (op != kExpand && a.empty()) throw ArgError{"value", "a: no lora_a slices given"};
     if (op != kShrink && (b.empty() || widths.size() != b.size() || b_ss.size() != b.size()))
@@ -269,12 +278,12 @@ class Plan {
   bool dispatch(const Args& p) const {
     bool ok;
     Py_BEGIN_ALLOW_THREADS
-    ok = run_split(p, dtype_);
+    ok = run_split(p, dtype_, w_dtype_);
     Py_END_ALLOW_THREADS
     return ok;
   }
   Args p_;                                   // its per-slice arrays point into the vectors below
-  int dtype_;
+  int dtype_, w_dtype_;
   std::vector<const void*> a_, b_;
   std::vector<int64_t> a_ss_, a_sr_, a_sk_, widths_, b_ss_, b_sn_, b_sr_;
   int64_t n_total_ = 0;
@@ -384,16 +393,17 @@ struct PyPlan {
 };
 
 int plan_init(PyObject* self, PyObject* args, PyObject* kwargs) {
-  int op, dtype, ranks64, offs64 = 0;
+  int op, dtype, ranks64, offs64 = 0, w_dtype = -1;
   long long K, R, S, scal, ranks, s_rn, s_rs, offs = 0, rows = 0;
   PyObject *a, *a_ss, *a_sr, *a_sk, *b, *widths, *b_ss, *b_sn, *b_sr;
   static const char* names[] = {"op", "dtype", "K", "R", "S", "a", "a_ss", "a_sr", "a_sk", "b", "widths", "b_ss",
                                 "b_sn", "b_sr", "scal", "ranks", "ranks64", "s_rn", "s_rs", "offs", "offs64",
-                                "rows", nullptr};
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiLLLOOOOOOOOOLLpLL|LpL:Plan", const_cast<char**>(names), &op,
+                                "rows", "w_dtype", nullptr};
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiLLLOOOOOOOOOLLpLL|LpLi:Plan", const_cast<char**>(names), &op,
                                    &dtype, &K, &R, &S, &a, &a_ss, &a_sr, &a_sk, &b, &widths, &b_ss, &b_sn, &b_sr,
-                                   &scal, &ranks, &ranks64, &s_rn, &s_rs, &offs, &offs64, &rows))
+                                   &scal, &ranks, &ranks64, &s_rn, &s_rs, &offs, &offs64, &rows, &w_dtype))
     return -1;
+  if (w_dtype < 0) w_dtype = dtype;       // (not given: the weights have the activations' dtype)
   std::vector<int64_t> va, vass, vasr, vask, vb, vw, vbss, vbsn, vbsr;
   if (!i64_list(a, -1, va, "a") || !i64_list(b, -1, vb, "b") || !i64_list(widths, -1, vw, "widths")) return -1;
   const Py_ssize_t na = static_cast<Py_ssize_t>(va.size()), nb = static_cast<Py_ssize_t>(vb.size());
@@ -403,7 +413,7 @@ int plan_init(PyObject* self, PyObject* args, PyObject* kwargs) {
   PyPlan* pp = reinterpret_cast<PyPlan*>(self);
   try {
     Plan* plan = new Plan(op, dtype, K, R, S, va, vass, vasr, vask, vb, vw, vbss, vbsn, vbsr, scal, ranks,
-                          ranks64 != 0, s_rn, s_rs, offs, offs64 != 0, rows);
+                          ranks64 != 0, s_rn, s_rs, w_dtype, offs, offs64 != 0, rows);
     delete pp->plan;
     pp->plan = plan;
   } catch (const ArgError& e) {
@@ -480,8 +490,9 @@ PyMethodDef plan_methods[] = {
 
 PyType_Slot plan_slots[] = {
     {Py_tp_doc, const_cast<char*>("Plan(op, dtype, K, R, S, a, a_ss, a_sr, a_sk, b, widths, b_ss, b_sn, b_sr, scal, "
-                                  "ranks, ranks64, s_rn, s_rs[, offs, offs64, rows]): one layer's static arguments (strides per slice: a "
-                                  "list, or an int for all); add() / add_rows() / run() per batch")},
+                                  "ranks, ranks64, s_rn, s_rs[, offs, offs64, rows, w_dtype]): one layer's static arguments "
+                                  "(strides per slice: a list, or an int for all; w_dtype: the weights' storage dtype, "
+                                  "default dtype); add() / add_rows() / run() per batch")},
     {Py_tp_new, reinterpret_cast<void*>(PyType_GenericNew)},
     {Py_tp_init, reinterpret_cast<void*>(plan_init)},
     {Py_tp_dealloc, reinterpret_cast<void*>(plan_dealloc)},

@@ -1,4 +1,5 @@
 // The native CPU kernels for the target's baseline (SSE2 on x86-64, NEON on arm64), bf16 (see sgmv_cpu.h and sgmv_cpu_isa.inc).
 #define OLK_ISA_LEVEL 0
 #define OLK_DTYPE bf16
+#define OLK_MIXED 1   // also fp32 activations with weights stored in bf16
 #include "sgmv_cpu_isa.inc"

@@ -7,7 +7,10 @@
 //   sgmv_cpu_isa.inc    one instruction set x one dtype of them (a `#pragma GCC target` region)
 //   kernels_<isa>_<dtype>.cpp  x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the target's
 //                       baseline (SSE2 on x86-64, NEON on arm64), each for f32, f16 and bf16
-//                       (except f16 on v4: those CPUs run the v3 fp16 kernels)
+//                       (except f16 on v4: those CPUs run the v3 fp16 kernels); the v3 and
+//                       baseline 16-bit files also hold the fp32-activation kernels for weights
+//                       stored in their dtype (adapter_dtype: run_f32_wbf16 / run_f32_wf16;
+//                       x86-64-v4 CPUs run v3's)
 //   bindings_cpu.cpp    the Python module (plain C API, no pybind11: it compiles in about a
 //                       second and a call costs less), work units, threads, ISA choice at load
 //                       time, and the batch-metadata build
@@ -121,6 +124,8 @@ template <> inline bf16 from_f32<bf16>(float f) { return to_bf16(f); }
 struct Args {
   int op = kAdd;
   int64_t T = 0, K = 0, R = 0, S = 0;
+  // x and y have the call's dtype; a and b that of the weights (the same, or a 16-bit storage
+  // dtype with fp32 x / y: the kernel is picked by the pair, bindings_cpu.cpp)
   const void* x = nullptr; int64_t sx_t = 0, sx_k = 1;
   void* y = nullptr; int64_t sy_t = 0, sy_n = 1;
   void* h = nullptr; int h_dtype = kF32; int64_t sh_n = 0, sh_t = 0, sh_r = 1;   // [n, T, R]
@@ -202,6 +207,8 @@ using dtype_f32 = float;
   void run_f16(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);               \
   void run_bf16(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);              \
   void run_f32(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);               \
+  void run_f32_wf16(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);          \
+  void run_f32_wbf16(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);         \
   }
 OLK_DECLARE_ISA(v4)      // kernels_v4_*.cpp (no fp16: x86-64-v4 CPUs run v3's)
 OLK_DECLARE_ISA(v3)      // kernels_v3_*.cpp

@@ -535,7 +535,9 @@ static inline float load_h(const Args& p, int64_t off) {
   }
 }
 
-template <typename T>
+// T: x's and y's dtype (the activations); TW: the weights' (their storage dtype: T, or a 16-bit
+// one for fp32 activations). Weights are converted to fp32 where they are loaded.
+template <typename T, typename TW>
 static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher& pf) {
   const int64_t i = u.slice, hs = p.R;
   const int rank = u.rank;
@@ -550,7 +552,7 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
     for (int m = 0; m < n; ++m)
       for (int j = 0; j < rank; ++j) h[m * hs + j] = load_h(p, i * p.sh_n + s.rows[m] * p.sh_t + j * p.sh_r);
   } else {
-    const T* a_slot = static_cast<const T*>(p.a[i]) + u.slot * p.a_ss[i] + u.roff * p.a_sr[i];
+    const TW* a_slot = static_cast<const TW*>(p.a[i]) + u.slot * p.a_ss[i] + u.roff * p.a_sr[i];
     const T* x = static_cast<const T*>(p.x);
     if (n < kPanelRows && p.a_sk[i] == 1 && p.sx_k == 1) {
       // Few rows (decode), A and x contiguous along K: dot products straight from A's rows.
@@ -558,7 +560,7 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
       for (int m0 = 0; m0 < n; m0 += kBlockRows) {
         const int mb = static_cast<int>(imin(kBlockRows, n - m0));
         for (int m = 0; m < mb; ++m) xr[m] = x + s.rows[m0 + m] * p.sx_t;
-        shrink_rows<T, T>(xr, mb, a_slot, p.a_sr[i], p.K, rank, h + m0 * hs, hs, pf);
+        shrink_rows<T, TW>(xr, mb, a_slot, p.a_sr[i], p.K, rank, h + m0 * hs, hs, pf);
       }
     } else {
       // Many rows, or A / x strided along K: A^T as an fp32 [K, rp] panel (8 x 8 register
@@ -567,7 +569,7 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
       // columns): no horizontal sums, each x element broadcast once per chunk of ranks. The
       // panel's rows are padded with zeros to whole vectors (rp columns): no scalar tails.
       const int rp = static_cast<int>((rank + kW - 1) / kW * kW);
-      make_panel<T>(a_slot, p.a_sr[i], p.a_sk[i], 0, rank, static_cast<int>(p.K), s.apanel, rp);
+      make_panel<TW>(a_slot, p.a_sr[i], p.a_sk[i], 0, rank, static_cast<int>(p.K), s.apanel, rp);
       if (rp > rank)
         for (int64_t k = 0; k < p.K; ++k)
           for (int j = rank; j < rp; ++j) s.apanel[k * rp + j] = 0.f;
@@ -601,17 +603,17 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
   T* y = static_cast<T*>(p.y);
   T* yr[kUnitRows];
   for (int m = 0; m < n; ++m) yr[m] = y + s.rows[m] * p.sy_t;
-  const T* b_slot = static_cast<const T*>(p.b[i]) + u.slot * p.b_ss[i] + u.roff * p.b_sr[i];
+  const TW* b_slot = static_cast<const TW*>(p.b[i]) + u.slot * p.b_ss[i] + u.roff * p.b_sr[i];
   const float scale = p.scal[u.slot];
   const int64_t width = p.widths[i];
   const bool rank_major = p.b_sn[i] == 1;
-  if (rank_major && (sizeof(T) == 4 || n < kPanelRows)) {   // its rows are read as they are
-    expand_rows<T, T>(b_slot, p.b_sr[i], rank, h, hs, yr, n, u.col, p.sy_n, width, scale, pf);
+  if (rank_major && (sizeof(TW) == 4 || n < kPanelRows)) {   // its rows are read as they are
+    expand_rows<T, TW>(b_slot, p.b_sr[i], rank, h, hs, yr, n, u.col, p.sy_n, width, scale, pf);
     return;
   }
 #if defined(OLK_VEC)
   if (!rank_major && p.b_sr[i] == 1 && n <= kDotRows && rank <= kMaxDotRank) {
-    expand_dot_rows<T, T>(b_slot, p.b_sn[i], rank, h, hs, yr, n, u.col, p.sy_n, width, scale, pf);
+    expand_dot_rows<T, TW>(b_slot, p.b_sn[i], rank, h, hs, yr, n, u.col, p.sy_n, width, scale, pf);
     return;
   }
 #endif
@@ -620,18 +622,18 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
   // the same values and the same arithmetic as the rank-major path, so the same bits.
   for (int64_t n0 = 0; n0 < width; n0 += kPanelCols) {
     const int64_t nc = imin(kPanelCols, width - n0);
-    make_panel<T>(b_slot, p.b_sn[i], p.b_sr[i], n0, nc, rank, s.panel, nc);
+    make_panel<TW>(b_slot, p.b_sn[i], p.b_sr[i], n0, nc, rank, s.panel, nc);
     expand_rows<T, float>(s.panel, nc, rank, h, hs, yr, n, u.col + n0, p.sy_n, nc, scale, pf);
   }
 }
 
-template <typename T>
+template <typename T, typename TW>
 static void run_claimed(const Args& p, const Unit* units, int64_t n, int64_t* next, int64_t stride, const Scratch& s) {
   Prefetcher pf;
   for (int64_t k = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); k < n;
        k = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) {
     pf.finish();
-    pf.reset<T>(p, k + stride < n ? &units[k + stride] : nullptr);
-    run_unit<T>(p, units[k], s, pf);
+    pf.reset<TW>(p, k + stride < n ? &units[k + stride] : nullptr);
+    run_unit<T, TW>(p, units[k], s, pf);
   }
 }

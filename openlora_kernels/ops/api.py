@@ -29,6 +29,52 @@ from .backends import resolve_backend
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
 Indices = Union[torch.Tensor, LoRABatchMeta]
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Storage dtypes of lora_a / lora_b for each activation dtype (x / y): the kernels upcast the
+# weights on load and accumulate in float32 (docs/kernels.md, "Storage dtypes"). Which mixed
+# pairs a backend runs: its module's MIXED_STORAGE (checked once the backend is resolved).
+STORAGE_DTYPES = {
+    torch.float32: (torch.float32, torch.bfloat16, torch.float16),
+    torch.bfloat16: (torch.bfloat16,),
+    torch.float16: (torch.float16,),
+    torch.float64: (torch.float64,),
+}
+_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
+             if hasattr(torch, n))
+
+
+def _storage_ok(w_dtype: torch.dtype, act: torch.dtype, nm: str, act_name: str) -> None:
+    """Refuses a weight dtype that is no storage dtype for activations of dtype ``act``."""
+    if w_dtype in STORAGE_DTYPES.get(act, (act,)):
+        return
+    if w_dtype in _FP8:
+        raise TypeError(f"{nm}: storage dtype {w_dtype} (fp8) is not supported on any backend yet "
+                        "(adapter_dtype float8 needs per-output-channel scales, not implemented); "
+                        "store the adapters in bfloat16 / float16 instead")
+    allowed = ", ".join(str(d).replace("torch.", "") for d in STORAGE_DTYPES.get(act, (act,)))
+    raise TypeError(f"{nm}: dtype {w_dtype} does not match {act_name}'s dtype {act} (storage dtypes for "
+                    f"{str(act).replace('torch.', '')} activations: {allowed})")
+
+
+def check_storage(backend: str, act: torch.dtype, a_list=(), b_list=()) -> None:
+    """Refuses weights stored in a dtype other than ``act`` that backend ``backend`` (resolved)
+    does not run (each backend's MIXED_STORAGE: the (activation, weight) dtype pairs it upcasts)."""
+    ws = [("lora_a", W) for W in a_list] + [("lora_b", W) for W in b_list]
+    if not ws:
+        return
+    if any(W.dtype is not ws[0][1].dtype for _, W in ws):
+        odd = next((nm, W) for nm, W in ws if W.dtype is not act)
+        other = next((nm, W) for nm, W in ws if W.dtype is not odd[1].dtype)
+        raise TypeError(f"{odd[0]}: dtype {odd[1].dtype} does not match {other[0]}'s {other[1].dtype} (lora_a and "
+                        "lora_b share one storage dtype)")
+    w = ws[0][1].dtype
+    if w is not act:
+        mixed = getattr(custom_ops.backend_module(backend), "MIXED_STORAGE", frozenset())
+        if (act, w) not in mixed:
+            have = ", ".join(f"{str(b).replace('torch.', '')} weights with {str(a).replace('torch.', '')} "
+                             "activations" for a, b in sorted(mixed, key=str)) or "none"
+            raise TypeError(f"{ws[0][0]}: storage dtype {w} (adapter_dtype) with {act} activations is not "
+                            f"supported by backend {backend!r} (its mixed storage dtypes: {have}); use "
+                            "backend='torch' or store the adapters in the activations' dtype")
 
 
 # ------------------------------------------------------------------------------ validation
@@ -77,7 +123,7 @@ def _check_a(lora_a: TensorOrList, x: torch.Tensor) -> List[torch.Tensor]:
         _tensor(A, nm, 3)
         _same_device(A, nm, x.device)
         if A.dtype != x.dtype:
-            raise TypeError(f"{nm}: dtype {A.dtype} does not match x's dtype {x.dtype}")
+            _storage_ok(A.dtype, x.dtype, nm, "x")
         if A.shape[2] != x.shape[1]:
             raise ValueError(f"{nm}: shape {tuple(A.shape)} is [S, R, K] with K={A.shape[2]}, but x has K={x.shape[1]}")
         if shape is None:
@@ -100,7 +146,7 @@ def _check_b(lora_b: TensorOrList, y: torch.Tensor, S: int, R: int, n_slices: in
         _tensor(B, nm, 3)
         _same_device(B, nm, y.device)
         if B.dtype != y.dtype:
-            raise TypeError(f"{nm}: dtype {B.dtype} does not match {y_name}'s dtype {y.dtype}")
+            _storage_ok(B.dtype, y.dtype, nm, y_name)
         if B.shape[0] != S:
             raise ValueError(f"{nm}: shape {tuple(B.shape)} is [S, N, R] with S={B.shape[0]}, but there are {S} slots")
         if B.shape[2] != R:
@@ -302,6 +348,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: Ten
         _packed.check_offsets_arg(offsets, S, x.device)
     meta = _meta_for(indices, x.shape[0], S, x.device)
     name = resolve_backend(backend, x.device)
+    check_storage(name, x.dtype, a_list, b_list)
     if grad:
         _no_packed_grad(packed)
         return _add_autograd(y, x, a_list, b_list, scalings, ranks, meta, name)
@@ -384,11 +431,18 @@ class BoundLoRA:
 
     def __init__(self, lora_a: TensorOrList, lora_b: TensorOrList, scalings: torch.Tensor,
                  ranks: Optional[torch.Tensor] = None, *, offsets: Optional[torch.Tensor] = None,
-                 max_rank: Optional[int] = None, backend: str = "auto"):
-        # The checks of add_lora, against an empty x / y shaped like the weights.
+                 max_rank: Optional[int] = None, backend: str = "auto", dtype: Optional[torch.dtype] = None):
+        # The checks of add_lora, against an empty x / y shaped like the weights, of the
+        # activations' dtype: ``dtype`` (None: the weights' own; else the weights are stored in
+        # a storage dtype of it, e.g. bfloat16 weights for float32 activations, STORAGE_DTYPES).
         self.offsets, self.max_rank = offsets, max_rank
         va, vb, self._packed = _packed_args(lora_a, lora_b, offsets, ranks, max_rank)
         x = _like(va, 2)
+        if dtype is not None:
+            if not isinstance(dtype, torch.dtype):
+                raise TypeError(f"dtype: expected a torch.dtype or None, got {type(dtype).__name__}")
+            _float(x.new_empty(0, dtype=dtype), "dtype", backend == "torch")
+            x = x.to(dtype)
         y = x.new_empty((0, _like(vb, 1).shape[1]))
         _float(x, "lora_a", backend == "torch")
         a_list = _check_a(va, x)
@@ -400,6 +454,7 @@ class BoundLoRA:
             _packed.check_offsets_arg(offsets, S, x.device)
         self.lora_a, self.lora_b, self.scalings, self.backend = lora_a, lora_b, scalings, backend
         self._a, self._name = a_list, resolve_backend(backend, x.device)
+        check_storage(self._name, x.dtype, a_list, self._b)
         self._weights = (*a_list, *self._b, scalings)
         self._dtype, self._device, self._S, self._R, self._K, self._N = x.dtype, x.device, S, R, K, y.shape[1]
         self._dev = -1 if x.device.type == "cpu" else (x.device.index if x.device.index is not None else 0)
@@ -410,6 +465,7 @@ class BoundLoRA:
         bind = getattr(mod, "bind", None)
         if S == 0 or R == 0 or K == 0 or self._N == 0:
             bind = None        # a zero delta: the calls only check their arguments (_launch_add)
+        mixed = {"act_dtype": x.dtype} if a_list[0].dtype is not x.dtype else {}
         if self._packed is not None:
             if not getattr(mod, "SUPPORTS_PACKED", False):
                 bind = None    # the general path (the reference's reading, or the backend's error)
@@ -417,9 +473,9 @@ class BoundLoRA:
         if bind is None:
             self._bound = None
         elif self._packed is not None:
-            self._bound = bind(self._a, self._b, scalings, self.ranks, self._packed)
+            self._bound = bind(self._a, self._b, scalings, self.ranks, self._packed, **mixed)
         else:
-            self._bound = bind(self._a, self._b, scalings, self.ranks)
+            self._bound = bind(self._a, self._b, scalings, self.ranks, **mixed)
         self._add_rows = getattr(self._bound, "add_rows", None)
         # (y, x, meta) -> bool: a launch through a recorded plan, False (nothing done) when there is none
         self._fast = getattr(self._bound, "fast", None)
@@ -530,6 +586,7 @@ def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: 
             _no_packed_grad(packed)
     meta = _meta_for(indices, x.shape[0], S, x.device)
     name = resolve_backend(backend, x.device)
+    check_storage(name, x.dtype, a_list)
     if packed is not None:
         if x.shape[0] == 0 or S == 0 or R == 0 or K == 0:
             return x.new_zeros((len(a_list), x.shape[0], R), dtype=torch.float32)
@@ -591,6 +648,7 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices:
             raise ValueError(f"h: has {h.shape[2]} ranks, but the packed buffers have only {b_list[0].shape[2]} rows")
     meta = _meta_for(indices, y.shape[0], S, y.device)
     name = resolve_backend(backend, y.device)
+    check_storage(name, y.dtype, (), b_list)
     if packed is not None:
         if y.shape[0] == 0 or y.shape[1] == 0 or S == 0 or h.shape[2] == 0:
             return y
@@ -662,6 +720,7 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_
         if not isinstance(v, bool):
             raise TypeError(f"{nm}: expected a bool, got {type(v).__name__}")
     name = resolve_backend(backend, x.device)
+    check_storage(name, x.dtype, a_list, b_list)
     n = len(a_list)
     with torch.no_grad():
         if torch.compiler.is_compiling():
@@ -763,7 +822,7 @@ def add_lora_embedding(y: torch.Tensor, ids: torch.Tensor, lora_a: torch.Tensor,
     _tensor(lora_a, "lora_a", 2 if offsets is not None else 3)
     _same_device(lora_a, "lora_a", y.device)
     if lora_a.dtype != y.dtype:
-        raise TypeError(f"lora_a: dtype {lora_a.dtype} does not match y's dtype {y.dtype}")
+        _storage_ok(lora_a.dtype, y.dtype, "lora_a", "y")
     h = lora_embedding_shrink(ids, lora_a, indices, ranks, offsets=offsets, max_rank=max_rank)
     return lora_expand(y, h, lora_b, indices, scalings, ranks, offsets=offsets, backend=backend)
 
@@ -776,9 +835,11 @@ class BoundEmbeddingLoRA:
 
     def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, scalings: torch.Tensor,
                  ranks: Optional[torch.Tensor] = None, *, offsets: Optional[torch.Tensor] = None,
-                 max_rank: Optional[int] = None, backend: str = "auto"):
+                 max_rank: Optional[int] = None, backend: str = "auto", dtype: Optional[torch.dtype] = None):
         y = lora_b.new_empty((0, lora_b.shape[0])) if offsets is not None and isinstance(lora_b, torch.Tensor) \
             and lora_b.dim() == 2 else _like(lora_b, 1)
+        if dtype is not None:         # the embedding output's dtype (the weights: a storage dtype of it)
+            y = y.to(dtype)
         add_lora_embedding(y, torch.zeros(0, dtype=torch.long, device=y.device), lora_a, lora_b,
                            torch.zeros(0, dtype=torch.int32, device=y.device), scalings, ranks, offsets=offsets,
                            max_rank=max_rank, backend=backend)

@@ -31,6 +31,9 @@ from .launch_args import DTYPE_CODES, rank_strides
 _state = {}
 # The native expand writes y in the weights' dtype (ops/backward.py: multi-slice dx sums 16-bit parts)
 EXPAND_FP32_Y = False
+# Weights stored in another dtype than the activations (adapter_dtype): (activation, weight)
+# pairs the kernels run, converting the weights to fp32 where they are loaded (csrc/cpu).
+MIXED_STORAGE = frozenset({(torch.float32, torch.bfloat16), (torch.float32, torch.float16)})
 # The LoRA backward's segmented weight-gradient products (dA, dB) run on PyTorch's GEMMs: the
 # torch backend's segment / padded strategies (ops/torch_ref.py).
 weight_grads = torch_ref.weight_grads
@@ -103,8 +106,10 @@ def _plan(op: int, dtype: torch.dtype, K: int, R: int, S: int, a_list=(), b_list
           packed=None):
     """The C++ Plan holding one layer's static arguments (weights, scalings, ranks, the packed
     form's offsets). Each slice keeps its own strides: the tensors are used as they are, whatever
-    their layout (no copy)."""
+    their layout (no copy). ``dtype``: x's / y's; the weights may be stored in another
+    (MIXED_STORAGE)."""
     a_list, b_list = list(a_list), list(b_list)
+    w_dtype = (a_list or b_list)[0].dtype
     rp, r64, srn, srs = _ranks_args(ranks)
     offs = packed.offsets if packed is not None else None
     plan = _module().Plan(
@@ -115,7 +120,7 @@ def _plan(op: int, dtype: torch.dtype, K: int, R: int, S: int, a_list=(), b_list
         [B.stride(1) for B in b_list], [B.stride(2) for B in b_list],
         scalings.data_ptr() if scalings is not None else 0, rp, r64, srn, srs,
         offs.data_ptr() if offs is not None else 0, offs is not None and offs.dtype == torch.int64,
-        packed.rows if packed is not None else 0)
+        packed.rows if packed is not None else 0, DTYPE_CODES[w_dtype])
     return plan, (a_list, b_list, scalings, ranks, offs)   # the tensors the plan points into: keep them alive
 
 
@@ -162,10 +167,10 @@ class BoundAdd:
 
     __slots__ = ("_plan", "_keep", "add_rows")
 
-    def __init__(self, a_list, b_list, scalings, ranks, packed=None):
+    def __init__(self, a_list, b_list, scalings, ranks, packed=None, act_dtype=None):
         S, R, K = a_list[0].shape
-        self._plan, self._keep = _plan(_module().OP_ADD, a_list[0].dtype, K, R, S, a_list, b_list, scalings, ranks,
-                                       packed)
+        self._plan, self._keep = _plan(_module().OP_ADD, act_dtype or a_list[0].dtype, K, R, S, a_list, b_list,
+                                       scalings, ranks, packed)
         # add_rows(T, x.data_ptr(), y.data_ptr(), *row_args(meta)[1:]) for contiguous x [T, K] and
         # y [T, N] of the plan's dtype: no checks at all (BoundLoRA.add_rows makes them).
         self.add_rows = self._plan.add_rows
@@ -174,9 +179,10 @@ class BoundAdd:
         _add(self._plan, y, x, meta, _checked_ptrs)
 
 
-def bind(a_list, b_list, scalings, ranks, packed=None) -> BoundAdd:
-    """A callable ``(y, x, meta) -> None`` equal to ``add_lora(y, x, a_list, b_list, meta, scalings, ranks)``."""
-    return BoundAdd(a_list, b_list, scalings, ranks, packed)
+def bind(a_list, b_list, scalings, ranks, packed=None, act_dtype=None) -> BoundAdd:
+    """A callable ``(y, x, meta) -> None`` equal to ``add_lora(y, x, a_list, b_list, meta, scalings, ranks)``
+    (x and y of ``act_dtype``: None for the weights' dtype)."""
+    return BoundAdd(a_list, b_list, scalings, ranks, packed, act_dtype)
 
 
 def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, packed=None) -> None:

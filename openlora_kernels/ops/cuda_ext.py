@@ -40,6 +40,10 @@ from .launch_args import DTYPE_CODES, rank_strides, slice_columns
 MAX_SLICES = 8  # csrc/include/openlora/params.h kMaxSlices
 # The expand kernels write y in the weights' dtype (ops/backward.py: multi-slice dx sums 16-bit parts)
 EXPAND_FP32_Y = False
+# Weights stored in another dtype than the activations (adapter_dtype): none on this backend yet
+# (the templated kernels take one dtype for x, y and the weights); ops/api.check_storage refuses
+# such calls naming the backend.
+MIXED_STORAGE = frozenset()
 OP_FUSED, OP_SHRINK, OP_EXPAND = 0, 1, 2
 
 _lock = threading.Lock()

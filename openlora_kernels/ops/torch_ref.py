@@ -45,6 +45,9 @@ from ..metadata import LoRABatchMeta
 _GATHER_BUDGET = 1 << 22
 # expand() takes a float32 y with 16-bit weights (ops/backward.py sums multi-slice dx in float32)
 EXPAND_FP32_Y = True
+# Weights stored in another dtype than the activations (adapter_dtype): every operand is taken to
+# float32 before its product here anyway, so every storage dtype of a float32 call runs.
+MIXED_STORAGE = frozenset({(torch.float32, torch.bfloat16), (torch.float32, torch.float16)})
 
 
 def _slice_ranks(ranks: Optional[torch.Tensor], i: int) -> Optional[torch.Tensor]:

@@ -274,7 +274,9 @@ def segment_launches(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Te
                          nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
                          br[0], br[1], br[2], br[3], B0.stride(1),
                          h.stride(0), h.stride(1), h.stride(2), y.stride(0), y.stride(1), srn, srs, base, tiles),
-                        dict(BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, HAS_RANKS=has_r, FP32_DOT=_fp32_dot(B0.dtype),
+                        dict(BLOCK_M=bm, BLOCK_N=bn, R_PAD=r_pad, HAS_RANKS=has_r,
+                             # fp32 activations (16-bit storage too): products from the fp32 h
+                             FP32_DOT=_fp32_dot(B0.dtype) or y.dtype == torch.float32,
                              B_LAYOUT=layout, VEC=vec, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])))
     return h, shrinks + expands
 

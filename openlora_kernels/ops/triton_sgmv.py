@@ -67,6 +67,12 @@ from .torch_ref import new_h
 
 # expand() takes a float32 y with 16-bit weights (ops/backward.py sums multi-slice dx in float32)
 EXPAND_FP32_Y = True
+# Weights stored in another dtype than the activations (adapter_dtype): (activation, weight) pairs
+# the kernels run. They load each weight tile in its storage dtype and take it to fp32 before the
+# product (FP32_DOT, chosen by the activations' dtype: fp32 dots, input_precision="ieee"), so
+# add_lora and lora_shrink accumulate in fp32 from exact weights; a lone lora_expand with a float32
+# y and 16-bit B keeps the backward's rule above (its tensor-core path rounds h to B's dtype).
+MIXED_STORAGE = frozenset({(torch.float32, torch.bfloat16), (torch.float32, torch.float16)})
 
 MAX_SLICES_PER_LAUNCH = 4
 # Per-slice ints are selected by program id (_pick); Triton turns an int argument equal to 1
@@ -250,7 +256,7 @@ def _shrink_rows(x_ptr, a_ptr, rows, m_mask, offs_r, r_mask, k_lo, k_hi,
 @triton.jit(do_not_specialize=["T"])
 def _sgmv_shrink_kernel(
     x_ptr,                              # [T, K] fp16/bf16/fp32
-    a0_ptr, a1_ptr, a2_ptr, a3_ptr,     # [S, R, K] per slice, x's dtype, strides shared
+    a0_ptr, a1_ptr, a2_ptr, a3_ptr,     # [S, R, K] per slice, x's dtype (or a storage dtype), strides shared
     h_ptr,                              # [n_slices, T, R] fp32, zero-filled by the launcher
     ranks_ptr,                          # [n_slices, S] int32/int64 via (stride_rn, stride_rs)
     sorted_ptr,                         # [T] int32: rows sorted by slot
@@ -303,7 +309,7 @@ def _sgmv_shrink_kernel(
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _sgmv_expand_kernel(
     h_ptr,                              # [n_slices, T, R] fp32/fp16/bf16
-    b0_ptr, b1_ptr, b2_ptr, b3_ptr,     # [S, N_i, R] per slice, y's dtype
+    b0_ptr, b1_ptr, b2_ptr, b3_ptr,     # [S, N_i, R] per slice, y's dtype (or a storage dtype)
     y_ptr,                              # [T, N] updated in place, N = sum N_i
     scal_ptr,                           # [S] fp32
     ranks_ptr, sorted_ptr, tile_ptr,    # as in the shrink kernel
@@ -601,7 +607,10 @@ def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torc
 
 
 def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], scalings: torch.Tensor,
-           ranks: Optional[torch.Tensor], meta: LoRABatchMeta, packed=None) -> None:
+           ranks: Optional[torch.Tensor], meta: LoRABatchMeta, packed=None, fp32_h: bool = False) -> None:
+    """y += scale * h B^T. ``fp32_h``: products in fp32 from the fp32 h even when B is 16-bit
+    (add_lora's route for fp32 activations with 16-bit storage); otherwise a 16-bit B's
+    tensor-core path rounds h to B's dtype."""
     T, N = y.shape
     S, _, R = b_list[0].shape
     n = len(b_list)
@@ -631,7 +640,8 @@ def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], sca
             y.stride(0), y.stride(1),
             srn, srs, base,
             BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
-            HAS_RANKS=has_r, USE_DOT=meta.block_m >= TENSOR_CORE_MIN_M, FP32_DOT=_fp32_dot(B0.dtype),
+            HAS_RANKS=has_r, USE_DOT=meta.block_m >= TENSOR_CORE_MIN_M,
+            FP32_DOT=_fp32_dot(B0.dtype) or (fp32_h and h.dtype == torch.float32),
             B_LAYOUT=layout, VEC=vec, HAS_OFFS=has_o,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -712,7 +722,8 @@ def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, packed=
         else:
             fused(y, x, a_list, b_list, scalings, ranks, meta, packed)
     else:
-        expand(y, shrink(x, a_list, ranks, meta, packed=packed), b_list, scalings, ranks, meta, packed)
+        expand(y, shrink(x, a_list, ranks, meta, packed=packed), b_list, scalings, ranks, meta, packed,
+               fp32_h=x.dtype == torch.float32)
 
 
 # ------------------------------------------------------------------------------- bound plans
@@ -935,9 +946,10 @@ class BoundAdd:
             self._hooks = (getattr(enter, "calls", ()), getattr(exit_, "calls", ()))
 
 
-def bind(a_list, b_list, scalings, ranks, packed=None) -> BoundAdd:
+def bind(a_list, b_list, scalings, ranks, packed=None, act_dtype=None) -> BoundAdd:
     """A callable ``(y, x, meta) -> None`` equal to ``add_lora(y, x, a_list, b_list, scalings, ranks, meta)``
-    (what ``BoundLoRA`` calls on this backend; see "bound plans" above)."""
+    (what ``BoundLoRA`` calls on this backend; see "bound plans" above). ``act_dtype``: x's and
+    y's dtype when the weights are stored in another (the launches take it from x and y)."""
     return BoundAdd(a_list, b_list, scalings, ranks, packed)
 
 
