@@ -414,10 +414,9 @@ def _needs_graph(state: _CallState, x: torch.Tensor, output: torch.Tensor) -> bo
 def _grouped(slots: LayerSlots, group: ProjectionGroup, member: int, state: _CallState, module, x, output):
     """A group member's LoRA (hf_groups.py): the first member of its plan makes the group's one
     launch into a scratch; each member adds its columns of it. _UNGROUPED: take the usual path."""
-    b = group.bound
-    if b.plans is None:                              # learning: every member on its own this forward
-        observe(state, group, member, x)
+    if torch.compiler.is_compiling():
         return _UNGROUPED
+    b = group.bound
     where = b.pos.get(member)
     if where is None:
         return _UNGROUPED
@@ -443,13 +442,15 @@ def _grouped(slots: LayerSlots, group: ProjectionGroup, member: int, state: _Cal
         state.pending[key] = entry
     else:
         entry = state.pending.get(key)
-        if entry is None:
+        if entry is None or entry[0].pos.get(member) != where:      # (plans changed since its launch)
             return _UNGROUPED
         if entry[1]() is not x or entry[2] != version(x) or _needs_graph(state, x, output):
             if entry[1]() is not x:
                 group.drop(member)      # not the plan's input (another call pattern): on its own from now on
             return _UNGROUPED
     b, _, _, scratch, res, meta = entry
+    if i == len(b.plans[p]) - 1:
+        state.pending.pop(key, None)    # the plan's last member: the scratch is not needed any more
     c = b.cols[p].get(member)
     rop = b.residual.get(member) if res else None
     if c is None and rop is None:
@@ -480,10 +481,12 @@ def _lora_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallSt
         state = call.get()
         if state is None:
             return None
+        x = args[0] if args else next(iter(kwargs.values()))
+        if group is not None and group.bound.plans is None and not torch.compiler.is_compiling():
+            observe(state, group, member, x)     # learning (any batch, base rows too): each on its own
         meta = state.meta
         if meta is None:
             return None
-        x = args[0] if args else next(iter(kwargs.values()))
         if group is not None:
             out = _grouped(slots, group, member, state, module, x, output)
             if out is not _UNGROUPED:
