@@ -36,8 +36,9 @@ ranks [n, S]) for all of them and the others only add their slice of its result.
   one more launch per differing member (docs/architecture.md).
 * Rank 0 (an adapter that targets only some members) is the kernels' usual skip; a member no
   adapter has weights in is not in the launch at all. Different ranks per member: ranks [n, S].
-* Not grouped: calls that build a graph (grad enabled and a trainable adapter in the batch or an
-  input / output that requires grad): each member then goes through its own SlotDelta, as before.
+* Not grouped: batches with a trainable adapter (grad on or off: a training step's forward and
+  the same batch under no_grad give the same bits) and calls recording autograd for an input or
+  output: each member then makes its own call (through SlotDelta when recording), as before.
   DoRA members are grouped (their column scale is applied to their own base output first).
 * The bound launch (:class:`GroupBinding`, an immutable snapshot: plans, the BoundLoRA, the
   columns of each member) is rebuilt under the pool's write lock whenever a member's slots are
@@ -90,7 +91,8 @@ class ProjectionGroup:
         self.backend = self.members[0].backend
         self._lock = threading.Lock()
         self._plans: Optional[Tuple[Tuple[int, ...], ...]] = None
-        self._fixed: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}   # GPU: (n, S) -> tensors
+        self._fixed: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}   # GPU: launch -> (ranks, scalings)
+        self._fresh = False
         self.bound = GroupBinding()
         for m in self.members:
             m.listeners.append(self._on_publish)
@@ -104,7 +106,7 @@ class ProjectionGroup:
             if self._plans is not None:
                 return
             self._plans = tuple(tuple(c) for c in classes if len(c) >= 2)
-            self._rebind([])
+            self._rebind([], fresh=True)
 
     def drop(self, member: int) -> None:
         """Take ``member`` out of its plan (its input was not the plan's in a forward)."""
@@ -117,7 +119,7 @@ class ProjectionGroup:
                 if len(plan) >= 2:
                     plans.append(plan)
             self._plans = tuple(plans)
-            self._rebind([])
+            self._rebind([], fresh=True)
 
     def _on_publish(self, keep_alive: List[torch.Tensor]) -> None:
         with self._lock:
@@ -125,8 +127,13 @@ class ProjectionGroup:
 
     # ------------------------------------------------------------------------- binding
 
-    def _rebind(self, keep_alive: List[torch.Tensor]) -> None:
-        """(lock held) A new GroupBinding from the members' current slots."""
+    def _rebind(self, keep_alive: List[torch.Tensor], fresh: bool = False) -> None:
+        """(lock held) A new GroupBinding from the members' current slots. ``fresh``: called from a
+        forward (learn / drop), not from a pool publish: on a GPU its ranks and scalings go to new
+        device tensors by a blocking copy (once per plan change), so that no other stream can read
+        them before they are there and the pool's side-stream copies into the fixed tensors of
+        later publishes are never overtaken."""
+        self._fresh = fresh
         plans = self._plans
         if not plans:
             self.bound = GroupBinding(plans)
@@ -169,7 +176,9 @@ class ProjectionGroup:
         dev = ms[0].device
         rk = torch.tensor(ranks, dtype=torch.int32)
         sc = torch.tensor(scal, dtype=torch.float32)
-        if dev.type != "cpu":
+        if dev.type != "cpu" and self._fresh:
+            rk, sc = rk.to(dev), sc.to(dev)                    # blocking: the data is there on return
+        elif dev.type != "cpu":
             fixed = self._fixed.get(key)
             if fixed is None or fixed[0].shape != rk.shape:
                 fixed = self._fixed[key] = (torch.zeros(rk.shape, dtype=torch.int32, device=dev),

@@ -408,7 +408,10 @@ _UNGROUPED = object()
 
 
 def _needs_graph(state: _CallState, x: torch.Tensor, output: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and bool(state.train or x.requires_grad or output.requires_grad)
+    """Not grouped: a batch with a trainable adapter (with grad on or not, so that a training step's
+    forward and the same batch served under no_grad compute the same bits), and a call recording
+    autograd for its input or output."""
+    return bool(state.train) or (torch.is_grad_enabled() and (x.requires_grad or output.requires_grad))
 
 
 def _grouped(slots: LayerSlots, group: ProjectionGroup, member: int, state: _CallState, module, x, output):

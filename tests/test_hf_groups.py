@@ -359,23 +359,32 @@ def test_two_threads_serving_different_adapters_grouped(llama, backend):
     assert not errors, errors[:3]
 
 
-def test_training_through_grouped_modules_gives_peft_gradients(llama):
-    """A trainable adapter in a batch with grad on: every member its own SlotDelta (PEFT's
-    gradients); under no_grad the same adapter is served grouped, with the same values."""
-    base, _ = llama
+def test_training_through_grouped_modules_gives_peft_gradients(llama, monkeypatch):
+    """A batch with a trainable adapter: every member its own call (SlotDelta with grad on: PEFT's
+    gradients), grad on or off, so the training forward and the same batch under no_grad agree bit
+    for bit; a batch of frozen adapters in the same model is grouped."""
+    base, paths = llama
+    count = Launches(monkeypatch)
     lm = olk.patch_model(copy.deepcopy(base), max_adapters=2, max_rank=8)
     lm.load_adapter("t", None, trainable=True, r=4, lora_alpha=8, target_modules=LLAMA_ALL)
+    lm.load_adapter("f", paths["all"])
     with torch.no_grad():
         for p in lm.adapter_parameters("t").values():
             p.copy_(torch.randn_like(p) * 0.1)
     ids, mask = left_padded_batch([5, 4], seed=9)
+    layers = len(lm.model.model.layers)
     with torch.no_grad():
-        run(lm, ids, mask, ["t", None])                                   # learn
-        served = run(lm, ids, mask, ["t", None])
+        run(lm, ids, mask, [None, None])                                  # learn
+        served, n = count(lambda: run(lm, ids, mask, ["t", None]))
+        assert n == 7 * layers
+        frozen, n = count(lambda: run(lm, ids, mask, ["f", None]))
+        assert n == 4 * layers
+    check_rows(frozen, base, paths, dict(input_ids=ids, attention_mask=mask), ["all", None], mask.bool())
     params = lm.adapter_parameters("t")
-    out = run(lm, ids, mask, ["t", None])
+    out, n = count(lambda: run(lm, ids, mask, ["t", None]))
+    assert n == 7 * layers
     (out[0][mask[0].bool()] ** 2).mean().backward()
-    torch.testing.assert_close(out.detach(), served, atol=ATOL, rtol=RTOL)
+    assert torch.equal(out.detach(), served)
     # PEFT with the same weights
     from peft import LoraConfig, get_peft_model
 
@@ -392,3 +401,19 @@ def test_training_through_grouped_modules_gives_peft_gradients(llama):
         module, part = key.rsplit(".", 1)
         g = named[f"base_model.model.{module}.{part}.default.weight"].grad
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+
+
+def test_triton_backend_grouped_matches_peft(llama, monkeypatch):
+    """The grouped launches (3 and 2 slices, unequal widths, ranks [n, S], full max_rank slots)
+    and the residual calls through the Triton kernels, under Triton's interpreter."""
+    if not olk.available_backends("cpu")["triton"].usable:
+        pytest.skip(olk.available_backends("cpu")["triton"].reason)
+    base, paths = llama
+    count = Launches(monkeypatch)
+    lm = patched(base, paths, "triton")
+    ids, mask = left_padded_batch([5, 3, 4, 4], seed=10)
+    run(lm, ids, mask, [None] * 4)
+    rows = ["all", None, "ranks", "scal"]
+    out, n = count(lambda: run(lm, ids, mask, rows))
+    assert n == 6 * len(lm.model.model.layers)          # "scal": q_proj and gate_proj on their own
+    check_rows(out, base, paths, dict(input_ids=ids, attention_mask=mask), rows, mask.bool())
