@@ -25,6 +25,10 @@ How the model is patched
   resolves the metadata's pointers once (``cpu_ext.row_args``) and each hook hands its contiguous
   input and output straight to :meth:`~openlora_kernels.ops.api.BoundLoRA.add_rows` (a few
   attribute checks and one C++ call; anything it does not serve falls back to the path above).
+* Projection groups (hf_groups.py, ``group_projections=True``): sibling linears that read the
+  same input tensor (q/k/v_proj, gate/up_proj; found during the first forward, confirmed on every
+  call) make ONE multi-slice call: the first member's hook launches for all of them into a
+  per-call scratch and adds its columns, the others add theirs (a Llama layer: 4 launches, not 7).
 * The batch metadata is built ONCE per forward, by a pre-forward hook on the top model, from the
   per-row adapter slots and the input's [batch, seq] shape: one slot per TOKEN, in row-major
   order (and reused by later forwards with the same slots and shape: every decode step of a
