@@ -70,6 +70,8 @@ def build(args):
     lm = olk.patch_model(copy.deepcopy(base), max_adapters=args.adapters, max_rank=args.rank)
     for name in names:
         lm.load_adapter(name, os.path.join(tmp, name))
+    with torch.no_grad():       # one forward first: the model finds its projection groups (hf_groups.py)
+        lm(input_ids=torch.zeros(1, 1, dtype=torch.long), adapter_names=[None], use_cache=False)
     return base, lm, peft_model, names
 
 

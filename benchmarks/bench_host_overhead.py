@@ -9,12 +9,15 @@ Measures on any machine, GPU or not (benchmarks/host_stub.py says exactly what i
   and "cuda": bf16, T = 8 decode rows over 8 slots, K = N = 4096, S = 8, R = 64, the pool's
   rank-major B; and the unbound ``add_lora(...)`` for comparison. Microseconds per call.
 * **per decode step**: a 32-layer model with all seven projections patched (q, k, v, o, gate,
-  up, down: 224 BoundLoRA calls, tiny widths; host time does not depend on them) plus the one
-  ``build_batch_meta`` of the step's forward. The base layers are stood in for by one new output
-  tensor each; each LoRA call adds into the output its base layer just produced (as a patched
-  model's hook does), and the LoRA host time is the step with LoRA minus the step without,
-  measured interleaved. Also given: the 224 calls and the build alone (their inputs not fresh).
-  Milliseconds per step.
+  up, down; tiny widths: host time does not depend on them) plus the one ``build_batch_meta`` of
+  the step's forward. As a patched model runs them by default (projection groups,
+  hf_groups.py): per layer a 3-slice q/k/v call and a 2-slice gate/up call into a zero-filled
+  scratch, whose columns are then added to the five outputs, and the o and down calls: 128
+  BoundLoRA calls a step (``--ungrouped``: one call per projection, 224 a step, as before the
+  groups). The base layers are stood in for by one new output tensor each; each LoRA call adds
+  into the output its base layer just produced (as a patched model's hook does), and the LoRA
+  host time is the step with LoRA minus the step without, measured interleaved. Also given: the
+  calls and the build alone (their inputs not fresh). Milliseconds per step.
 
 Rows (benchmarks/common.py: machine, versions, commit) go to ``--out``; ``--label`` names the
 code state (the results file holds a "before" row measured at the commit before bound plans, and
@@ -115,7 +118,7 @@ def per_call(backend: str, quick: bool) -> Dict[str, Dict[str, float]]:
     return out
 
 
-def per_step(backend: str, quick: bool):
+def per_step(backend: str, quick: bool, grouped: bool = True):
     """(LoRA ms per step: the model step minus the same step without LoRA, both as CPU-time
     medians of interleaved samples; the step with LoRA; the step without; the 224 calls and the
     metadata build alone, wall and CPU). The "model" stands in for the base layers with one new
@@ -126,23 +129,40 @@ def per_step(backend: str, quick: bool):
     T, S, R, dt = 8, 8, 16, torch.bfloat16
     widths = {"q_proj": (64, 64), "k_proj": (64, 16), "v_proj": (64, 16), "o_proj": (64, 64),
               "gate_proj": (64, 128), "up_proj": (64, 128), "down_proj": (128, 64)}
-    layers = []
+    groups = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)] if grouped \
+        else [(p,) for p in PROJ]
+    layers = []          # (op, [(output shape, first column, last column)], x, y)
     for _ in range(LAYERS):
-        for name in PROJ:
-            K, N = widths[name]
-            a, b, sc, rk = pool_weights(S, R, K, N, dt)
-            layers.append((olk.BoundLoRA(a, b, sc, rk, backend=backend), (T, N),
-                           torch.zeros(T, K, dtype=dt), torch.zeros(T, N, dtype=dt)))
+        for group in groups:
+            K = widths[group[0]][0]
+            ws = [pool_weights(S, R, K, widths[p][1], dt) for p in group]
+            rk = torch.full((len(group), S), R, dtype=torch.int32) if len(group) > 1 else ws[0][3]
+            a, b = ([w[0] for w in ws], [w[1] for w in ws]) if len(group) > 1 else (ws[0][0], ws[0][1])
+            cols, c0 = [], 0
+            for p in group:
+                cols.append(((T, widths[p][1]), c0, c0 + widths[p][1]))
+                c0 += widths[p][1]
+            layers.append((olk.BoundLoRA(a, b, ws[0][2], rk, backend=backend), cols, torch.zeros(T, K, dtype=dt),
+                           torch.zeros(T, c0, dtype=dt)))
     rows = torch.arange(T, dtype=torch.int32) % S
 
     def base():
-        for op, shape, x, _ in layers:
-            x.new_empty(shape)
+        for op, cols, x, _ in layers:
+            for shape, _, _ in cols:
+                x.new_empty(shape)
 
     def with_lora():
         meta = olk.build_batch_meta(rows, S)
-        for op, shape, x, _ in layers:
-            op(x.new_empty(shape), x, meta)
+        for op, cols, x, y in layers:
+            if len(cols) == 1:
+                op(x.new_empty(cols[0][0]), x, meta)
+                continue
+            outs = [x.new_empty(cols[0][0])]        # the first member's base output, then the launch
+            scratch = x.new_zeros((T, y.shape[1]))
+            op(scratch, x, meta)
+            for i, (shape, c0, c1) in enumerate(cols):
+                out = outs[0] if i == 0 else x.new_empty(shape)
+                out.add_(scratch[:, c0:c1])
 
     def calls_only():
         meta = olk.build_batch_meta(rows, S)
@@ -178,6 +198,7 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="after", help="the code state the rows measure (before / after)")
     ap.add_argument("--backends", default="triton,cuda")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--ungrouped", action="store_true", help="one call per projection (224 a step), no groups")
     opts = ap.parse_args(argv)
     env = common.env_info(torch.device("cpu"))
     if env["commit"] == "unknown" and os.environ.get("OPENLORA_COMMIT"):
@@ -193,7 +214,7 @@ def main(argv=None) -> int:
             python_level = backend == "cuda" and not hasattr(host_stub._cuda_module(), "set_launch_stub")
             with _stub(backend, python_level):
                 calls = per_call(backend, opts.quick)
-                step = per_step(backend, opts.quick)
+                step = per_step(backend, opts.quick, grouped=not opts.ungrouped)
         except host_stub.StubUnavailable as e:
             print(f"  {backend}: skipped ({e})")
             continue
@@ -211,10 +232,12 @@ def main(argv=None) -> int:
             row("add_lora", f"{backend}:{what}", "bf16 T=8 K=N=4096 S=8 R=64 pool-B", "host_us_per_call", "us",
                 cpu, wall)
         lora, with_l, base, calls_cpu, calls_wall = step
-        shape = f"{LAYERS} layers x 7 projections (224 calls) + build_batch_meta, T=8 S=8 R=16"
+        n_calls = LAYERS * (7 if opts.ungrouped else 4)
+        how = "" if opts.ungrouped else ", q/k/v and gate/up grouped: scratch fill + slice adds"
+        shape = f"{LAYERS} layers x 7 projections ({n_calls} calls{how}) + build_batch_meta, T=8 S=8 R=16"
         row("decode_step", f"{backend}:bound", shape + "; LoRA = step with LoRA - step without (224 fresh "
             "base outputs), CPU time", "host_ms_lora_per_step", "ms", lora, lora)
-        row("decode_step", f"{backend}:bound", shape + "; the 224 calls and the build alone (inputs not fresh)",
+        row("decode_step", f"{backend}:bound", shape + f"; the {n_calls} calls and the build alone (inputs not fresh)",
             "host_ms_per_step_calls_only", "ms", calls_cpu, calls_wall)
         row("decode_step", "base:no-lora", f"{LAYERS} layers x 7 base outputs (new_empty), CPU time", "host_ms_per_step",
             "ms", base, base)

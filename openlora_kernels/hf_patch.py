@@ -25,6 +25,10 @@ How the model is patched
   resolves the metadata's pointers once (``cpu_ext.row_args``) and each hook hands its contiguous
   input and output straight to :meth:`~openlora_kernels.ops.api.BoundLoRA.add_rows` (a few
   attribute checks and one C++ call; anything it does not serve falls back to the path above).
+* Projection groups (hf_groups.py, ``group_projections=True``): sibling linears that read the
+  same input tensor (q/k/v_proj, gate/up_proj; found during the first forward, confirmed on every
+  call) make ONE multi-slice call: the first member's hook launches for all of them into a
+  per-call scratch and adds its columns, the others add theirs (a Llama layer: 4 launches, not 7).
 * The batch metadata is built ONCE per forward, by a pre-forward hook on the top model, from the
   per-row adapter slots and the input's [batch, seq] shape: one slot per TOKEN, in row-major
   order (and reused by later forwards with the same slots and shape: every decode step of a
@@ -62,6 +66,7 @@ from torch import nn
 
 from .adapters import (AdapterFormatError, AdapterWeights, Expectation, load_adapter_weights, resolve_source,
                        split_key, strip_base_layer)
+from .hf_groups import ProjectionGroup, candidate_groups, finish_forward, observe, version
 from .hf_params import experts_hook, experts_params, param_hooks, router_params
 from .metadata import LoRABatchMeta, build_batch_meta
 from .ops import cpu_ext
@@ -264,7 +269,7 @@ class _CallState:
     (or asyncio task) that made it: concurrent calls never see each other's batch."""
 
     __slots__ = ("row_key", "fixed", "lease", "train", "meta", "rows_now", "layouts", "rows", "stack",
-                 "__weakref__")
+                 "pending", "observe", "__weakref__")
 
     def __init__(self, row_key: Optional[Tuple[int, ...]] = None, fixed: Optional[LoRABatchMeta] = None,
                  lease: Optional[Lease] = None, train: Optional[Dict[str, Tuple[tuple, tuple]]] = None):
@@ -280,9 +285,14 @@ class _CallState:
         self.layouts: Dict[Tuple[Any, ...], LoRABatchMeta] = {}
         self.rows = None        # cpu_ext.row_args(meta): the native CPU kernel's fast path, or None
         self.stack: List[tuple] = []    # the enclosing layouts while an encoder / decoder stack runs
+        # projection groups (hf_groups.py): per (group, plan) the launch its first member made in this
+        # forward, for the later members; and what a learning forward observed of each group
+        self.pending: Dict[Any, tuple] = {}
+        self.observe: Dict[Any, tuple] = {}
 
     def begin_forward(self, args: tuple, kwargs: dict, cache: _MetaCache) -> None:
         self.stack = []
+        self.pending = {}
         self._set_meta(args, kwargs, cache)
         self._set_rows()
 
@@ -399,17 +409,99 @@ def _dora(slots: LayerSlots, state: _CallState, y: torch.Tensor, meta: LoRABatch
     dora_rescale(y.view(-1, y.shape[-1]), col, has, meta, bias)
 
 
-def _lora_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallState]]"):
+_UNGROUPED = object()
+
+
+def _needs_graph(state: _CallState, x: torch.Tensor, output: torch.Tensor) -> bool:
+    """Not grouped: a batch with a trainable adapter (with grad on or not, so that a training step's
+    forward and the same batch served under no_grad compute the same bits), and a call recording
+    autograd for its input or output."""
+    return bool(state.train) or (torch.is_grad_enabled() and (x.requires_grad or output.requires_grad))
+
+
+def _grouped(slots: LayerSlots, group: ProjectionGroup, member: int, state: _CallState, module, x, output):
+    """A group member's LoRA (hf_groups.py): the first member of its plan makes the group's one
+    launch into a scratch; each member adds its columns of it. _UNGROUPED: take the usual path."""
+    if torch.compiler.is_compiling():
+        return _UNGROUPED
+    b = group.bound
+    where = b.pos.get(member)
+    if where is None:
+        return _UNGROUPED
+    p, i = where
+    key = (group, p)
+    if i == 0:
+        state.pending.pop(key, None)
+        if _needs_graph(state, x, output):
+            return _UNGROUPED
+        meta = state.meta
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] != meta.num_tokens or meta.device != slots.device:
+            meta = state.meta_for(tuple(x.shape[:-1]), slots.device, slots.name)
+        op, scratch = b.ops[p], None
+        if op is not None:
+            xk = x2 if x2.dtype == slots.dtype else x2.to(slots.dtype)
+            scratch = torch.zeros((x2.shape[0], b.width[p]), dtype=slots.dtype, device=slots.device)
+            rows = state.rows
+            if rows is None or not op.add_rows(scratch, xk, rows):
+                op(scratch, xk, meta)
+        res = bool(b.disagree) and (state.row_key is None or not b.disagree.isdisjoint(state.row_key))
+        entry = (b, weakref.ref(x), version(x), scratch, res, meta)
+        state.pending[key] = entry
+    else:
+        entry = state.pending.get(key)
+        if entry is None or entry[0].pos.get(member) != where:      # (plans changed since its launch)
+            return _UNGROUPED
+        if entry[1]() is not x or entry[2] != version(x) or _needs_graph(state, x, output):
+            if entry[1]() is not x:
+                group.drop(member)      # not the plan's input (another call pattern): on its own from now on
+            return _UNGROUPED
+    b, _, _, scratch, res, meta = entry
+    if i == len(b.plans[p]) - 1:
+        state.pending.pop(key, None)    # the plan's last member: the scratch is not needed any more
+    c = b.cols[p].get(member)
+    rop = b.residual.get(member) if res else None
+    if c is None and rop is None:
+        return None                     # no adapter has weights in this member
+    N = output.shape[-1]
+    if output.numel() != meta.num_tokens * N:
+        return _UNGROUPED
+    y = output if output.is_contiguous() else output.contiguous()
+    if slots.dora is not None:
+        _dora(slots, state, y, meta, getattr(module, "bias", None))
+    y2 = y.view(-1, N)
+    if c is not None:
+        y2.add_(scratch[:, c[0]:c[1]])
+    if rop is not None:
+        x2 = x.reshape(-1, x.shape[-1])
+        rows = state.rows
+        if rows is None or not rop.add_rows(y, x, rows):
+            rop(y2, x2 if x2.dtype == slots.dtype else x2.to(slots.dtype), meta)
+    return y
+
+
+def _lora_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallState]]",
+               group: Optional[Tuple[ProjectionGroup, int]] = None):
     name, device, dtype = slots.name, slots.device, slots.dtype
+    group, member = group if group is not None else (None, -1)
 
     def hook(module, args, kwargs, output):
         state = call.get()
         if state is None:
             return None
-        meta, op = state.meta, slots.op
-        if meta is None or op is None:
-            return None
         x = args[0] if args else next(iter(kwargs.values()))
+        if group is not None and group.bound.plans is None and not torch.compiler.is_compiling():
+            observe(state, group, member, x)     # learning (any batch, base rows too): each on its own
+        meta = state.meta
+        if meta is None:
+            return None
+        if group is not None:
+            out = _grouped(slots, group, member, state, module, x, output)
+            if out is not _UNGROUPED:
+                return out
+        op = slots.op
+        if op is None:
+            return None
         if slots.dora is not None:
             y = output if output.is_contiguous() else output.contiguous()
             m = meta if y.numel() // max(y.shape[-1], 1) == meta.num_tokens and meta.device == device else \
@@ -522,7 +614,9 @@ class MultiLoRAModel:
 
     def __init__(self, model: nn.Module, *, max_adapters: int, max_rank: int, target_modules: TargetModules,
                  backend: str, host_budget_bytes: Optional[int], device_budget_bytes: Optional[int] = None,
-                 adapter_dtype: Optional[torch.dtype] = None):
+                 adapter_dtype: Optional[torch.dtype] = None, group_projections: bool = True):
+        if not isinstance(group_projections, bool):
+            raise TypeError(f"group_projections: expected a bool, got {type(group_projections).__name__}")
         for arg, v in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{arg}: expected a positive int, got {v!r}")
@@ -573,7 +667,11 @@ class MultiLoRAModel:
         self._call: "contextvars.ContextVar[Optional[_CallState]]" = contextvars.ContextVar(
             f"openlora_call_{id(self):x}", default=None)
         self._fixed: Dict[int, str] = {}
-        self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)]
+        self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+                       model.register_forward_hook(self._post_forward, always_call=True)]
+        # Sibling linears reading the same input: one launch per group (hf_groups.py)
+        self.group_projections = group_projections
+        self._groups = candidate_groups(picked, self._layers) if group_projections else {}
         # Encoder-decoder models: the encoder and the decoder each lay their tokens out as
         # [batch, their seq], and generate calls the encoder by itself (outside the model's forward).
         for stack in _stacks(model):
@@ -589,8 +687,9 @@ class MultiLoRAModel:
                 self._hooks += [t.module.register_forward_pre_hook(pre),
                                 t.module.register_forward_hook(post, always_call=True)]
             else:
-                hook = _embedding_hook if t.kind == "embedding" else _lora_hook
-                self._hooks.append(t.module.register_forward_hook(hook(ls, self._call), with_kwargs=True))
+                hook = _embedding_hook(ls, self._call) if t.kind == "embedding" else \
+                    _lora_hook(ls, self._call, self._groups.get(t.name))
+                self._hooks.append(t.module.register_forward_hook(hook, with_kwargs=True))
         for mod, params in experts.values():
             self._hooks.append(mod.register_forward_hook(experts_hook(params, self._call, num_slots),
                                                          with_kwargs=True))
@@ -1074,6 +1173,12 @@ class MultiLoRAModel:
             state.exit_stack()
         return None
 
+    def _post_forward(self, module, args, output):
+        state = self._call.get()
+        if state is not None:
+            finish_forward(state)
+        return None
+
     def _pre_forward(self, module, args, kwargs):
         state = self._call.get()
         if state is not None:
@@ -1193,7 +1298,8 @@ class MultiLoRAModel:
 
 def patch_model(model: nn.Module, max_adapters: int = 8, max_rank: int = 64, target_modules: TargetModules = None,
                 backend: str = "auto", *, host_budget_bytes: Optional[int] = None,
-                device_budget_bytes: Optional[int] = None, adapter_dtype: Optional[torch.dtype] = None) -> MultiLoRAModel:
+                device_budget_bytes: Optional[int] = None, adapter_dtype: Optional[torch.dtype] = None,
+                group_projections: bool = True) -> MultiLoRAModel:
     """Patch ``model`` in place (forward hooks; weights untouched) to serve many LoRA adapters.
 
     Args:
@@ -1216,7 +1322,11 @@ def patch_model(model: nn.Module, max_adapters: int = 8, max_rank: int = 64, tar
             adapter bytes (the kernels upcast on load and accumulate in float32; backends "torch",
             "cpu", "triton"; docs/usage.md, "Adapter storage dtype"). A 16-bit model stores its
             adapters in its own dtype. fp8 is not supported yet (refused).
+        group_projections: sibling modules that read the same input (q/k/v_proj, gate/up_proj) make
+            one multi-slice LoRA launch together instead of one each (hf_groups.py; found during the
+            first forward). False: every module its own call.
     """
     return MultiLoRAModel(model, max_adapters=max_adapters, max_rank=max_rank, target_modules=target_modules,
                           backend=backend, host_budget_bytes=host_budget_bytes,
-                          device_budget_bytes=device_budget_bytes, adapter_dtype=adapter_dtype)
+                          device_budget_bytes=device_budget_bytes, adapter_dtype=adapter_dtype,
+                          group_projections=group_projections)

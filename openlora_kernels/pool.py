@@ -197,6 +197,9 @@ class LayerSlots:
         self.dora: Optional[Tuple[torch.Tensor, torch.Tensor, frozenset]] = None
         self.active: frozenset = frozenset()        # adapter slots with weights here
         self.active_mask = torch.zeros(num_slots, dtype=torch.bool, device=device)   # the same, [S] on the device
+        # called with publish()'s keep_alive list after each publish (a projection group rebinding
+        # its launch over this layer's slots: hf_groups.py); under the pool's write lock
+        self.listeners: List[Callable[[List[torch.Tensor]], None]] = []
         # Packed mode (``packed_rows``: the rows of this layer's one buffer): ``a`` [rows, K], ``bt``
         # [rows, N]; an adapter slot holds the rows [off, off + E * rank) (its experts one after
         # another), virtual slot v's offset in ``offsets`` [V] (int32). ``extents``: {slot: (off,
@@ -376,6 +379,8 @@ class LayerSlots:
             # The kernels (cpu, triton, cuda): fixed shapes (CUDA-graph friendly); they skip the
             # rank padding given the ranks.
             self.op = bound(self.a, self.bt.transpose(1, 2), self.scalings, self.ranks, backend=self.backend)
+        for listener in self.listeners:
+            listener(keep_alive)
 
 
 @dataclass(frozen=True)

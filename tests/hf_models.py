@@ -198,6 +198,15 @@ def batch_inputs(arch: str, lengths: List[int], seed: int = 0):
     return kw, torch.ones_like(dec, dtype=torch.bool)
 
 
+def warm_up_groups(lm, arch: str) -> None:
+    """One base-rows forward, in which a patched model finds its projection groups (hf_groups.py):
+    every later forward of the tests then runs grouped (q/k/v, gate/up: one launch each)."""
+    kw, _ = batch_inputs(arch, [3, 2], seed=99)
+    with torch.no_grad():
+        lm(adapter_names=[None, None], **kw)
+    assert all(g.bound.plans is not None for g, _ in lm._groups.values())
+
+
 # float32 on CPU: the delta is computed in another order than PEFT's (batched GEMMs vs one
 # nn.Linear per adapter), so results agree to float32 rounding, amplified a little by 2 layers.
 ATOL, RTOL = 2e-5, 2e-5

@@ -17,7 +17,8 @@ import torch
 import openlora_kernels as olk
 from openlora_kernels.adapters import AdapterFormatError
 
-from hf_models import ATOL, RTOL, VOCAB, batch_inputs, left_padded_batch, make_config, make_model, peft_model
+from hf_models import (ATOL, RTOL, VOCAB, batch_inputs, left_padded_batch, make_config, make_model, peft_model,
+                       warm_up_groups)
 
 DORA_TOL = 1e-5          # the bound for DoRA rows (fp32)
 
@@ -66,6 +67,7 @@ class Zoo:
         lm = olk.patch_model(copy.deepcopy(self.base), backend=backend, **{"max_adapters": 4, "max_rank": 16, **kw})
         for n in self.paths if names is None else names:
             lm.load_adapter(n, self.paths[n])
+        warm_up_groups(lm, self.arch)
         return lm
 
     def want(self, what, name, kw):

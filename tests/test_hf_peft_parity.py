@@ -3,7 +3,8 @@
 Every row of our mixed batch must equal PEFT run with that row's adapter alone, and base rows the
 unpatched model bit for bit. Left padding throughout; adapters of different ranks and targets
 (one limited to layer 1, one rsLoRA, one all-linear with rank_pattern / alpha_pattern) share the
-batch. OPT flattens [batch, seq] before fc1/fc2 (PEFT's own mixed batch raises there); GPT-2 uses
+batch. The patched models run with their projection groups (q/k/v, gate/up: one LoRA launch each,
+hf_groups.py) already found. OPT flattens [batch, seq] before fc1/fc2 (PEFT's own mixed batch raises there); GPT-2 uses
 Conv1D; Phi-3, GPT-NeoX, Falcon and BLOOM have fused qkv / gate_up projections; T5 and BART are
 encoder-decoder models (generate calls the encoder by itself); BERT is an encoder; Mixtral and
 Qwen3-MoE carry LoRA on their fused expert weights and routers (PEFT's target_parameters).
@@ -16,7 +17,7 @@ import torch
 import openlora_kernels as olk
 
 from hf_models import (ARCHS, ATOL, RTOL, batch_inputs, left_padded_batch, lora_configs, make_model, peft_model,
-                       save_adapters)
+                       save_adapters, warm_up_groups)
 
 ROW_ADAPTERS = ["attn", None, "mlp", "__base__", "mix"]
 
@@ -30,6 +31,7 @@ def setup(request, tmp_path_factory):
     lm = olk.patch_model(copy.deepcopy(base), max_adapters=4, max_rank=16)
     for n, p in paths.items():
         lm.load_adapter(n, p)
+    warm_up_groups(lm, arch)        # the tests below run with the projection groups found
     return arch, base, refs, lm
 
 
