@@ -184,13 +184,16 @@ def decode_times(base, weights, M: int, reps: int, backend: str, vocab: int) -> 
             for k, v in times.items()]
 
 
-def storage_dtype_rows() -> List[dict]:
-    # ---- LEAD: storage dtype rows go here --------------------------------------------------
-    # The storage dtypes' (adapter_dtype= bf16 / fp16 / fp8) speed and error, from the parallel
-    # adapter_dtype work: return rows of the same shape as the others (contender = the dtype,
-    # metric e.g. "decode_forward_ms" / "max_rel_error" / "resident_at_first_eviction").
-    # ----------------------------------------------------------------------------------------
-    return []
+def storage_dtype_rows(quick: bool, threads: int) -> List[dict]:
+    """The storage dtypes' (adapter_dtype= fp32 / bf16 / fp16) decode speed against the base model
+    and error against PEFT's fp32 result: benchmarks/bench_storage_dtype.py's rows (its own model,
+    the bench_hf_cpu_decode shape; fp8 is refused by every backend, so it has no row)."""
+    from benchmarks import bench_storage_dtype
+    argv = ["--threads", str(threads), "--no-write"]
+    if quick:
+        argv += ["--rows", "4", "--hidden", "64", "--intermediate", "96", "--layers", "1", "--adapters", "2",
+                 "--rank", "4", "--rounds", "5", "--vocab", "64"]
+    return bench_storage_dtype.rows(argv)
 
 
 def main(argv=None) -> int:
@@ -200,6 +203,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--no-storage", action="store_true", help="skip the storage dtypes' rows (bench_storage_dtype)")
     ap.add_argument("--out", default=OUT_DEFAULT, help=f"CSV to append rows to (default {OUT_DEFAULT}; "
                     "commit only an explicit --out benchmarks/results/pool_cpu.csv from a clean commit)")
     args = ap.parse_args(argv)
@@ -227,10 +231,12 @@ def main(argv=None) -> int:
             rows += decode_times(base, weights, M, reps, args.backend, dims.vocab)
         except AssertionError as e:
             failures.append(str(e))
-    rows += storage_dtype_rows()
     shape = f"{dims.label()},ranks=8/16/32/64/128 equal shares,max_rank={MAX_RANK},max_adapters={M}"
     for r in rows:
         r.update({"benchmark": "pool", "kernel": "adapter_pool", "shape": shape, "reps": reps, **dims_extra(dims)})
+    if not args.no_storage:
+        common.progress("storage dtypes (bench_storage_dtype)")
+        rows += storage_dtype_rows(args.quick, args.threads)
     for r in rows:
         extra = f" rank {r['rank']}" if "rank" in r else ""
         print(f"{r['contender']:>7} {r['metric']:<27}{extra:>9}: {r['median']:>9} {r['unit']}"
@@ -249,9 +255,12 @@ def main(argv=None) -> int:
         print("wrote", common.write_rows(args.out, rows, common.env_info(torch.device("cpu"))))
     dec = (val("packed", "decode_forward_ms") / val("padded", "decode_forward_ms")
            if any(r["metric"] == "decode_forward_ms" for r in rows) else float("nan"))
+    st = {r["contender"]: r for r in rows if r.get("benchmark") == "storage_dtype_cpu"}
+    storage = "".join(f", {t} storage {st['openlora_' + t]['ratio_vs_base']:.2f}x base"
+                      for t in ("fp32", "bf16", "fp16") if "openlora_" + t in st)
     return common.finish(lambda: (f"packed pool: {ratio:.2f}x the adapters resident in the same bytes ({churn:.2f}x "
                                   f"under churn), loads {load:.2f}x the padded time (mean over ranks), decode "
-                                  f"{dec:.2f}x"), failures)
+                                  f"{dec:.2f}x" + storage), failures)
 
 
 if __name__ == "__main__":
