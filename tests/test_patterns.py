@@ -138,7 +138,9 @@ def test_refused_features_name_the_pattern(pattern, why):
     for f in (compile_pattern, lambda p: peft_key_matches(p, "model.q_proj")):
         with pytest.raises(PatternError, match=re.escape(repr(pattern[:120])) + r".*" + re.escape(why)):
             f(pattern)
-    assert time.perf_counter() - t0 < 1.0
+    # refused before any blow-up: building (a{100}){200}'s automaton, or matching it, would take
+    # far longer (a generous bound, so that a loaded machine does not decide)
+    assert time.perf_counter() - t0 < 5.0
     assert issubclass(PatternError, ValueError)
 
 
