@@ -10,11 +10,11 @@ Measures on any machine, GPU or not (benchmarks/host_stub.py says exactly what i
   rank-major B; and the unbound ``add_lora(...)`` for comparison. Microseconds per call.
 * **per decode step**: a 32-layer model with all seven projections patched (q, k, v, o, gate,
   up, down; tiny widths: host time does not depend on them) plus the one ``build_batch_meta`` of
-  the step's forward. As a patched model runs them by default (projection groups,
-  hf_groups.py): per layer a 3-slice q/k/v call and a 2-slice gate/up call into a zero-filled
-  scratch, whose columns are then added to the five outputs, and the o and down calls: 128
-  BoundLoRA calls a step (``--ungrouped``: one call per projection, 224 a step, as before the
-  groups). The base layers are stood in for by one new output tensor each; each LoRA call adds
+  the step's forward. As a patched model on a GPU runs them by default: one BoundLoRA call per
+  projection, 224 a step (``--grouped``: with group_projections=True, per layer a 3-slice
+  q/k/v call and a 2-slice gate/up call into a zero-filled scratch, whose columns are then added
+  to the five outputs, and the o and down calls: 128 BoundLoRA calls a step, plus the fills and
+  adds; hf_groups.py). The base layers are stood in for by one new output tensor each; each LoRA call adds
   into the output its base layer just produced (as a patched model's hook does), and the LoRA
   host time is the step with LoRA minus the step without, measured interleaved. Also given: the
   calls and the build alone (their inputs not fresh). Milliseconds per step.
@@ -198,7 +198,9 @@ def main(argv=None) -> int:
     ap.add_argument("--label", default="after", help="the code state the rows measure (before / after)")
     ap.add_argument("--backends", default="triton,cuda")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--ungrouped", action="store_true", help="one call per projection (224 a step), no groups")
+    ap.add_argument("--grouped", action="store_true",
+                    help="q/k/v and gate/up grouped (128 calls a step, scratch fill + slice adds: patch_model's "
+                         "group_projections=True; its default on a GPU is one call per projection, 224 a step)")
     opts = ap.parse_args(argv)
     env = common.env_info(torch.device("cpu"))
     if env["commit"] == "unknown" and os.environ.get("OPENLORA_COMMIT"):
@@ -214,7 +216,7 @@ def main(argv=None) -> int:
             python_level = backend == "cuda" and not hasattr(host_stub._cuda_module(), "set_launch_stub")
             with _stub(backend, python_level):
                 calls = per_call(backend, opts.quick)
-                step = per_step(backend, opts.quick, grouped=not opts.ungrouped)
+                step = per_step(backend, opts.quick, grouped=opts.grouped)
         except host_stub.StubUnavailable as e:
             print(f"  {backend}: skipped ({e})")
             continue
@@ -232,8 +234,8 @@ def main(argv=None) -> int:
             row("add_lora", f"{backend}:{what}", "bf16 T=8 K=N=4096 S=8 R=64 pool-B", "host_us_per_call", "us",
                 cpu, wall)
         lora, with_l, base, calls_cpu, calls_wall = step
-        n_calls = LAYERS * (7 if opts.ungrouped else 4)
-        how = "" if opts.ungrouped else ", q/k/v and gate/up grouped: scratch fill + slice adds"
+        n_calls = LAYERS * (4 if opts.grouped else 7)
+        how = ", q/k/v and gate/up grouped: scratch fill + slice adds" if opts.grouped else ""
         shape = f"{LAYERS} layers x 7 projections ({n_calls} calls{how}) + build_batch_meta, T=8 S=8 R=16"
         row("decode_step", f"{backend}:bound", shape + "; LoRA = step with LoRA - step without (224 fresh "
             "base outputs), CPU time", "host_ms_lora_per_step", "ms", lora, lora)

@@ -614,9 +614,9 @@ class MultiLoRAModel:
 
     def __init__(self, model: nn.Module, *, max_adapters: int, max_rank: int, target_modules: TargetModules,
                  backend: str, host_budget_bytes: Optional[int], device_budget_bytes: Optional[int] = None,
-                 adapter_dtype: Optional[torch.dtype] = None, group_projections: bool = True):
-        if not isinstance(group_projections, bool):
-            raise TypeError(f"group_projections: expected a bool, got {type(group_projections).__name__}")
+                 adapter_dtype: Optional[torch.dtype] = None, group_projections: Union[bool, str] = "auto"):
+        if not isinstance(group_projections, bool) and group_projections != "auto":
+            raise TypeError(f"group_projections: expected a bool or \"auto\", got {group_projections!r}")
         for arg, v in (("max_adapters", max_adapters), ("max_rank", max_rank)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{arg}: expected a positive int, got {v!r}")
@@ -670,8 +670,13 @@ class MultiLoRAModel:
         self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
                        model.register_forward_hook(self._post_forward, always_call=True)]
         # Sibling linears reading the same input: one launch per group (hf_groups.py)
+        # "auto": on for layers on the CPU, off on GPUs, where the group's scratch fill and slice
+        # adds are more kernel launches than the LoRA launches they save (docs/architecture.md,
+        # "Projection groups"; benchmarks/bench_host_overhead.py --grouped)
         self.group_projections = group_projections
-        self._groups = candidate_groups(picked, self._layers) if group_projections else {}
+        grouped = [t for t in picked if group_projections is True
+                   or (group_projections == "auto" and t.weight.device.type == "cpu")]
+        self._groups = candidate_groups(grouped, self._layers) if group_projections is not False else {}
         # Encoder-decoder models: the encoder and the decoder each lay their tokens out as
         # [batch, their seq], and generate calls the encoder by itself (outside the model's forward).
         for stack in _stacks(model):
@@ -1299,7 +1304,7 @@ class MultiLoRAModel:
 def patch_model(model: nn.Module, max_adapters: int = 8, max_rank: int = 64, target_modules: TargetModules = None,
                 backend: str = "auto", *, host_budget_bytes: Optional[int] = None,
                 device_budget_bytes: Optional[int] = None, adapter_dtype: Optional[torch.dtype] = None,
-                group_projections: bool = True) -> MultiLoRAModel:
+                group_projections: Union[bool, str] = "auto") -> MultiLoRAModel:
     """Patch ``model`` in place (forward hooks; weights untouched) to serve many LoRA adapters.
 
     Args:
@@ -1324,7 +1329,9 @@ def patch_model(model: nn.Module, max_adapters: int = 8, max_rank: int = 64, tar
             adapters in its own dtype. fp8 is not supported yet (refused).
         group_projections: sibling modules that read the same input (q/k/v_proj, gate/up_proj) make
             one multi-slice LoRA launch together instead of one each (hf_groups.py; found during the
-            first forward). False: every module its own call.
+            first forward). "auto" (default): for layers on the CPU; on a GPU the group's scratch
+            fill and slice adds are more launches than it saves, until the kernels write each
+            slice to its own output. True: everywhere. False: every module its own call.
     """
     return MultiLoRAModel(model, max_adapters=max_adapters, max_rank=max_rank, target_modules=target_modules,
                           backend=backend, host_budget_bytes=host_budget_bytes,

@@ -218,6 +218,9 @@ def test_group_projections_false_and_bad_value(llama, monkeypatch):
     assert lm._groups == {}
     with pytest.raises(TypeError, match="group_projections"):
         olk.patch_model(copy.deepcopy(base), group_projections="yes")
+    # the default, "auto": grouped on the CPU (GPU layers stay ungrouped, hf_patch.py)
+    auto = olk.patch_model(copy.deepcopy(base), target_modules=["q_proj", "k_proj", "v_proj"])
+    assert auto.group_projections == "auto" and auto._groups
 
 
 # ------------------------------------------------------------- inputs that are not shared
