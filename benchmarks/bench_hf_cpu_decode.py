@@ -75,8 +75,8 @@ def build(args):
     return base, lm, peft_model, names
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def model_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The decode shape's arguments (what :func:`build` reads), shared with bench_storage_dtype."""
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--intermediate", type=int, default=688)
@@ -85,6 +85,11 @@ def main(argv=None):
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--adapters", type=int, default=16)
     ap.add_argument("--rank", type=int, default=16)
+    return ap
+
+
+def main(argv=None):
+    ap = model_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--out", default=DEFAULT_OUT,

@@ -56,15 +56,7 @@ STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", type=int, default=32)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--intermediate", type=int, default=688)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--adapters", type=int, default=16)
-    ap.add_argument("--rank", type=int, default=16)
+    ap = decode.model_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     ap.add_argument("--rounds", type=int, default=300, help="rounds of one call per contender")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave PyTorch's default)")
     ap.add_argument("--out", default=DEFAULT_OUT,
