@@ -68,7 +68,7 @@ from .adapters import (AdapterFormatError, AdapterWeights, Expectation, load_ada
                        split_key, strip_base_layer)
 from .hf_groups import ProjectionGroup, candidate_groups, finish_forward, observe, version
 from .hf_params import experts_hook, experts_params, param_hooks, router_params
-from .metadata import LoRABatchMeta, build_batch_meta
+from .metadata import TENSOR_CORE_MIN_M, LoRABatchMeta, build_batch_meta
 from .ops import cpu_ext
 from .ops.api import _FP8 as _FP8_DTYPES
 from .ops.api import STORAGE_DTYPES, check_storage, dora_rescale
@@ -495,7 +495,8 @@ def _lora_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallSt
         meta = state.meta
         if meta is None:
             return None
-        if group is not None:
+        if group is not None and not (group.decode_only and meta.block_m >= TENSOR_CORE_MIN_M):
+            # (every member of a forward sees the same metadata, so all of them decide alike)
             out = _grouped(slots, group, member, state, module, x, output)
             if out is not _UNGROUPED:
                 return out
@@ -670,13 +671,16 @@ class MultiLoRAModel:
         self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
                        model.register_forward_hook(self._post_forward, always_call=True)]
         # Sibling linears reading the same input: one launch per group (hf_groups.py)
-        # "auto": on for layers on the CPU, off on GPUs, where the group's scratch fill and slice
-        # adds are more kernel launches than the LoRA launches they save (docs/architecture.md,
-        # "Projection groups"; benchmarks/bench_host_overhead.py --grouped)
+        # "auto": CPU layers and decode-like batches only: on GPUs the group's scratch fill and
+        # slice adds are more kernel launches than the LoRA launches they save, and in a prefill
+        # batch on the CPU they cost more than the calls (docs/architecture.md, "Projection
+        # groups"; benchmarks/bench_host_overhead.py --grouped)
         self.group_projections = group_projections
         grouped = [t for t in picked if group_projections is True
                    or (group_projections == "auto" and t.weight.device.type == "cpu")]
         self._groups = candidate_groups(grouped, self._layers) if group_projections is not False else {}
+        for g, _ in self._groups.values():
+            g.decode_only = group_projections == "auto"
         # Encoder-decoder models: the encoder and the decoder each lay their tokens out as
         # [batch, their seq], and generate calls the encoder by itself (outside the model's forward).
         for stack in _stacks(model):
@@ -1329,9 +1333,10 @@ def patch_model(model: nn.Module, max_adapters: int = 8, max_rank: int = 64, tar
             adapters in its own dtype. fp8 is not supported yet (refused).
         group_projections: sibling modules that read the same input (q/k/v_proj, gate/up_proj) make
             one multi-slice LoRA launch together instead of one each (hf_groups.py; found during the
-            first forward). "auto" (default): for layers on the CPU; on a GPU the group's scratch
-            fill and slice adds are more launches than it saves, until the kernels write each
-            slice to its own output. True: everywhere. False: every module its own call.
+            first forward). "auto" (default): for layers on the CPU, in decode-like batches; on a
+            GPU the group's scratch fill and slice adds are more launches than it saves, and in a
+            prefill batch they cost more than the calls, until the kernels write each slice to
+            its own output. True: every batch, every device. False: every module its own call.
     """
     return MultiLoRAModel(model, max_adapters=max_adapters, max_rank=max_rank, target_modules=target_modules,
                           backend=backend, host_budget_bytes=host_budget_bytes,
