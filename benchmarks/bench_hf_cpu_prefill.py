@@ -38,7 +38,7 @@ import warnings
 
 import torch
 
-from benchmarks.common import RESULTS_DIR, env_info, time_cpu, write_rows
+from benchmarks.common import RESULTS_DIR, env_info, no_lora_math, time_cpu, write_rows
 
 TARGET_VS_BASE = 1.15
 
@@ -120,24 +120,9 @@ def main(argv=None):
     print(f"agreement with PEFT: max |ours - peft| = {max_diff:.3g} (backend torch: {max_diff_torch:.3g}; "
           f"the adapters change logits by up to {effect:.3g})")
 
-    layers = [ls for ls in lm.pool.layers.values() if ls.op is not None]
-
-    class NoMath:
-        def __call__(self, y, x, meta):
-            return y
-
-        def add_rows(self, y, x, rows_):
-            return True
-
     def without_math():
-        real = [ls.op for ls in layers]
-        for ls in layers:
-            ls.op = NoMath()
-        try:
+        with no_lora_math(lm):          # (benchmarks/common.py: projection groups too)
             return lm(adapter_names=rows, **kw)
-        finally:
-            for ls, op in zip(layers, real):
-                ls.op = op
 
     contenders = {
         "base": lambda: base(**kw),

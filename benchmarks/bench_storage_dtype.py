@@ -48,7 +48,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from benchmarks import bench_hf_cpu_decode as decode
-from benchmarks.common import RESULTS_DIR, env_info, progress, write_rows
+from benchmarks.common import RESULTS_DIR, env_info, no_lora_math, progress, write_rows
 
 TARGET_BF16_VS_BASE = 1.15
 DEFAULT_OUT = os.path.join(RESULTS_DIR, "storage_dtype_cpu.csv")
@@ -105,24 +105,9 @@ def rows(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                 t.sum()
         return run
 
-    layers = [ls for ls in lm32.pool.layers.values() if ls.op is not None]
-
-    class NoOp:
-        def __call__(self, y, x, meta):
-            return y
-
-        def add_rows(self, y, x, rows_):
-            return True
-
     def without_math():
-        real = [ls.op for ls in layers]
-        for ls in layers:
-            ls.op = NoOp()
-        try:
+        with no_lora_math(lm32):          # (benchmarks/common.py: projection groups too)
             return lm32(input_ids=ids, use_cache=False, adapter_names=row_names)
-        finally:
-            for ls, op in zip(layers, real):
-                ls.op = op
 
     contenders = {"base": lambda: base(input_ids=ids, use_cache=False)}
     for tag, lm in models.items():

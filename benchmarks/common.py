@@ -495,3 +495,34 @@ def finish(summary: Callable[[], str], failures: List[str]) -> int:
             print("  " + f)
         return 1
     return 0
+
+
+class _NoLoRAMath:
+    """A patched layer's op that adds nothing (its hooks, metadata and pool still run)."""
+
+    def __call__(self, y, x, meta):
+        return y
+
+    def add_rows(self, y, x, rows):
+        return True
+
+
+@contextlib.contextmanager
+def no_lora_math(lm) -> Iterator[None]:
+    """Inside: ``lm`` (a patched model) runs its hooks, metadata build and pool as usual, but every
+    layer's LoRA call is a no-op, projection groups included (they would otherwise launch over the
+    layers' slots themselves and add their scratch). The "ours without the LoRA math" rows."""
+    from openlora_kernels import hf_patch
+    layers = [ls for ls in lm.pool.layers.values() if ls.op is not None]
+    real = [ls.op for ls in layers]
+    grouped = hf_patch._grouped
+    for ls in layers:
+        ls.op = _NoLoRAMath()
+    hf_patch._grouped = lambda *a, **k: hf_patch._UNGROUPED
+    try:
+        yield
+    finally:
+        hf_patch._grouped = grouped
+        for ls, op in zip(layers, real):
+            ls.op = op
+
