@@ -93,9 +93,6 @@ class ProjectionGroup:
         self._plans: Optional[Tuple[Tuple[int, ...], ...]] = None
         self._fixed: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}   # GPU: launch -> (ranks, scalings)
         self._fresh = False
-        # group_projections="auto": decode-like batches only (hf_patch.py; prefill's scratch fill
-        # and slice adds of every row cost more than the launches they save)
-        self.decode_only = False
         self.bound = GroupBinding()
         for m in self.members:
             m.listeners.append(self._on_publish)

@@ -14,8 +14,9 @@ How the model is patched
   (``lm_head``), i.e. PEFT's "all-linear", plus the MoE parameters PEFT's "all-linear" adapts and
   the input embedding; an adapter with weights for a module that is not patched is refused with a
   message naming it.
-* Each patched module gets a forward hook (the module itself, its weights and the model's
-  state_dict are untouched): ``y = base(x)`` as before, then
+* Each patched module's forward is wrapped (:class:`_ForwardWrap`: an instance attribute, no
+  nn.Module hook, whose slow call path costs more than the LoRA call on a CPU decode step; the
+  module's class, its weights and the model's state_dict are untouched): ``y = base(x)`` as before, then
   ``add_lora(y.view(-1, N), x.reshape(-1, K), A_slots, B_slots, meta, scalings, ranks)`` through
   a :class:`~openlora_kernels.ops.api.BoundLoRA` (the slot weights are checked once per change
   of the pool, not in every call).
@@ -68,7 +69,7 @@ from .adapters import (AdapterFormatError, AdapterWeights, Expectation, load_ada
                        split_key, strip_base_layer)
 from .hf_groups import ProjectionGroup, candidate_groups, finish_forward, observe, version
 from .hf_params import experts_hook, experts_params, param_hooks, router_params
-from .metadata import TENSOR_CORE_MIN_M, LoRABatchMeta, build_batch_meta
+from .metadata import LoRABatchMeta, build_batch_meta
 from .ops import cpu_ext
 from .ops.api import _FP8 as _FP8_DTYPES
 from .ops.api import STORAGE_DTYPES, check_storage, dora_rescale
@@ -495,8 +496,7 @@ def _lora_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallSt
         meta = state.meta
         if meta is None:
             return None
-        if group is not None and not (group.decode_only and meta.block_m >= TENSOR_CORE_MIN_M):
-            # (every member of a forward sees the same metadata, so all of them decide alike)
+        if group is not None:
             out = _grouped(slots, group, member, state, module, x, output)
             if out is not _UNGROUPED:
                 return out
@@ -534,6 +534,41 @@ def _lora_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallSt
         return y
 
     return hook
+
+
+class _ForwardWrap:
+    """A patched module's LoRA, run inside its forward: ``out = forward(*args, **kwargs)``, then
+    ``hook(module, args, kwargs, out)`` (its result, if not None, replaces ``out``), as a forward
+    hook would, but without nn.Module's hook machinery: a module with any hook takes the slow
+    call path, about 10 us a call on a CPU (0.03x of bench_hf_cpu_decode's decode step for its
+    28 patched linears). The wrapper is an instance attribute ``forward`` over the module's own
+    (class or instance) forward; other hooks of the module see the output with the LoRA added.
+    ``remove()`` restores the forward it found, or, when something wrapped the module's forward
+    again after us (accelerate's hooks do), leaves that in place and makes ours a pass-through."""
+
+    def __init__(self, module: nn.Module, hook):
+        self.module, self.active = module, True
+        self.saved = module.__dict__.get("forward", _ForwardWrap)   # (a sentinel: nothing was set)
+        inner = module.forward
+
+        def forward(*args, **kwargs):
+            out = inner(*args, **kwargs)
+            if not self.active:
+                return out
+            r = hook(module, args, kwargs, out)
+            return out if r is None else r
+
+        self.wrapper = forward
+        module.forward = forward
+
+    def remove(self) -> None:
+        self.active = False
+        m = self.module
+        if m.__dict__.get("forward") is self.wrapper:
+            if self.saved is _ForwardWrap:
+                del m.forward
+            else:
+                m.forward = self.saved
 
 
 def _embedding_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallState]]"):
@@ -670,17 +705,14 @@ class MultiLoRAModel:
         self._fixed: Dict[int, str] = {}
         self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
                        model.register_forward_hook(self._post_forward, always_call=True)]
-        # Sibling linears reading the same input: one launch per group (hf_groups.py)
-        # "auto": CPU layers and decode-like batches only: on GPUs the group's scratch fill and
-        # slice adds are more kernel launches than the LoRA launches they save, and in a prefill
-        # batch on the CPU they cost more than the calls (docs/architecture.md, "Projection
-        # groups"; benchmarks/bench_host_overhead.py --grouped)
+        # Sibling linears reading the same input: one launch per group (hf_groups.py), with
+        # group_projections=True. "auto" (the default) groups nothing for now: measured, the
+        # group's scratch fill and slice adds cost more than the calls they save on every path so
+        # far (a CPU decode step: bench_storage_dtype's openlora_bf16_grouped row; a CPU prefill;
+        # the GPU host path, bench_host_overhead --grouped), until the kernels write each slice
+        # into its own output (docs/architecture.md, "Projection groups").
         self.group_projections = group_projections
-        grouped = [t for t in picked if group_projections is True
-                   or (group_projections == "auto" and t.weight.device.type == "cpu")]
-        self._groups = candidate_groups(grouped, self._layers) if group_projections is not False else {}
-        for g, _ in self._groups.values():
-            g.decode_only = group_projections == "auto"
+        self._groups = candidate_groups(picked, self._layers) if group_projections is True else {}
         # Encoder-decoder models: the encoder and the decoder each lay their tokens out as
         # [batch, their seq], and generate calls the encoder by itself (outside the model's forward).
         for stack in _stacks(model):
@@ -698,7 +730,7 @@ class MultiLoRAModel:
             else:
                 hook = _embedding_hook(ls, self._call) if t.kind == "embedding" else \
                     _lora_hook(ls, self._call, self._groups.get(t.name))
-                self._hooks.append(t.module.register_forward_hook(hook, with_kwargs=True))
+                self._hooks.append(_ForwardWrap(t.module, hook))
         for mod, params in experts.values():
             self._hooks.append(mod.register_forward_hook(experts_hook(params, self._call, num_slots),
                                                          with_kwargs=True))
@@ -1333,9 +1365,9 @@ def patch_model(model: nn.Module, max_adapters: int = 8, max_rank: int = 64, tar
             adapters in its own dtype. fp8 is not supported yet (refused).
         group_projections: sibling modules that read the same input (q/k/v_proj, gate/up_proj) make
             one multi-slice LoRA launch together instead of one each (hf_groups.py; found during the
-            first forward). "auto" (default): for layers on the CPU, in decode-like batches; on a
-            GPU the group's scratch fill and slice adds are more launches than it saves, and in a
-            prefill batch they cost more than the calls, until the kernels write each slice to
+            first forward). "auto" (default): no grouping for now; measured, the group's scratch
+            fill and slice adds cost more than the calls they save (a CPU decode step, a CPU
+            prefill, the GPU host path) until the kernels write each slice to
             its own output. True: every batch, every device. False: every module its own call.
     """
     return MultiLoRAModel(model, max_adapters=max_adapters, max_rank=max_rank, target_modules=target_modules,

@@ -28,10 +28,12 @@ def setup(request, tmp_path_factory):
     base = make_model(arch)
     paths = save_adapters(base, lora_configs(arch), str(tmp_path_factory.mktemp(arch)))
     refs = {n: peft_model(base, p) for n, p in paths.items()}
-    lm = olk.patch_model(copy.deepcopy(base), max_adapters=4, max_rank=16)
+    # group_projections=True (the default, "auto", groups nothing): the tests below run with the
+    # projection groups found; test_hf_coverage.py runs the default, ungrouped
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=4, max_rank=16, group_projections=True)
     for n, p in paths.items():
         lm.load_adapter(n, p)
-    warm_up_groups(lm, arch)        # the tests below run with the projection groups found
+    warm_up_groups(lm, arch)
     return arch, base, refs, lm
 
 

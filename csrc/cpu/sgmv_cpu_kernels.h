@@ -61,10 +61,23 @@ static inline VF f16_bits_to_f32(VU w) {   // to_f32(f16) on every lane, the sam
   std::memcpy(&f, &o, sizeof(f));
   return f;
 }
+#if OLK_F16C
+// x86-64-v3 and up have F16C: vcvtph2ps widens eight halves exactly (the same values as to_f32)
+static inline vfw loadw(const f16* p) {
+  if (kVecBytes == 32) {
+    const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    vfw f; std::memcpy(&f, &v, 32);
+    return f;
+  }
+  vhw h; std::memcpy(&h, p, sizeof(h));
+  return f16_bits_to_f32<vuw, vfw>(__builtin_convertvector(h, vuw));
+}
+#else
 static inline vfw loadw(const f16* p) {
   vhw h; std::memcpy(&h, p, sizeof(h));
   return f16_bits_to_f32<vuw, vfw>(__builtin_convertvector(h, vuw));
 }
+#endif
 #else
 constexpr int kW = 4;
 #endif
@@ -81,8 +94,14 @@ static inline vf8 load8(const bf16* p) {
   return as_f(__builtin_convertvector(h, vu8) << 16);
 }
 static inline vf8 load8(const f16* p) {
+#if OLK_F16C
+  const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  vf8 f; std::memcpy(&f, &v, 32);
+  return f;
+#else
   vh8 h; std::memcpy(&h, p, 16);
   return f16_bits_to_f32<vu8, vf8>(__builtin_convertvector(h, vu8));
+#endif
 }
 
 // Transposes the 8 x 8 block r[c][l] into o[l][c] (24 shuffles).
@@ -106,6 +125,37 @@ static inline void transpose8(const vf8 r[8], vf8 o[8]) {
     o[i + 4] = __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
+template <typename A, typename B> struct same_type { static constexpr bool value = false; };
+template <typename A> struct same_type<A, A> { static constexpr bool value = true; };
+
+// [sum of a[0]'s lanes, ..., sum of a[7]'s lanes]: pairwise (horizontal-add) sums within the
+// 128-bit halves, then the two halves added (21 operations, a transpose and adds would be 31).
+static inline vf8 hadd8(vf8 a, vf8 b) {
+  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+}
+static inline vf8 lane_sums8(const vf8 a[8]) {
+  const vf8 u0 = hadd8(hadd8(a[0], a[1]), hadd8(a[2], a[3]));
+  const vf8 u1 = hadd8(hadd8(a[4], a[5]), hadd8(a[6], a[7]));
+  return __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+
+// (Pair16: see "decode: weights read in 16-element pairs" below)
+template <typename TW> struct Pair16 {
+  static constexpr bool kEvenOdd = false;
+  static inline void load(const TW* p, vf8& lo, vf8& hi) { lo = load8(p); hi = load8(p + 8); }
+};
+template <> struct Pair16<bf16> {
+  static constexpr bool kEvenOdd = true;
+  static inline void load(const bf16* p, vf8& lo, vf8& hi) {
+    vu8 u;
+    std::memcpy(&u, p, 32);
+    lo = as_f(u << 16);
+    hi = as_f(u & 0xffff0000u);
+  }
+};
+
 #endif
 
 // ------------------------------------------------------------------------------ prefetch
@@ -394,6 +444,58 @@ static void expand_tail(const TW* w, int64_t w_sr, int rank, const float* h, int
   update_y<TY, MB, kW>(yr, col, sy_n, nc, scale, acc);
 }
 
+#if defined(OLK_VEC)
+// expand_chunk for bf16 weights, NC = 16 * V columns: each rank row of w loaded as V pairs (even
+// and odd columns), accumulated as such, the accumulators re-interleaved into column order once
+// per chunk. Per column the same products in the same order as expand_chunk's: the same bits.
+template <typename TY, int MB, int V>
+static inline void expand_chunk_pairs(const bf16* w, int64_t w_sr, int rank, const float* h, int64_t hs,
+                                      TY* const* yr, int64_t col, int64_t sy_n, float scale, Prefetcher& pf) {
+  vf8 ae[MB][V], ao[MB][V];
+  OLK_UNROLL
+  for (int m = 0; m < MB; ++m)
+    OLK_UNROLL
+    for (int v = 0; v < V; ++v) ae[m][v] = ao[m][v] = vf8{};
+  for (int j = 0; j < rank; ++j) {
+    const bf16* wrow = w + j * w_sr;
+    vf8 be[V], bo[V];
+    OLK_UNROLL
+    for (int v = 0; v < V; ++v) Pair16<bf16>::load(wrow + 16 * v, be[v], bo[v]);
+    OLK_UNROLL
+    for (int m = 0; m < MB; ++m) {
+      const float c = h[m * hs + j];
+      OLK_UNROLL
+      for (int v = 0; v < V; ++v) {
+        ae[m][v] += c * be[v];
+        ao[m][v] += c * bo[v];
+      }
+    }
+    pf.step(lines_of<bf16>(16 * V));
+  }
+  float out[MB][16 * V];
+  OLK_UNROLL
+  for (int m = 0; m < MB; ++m) {
+    OLK_UNROLL
+    for (int v = 0; v < V; ++v) {
+      const vf8 lo = __builtin_shufflevector(ae[m][v], ao[m][v], 0, 8, 1, 9, 2, 10, 3, 11);
+      const vf8 hi = __builtin_shufflevector(ae[m][v], ao[m][v], 4, 12, 5, 13, 6, 14, 7, 15);
+      if (sizeof(TY) == 4 && sy_n == 1) {      // fp32 y: updated in vector registers
+        float* y = reinterpret_cast<float*>(yr[m] + col) + 16 * v;
+        vf8 y0 = load8(y), y1 = load8(y + 8);
+        y0 += scale * lo;
+        y1 += scale * hi;
+        std::memcpy(y, &y0, 32);
+        std::memcpy(y + 8, &y1, 32);
+      } else {
+        std::memcpy(&out[m][16 * v], &lo, 32);
+        std::memcpy(&out[m][16 * v + 8], &hi, 32);
+      }
+    }
+  }
+  if (!(sizeof(TY) == 4 && sy_n == 1)) update_y<TY, MB, 16 * V>(yr, col, sy_n, 16 * V, scale, out);
+}
+#endif
+
 // Columns [0, width) of the block's y rows from rank-major weights w (row j at w + j * w_sr):
 // chunks whose accumulators fill half of the vector registers (kAccVecs), then of one vector,
 // then a tail.
@@ -402,6 +504,14 @@ static void expand_block(const TW* w, int64_t w_sr, int rank, const float* h, in
                          int64_t col, int64_t sy_n, int64_t width, float scale, Prefetcher& pf) {
   constexpr int NC = (kAccVecs / MB) * kW;
   int64_t n0 = 0;
+#if defined(OLK_VEC)
+  if (same_type<TW, bf16>::value && kW == 8) {    // (the pair chunks' accumulators: as many as NC's)
+    constexpr int V = kAccVecs / MB / 2 > 0 ? kAccVecs / MB / 2 : 1;
+    const bf16* wb = reinterpret_cast<const bf16*>(w);
+    for (; n0 + 16 * V <= width; n0 += 16 * V)
+      expand_chunk_pairs<TY, MB, V>(wb + n0, w_sr, rank, h, hs, yr, col + n0, sy_n, scale, pf);
+  }
+#endif
   for (; n0 + NC <= width; n0 += NC)
     expand_chunk<TY, TW, MB, NC>(w + n0, w_sr, rank, h, hs, yr, col + n0, sy_n, scale, pf);
   if (NC > kW)
@@ -429,21 +539,6 @@ static void expand_rows(const TW* w, int64_t w_sr, int rank, const float* h, int
 }
 
 #if defined(OLK_VEC)
-template <typename A, typename B> struct same_type { static constexpr bool value = false; };
-template <typename A> struct same_type<A, A> { static constexpr bool value = true; };
-
-// [sum of a[0]'s lanes, ..., sum of a[7]'s lanes]: pairwise (horizontal-add) sums within the
-// 128-bit halves, then the two halves added (21 operations, a transpose and adds would be 31).
-static inline vf8 hadd8(vf8 a, vf8 b) {
-  return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) + __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
-}
-static inline vf8 lane_sums8(const vf8 a[8]) {
-  const vf8 u0 = hadd8(hadd8(a[0], a[1]), hadd8(a[2], a[3]));
-  const vf8 u1 = hadd8(hadd8(a[4], a[5]), hadd8(a[6], a[7]));
-  return __builtin_shufflevector(u0, u1, 0, 1, 2, 3, 8, 9, 10, 11) +
-         __builtin_shufflevector(u0, u1, 4, 5, 6, 7, 12, 13, 14, 15);
-}
-
 // sum_j w_c[j] * h[j] for the eight columns w_c = w + c * w_sn (j < rank): each column's products
 // accumulated along the rank in a vector, then the eight vectors summed across their lanes. bf16 weights: sixteen ranks per load, the even and odd ones as two fp32
 // vectors (a shift and a mask, no widening), h split the same way (he / ho: its even and odd
@@ -525,6 +620,115 @@ static void expand_dot_rows(const TW* w, int64_t w_sn, int rank, const float* h,
 }
 #endif
 
+#if defined(OLK_VEC)
+// ------------------------------------------------------- decode: weights read in 16-element pairs
+// A decode unit (fewer than kPanelRows rows) reads every weight element once for a handful of
+// FMAs, so converting the weights costs as much as the arithmetic. Pair16 loads 16 elements as
+// two fp32 vectors (lo, hi): bf16 without any widening (the 32-bit lanes of the 16 elements,
+// shifted left by 16 and masked: the even and the odd elements), fp32 / fp16 as elements 0-7 and
+// 8-15 (fp16 through F16C where the ISA has it). The fp32 rows the weights meet (x in the shrink,
+// y in the expand) are arranged in the same order: x's rows once per block (pair_rows), y's
+// columns re-interleaved once per output chunk.
+// xs[m * K + ...] = the block's x rows as fp32, each whole 16-element block of K in TW's pair
+// order (then the K % 16 tail in order). Returns the rows to read: xs's, or x's own when they are
+// already fp32 in that order.
+template <typename TX, typename TW>
+static inline void pair_rows(const TX* const* xr, int mb, int64_t K, float* xs, const float** xf) {
+  const int64_t kb = K / 16 * 16;
+  for (int m = 0; m < mb; ++m) {
+    if (same_type<TX, float>::value && !Pair16<TW>::kEvenOdd) {
+      xf[m] = reinterpret_cast<const float*>(xr[m]);
+      continue;
+    }
+    const TX* src = xr[m];
+    float* dst = xs + m * K;
+    for (int64_t k = 0; k < kb; k += 16) {
+      const vf8 a = load8(src + k), b = load8(src + k + 8);
+      const vf8 lo = Pair16<TW>::kEvenOdd ? __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14) : a;
+      const vf8 hi = Pair16<TW>::kEvenOdd ? __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15) : b;
+      std::memcpy(dst + k, &lo, 32);
+      std::memcpy(dst + k + 8, &hi, 32);
+    }
+    for (int64_t k = kb; k < K; ++k) dst[k] = to_f32(src[k]);
+    xf[m] = dst;
+  }
+}
+
+// out[m * JB + j] = x_m . a_j (MB * JB <= 8 sums): one vector accumulator per sum over the whole
+// 16-element blocks, the eight summed across their lanes at once (lane_sums8), then the tail.
+template <typename TW, int MB, int JB>
+static inline void dot_pairs(const float* const* xf, const TW* a, int64_t a_sr, int64_t K, float* out) {
+  static_assert(MB * JB <= 8, "eight accumulators");
+  vf8 acc[8];
+  OLK_UNROLL
+  for (int i = 0; i < 8; ++i) acc[i] = vf8{};
+  const int64_t kb = K / 16 * 16;
+  for (int64_t k = 0; k < kb; k += 16) {
+    vf8 xl[MB], xh[MB];
+    OLK_UNROLL
+    for (int m = 0; m < MB; ++m) { xl[m] = load8(xf[m] + k); xh[m] = load8(xf[m] + k + 8); }
+    OLK_UNROLL
+    for (int j = 0; j < JB; ++j) {
+      vf8 lo, hi;
+      Pair16<TW>::load(a + j * a_sr + k, lo, hi);
+      OLK_UNROLL
+      for (int m = 0; m < MB; ++m) {
+        acc[m * JB + j] += xl[m] * lo;
+        acc[m * JB + j] += xh[m] * hi;
+      }
+    }
+  }
+  const vf8 sums = lane_sums8(acc);
+  float t[8];
+  std::memcpy(t, &sums, 32);
+  if (kb < K) {
+    OLK_UNROLL
+    for (int m = 0; m < MB; ++m)
+      OLK_UNROLL
+      for (int j = 0; j < JB; ++j)
+        for (int64_t k = kb; k < K; ++k) t[m * JB + j] += xf[m][k] * to_f32(a[j * a_sr + k]);
+  }
+  OLK_UNROLL
+  for (int i = 0; i < MB * JB; ++i) out[i] = t[i];
+}
+
+// h[m * hs + j] = x_m . a_j for j < rank, the MB (at most 4) fp32 rows xf in pair order.
+template <typename TW, int MB>
+static void shrink_pairs(const float* const* xf, const TW* a, int64_t a_sr, int64_t K, int rank, float* h,
+                         int64_t hs, Prefetcher& pf) {
+  constexpr int JB = 8 / (MB == 3 ? 4 : MB);
+  float out[8];
+  const int64_t step = lines_of<TW>(K);
+  int j = 0;
+  for (; j + JB <= rank; j += JB) {
+    dot_pairs<TW, MB, JB>(xf, a + j * a_sr, a_sr, K, out);
+    OLK_UNROLL
+    for (int m = 0; m < MB; ++m)
+      OLK_UNROLL
+      for (int jj = 0; jj < JB; ++jj) h[m * hs + j + jj] = out[m * JB + jj];
+    pf.step(JB * step);
+  }
+  for (; j < rank; ++j) {
+    dot_pairs<TW, MB, 1>(xf, a + j * a_sr, a_sr, K, out);
+    OLK_UNROLL
+    for (int m = 0; m < MB; ++m) h[m * hs + j] = out[m];
+    pf.step(step);
+  }
+}
+
+template <typename TW>
+static void shrink_pair_rows(const float* const* xf, int n, const TW* a, int64_t a_sr, int64_t K, int rank,
+                             float* h, int64_t hs, Prefetcher& pf) {
+  switch (n) {
+    case 4: shrink_pairs<TW, 4>(xf, a, a_sr, K, rank, h, hs, pf); break;
+    case 3: shrink_pairs<TW, 3>(xf, a, a_sr, K, rank, h, hs, pf); break;
+    case 2: shrink_pairs<TW, 2>(xf, a, a_sr, K, rank, h, hs, pf); break;
+    default: shrink_pairs<TW, 1>(xf, a, a_sr, K, rank, h, hs, pf); break;
+  }
+}
+
+#endif
+
 // --------------------------------------------------------------------------------- a unit
 
 static inline float load_h(const Args& p, int64_t off) {
@@ -560,7 +764,13 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
       for (int m0 = 0; m0 < n; m0 += kBlockRows) {
         const int mb = static_cast<int>(imin(kBlockRows, n - m0));
         for (int m = 0; m < mb; ++m) xr[m] = x + s.rows[m0 + m] * p.sx_t;
+#if defined(OLK_VEC)
+        const float* xf[kBlockRows];
+        pair_rows<T, TW>(xr, mb, p.K, s.xrows, xf);
+        shrink_pair_rows<TW>(xf, mb, a_slot, p.a_sr[i], p.K, rank, h + m0 * hs, hs, pf);
+#else
         shrink_rows<T, TW>(xr, mb, a_slot, p.a_sr[i], p.K, rank, h + m0 * hs, hs, pf);
+#endif
       }
     } else {
       // Many rows, or A / x strided along K: A^T as an fp32 [K, rp] panel (8 x 8 register
