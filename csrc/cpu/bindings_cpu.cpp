@@ -135,11 +135,12 @@ struct Split {
   std::atomic<bool> oom{false};
 };
 
-// One thread's part: its scratch (kept across calls), then units claimed one at a time, in
-// memory order, from the shared counter: a thread that is slowed down (a busy or preempted
-// core) just claims fewer, nobody waits for a fixed share. While a unit computes, its thread
-// prefetches the unit `threads` claims ahead (usually its own next one; otherwise it still
-// lands in the shared L3). A thread that cannot get its scratch claims nothing.
+// One thread's part: its scratch (kept across calls), then runs of consecutive units claimed in
+// memory order from the shared counter (run_claimed: each run half the thread's share of what is
+// left, the last ones single units): a thread that is slowed down (a busy or preempted core) just
+// claims fewer, nobody waits for a fixed share. While a unit computes, its thread prefetches its
+// next one (the next of its run, else where its next claim will probably start; otherwise it
+// still lands in the shared L3). A thread that cannot get its scratch claims nothing.
 void split_worker(void* data) {
   Split& s = *static_cast<Split*>(data);
   static thread_local std::vector<int64_t> rows;

@@ -17,7 +17,7 @@
 //
 // Design of one call. The batch metadata groups rows by adapter slot (seg_info [2, S]: start,
 // length of each slot's rows inside sorted_tokens). A call is cut into units (slice, slot, a
-// run of at most kUnitRows of its rows); the threads claim units one at a time. A unit first
+// run of at most kUnitRows of its rows); the threads claim runs of consecutive units (guided: half a thread's share of what is left, down to one). A unit first
 // computes h = x A^T for its rows (blocks of up to 4 rows: each A row is read once per block
 // and dotted with the block's x rows in one SIMD pass), then the expand y += scale * h B^T:
 //   * B rank-major ([S, R, N] storage seen as an [S, N, R] view, what the adapter pool keeps):
@@ -190,7 +190,7 @@ inline Scratch scratch_at(const Args& p, int64_t* rows, float* f) {
 }
 
 // The kernels of one instruction set and dtype: claim units from `next` until none is left.
-// `stride`: how many threads claim in turn (each prefetches the unit `stride` claims ahead).
+// `stride`: how many threads claim in turn (run_claimed sizes the runs by it).
 using RunFn = void (*)(const Args& p, const Unit* units, int64_t n, int64_t* next, int64_t stride, const Scratch& s);
 using dtype_f16 = f16;
 using dtype_bf16 = bf16;

@@ -839,11 +839,25 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
 
 template <typename T, typename TW>
 static void run_claimed(const Args& p, const Unit* units, int64_t n, int64_t* next, int64_t stride, const Scratch& s) {
+  // Guided claims: a thread takes a run of consecutive units, half of its share of what is left
+  // (at least one), so each thread streams through adjacent slots' weights (the hardware
+  // prefetchers follow) and the last claims are single units (the threads finish together);
+  // 2-6% faster than one unit per claim on bench_hf_cpu_decode's 28 calls, cold and warm. The
+  // software prefetch walks the thread's next unit: the next of its run, else where the next
+  // claim will probably start.
   Prefetcher pf;
-  for (int64_t k = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); k < n;
-       k = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED)) {
-    pf.finish();
-    pf.reset<TW>(p, k + stride < n ? &units[k + stride] : nullptr);
-    run_unit<T, TW>(p, units[k], s, pf);
+  int64_t k0 = __atomic_load_n(next, __ATOMIC_RELAXED);
+  while (k0 < n) {
+    int64_t c = imax(1, (n - k0) / (2 * stride));
+    if (stride == 1) c = n - k0;     // (one thread: the whole call in one run)
+    if (!__atomic_compare_exchange_n(next, &k0, k0 + c, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) continue;
+    const int64_t k1 = imin(n, k0 + c);
+    for (int64_t k = k0; k < k1; ++k) {
+      pf.finish();
+      const int64_t g = k + 1 < k1 ? k + 1 : __atomic_load_n(next, __ATOMIC_RELAXED);
+      pf.reset<TW>(p, g < n ? &units[g] : nullptr);
+      run_unit<T, TW>(p, units[k], s, pf);
+    }
+    k0 = __atomic_load_n(next, __ATOMIC_RELAXED);
   }
 }

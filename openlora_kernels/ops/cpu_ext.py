@@ -61,8 +61,9 @@ def unavailable_reason() -> Optional[str]:
 def set_threading(min_elements: Optional[int] = None, max_threads: Optional[int] = None) -> None:
     """How one native call is split over threads (process-wide; ``None`` keeps a setting).
 
-    A call's active (slice, slot) units are claimed one at a time, in memory order, by the threads
-    of PyTorch's own intra-op OpenMP team (found in the process at load time; the
+    A call's active (slice, slot) units are claimed in runs of consecutive units (each half a
+    thread's share of what is left, down to one), in memory order, by the threads of PyTorch's
+    own intra-op OpenMP team (found in the process at load time; the
     extension links no OpenMP runtime of its own, so no second thread pool competes for the
     cores). ``min_elements``: a call reading fewer weight elements runs on the calling thread
     (default 49152, 192 KiB of fp32: below that a parallel region costs more than it saves).

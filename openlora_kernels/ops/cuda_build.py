@@ -74,7 +74,10 @@ def source_dir() -> Optional[Path]:
 
 
 def source_files(src: Path) -> List[Path]:
-    return sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES)
+    """The CUDA binding's sources under csrc/ (csrc/cpu/, the native CPU backend's, is not compiled
+    into it: a change there does not make the binding stale)."""
+    return sorted(p for p in src.rglob("*") if p.is_file() and p.suffix in SOURCE_SUFFIXES
+                  and p.relative_to(src).parts[0] != "cpu")
 
 
 def source_hash(src: Path) -> str:
