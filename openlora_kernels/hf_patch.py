@@ -22,7 +22,7 @@ How the model is patched
   of the pool, not in every call).
   Fused projections (Phi-3 ``qkv_proj``/``gate_up_proj``, GPT-NeoX ``query_key_value``) are one
   module with one lora_A/lora_B in PEFT's format, so they are a single-slice call like any other.
-  Decode-like batches on the native CPU backend take a shorter road: the pre-forward hook also
+  Decode-like batches on the native CPU backend take a shorter road: the model's pre-forward step also
   resolves the metadata's pointers once (``cpu_ext.row_args``) and each hook hands its contiguous
   input and output straight to :meth:`~openlora_kernels.ops.api.BoundLoRA.add_rows` (a few
   attribute checks and one C++ call; anything it does not serve falls back to the path above).
@@ -30,7 +30,7 @@ How the model is patched
   same input tensor (q/k/v_proj, gate/up_proj; found during the first forward, confirmed on every
   call) make ONE multi-slice call: the first member's hook launches for all of them into a
   per-call scratch and adds its columns, the others add theirs (a Llama layer: 4 launches, not 7).
-* The batch metadata is built ONCE per forward, by a pre-forward hook on the top model, from the
+* The batch metadata is built ONCE per forward, by the top model's forward wrapper (before its own forward), from the
   per-row adapter slots and the input's [batch, seq] shape: one slot per TOKEN, in row-major
   order (and reused by later forwards with the same slots and shape: every decode step of a
   generate call, a server repeating a batch layout). Every layer receives its input flattened to [tokens, K], so models that flatten
@@ -543,21 +543,36 @@ class _ForwardWrap:
     call path, about 10 us a call on a CPU (0.03x of bench_hf_cpu_decode's decode step for its
     28 patched linears). The wrapper is an instance attribute ``forward`` over the module's own
     (class or instance) forward; other hooks of the module see the output with the LoRA added.
-    ``remove()`` restores the forward it found, or, when something wrapped the module's forward
-    again after us (accelerate's hooks do), leaves that in place and makes ours a pass-through."""
+    The top model gets one too (``pre=`` / ``post=``: the batch metadata before its forward, the
+    per-call state cleared after it, also when it raises). ``remove()`` restores the forward it
+    found, or, when something wrapped the module's forward again after us (accelerate's hooks
+    do), leaves that in place and makes ours a pass-through."""
 
-    def __init__(self, module: nn.Module, hook):
+    def __init__(self, module: nn.Module, hook=None, *, pre=None, post=None):
         self.module, self.active = module, True
         self.saved = module.__dict__.get("forward", _ForwardWrap)   # (a sentinel: nothing was set)
         inner = module.forward
 
-        def forward(*args, **kwargs):
-            out = inner(*args, **kwargs)
-            if not self.active:
-                return out
-            r = hook(module, args, kwargs, out)
-            return out if r is None else r
+        if pre is None:
+            def forward(*args, **kwargs):
+                out = inner(*args, **kwargs)
+                if not self.active:
+                    return out
+                r = hook(module, args, kwargs, out)
+                return out if r is None else r
+        else:
+            # the top model's: pre(module, args, kwargs) before, post(module, args) after, also
+            # when the forward (or pre) raises, as an always_call forward hook would
+            def forward(*args, **kwargs):
+                if not self.active:
+                    return inner(*args, **kwargs)
+                try:
+                    pre(module, args, kwargs)
+                    return inner(*args, **kwargs)
+                finally:
+                    post(module, args)
 
+        functools.update_wrapper(forward, inner)     # (its signature: generate() inspects it)
         self.wrapper = forward
         module.forward = forward
 
@@ -703,8 +718,7 @@ class MultiLoRAModel:
         self._call: "contextvars.ContextVar[Optional[_CallState]]" = contextvars.ContextVar(
             f"openlora_call_{id(self):x}", default=None)
         self._fixed: Dict[int, str] = {}
-        self._hooks = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
-                       model.register_forward_hook(self._post_forward, always_call=True)]
+        self._hooks = [_ForwardWrap(model, pre=self._pre_forward, post=self._post_forward)]
         # Sibling linears reading the same input: one launch per group (hf_groups.py), with
         # group_projections=True. "auto" (the default) groups nothing for now: measured, the
         # group's scratch fill and slice adds cost more than the calls they save on every path so
@@ -737,9 +751,9 @@ class MultiLoRAModel:
         # Gradient checkpointing replays a layer's forward during the backward, outside the call:
         # the checkpoint function of every layer that has one is wrapped so the replay sees the batch
         # it first ran with (training.py).
-        for mod in model.modules():
-            if hasattr(mod, "gradient_checkpointing"):
-                self._hooks.append(mod.register_forward_pre_hook(self._wrap_checkpointing))
+        # (Checked by the model's pre-forward step, once per forward: a pre-hook on every decoder
+        # layer would put each on nn.Module's slow call path, 0.009x of a CPU decode step.)
+        self._checkpointing = [mod for mod in model.modules() if hasattr(mod, "gradient_checkpointing")]
         self._trainable: Dict[str, TrainableAdapter] = {}
         self._conv1d = any(t.param is None and linear_dims(t.module) is not None and not isinstance(t.module, nn.Linear)
                            for t in picked)
@@ -1177,9 +1191,10 @@ class MultiLoRAModel:
                 params += [a, b]
         return {layer: (tuple(o), tuple(p)) for layer, (o, p) in out.items()}
 
-    def _wrap_checkpointing(self, module, args):
-        """(pre-forward hook of layers that can checkpoint) Wrap their checkpoint function once so
-        that the replay during the backward runs with the batch state of the first run."""
+    def _wrap_checkpointing(self, module) -> None:
+        """(by the model's pre-forward step, for each layer that can checkpoint) Wrap its checkpoint
+        function once, so that the replay during the backward runs with the batch state of the
+        first run (gradient_checkpointing_enable() may set it between any two forwards)."""
         fn = module.__dict__.get("_gradient_checkpointing_func")
         if fn is None or getattr(fn, "_openlora_call", None) is self._call:
             return None
@@ -1214,13 +1229,15 @@ class MultiLoRAModel:
             state.exit_stack()
         return None
 
-    def _post_forward(self, module, args, output):
+    def _post_forward(self, module, args):
         state = self._call.get()
         if state is not None:
             finish_forward(state)
-        return None
 
     def _pre_forward(self, module, args, kwargs):
+        for mod in self._checkpointing:
+            if "_gradient_checkpointing_func" in mod.__dict__:
+                self._wrap_checkpointing(mod)
         state = self._call.get()
         if state is not None:
             state.begin_forward(args, kwargs, self._meta_cache)
@@ -1341,7 +1358,7 @@ def patch_model(model: nn.Module, max_adapters: int = 8, max_rank: int = 64, tar
                 backend: str = "auto", *, host_budget_bytes: Optional[int] = None,
                 device_budget_bytes: Optional[int] = None, adapter_dtype: Optional[torch.dtype] = None,
                 group_projections: Union[bool, str] = "auto") -> MultiLoRAModel:
-    """Patch ``model`` in place (forward hooks; weights untouched) to serve many LoRA adapters.
+    """Patch ``model`` in place (forward wrappers; weights untouched) to serve many LoRA adapters.
 
     Args:
         model: a Hugging Face ``PreTrainedModel`` (or any nn.Module with Linear / Conv1D layers).
