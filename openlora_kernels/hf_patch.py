@@ -540,8 +540,9 @@ class _ForwardWrap:
     """A patched module's LoRA, run inside its forward: ``out = forward(*args, **kwargs)``, then
     ``hook(module, args, kwargs, out)`` (its result, if not None, replaces ``out``), as a forward
     hook would, but without nn.Module's hook machinery: a module with any hook takes the slow
-    call path, about 10 us a call on a CPU (0.03x of bench_hf_cpu_decode's decode step for its
-    28 patched linears). The wrapper is an instance attribute ``forward`` over the module's own
+    call path, which on a CPU costs more than a decode step's native LoRA call (the patching's
+    fixed cost, the "without the LoRA math" rows of benchmarks/results/pool_cpu.csv: 1.06x the
+    base model with the top model's hooks at 7c614d5, 1.00x without at ff11e16). The wrapper is an instance attribute ``forward`` over the module's own
     (class or instance) forward; other hooks of the module see the output with the LoRA added.
     The top model gets one too (``pre=`` / ``post=``: the batch metadata before its forward, the
     per-call state cleared after it, also when it raises). ``remove()`` restores the forward it
@@ -752,7 +753,7 @@ class MultiLoRAModel:
         # the checkpoint function of every layer that has one is wrapped so the replay sees the batch
         # it first ran with (training.py).
         # (Checked by the model's pre-forward step, once per forward: a pre-hook on every decoder
-        # layer would put each on nn.Module's slow call path, 0.009x of a CPU decode step.)
+        # layer would put each on nn.Module's slow call path.)
         self._checkpointing = [mod for mod in model.modules() if hasattr(mod, "gradient_checkpointing")]
         self._trainable: Dict[str, TrainableAdapter] = {}
         self._conv1d = any(t.param is None and linear_dims(t.module) is not None and not isinstance(t.module, nn.Linear)

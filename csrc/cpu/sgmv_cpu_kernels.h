@@ -841,8 +841,7 @@ template <typename T, typename TW>
 static void run_claimed(const Args& p, const Unit* units, int64_t n, int64_t* next, int64_t stride, const Scratch& s) {
   // Guided claims: a thread takes a run of consecutive units, half of its share of what is left
   // (at least one), so each thread streams through adjacent slots' weights (the hardware
-  // prefetchers follow) and the last claims are single units (the threads finish together);
-  // 2-6% faster than one unit per claim on bench_hf_cpu_decode's 28 calls, cold and warm. The
+  // prefetchers follow) and the last claims are single units (the threads finish together). The
   // software prefetch walks the thread's next unit: the next of its run, else where the next
   // claim will probably start.
   Prefetcher pf;
