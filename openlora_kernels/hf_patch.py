@@ -536,55 +536,64 @@ def _lora_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallSt
     return hook
 
 
+class _Forward:
+    """A patched module's ``forward`` while it is patched (what :class:`_ForwardWrap` installs).
+    A callable object rather than a closure: ``copy.deepcopy`` of the module copies it with the
+    module, so the copy calls its own base forward (a closure would be shared and run the
+    original module's), while the LoRA hook, a function, stays shared with the pool (as a hook
+    would). ``__wrapped__`` keeps the wrapped forward's signature visible (generate() inspects
+    it)."""
+
+    def __init__(self, module: nn.Module, inner, hook, pre, post):
+        self.module, self.__wrapped__ = module, inner
+        self.hook, self.pre, self.post, self.active = hook, pre, post, True
+
+    def __call__(self, *args, **kwargs):
+        inner, module = self.__wrapped__, self.module
+        if not self.active:
+            return inner(*args, **kwargs)
+        if self.pre is None:
+            out = inner(*args, **kwargs)
+            r = self.hook(module, args, kwargs, out)
+            return out if r is None else r
+        # the top model's: pre(module, args, kwargs) before, post(module, args) after, also when
+        # the forward (or pre) raises, as an always_call forward hook would
+        try:
+            self.pre(module, args, kwargs)
+            return inner(*args, **kwargs)
+        finally:
+            self.post(module, args)
+
+
 class _ForwardWrap:
     """A patched module's LoRA, run inside its forward: ``out = forward(*args, **kwargs)``, then
     ``hook(module, args, kwargs, out)`` (its result, if not None, replaces ``out``), as a forward
     hook would, but without nn.Module's hook machinery: a module with any hook takes the slow
     call path, which on a CPU costs more than a decode step's native LoRA call (the patching's
     fixed cost, the "without the LoRA math" rows of benchmarks/results/pool_cpu.csv: 1.06x the
-    base model with the top model's hooks at 7c614d5, 1.00x without at ff11e16). The wrapper is an instance attribute ``forward`` over the module's own
-    (class or instance) forward; other hooks of the module see the output with the LoRA added.
-    The top model gets one too (``pre=`` / ``post=``: the batch metadata before its forward, the
+    base model with the top model's hooks at 7c614d5, 1.00x without at ff11e16). The wrapper
+    (:class:`_Forward`) is an instance attribute ``forward`` over the module's own (class or
+    instance) forward; other hooks of the module see the output with the LoRA added. The top
+    model gets one too (``pre=`` / ``post=``: the batch metadata before its forward, the
     per-call state cleared after it, also when it raises). ``remove()`` restores the forward it
     found, or, when something wrapped the module's forward again after us (accelerate's hooks
     do), leaves that in place and makes ours a pass-through."""
 
     def __init__(self, module: nn.Module, hook=None, *, pre=None, post=None):
-        self.module, self.active = module, True
+        self.module = module
         self.saved = module.__dict__.get("forward", _ForwardWrap)   # (a sentinel: nothing was set)
-        inner = module.forward
-
-        if pre is None:
-            def forward(*args, **kwargs):
-                out = inner(*args, **kwargs)
-                if not self.active:
-                    return out
-                r = hook(module, args, kwargs, out)
-                return out if r is None else r
-        else:
-            # the top model's: pre(module, args, kwargs) before, post(module, args) after, also
-            # when the forward (or pre) raises, as an always_call forward hook would
-            def forward(*args, **kwargs):
-                if not self.active:
-                    return inner(*args, **kwargs)
-                try:
-                    pre(module, args, kwargs)
-                    return inner(*args, **kwargs)
-                finally:
-                    post(module, args)
-
-        functools.update_wrapper(forward, inner)     # (its signature: generate() inspects it)
-        self.wrapper = forward
-        module.forward = forward
+        self.wrapper = _Forward(module, module.forward, hook, pre, post)
+        module.forward = self.wrapper
 
     def remove(self) -> None:
-        self.active = False
         m = self.module
         if m.__dict__.get("forward") is self.wrapper:
             if self.saved is _ForwardWrap:
                 del m.forward
             else:
                 m.forward = self.saved
+        else:
+            self.wrapper.active = False      # (wrapped again since: ours passes through)
 
 
 def _embedding_hook(slots: LayerSlots, call: "contextvars.ContextVar[Optional[_CallState]]"):

@@ -214,6 +214,49 @@ def test_unpatched_model_object_is_closed(tmp_path):
             call()
 
 
+def test_patched_forwards_are_wrappers_that_copy_and_unpatch_cleanly(tmp_path):
+    """The LoRA runs in an instance-attribute forward (hf_patch._ForwardWrap), not in nn.Module
+    hooks: no patched module (nor the top model) has hooks. A deep copy of a patched layer computes
+    with its OWN weights (the wrapper is copied with the module: a shared closure would call the
+    original's). unpatch() restores the class's forward; a forward wrapped again after patching
+    (what accelerate's hooks do) is kept, and ours inside it passes through."""
+    from peft import LoraConfig
+
+    base = make_model("llama")
+    path = save_adapter(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+                        str(tmp_path / "a"), 3)
+    lm = olk.patch_model(copy.deepcopy(base), max_adapters=2, max_rank=8)
+    lm.load_adapter("a", path)
+    model = lm.model
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    q = model.model.layers[0].self_attn.q_proj
+    assert "forward" in q.__dict__ and "forward" in model.__dict__
+    x = torch.randn(3, q.in_features)
+    twin = copy.deepcopy(q)
+    with torch.no_grad():
+        twin.weight.mul_(2.0)
+        want = torch.nn.functional.linear(x, twin.weight, twin.bias)
+        torch.testing.assert_close(twin(x), want, rtol=0, atol=0)    # no batch state: the base only
+        torch.testing.assert_close(q(x), torch.nn.functional.linear(x, q.weight, q.bias), rtol=0, atol=0)
+    seen = []
+    v = model.model.layers[0].self_attn.v_proj
+    ours = v.forward
+
+    def outer(*a, **k):           # wrapped again after patching
+        seen.append(1)
+        return ours(*a, **k)
+    v.forward = outer
+    ids = torch.randint(0, 100, (2, 3))
+    with torch.no_grad():
+        lm(input_ids=ids, adapter_names=["a", None])
+    assert seen
+    lm.unpatch()
+    assert "forward" not in q.__dict__ and "forward" not in model.__dict__
+    assert v.forward is outer                                    # kept; ours inside passes through
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
 def test_decode_batches_take_the_native_fast_path(mlp_env, monkeypatch):
     """A decode-like CPU batch goes through BoundLoRA.add_rows in every patched layer (one native
     call each), and gives the same bits as the checked path it replaces."""
