@@ -1026,9 +1026,18 @@ class AdapterPool:
             for layer, mv in moves.items():
                 for z, src, dst, n in mv:
                     self.layers[layer].move(z, src, dst, n)
-            self._write_adapter(slot, host, offs)
+            try:
+                for layer, w in host.items():
+                    self.layers[layer].write(slot, w, offs[layer])
+            except BaseException:
+                for layer in host:
+                    self.layers[layer].write(slot, None)
+                raise
+            self._slot_layers[slot] = set(host)
         finally:
-            keep = self._publish(touched)
+            keep: List[torch.Tensor] = []
+            for name in touched:
+                self.layers[name].publish(keep)
             self._end_copies(slot, movers)
             self._keep_alive(keep + [t for w in host.values() for t in (w.a, w.bt)])
 
@@ -1085,32 +1094,20 @@ class AdapterPool:
         try:
             for layer in old:
                 self.layers[layer].write(slot, None)
-            self._write_adapter(slot, host)
+            try:
+                for layer, w in host.items():
+                    self.layers[layer].write(slot, w)
+            except BaseException:
+                for layer in host:
+                    self.layers[layer].write(slot, None)
+                raise
+            self._slot_layers[slot] = set(host)
         finally:
-            keep = self._publish(touched)
+            keep: List[torch.Tensor] = []
+            for name in touched:
+                self.layers[name].publish(keep)
             self._end_copies(slot)
             self._keep_alive(keep + [t for w in host.values() for t in (w.a, w.bt)])
-
-    def _write_adapter(self, slot: int, host: Dict[str, HostLoRA], offs: Optional[Dict[str, int]] = None) -> None:
-        """(copy phase, both slot writers) Each layer's weights of one adapter into ``slot`` (packed:
-        at that layer's row offset); if any write fails, the slot is emptied in every layer of the
-        adapter and the error re-raised: never half an adapter."""
-        try:
-            for layer, w in host.items():
-                self.layers[layer].write(slot, w, None if offs is None else offs[layer])
-        except BaseException:
-            for layer in host:
-                self.layers[layer].write(slot, None)
-            raise
-        self._slot_layers[slot] = set(host)
-
-    def _publish(self, touched) -> List[torch.Tensor]:
-        """(copy phase's end, both slot writers) Publishes the touched layers' new slot views; returns
-        the tensors the old views held, to keep alive until in-flight work is done."""
-        keep: List[torch.Tensor] = []
-        for name in touched:
-            self.layers[name].publish(keep)
-        return keep
 
     # -------------------------------------------------------------------- GPU stream ordering
 
