@@ -202,6 +202,7 @@ def _parallel_compile(compiler, n_sources: int):
 
 CPU_KERNELS = [f"kernels_{isa}_{dt}.cpp" for isa in ("v4", "v3", "base") for dt in ("bf16", "f16", "f32")
                if (isa, dt) != ("v4", "f16")]         # (x86-64-v4 CPUs run the v3 fp16 kernels)
+CPU_KERNELS += ["kernels_v3_e4m3.cpp", "kernels_base_e4m3.cpp"]   # fp8 weights (v4 CPUs run v3's)
 CPU_SOURCES = ["csrc/cpu/bindings_cpu.cpp"] + [f"csrc/cpu/{k}" for k in CPU_KERNELS]
 SLOW_SOURCES = tuple(k for k in CPU_KERNELS if not k.endswith("f32.cpp"))   # 3-4 s each; the rest 1-2 s
 

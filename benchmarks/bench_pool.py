@@ -257,7 +257,7 @@ def main(argv=None) -> int:
            if any(r["metric"] == "decode_forward_ms" for r in rows) else float("nan"))
     st = {r["contender"]: r for r in rows if r.get("benchmark") == "storage_dtype_cpu"}
     storage = "".join(f", {t} storage {st['openlora_' + t]['ratio_vs_base']:.2f}x base"
-                      for t in ("fp32", "bf16", "fp16") if "openlora_" + t in st)
+                      for t in ("fp32", "bf16", "fp16", "fp8") if "openlora_" + t in st)
     return common.finish(lambda: (f"packed pool: {ratio:.2f}x the adapters resident in the same bytes ({churn:.2f}x "
                                   f"under churn), loads {load:.2f}x the padded time (mean over ranks), decode "
                                   f"{dec:.2f}x" + storage), failures)

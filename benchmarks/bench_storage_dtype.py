@@ -14,11 +14,13 @@ three warm-up calls each. Per contender the median (p20 / p80) of its calls, and
 base model: the median over rounds of its time over the base model's in the same round.
 
     base                      the unpatched model
-    openlora_fp32 / _bf16 / _fp16   the patched model, adapters stored in that dtype (fp8: not
-                              supported yet, refused; no row)
+    openlora_fp32 / _bf16 / _fp16 / _fp8   the patched model, adapters stored in that dtype
+                              (fp8: float8_e4m3fn with a float32 scale per rank row, ops/fp8.py;
+                              on the native cpu kernels where they run it, else backend "torch",
+                              named in the row's ``backend``)
     floor_<dtype>             the base forward, then one read (sum) of that storage's slot
-                              weights the batch uses: no implementation storing them in that
-                              dtype can beat it
+                              weights the batch uses (fp8: a max over its bytes, and its scales): no
+                              implementation storing them in that dtype can beat it
     openlora_bf16_grouped     bf16 storage with group_projections=True (q/k/v and gate/up one
                               launch each; the default, "auto", groups nothing: this row is why)
     openlora_without_lora_math  the fp32-storage model with each layer's add_lora replaced by
@@ -29,8 +31,9 @@ base model: the median over rounds of its time over the base model's in the same
 Error: each storage's logits against PEFT's float32 mixed batch (``adapter_names=``), as the
 largest absolute difference and relative to the LoRA's own effect on the logits (max |PEFT -
 base|): fp32 storage only reorders sums; bf16 rounds every weight to 8 significant bits (relative
-error up to u = 2^-8 per weight), fp16 to 11 (u = 2^-11). tests/test_storage_dtype.py holds the
-model-level error to 2u per patched decoder layer, times the LoRA's effect.
+error up to u = 2^-8 per weight), fp16 to 11 (u = 2^-11), fp8 e4m3 to 4 (u = 2^-4).
+tests/test_storage_dtype.py and tests/test_fp8_storage.py hold the model-level error to
+(2u + u^2) per patched module, times the LoRA's effect.
 
     python -m benchmarks.bench_storage_dtype                       # ~2 minutes on 2 cores
     python -m benchmarks.bench_storage_dtype --out benchmarks/results/storage_dtype_cpu.csv
@@ -54,7 +57,7 @@ from benchmarks.common import RESULTS_DIR, env_info, no_lora_math, progress, wri
 
 TARGET_BF16_VS_BASE = 1.15
 DEFAULT_OUT = os.path.join(RESULTS_DIR, "storage_dtype_cpu.csv")
-STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,9 +80,13 @@ def rows(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     progress(f"bench_storage_dtype: building the model and {args.adapters} PEFT adapters")
     base, lm32, peft_model, names = decode.build(args)
     models = {"fp32": lm32}
-    for tag in ("bf16", "fp16"):
+    from openlora_kernels.ops import cpu_ext
+    backends = {"fp32": "cpu"}
+    for tag in ("bf16", "fp16", "fp8"):
+        # (fp8 on the native kernels where they run it, else on the reference: the row says which)
+        backends[tag] = "cpu" if (torch.float32, STORAGE[tag]) in cpu_ext.MIXED_STORAGE else "torch"
         lm = olk.patch_model(copy.deepcopy(base), max_adapters=args.adapters, max_rank=args.rank,
-                             adapter_dtype=STORAGE[tag])
+                             adapter_dtype=STORAGE[tag], backend=backends[tag])
         for name in names:
             lm.load_adapter(name, os.path.join(args.adapter_dir, name))
         models[tag] = lm
@@ -106,13 +113,17 @@ def rows(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                   f"{effect:.3g})")
 
     def slot_weights(lm):
-        return [t for ls in lm.pool.layers.values() if ls.a is not None for t in (ls.a, ls.bt)]
+        return [t for ls in lm.pool.layers.values() if ls.a is not None
+                for t in (ls.a, ls.bt, ls.a_scale, ls.b_scale) if t is not None]
 
     def floor(ws):
+        # (fp8: no sum in torch; a max over its bytes reads each once, vectorised)
+        ops = [(lambda t: t.view(torch.uint8).amax()) if t.dtype is STORAGE["fp8"] else torch.sum for t in ws]
+
         def run():
             base(input_ids=ids, use_cache=False)
-            for t in ws:
-                t.sum()
+            for op, t in zip(ops, ws):
+                op(t)
         return run
 
     def without_math():
@@ -147,6 +158,8 @@ def rows(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         return run
 
     for tag, lm in models.items():
+        if backends[tag] != "cpu":
+            continue
         fn = lora_calls(lm)
         if fn is not None:
             contenders[f"lora_calls_{tag}"] = fn
@@ -193,7 +206,8 @@ def rows(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         row = {"benchmark": "storage_dtype_cpu", "kernel": "model_forward", "contender": name, "shape": shape,
                "metric": "latency", "unit": "ms", "median": st["median"], "p20": st["p20"], "p80": st["p80"],
                "rounds": args.rounds, "ratio_vs_base": st["ratio"], "ratio_vs_base_p20": st["ratio_p20"],
-               "ratio_vs_base_p80": st["ratio_p80"], "threads": torch.get_num_threads(), "adapter_dtype": tag}
+               "ratio_vs_base_p80": st["ratio_p80"], "threads": torch.get_num_threads(), "adapter_dtype": tag,
+               "backend": backends.get(tag, "") if name.startswith("openlora_") else ""}
         if name == f"openlora_{tag}" and tag in err:
             row["max_abs_diff_vs_peft_fp32"], row["diff_vs_lora_effect"] = err[tag]
             row["slot_bytes"] = sum(t.numel() * t.element_size() for t in slot_weights(models[tag]))

@@ -196,6 +196,12 @@ class ProjectionGroup:
             b = [m.bt.transpose(1, 2) for m in ms]
         # a storage dtype (adapter_dtype) other than the activations': BoundLoRA checks against those
         kw = {"dtype": ms[0].dtype} if ms[0].storage_dtype is not ms[0].dtype else {}
+        if ms[0].fp8:         # fp8 storage: each member's per-rank-row scales (ops/fp8.py)
+            cut = (lambda t: t[:, :r_eff]) if resolve_backend(self.backend, dev) == "torch" else (lambda t: t)
+            kw["a_scales"] = [cut(m.a_scale) for m in ms]
+            kw["b_scales"] = [cut(m.b_scale) for m in ms]
+            if len(ms) == 1:
+                kw["a_scales"], kw["b_scales"] = kw["a_scales"][0], kw["b_scales"][0]
         if len(ms) == 1:
             return BoundLoRA(a[0], b[0], sc, rk[0], backend=self.backend, **kw)
         return BoundLoRA(a, b, sc, rk, backend=self.backend, **kw)

@@ -72,7 +72,7 @@ from .hf_params import experts_hook, experts_params, param_hooks, router_params
 from .metadata import LoRABatchMeta, build_batch_meta
 from .ops import cpu_ext
 from .ops.api import _FP8 as _FP8_DTYPES
-from .ops.api import STORAGE_DTYPES, check_storage, dora_rescale
+from .ops.api import FP8, STORAGE_DTYPES, check_storage, dora_rescale, quantize_rows
 from .ops.backends import BACKEND_CHOICES, resolve_backend
 from .pool import AdapterPool, HostLoRA, HostSlotArena, LayerSlots, Lease, MemoryReport, Prefetch, packed_layout
 from .training import SlotDelta, TrainableAdapter, fresh_adapter, save_adapter, slot_parameters
@@ -630,20 +630,22 @@ def _storage_dtypes(picked: Sequence[Target], adapter_dtype: Optional[torch.dtyp
         return {t.name: t.weight.dtype for t in picked}
     if not isinstance(adapter_dtype, torch.dtype):
         raise TypeError(f"adapter_dtype: expected a torch.dtype or None, got {type(adapter_dtype).__name__}")
-    if adapter_dtype in _FP8_DTYPES:
-        raise ValueError(f"adapter_dtype: {adapter_dtype} (fp8) is not supported yet on any backend (backend="
-                         f"{backend!r}): fp8 storage needs per-output-channel scales, not implemented; use "
-                         "torch.bfloat16 or torch.float16")
-    if adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"adapter_dtype: expected torch.float32, torch.bfloat16, torch.float16 or None, "
-                         f"got {adapter_dtype}")
+    if adapter_dtype in _FP8_DTYPES and adapter_dtype is not FP8:
+        raise ValueError(f"adapter_dtype: {adapter_dtype} is not supported; the fp8 storage dtype is "
+                         "torch.float8_e4m3fn (e4m3, a float32 scale per rank row: ops/fp8.py)")
+    if adapter_dtype not in (torch.float32, torch.bfloat16, torch.float16, FP8):
+        raise ValueError(f"adapter_dtype: expected torch.float32, torch.bfloat16, torch.float16, "
+                         f"torch.float8_e4m3fn or None, got {adapter_dtype}")
     out = {}
     for t in picked:
         act = t.weight.dtype
+        if adapter_dtype is FP8 and t.kind == "embedding":
+            out[t.name] = act       # (an embedding LoRA's shrink is a gather: kept in the layer's dtype)
+            continue
         if adapter_dtype not in STORAGE_DTYPES.get(act, (act,)):
+            allowed = ", ".join(str(d).replace("torch.", "") for d in STORAGE_DTYPES.get(act, (act,)))
             raise ValueError(f"adapter_dtype: {adapter_dtype} is not a storage dtype for {t.name!r}, whose weights "
-                             f"are {act} (a {act} layer stores its adapters in {act}; 16-bit storage is for "
-                             "float32 layers)")
+                             f"are {act} (storage dtypes of {str(act).replace('torch.', '')} layers: {allowed})")
         if adapter_dtype is not act:
             name = resolve_backend(backend, t.weight.device)
             w = torch.empty((0, 0, 0), dtype=adapter_dtype)
@@ -698,9 +700,11 @@ class MultiLoRAModel:
         arena = HostSlotArena()   # CPU layers' slots, packed in huge pages (pool.py)
         num_slots, rows = max_adapters, None
         if device_budget_bytes is not None:     # the rank-packed pool (pool.py, packed_layout)
-            itemsize = max((storage[t.name].itemsize for t in picked), default=4)   # the slots' storage dtype
-            rows, num_slots = packed_layout([(t.in_features, t.out_features, t.experts) for t in picked], itemsize,
-                                            device_budget_bytes, max_rank, max_adapters)
+            # each layer's rows in its slots' storage dtype (fp8: + two float32 scales per row)
+            rows, num_slots = packed_layout([(t.in_features, t.out_features, t.experts) for t in picked],
+                                            [storage[t.name].itemsize for t in picked], device_budget_bytes,
+                                            max_rank, max_adapters,
+                                            row_extra=[8 if storage[t.name] is FP8 else 0 for t in picked])
         self.num_slots = num_slots
         self._layers: Dict[str, LayerSlots] = {
             t.name: LayerSlots(t.name, t.in_features, t.out_features, num_slots, max_rank, t.weight.device,
@@ -1073,12 +1077,19 @@ class MultiLoRAModel:
             if es is not None:
                 es = float(es.reshape(()).item()) if isinstance(es, torch.Tensor) and es.numel() == 1 else float(es)
                 scaling = scaling * es
-            a = m.a.to(ls.storage_dtype).contiguous()        # (the host copy in the storage dtype too)
-            bt = b.to(ls.storage_dtype).transpose(-1, -2).contiguous()
+            sa = sb = None
+            if ls.storage_dtype is FP8:     # one float32 scale per rank row of A and of Bᵀ (ops/fp8.py)
+                a, sa = quantize_rows(m.a, f"{weights.origin}: {mod!r} lora_A")
+                bt, sb = quantize_rows(b.transpose(-1, -2), f"{weights.origin}: {mod!r} lora_B")
+                bt = bt.contiguous()
+            else:
+                a = m.a.to(ls.storage_dtype).contiguous()        # (the host copy in the storage dtype too)
+                bt = b.to(ls.storage_dtype).transpose(-1, -2).contiguous()
             if ls.device.type == "cuda":
                 a, bt = a.pin_memory(), bt.pin_memory()
                 g = g.pin_memory() if g is not None else None
-            out[layer] = HostLoRA(a, bt, scaling, dora_scale=g)
+                sa, sb = (sa.pin_memory(), sb.pin_memory()) if sa is not None else (None, None)
+            out[layer] = HostLoRA(a, bt, scaling, dora_scale=g, a_scale=sa, b_scale=sb)
         return out
 
     def _check_base_copies(self, weights: AdapterWeights) -> None:
@@ -1388,8 +1399,10 @@ def patch_model(model: nn.Module, max_adapters: int = 8, max_rank: int = 64, tar
         adapter_dtype: the dtype adapters are stored in (host copies and device slots); None: each
             layer's own dtype. torch.bfloat16 / torch.float16 for a float32 model halves the
             adapter bytes (the kernels upcast on load and accumulate in float32; backends "torch",
-            "cpu", "triton"; docs/usage.md, "Adapter storage dtype"). A 16-bit model stores its
-            adapters in its own dtype. fp8 is not supported yet (refused).
+            "cpu", "triton"; docs/usage.md, "Adapter storage dtype"); torch.float8_e4m3fn (any
+            float model) stores a byte per weight plus a float32 scale per rank row (ops/fp8.py;
+            inference only). A bfloat16 model also takes torch.float16; nothing wider than the
+            model's own dtype.
         group_projections: sibling modules that read the same input (q/k/v_proj, gate/up_proj) make
             one multi-slice LoRA launch together instead of one each (hf_groups.py; found during the
             first forward). "auto" (default): no grouping for now; measured, the group's scratch

@@ -68,7 +68,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 import torch
 
 from .adapters import AdapterSource, AdapterWeights, ModuleLoRA, load_adapter_weights
-from .ops.api import BoundEmbeddingLoRA, BoundLoRA
+from .ops.api import FP8, BoundEmbeddingLoRA, BoundLoRA
 from .ops.backends import resolve_backend
 
 
@@ -78,9 +78,13 @@ class HostLoRA(ModuleLoRA):
     [r, K] as in PEFT, but ``b`` holds lora_B TRANSPOSED, [r, N] (also available as ``bt``); for
     an experts layer one of each per expert, [E, r, K] and [E, r, N]. ``dora_scale``: DoRA's
     column scale g [N] (float32) when the adapter is DoRA here; then ``b`` already holds
-    diag(g) lora_B (transposed), so only the base output still needs the scale."""
+    diag(g) lora_B (transposed), so only the base output still needs the scale. ``a_scale`` /
+    ``b_scale``: with fp8 (float8_e4m3fn) storage, the float32 scale of each rank row of ``a``
+    and of ``b`` (lora_B's columns), [r] (or [E, r]): ops/fp8.py."""
 
     dora_scale: Optional[torch.Tensor] = None
+    a_scale: Optional[torch.Tensor] = None
+    b_scale: Optional[torch.Tensor] = None
 
     @property
     def bt(self) -> torch.Tensor:
@@ -89,8 +93,9 @@ class HostLoRA(ModuleLoRA):
     @property
     def nbytes(self) -> int:
         n = self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
-        if self.dora_scale is not None:
-            n += self.dora_scale.numel() * self.dora_scale.element_size()
+        for t in (self.dora_scale, self.a_scale, self.b_scale):
+            if t is not None:
+                n += t.numel() * t.element_size()
         return n
 
 
@@ -143,14 +148,20 @@ class HostSlotArena:
         self._chunk, self._used = whole[off:off + size], 0
 
 
-def packed_layout(dims: Sequence[Tuple[int, int, int]], itemsize: int, device_budget_bytes: int, max_rank: int,
-                  max_adapters: int) -> Tuple[int, int]:
+def packed_layout(dims: Sequence[Tuple[int, int, int]], itemsize, device_budget_bytes: int, max_rank: int,
+                  max_adapters: int, row_extra=0) -> Tuple[int, int]:
     """(rows per expert-unit C, slot ids) of a packed pool over layers ``dims`` [(K, N, E)]: every
     layer gets C rows (C * E for an experts layer), so that all of them together take at most
     ``device_budget_bytes``; an adapter of rank r in every layer then takes r / C of the budget.
     Slot ids: one per resident adapter, at least max_adapters, room for C / 8 adapters (rank 8
-    in every layer), at most 4096 (the batch metadata and the CPU kernel's loop are per slot id)."""
-    per_row = sum((K + N) * max(E, 1) for K, N, E in dims) * itemsize
+    in every layer), at most 4096 (the batch metadata and the CPU kernel's loop are per slot id).
+    ``itemsize``: the slots' storage bytes per element, one int for every layer or one per layer;
+    ``row_extra``: bytes per row beside the weights (fp8 storage: its two float32 scales), the
+    same way."""
+    n = len(dims)
+    sizes = list(itemsize) if isinstance(itemsize, (list, tuple)) else [itemsize] * n
+    extras = list(row_extra) if isinstance(row_extra, (list, tuple)) else [row_extra] * n
+    per_row = sum(((K + N) * sz + ex) * max(E, 1) for (K, N, E), sz, ex in zip(dims, sizes, extras))
     if isinstance(device_budget_bytes, bool) or not isinstance(device_budget_bytes, int) or device_budget_bytes < 1:
         raise ValueError(f"device_budget_bytes: expected None or a positive int, got {device_budget_bytes!r}")
     C = device_budget_bytes // per_row if per_row else 0
@@ -186,6 +197,10 @@ class LayerSlots:
         self.num_virtual = V
         self.a: Optional[torch.Tensor] = None       # [V, R, K]
         self.bt: Optional[torch.Tensor] = None      # [V, R, N]
+        # fp8 storage (ops/fp8.py): float32 scale of each rank row of a and of bt, [V, R] (packed: [rows])
+        self.fp8 = self.storage_dtype is FP8
+        self.a_scale: Optional[torch.Tensor] = None
+        self.b_scale: Optional[torch.Tensor] = None
         self.ranks_host = [0] * V
         self.scal_host = [0.0] * V
         self.ranks = torch.zeros(V, dtype=torch.int32, device=device)
@@ -214,8 +229,8 @@ class LayerSlots:
     # ------------------------------------------------------------------ packed row allocator
 
     def row_bytes(self) -> int:
-        """Bytes of one packed row (one rank of A and of B)."""
-        return (self.in_features + self.out_features) * self.storage_dtype.itemsize
+        """Bytes of one packed row (one rank of A and of B, and their fp8 scales)."""
+        return (self.in_features + self.out_features) * self.storage_dtype.itemsize + (8 if self.fp8 else 0)
 
     def rows_for(self, w: HostLoRA) -> int:
         return max(self.experts, 1) * w.rank
@@ -252,6 +267,9 @@ class LayerSlots:
         if n and self.a is not None:
             self.a[new:new + n].copy_(self.a[old:old + n].clone())
             self.bt[new:new + n].copy_(self.bt[old:old + n].clone())
+            if self.fp8:
+                self.a_scale[new:new + n].copy_(self.a_scale[old:old + n].clone())
+                self.b_scale[new:new + n].copy_(self.b_scale[old:old + n].clone())
         E = max(self.experts, 1)
         for v in range(slot * E, (slot + 1) * E):
             self.offsets_host[v] += new - old
@@ -261,11 +279,16 @@ class LayerSlots:
         if self.a is None:
             return 0
         n = (self.a.numel() + self.bt.numel()) * self.a.element_size()
-        if self._dora_m1 is not None:
-            n += self._dora_m1.numel() * self._dora_m1.element_size()
+        for t in (self._dora_m1, self.a_scale, self.b_scale):
+            if t is not None:
+                n += t.numel() * t.element_size()
         return n
 
     def _allocate(self) -> None:
+        if self.a is None and self.fp8:
+            shape = (self.capacity,) if self.packed else (self.num_virtual, self.max_rank)
+            self.a_scale = torch.zeros(shape, dtype=torch.float32, device=self.device)
+            self.b_scale = torch.zeros(shape, dtype=torch.float32, device=self.device)
         if self.a is None and self.packed:
             C = self.capacity
             if self.arena is not None:
@@ -304,6 +327,9 @@ class LayerSlots:
                                  f"{self.capacity} rows")
             self.a[off:off + n].copy_(a.reshape(n, self.in_features), non_blocking=True)
             self.bt[off:off + n].copy_(bt.reshape(n, self.out_features), non_blocking=True)
+            if self.fp8:
+                self.a_scale[off:off + n].copy_(w.a_scale.reshape(n), non_blocking=True)
+                self.b_scale[off:off + n].copy_(w.b_scale.reshape(n), non_blocking=True)
             for e in range(E):
                 self.offsets_host[v0 + e] = off + e * r
         else:
@@ -311,6 +337,11 @@ class LayerSlots:
             self.a[v0:v0 + E, r:].zero_()
             self.bt[v0:v0 + E, :r].copy_(bt, non_blocking=True)
             self.bt[v0:v0 + E, r:].zero_()
+            if self.fp8:
+                self.a_scale[v0:v0 + E, :r].copy_(w.a_scale.reshape(E, r), non_blocking=True)
+                self.a_scale[v0:v0 + E, r:].zero_()
+                self.b_scale[v0:v0 + E, :r].copy_(w.b_scale.reshape(E, r), non_blocking=True)
+                self.b_scale[v0:v0 + E, r:].zero_()
         for v in range(v0, v0 + E):
             self.ranks_host[v], self.scal_host[v] = r, float(w.scaling)
         if w.dora_scale is not None:
@@ -363,6 +394,11 @@ class LayerSlots:
         if self.storage_dtype is not self.dtype:       # the activations' dtype, for the checks
             bound = functools.partial(bound, dtype=self.dtype)
         r_eff = max(self.ranks_host)
+        if self.fp8 and r_eff:      # the scales of each rank row, addressed like the weights' rows
+            sa, sb = self.a_scale, self.b_scale
+            if not self.packed and resolve_backend(self.backend, self.device) == "torch":
+                sa, sb = sa[:, :r_eff], sb[:, :r_eff]
+            bound = functools.partial(bound, a_scales=sa, b_scales=sb)
         if r_eff == 0:
             self.op = None
         elif self.packed:
@@ -1026,20 +1062,11 @@ class AdapterPool:
             for layer, mv in moves.items():
                 for z, src, dst, n in mv:
                     self.layers[layer].move(z, src, dst, n)
-            try:
-                for layer, w in host.items():
-                    self.layers[layer].write(slot, w, offs[layer])
-            except BaseException:
-                for layer in host:
-                    self.layers[layer].write(slot, None)
-                raise
-            self._slot_layers[slot] = set(host)
+            self._write_adapter(slot, host, offs)
         finally:
-            keep: List[torch.Tensor] = []
-            for name in touched:
-                self.layers[name].publish(keep)
+            keep = self._publish(touched, host)
             self._end_copies(slot, movers)
-            self._keep_alive(keep + [t for w in host.values() for t in (w.a, w.bt)])
+            self._keep_alive(keep)
 
     def _victim_slot(self) -> int:
         """(state lock held) A free slot, else the least recently used evictable adapter's."""
@@ -1094,20 +1121,38 @@ class AdapterPool:
         try:
             for layer in old:
                 self.layers[layer].write(slot, None)
-            try:
-                for layer, w in host.items():
-                    self.layers[layer].write(slot, w)
-            except BaseException:
-                for layer in host:
-                    self.layers[layer].write(slot, None)
-                raise
-            self._slot_layers[slot] = set(host)
+            self._write_adapter(slot, host)
         finally:
-            keep: List[torch.Tensor] = []
-            for name in touched:
-                self.layers[name].publish(keep)
+            keep = self._publish(touched, host)
             self._end_copies(slot)
-            self._keep_alive(keep + [t for w in host.values() for t in (w.a, w.bt)])
+            self._keep_alive(keep)
+
+    def _write_adapter(self, slot: int, host: Bound, offs: Optional[Dict[str, int]] = None) -> None:
+        """(both slot writers) Each layer's weights of one adapter into ``slot`` (packed: at that
+        layer's row offset, ``offs``); if any write fails, the slot is emptied in every layer of the
+        adapter and the error re-raised: never half an adapter."""
+        try:
+            for layer, w in host.items():
+                if offs is None:
+                    self.layers[layer].write(slot, w)
+                else:
+                    self.layers[layer].write(slot, w, offs[layer])
+        except BaseException:
+            for layer in host:
+                self.layers[layer].write(slot, None)
+            raise
+        self._slot_layers[slot] = set(host)
+
+    def _publish(self, touched, host: Bound) -> List[torch.Tensor]:
+        """(both slot writers, at the end) Publishes the touched layers' new slot views; returns what
+        must outlive the copies in flight: the tensors the old views held and every host tensor
+        copied from (weights, fp8 scales, DoRA scales: non_blocking copies from pinned memory)."""
+        keep: List[torch.Tensor] = []
+        for name in touched:
+            self.layers[name].publish(keep)
+        for w in host.values():
+            keep += [t for t in (w.a, w.bt, w.a_scale, w.b_scale, w.dora_scale) if t is not None]
+        return keep
 
     # -------------------------------------------------------------------- GPU stream ordering
 

@@ -875,7 +875,7 @@ def test_bench_pool_quick_run_writes_rows(tmp_path):
     res = {r["contender"]: float(r["median"]) for r in rows if r["metric"] == "resident_at_first_eviction"}
     assert res["packed"] > res["padded"]          # same bytes, more adapters resident
     storage = {r["contender"]: r for r in rows if r["benchmark"] == "storage_dtype_cpu"}
-    for t in ("fp32", "bf16", "fp16"):            # the storage dtypes' speed and error (bench_storage_dtype)
+    for t in ("fp32", "bf16", "fp16", "fp8"):     # the storage dtypes' speed and error (bench_storage_dtype)
         r = storage["openlora_" + t]
         assert float(r["median"]) > 0 and r["extra"]["adapter_dtype"] == t
-        assert 0 <= float(r["extra"]["diff_vs_lora_effect"]) < (1e-4 if t == "fp32" else 0.05)
+        assert 0 <= float(r["extra"]["diff_vs_lora_effect"]) < {"fp32": 1e-4, "fp8": 0.3}.get(t, 0.05)

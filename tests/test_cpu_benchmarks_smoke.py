@@ -52,6 +52,11 @@ def test_bench_storage_dtype_rows_at_a_tiny_shape(tmp_path):
     assert by["openlora_bf16"]["slot_bytes"] * 2 == by["openlora_fp32"]["slot_bytes"]
     assert 0 < by["openlora_fp16"]["max_abs_diff_vs_peft_fp32"] < by["openlora_bf16"]["max_abs_diff_vs_peft_fp32"]
     assert by["openlora_fp32"]["diff_vs_lora_effect"] < 1e-4
+    # fp8: a byte per weight plus a float32 scale per rank row of A and of B, 4 bits kept per weight
+    assert by["openlora_fp8"]["slot_bytes"] * 4 > by["openlora_fp32"]["slot_bytes"]
+    assert by["openlora_fp8"]["slot_bytes"] < by["openlora_bf16"]["slot_bytes"]
+    assert by["openlora_bf16"]["max_abs_diff_vs_peft_fp32"] < by["openlora_fp8"]["max_abs_diff_vs_peft_fp32"]
+    assert by["openlora_fp8"]["diff_vs_lora_effect"] < 0.3 and "floor_fp8" in by
     out = str(tmp_path / "storage.csv")
     bench_storage_dtype.main(argv + ["--out", out])
     assert {r["contender"] for r in common.read_rows(out)} == set(by)

@@ -17,7 +17,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCTEST_MODULES = ["openlora_kernels.metadata", "openlora_kernels.ops.api", "openlora_kernels.ops.backends",
-                   "openlora_kernels.ops.cpu_ext"]
+                   "openlora_kernels.ops.cpu_ext", "openlora_kernels.ops.fp8"]
 DOC_FILES = ["README.md"] + sorted(f"docs/{f}" for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md"))
 NOT_RUN = "# not run in the tests:"
 FENCE = re.compile(r"^```(\S*)[^\n]*\n(.*?)^```[ \t]*$", flags=re.S | re.M)

@@ -139,9 +139,9 @@ def test_bound_lora_storage_dtype(backend, storage):
     from openlora_kernels.ops import cpu_ext
 
     p, p32 = _stored_problem("decode3_mixed", storage, seed=11)
-    other = torch.float16 if storage is torch.bfloat16 else torch.bfloat16
-    with pytest.raises(TypeError, match=f"lora_a: dtype {storage} does not match x's dtype {other}"):
-        BoundLoRA(p.lora_a(), p.lora_b(), p.scalings, p.ranks, backend=backend, dtype=other)
+    if storage is torch.bfloat16:     # (fp16 weights with bf16 activations are a storage pair)
+        with pytest.raises(TypeError, match=f"lora_a: dtype {storage} does not match x's dtype torch.float16"):
+            BoundLoRA(p.lora_a(), p.lora_b(), p.scalings, p.ranks, backend=backend, dtype=torch.float16)
     op = BoundLoRA(p.lora_a(), p.lora_b(), p.scalings, p.ranks, backend=backend, dtype=torch.float32)
     meta = build_batch_meta(p.indices, p.a[0].shape[0])
     for how in ("indices", "meta", "rows"):
@@ -156,26 +156,47 @@ def test_bound_lora_storage_dtype(backend, storage):
         _check(y, p, p32, storage, f"{backend} bound {how} {storage}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_activations_with_fp16_storage(backend):
+    """bf16 x / y with fp16 weights (the issue's "bf16 / fp16 storage with fp32 or bf16
+    activations"): the fp16 weights are upcast exactly, the sums fp32, so against the float64
+    reference of the stored weights only the bf16 output rounding is left (TOL[bfloat16])."""
+    usable(backend)
+    from openlora_kernels.ops import custom_ops
+    from lora_reference import assert_close
+
+    if (torch.bfloat16, torch.float16) not in custom_ops.backend_module(backend).MIXED_STORAGE:
+        pytest.skip(f"{backend}: no fp16 storage with bf16 activations (its MIXED_STORAGE)")
+    for case in ("decode3_mixed", "qkv_per_slice") if backend == "triton" else ("decode3_mixed", "odd_mixed",
+                                                                                 "qkv_per_slice", "long_rank_major"):
+        p, _ = _stored_problem(case, torch.float16, seed=zlib.crc32(f"bf16x{case}".encode()))
+        p.x, p.y = p.x.bfloat16(), p.y.bfloat16()
+        y = p.y.clone()
+        olk.add_lora(y, p.x, p.lora_a(), p.lora_b(), p.indices, p.scalings, p.ranks, backend=backend)
+        no_adapter = p.indices < 0
+        assert torch.isnan(y[no_adapter].float()).all(), f"{backend} {case}: a row without adapter was written"
+        ref = p.y.double() + reference_delta(p)
+        assert_close(y[~no_adapter], ref[~no_adapter], torch.bfloat16, f"{backend} {case} bf16 x fp16 w")
+
+
 def test_refusals_name_the_problem():
     x, y = torch.randn(2, 8), torch.zeros(2, 6)
     idx, sc = torch.tensor([0, -1]), torch.ones(1)
     A16, B16 = torch.randn(1, 4, 8, dtype=torch.float16), torch.randn(1, 6, 4, dtype=torch.float16)
-    # a 16-bit activation takes only its own dtype
-    with pytest.raises(TypeError, match=r"lora_a: dtype torch.float16 does not match x's dtype torch.bfloat16"):
-        olk.add_lora(y.bfloat16(), x.bfloat16(), A16, B16.bfloat16(), idx, sc, backend="torch")
+    # a 16-bit activation takes its own dtype, fp8 and (bf16 activations) fp16: never a wider one
+    with pytest.raises(TypeError, match=r"lora_a: dtype torch.bfloat16 does not match x's dtype torch.float16"):
+        olk.add_lora(y.half(), x.half(), A16.bfloat16(), B16, idx, sc, backend="torch")
     with pytest.raises(TypeError, match=r"lora_a: dtype torch.float32 does not match x's dtype torch.float16"):
         olk.add_lora(y.half(), x.half(), A16.float(), B16, idx, sc, backend="torch")
     # A and B share one storage dtype
     with pytest.raises(TypeError, match="share one storage dtype"):
         olk.add_lora(y, x, A16, B16.bfloat16(), idx, sc, backend="torch")
-    # fp8: refused on every backend, naming it
-    if hasattr(torch, "float8_e4m3fn"):
-        with pytest.raises(TypeError, match=r"fp8.*adapter_dtype"):
-            olk.add_lora(y, x, A16.to(torch.float8_e4m3fn), B16.to(torch.float8_e4m3fn), idx, sc, backend="torch")
+    # (fp8 storage and its refusals: tests/test_fp8_storage.py)
     # a backend without mixed storage (cuda: never built for it) is named
     with pytest.raises(TypeError, match=r"adapter_dtype.*backend 'cuda'"):
         check_storage("cuda", torch.float32, [A16])
-    assert STORAGE_DTYPES[torch.float32] == (torch.float32, torch.bfloat16, torch.float16)
+    assert STORAGE_DTYPES[torch.float32] == (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+    assert STORAGE_DTYPES[torch.bfloat16] == (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 
 
 # ------------------------------------------------------------------------------ model level
@@ -248,11 +269,10 @@ def test_model_storage_vs_peft_fp32(llama, backend, storage):
 
 def test_patch_model_adapter_dtype_refusals(llama):
     base = llama[0]
-    if hasattr(torch, "float8_e4m3fn"):
-        with pytest.raises(ValueError, match=r"adapter_dtype: torch.float8_e4m3fn \(fp8\).*backend='cpu'"):
-            olk.patch_model(copy.deepcopy(base), backend="cpu", adapter_dtype=torch.float8_e4m3fn)
-    with pytest.raises(ValueError, match=r"adapter_dtype: torch.float16 is not a storage dtype"):
-        olk.patch_model(copy.deepcopy(base).to(torch.bfloat16), adapter_dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"adapter_dtype: torch.bfloat16 is not a storage dtype"):
+        olk.patch_model(copy.deepcopy(base).to(torch.float16), adapter_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"adapter_dtype: torch.float32 is not a storage dtype.*bfloat16 layers"):
+        olk.patch_model(copy.deepcopy(base).to(torch.bfloat16), adapter_dtype=torch.float32)
     with pytest.raises(TypeError, match="adapter_dtype"):
         olk.patch_model(copy.deepcopy(base), adapter_dtype="bf16")
     lm = olk.patch_model(copy.deepcopy(base), adapter_dtype=torch.bfloat16)
@@ -291,19 +311,40 @@ def test_cpu_plan_refuses_unsupported_storage_pairs():
     sc = torch.ones(1)
     args = (mod.OP_ADD, 1, 8, 4, 1, [A.data_ptr()], 32, 8, 1, [B.data_ptr()], [6], 24, 4, 1, sc.data_ptr(), 0, False,
             0, 0)
-    for act, w in ((1, 0), (0, 1), (0, 2), (1, 2)):       # bf16 x + f16 w, f16 x + bf16 w, 16-bit x + f32 w
-        with pytest.raises(ValueError, match="w_dtype"):
-            mod.Plan(args[0], act, *args[2:], w_dtype=w)
-    mod.Plan(args[0], 2, *args[2:], w_dtype=0)             # fp32 x + f16 w: accepted
-    mod.Plan(args[0], 2, *args[2:], w_dtype=1)             # fp32 x + bf16 w: accepted
+    codes = {c: d for d, c in cpu_ext.DTYPE_CODES.items() if c in (0, 1, 2)}     # (the float dtypes)
+    for act, ad in codes.items():
+        for w, wd in codes.items():
+            if act == w:
+                continue
+            if (ad, wd) in cpu_ext.MIXED_STORAGE:        # a pair the module declares: accepted
+                mod.Plan(args[0], act, *args[2:], w_dtype=w)
+            else:
+                with pytest.raises(ValueError, match="w_dtype"):
+                    mod.Plan(args[0], act, *args[2:], w_dtype=w)
+    assert (torch.float32, torch.float16) in cpu_ext.MIXED_STORAGE
+    assert (torch.float32, torch.bfloat16) in cpu_ext.MIXED_STORAGE
+    assert (torch.float16, torch.float32) not in cpu_ext.MIXED_STORAGE
 
 
+def _as_stored(pn: str, prm: torch.Tensor, storage) -> torch.Tensor:
+    """A PEFT LoRA weight as ours stores it: rounded to ``storage``, or for fp8 quantized with a
+    scale per rank row (lora_A's rows, lora_B's columns: ops/fp8.py) and dequantized."""
+    from openlora_kernels.ops.fp8 import FP8, dequantize_rows, quantize_rows
+
+    if storage is not FP8:
+        return prm.to(storage).float()
+    if "lora_A" in pn:
+        return dequantize_rows(*quantize_rows(prm.float()))
+    return dequantize_rows(*quantize_rows(prm.float().T)).T
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float8_e4m3fn], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_race_serving_bf16_storage_while_the_pool_changes(tmp_path, backend):
+def test_race_serving_stored_adapters_while_the_pool_changes(tmp_path, backend, storage):
     """A serving thread (mixed batches, more adapters than slots) against a thread that loads,
     unloads, pins and unpins, with a host budget that makes adapters be re-read (and converted to
-    bf16) from their sources meanwhile. Every served row must equal PEFT on the bf16-rounded
-    weights to the float32 parity tolerance (the docs/usage.md rule: the conversion happens while
+    bf16, or quantized to fp8 with their scales) from their sources meanwhile. Every served row must
+    equal PEFT on the stored (rounded / dequantized) weights to the float32 parity tolerance (the docs/usage.md rule: the conversion happens while
     an adapter is read, under no pool lock; a slot is written only while no lease holds it)."""
     import os
     import random
@@ -315,6 +356,9 @@ def test_race_serving_bf16_storage_while_the_pool_changes(tmp_path, backend):
     from hf_models import ATOL, RTOL, left_padded_batch, make_model, peft_model, save_adapter
 
     usable(backend)
+    from openlora_kernels.ops import custom_ops
+    if storage is not torch.bfloat16 and (torch.float32, storage) not in custom_ops.backend_module(backend).MIXED_STORAGE:
+        pytest.skip(f"{backend}: no {storage} storage with float32 activations")
     seconds = float(os.environ.get("OPENLORA_RACE_SECONDS", "5"))
     base = make_model("llama")
     stable, churn_names = ["s0", "s1", "s2"], ["c0", "c1"]
@@ -329,12 +373,12 @@ def test_race_serving_bf16_storage_while_the_pool_changes(tmp_path, backend):
             m = peft_model(base, p)
             for pn, prm in m.named_parameters():
                 if "lora_" in pn:
-                    prm.copy_(prm.to(torch.bfloat16).float())
+                    prm.copy_(_as_stored(pn, prm, storage))
             ref[n] = m(input_ids=ids, attention_mask=mask).logits
         ref[None] = base(input_ids=ids, attention_mask=mask).logits
     budget = 2 * os.path.getsize(os.path.join(paths["s0"], "adapter_model.safetensors"))
     lm = olk.patch_model(copy.deepcopy(base), backend=backend, max_adapters=3, max_rank=16, host_budget_bytes=budget,
-                         adapter_dtype=torch.bfloat16)
+                         adapter_dtype=storage)
     for n in stable:
         lm.load_adapter(n, paths[n])
     stop, errors, served, changes = threading.Event(), [], [0], [0]
@@ -399,7 +443,7 @@ def test_race_serving_bf16_storage_while_the_pool_changes(tmp_path, backend):
         t.join(60)
     assert not errors, errors[:5]
     assert served[0] >= 20 and changes[0] >= 50, (served, changes)
-    assert {a.dtype for a in lm.memory_report().adapters} == {torch.bfloat16}
+    assert {a.dtype for a in lm.memory_report().adapters} == {storage}
 
 
 def _rounded_peft(ref, storage):

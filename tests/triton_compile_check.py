@@ -9,14 +9,16 @@ sm_90 (``--archs``) with the GPU heuristic configurations, and reads each kernel
 expand launch whose host proved 16-byte alignment (VEC > 1) but whose PTX has no vector loads and
 stores. The decode matrix compiles the fused kernel at every rank 8..128, block_m 1 / 2 / 4, both
 B layouts (standard and the pool's rank-major) and every dtype; the storage-dtype launches (fp32
-activations with bf16 / fp16 weights, adapter_dtype) compile too (:func:`storage_cases`).
+activations with bf16 / fp16 weights, adapter_dtype) compile too (:func:`storage_cases`), and
+so do the fp8 (e4m3, scaled) weights for every activation dtype and bf16 activations with fp16
+weights (:func:`fp8_cases`; ``--fp8-only`` compiles just those).
 ``--resources`` prints registers / stack / shared memory for every kernel; ``--table`` writes
 them as markdown (docs/kernels.md).
 
 Must run WITHOUT TRITON_INTERPRET. Uses Triton internals (tested with Triton 3.9, the CI pin, and
 3.6, the GPU machines'; see .ci/triton36_compile_check.sh).
 
-    python tests/triton_compile_check.py [--archs 90] [--full] [--resources] [--table FILE]
+    python tests/triton_compile_check.py [--archs 90] [--full] [--resources] [--table FILE] [--fp8-only]
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from triton.runtime import jit as tjit  # noqa: E402
 
 import openlora_kernels as olk  # noqa: E402
 from openlora_kernels.ops import configs, triton_segment, triton_sgmv  # noqa: E402
+from openlora_kernels.ops.fp8 import FP8, WeightScales  # noqa: E402
 
 KERNELS = ("_sgmv_shrink_kernel", "_sgmv_expand_kernel", "_sgmv_fused_kernel", "_sgmv_wgrad_kernel")
 SEGMENT_KERNELS = ("_seg_shrink_kernel", "_seg_expand_kernel")     # ops/triton_segment.py
@@ -60,10 +63,11 @@ def problem_dtype(name, args):
     if name == "_sgmv_wgrad_kernel" and args[0].dtype == torch.float32:
         return args[1].dtype
     if name in WEIGHT_ARG:
-        act = args[2 if name == "_sgmv_expand_kernel" else 0].dtype      # (expand: y)
+        act = args[5 if name == "_sgmv_expand_kernel" else 0].dtype      # (expand: y)
         w = args[WEIGHT_ARG[name]].dtype
-        if w != act and act == torch.float32 and name != "_sgmv_expand_kernel":
-            return f"float32+{str(w).replace('torch.', '')} weights"
+        if w != act and ((act == torch.float32 and name != "_sgmv_expand_kernel") or w == FP8
+                         or (act == torch.bfloat16 and w == torch.float16)):
+            return f"{str(act).replace('torch.', '')}+{str(w).replace('torch.', '')} weights"
     return args[DTYPE_ARG[name]].dtype
 
 
@@ -228,6 +232,45 @@ def storage_cases():
             yield torch.float32, bm, rk, widths, R, "pool", "all", wdt
 
 
+def fp8_cases():
+    """fp8 (e4m3) weights with their per-rank scales (ops/fp8.py, W_SCALED) for fp16, bf16 and fp32
+    activations: the fused decode kernel (block_m 1 / 4, both B layouts, ranks 16 and 64), the
+    shrink + expand route of the tensor-core tiles (block_m 16 / 64, also SPLIT_K 4) and the
+    packed form (block_m 1 / 16); then bf16 activations with fp16 weights (fp32 products) on the
+    same routes. The scales are [S, R] float32 (padded) or slot-stride-0 views of a [rows]
+    vector (packed)."""
+    for act in (torch.float16, torch.bfloat16, torch.float32):
+        for layout, widths in (("standard", (512,)), ("pool", (512, 128, 128))):
+            for bm in (1, 4):
+                for R in (16, 64):
+                    yield act, bm, "per_slot", widths, R, layout, "fused", FP8
+        for bm, rk, widths, R in ((16, "per_slice", (512, 128, 128), 64), (64, "per_slot", (512,), 16)):
+            yield act, bm, rk, widths, R, "pool", "all", FP8
+        for bm in (1, 16):
+            yield act, bm, "per_slot", (512, 128, 128), 64, "packed", "all", FP8
+    for bm, layout, widths, R, kernels in ((1, "standard", (512,), 16, "fused"), (4, "pool", (512, 128, 128), 64, "fused"),
+                                           (16, "pool", (512, 128, 128), 64, "all"), (64, "standard", (512,), 16, "all"),
+                                           (1, "packed", (512, 128, 128), 16, "all")):
+        yield torch.bfloat16, bm, "per_slot", widths, R, layout, kernels, torch.float16
+
+
+def _rand_w(shape, wdt):
+    return torch.randn(*shape).to(wdt)
+
+
+def _fp8_scales(a, b, packed, wdt):
+    """WeightScales for fp8 weights (None otherwise): [S, R] float32 per slice, or in the packed form
+    [S, R'] views with slot stride 0 over a [rows] vector."""
+    if wdt != FP8:
+        return None
+    if packed is None:
+        return WeightScales(a=tuple(torch.rand(A.shape[0], A.shape[1]) for A in a),
+                            b=tuple(torch.rand(B.shape[0], B.shape[2]) for B in b))
+    S, R = a[0].shape[0], a[0].shape[1]
+    return WeightScales(a=tuple(torch.rand(packed.rows).as_strided((S, R), (0, 1)) for _ in a),
+                        b=tuple(torch.rand(packed.rows).as_strided((S, R), (0, 1)) for _ in b))
+
+
 # (dtype, block_m) of the cases that also compile the backward's launches: the weight-gradient
 # kernel in every dtype, the swapped-role shrink / expand in both tile modes.
 BACKWARD_CASES = {(torch.float16, 16), (torch.bfloat16, 1), (torch.bfloat16, 64), (torch.float32, 16)}
@@ -239,36 +282,39 @@ def run_case(dt, bm, rk, widths, R, layout, kernels, split_k: int, wdt=None):
     wdt = wdt or dt                                       # the weights' (storage) dtype
     x = torch.randn(T, K, dtype=dt)
     y = torch.randn(T, sum(widths), dtype=dt)
-    a = [torch.randn(S, R, K, dtype=wdt) for _ in widths]
+    a = [_rand_w((S, R, K), wdt) for _ in widths]
     packed = None
     if layout == "packed":                                # one [rows, K] / rank-major [rows, N] buffer per slice
         from openlora_kernels.ops import packed as packed_mod
         rows = S * R + 5
         offs = torch.tensor([3, R + 4, 2 * R + 5], dtype=torch.int32)
         ranks0 = torch.tensor([R, 0, R // 2], dtype=torch.int32)
-        a2 = [torch.randn(rows, K, dtype=wdt) for _ in widths]
-        b2 = [torch.randn(rows, w, dtype=wdt).T for w in widths]
+        a2 = [_rand_w((rows, K), wdt) for _ in widths]
+        b2 = [_rand_w((rows, w), wdt).T for w in widths]
         a, b, packed = packed_mod.views(a2, b2, offs, ranks0, R)
     elif layout == "pool":                                  # [S, R, N] storage, the [S, N, R] view
-        b = [torch.randn(S, R, w, dtype=wdt).transpose(1, 2) for w in widths]
+        b = [_rand_w((S, R, w), wdt).transpose(1, 2) for w in widths]
     else:
-        b = [torch.randn(S, w, R, dtype=wdt) for w in widths]
+        b = [_rand_w((S, w, R), wdt) for w in widths]
+    scales = _fp8_scales(a, b, packed, wdt)
     sc = torch.rand(S)
     ranks = {"none": None, "per_slot": torch.tensor([R, 0, R // 2], dtype=torch.int32),
              "per_slice": torch.full((n, S), R // 2, dtype=torch.int64)}[rk]
     meta = olk.build_batch_meta(torch.tensor([0, 2, -1, 1, 0, 0, 2, 1]), S, block_m=bm)
     if packed is not None:
         with configs.override_config("shrink", SPLIT_K=split_k):
-            triton_sgmv.fused(y, x, a, b, sc, ranks, meta, packed)
-            h = triton_sgmv.shrink(x, a, ranks, meta, packed=packed)
-            triton_sgmv.expand(y, h, b, sc, ranks, meta, packed)
+            triton_sgmv.fused(y, x, a, b, sc, ranks, meta, packed, scales=scales)
+            h = triton_sgmv.shrink(x, a, ranks, meta, packed=packed, scales=scales)
+            triton_sgmv.expand(y, h, b, sc, ranks, meta, packed, fp32_h=dt == torch.float32 and wdt != dt,
+                               scales=scales)
         return
     with configs.override_config("shrink", SPLIT_K=split_k):
-        triton_sgmv.fused(y, x, a, b, sc, ranks, meta)
+        triton_sgmv.fused(y, x, a, b, sc, ranks, meta, scales=scales)
         if kernels == "fused":
             return
-        h = triton_sgmv.shrink(x, a, ranks, meta)
-        triton_sgmv.expand(y, h, b, sc, ranks, meta, fp32_h=wdt != dt)
+        h = triton_sgmv.shrink(x, a, ranks, meta, scales=scales)
+        # (add_lora's route: fp32 products from the fp32 h for fp32 activations)
+        triton_sgmv.expand(y, h, b, sc, ranks, meta, fp32_h=dt == torch.float32 and wdt != dt, scales=scales)
     if split_k == 1 and wdt == dt and (dt, bm) in BACKWARD_CASES:   # the backward: swapped-role shrink /
         # expand (dx, float32 y for several slices), the weight-gradient kernel for dA and dB; B
         # rank-major (the pool's layout)
@@ -286,6 +332,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resources", action="store_true")
     ap.add_argument("--only-segment", action="store_true", help="only the segment decode plan's launches")
     ap.add_argument("--packed-only", action="store_true", help="only the packed form's cases (quick)")
+    ap.add_argument("--fp8-only", action="store_true",
+                    help="only the fp8 (and bf16 x / fp16 weights) storage cases, fp8_cases (quick)")
     opts = ap.parse_args(argv)
     archs = [int(a) for a in opts.archs.split(",")]
 
@@ -302,16 +350,22 @@ def main(argv=None) -> int:
         mod.device_facts = lambda device: ("offline", 132)
 
     n_cases = 0
-    for case in ([] if opts.only_segment else packed_cases() if opts.packed_only else cases(opts.full)):
+    quick = opts.only_segment or opts.packed_only or opts.fp8_only
+    for case in ([] if opts.only_segment or opts.fp8_only else packed_cases() if opts.packed_only else cases(opts.full)):
         for split_k in ((1, 4) if case[1] >= 16 and case[-1] == "all" else (1,)):
             run_case(*case, split_k=split_k)
         n_cases += 1
-    for case in ([] if opts.packed_only else segment_cases()):
+    for case in ([] if opts.packed_only or opts.fp8_only else segment_cases()):
         run_segment_case(*case)
         n_cases += 1
-    for case in ([] if opts.only_segment or opts.packed_only else storage_cases()):
+    for case in ([] if quick else storage_cases()):
         run_case(*case[:-1], split_k=1, wdt=case[-1])
         n_cases += 1
+    for case in ([] if opts.only_segment or opts.packed_only else fp8_cases()):
+        for split_k in ((1, 4) if case[1] >= 16 and case[-2] == "all" else (1,)):
+            run_case(*case[:-1], split_k=split_k, wdt=case[-1])
+        n_cases += 1
+
 
     seen, failures, t0, table = {}, [], time.time(), []
     for name, rec in recorders.items():

@@ -35,14 +35,34 @@ struct IsaKernels {
   const char* name;
   RunFn run[3];   // indexed by DType (x, y and the weights in it)
   RunFn f32_w[2];  // fp32 x / y with weights stored in kF16 / kBF16 (adapter_dtype)
+  RunFn bf16_wf16;  // bf16 x / y with fp16 weights
+  RunFn e4m3[3];   // x / y of DType with fp8 e4m3 weights (and their scales)
 };
 // (fp16 on an x86-64-v4 CPU runs the v3 kernels: the rarest dtype on a CPU, one translation unit
-// fewer; so do the storage-dtype kernels: a decode step reads 16-bit weights at memory speed
-// with AVX2 as well, and the extension's build stays short)
-const IsaKernels kV4 = {"x86-64-v4", {v3::run_f16, v4::run_bf16, v4::run_f32}, {v3::run_f32_wf16, v3::run_f32_wbf16}};
-const IsaKernels kV3 = {"x86-64-v3", {v3::run_f16, v3::run_bf16, v3::run_f32}, {v3::run_f32_wf16, v3::run_f32_wbf16}};
+// fewer; so do the storage-dtype kernels: a decode step reads 16-bit and 8-bit weights at memory
+// speed with AVX2 as well, and the extension's build stays short)
+const IsaKernels kV4 = {"x86-64-v4", {v3::run_f16, v4::run_bf16, v4::run_f32}, {v3::run_f32_wf16, v3::run_f32_wbf16},
+                        v3::run_bf16_wf16, {v3::run_f16_we4m3, v3::run_bf16_we4m3, v3::run_f32_we4m3}};
+const IsaKernels kV3 = {"x86-64-v3", {v3::run_f16, v3::run_bf16, v3::run_f32}, {v3::run_f32_wf16, v3::run_f32_wbf16},
+                        v3::run_bf16_wf16, {v3::run_f16_we4m3, v3::run_bf16_we4m3, v3::run_f32_we4m3}};
 const IsaKernels kBase = {"baseline", {base::run_f16, base::run_bf16, base::run_f32},
-                          {base::run_f32_wf16, base::run_f32_wbf16}};
+                          {base::run_f32_wf16, base::run_f32_wbf16}, base::run_bf16_wf16,
+                          {base::run_f16_we4m3, base::run_bf16_we4m3, base::run_f32_we4m3}};
+
+// Whether the kernels run x / y of `dtype` with weights stored in `w_dtype`.
+bool pair_runs(int dtype, int w_dtype) {
+  if (dtype < kF16 || dtype > kF32) return false;
+  return w_dtype == dtype || w_dtype == kE4M3 || (dtype == kF32 && (w_dtype == kF16 || w_dtype == kBF16)) ||
+         (dtype == kBF16 && w_dtype == kF16);
+}
+
+// The kernels for the pair (one pair_runs accepts).
+RunFn kernels_for(const IsaKernels& k, int dtype, int w_dtype) {
+  if (w_dtype == dtype) return k.run[dtype];
+  if (w_dtype == kE4M3) return k.e4m3[dtype];
+  if (dtype == kBF16) return k.bf16_wf16;
+  return k.f32_w[w_dtype];
+}
 const IsaKernels* const kIsas[] = {&kV4, &kV3, &kBase};   // best first
 
 bool isa_runs(const IsaKernels& k) {
@@ -157,8 +177,8 @@ void split_worker(void* data) {
   s.fn(*s.p, s.units, s.n, &s.next, s.threads, scratch_at(*s.p, rows.data(), floats.data()));
 }
 
-// Runs one call (x / y of `dtype`, weights of `w_dtype`: the same, or kF16 / kBF16 with kF32,
-// which the Plan checked); false when memory ran out (nothing or part of it done).
+// Runs one call (x / y of `dtype`, weights of `w_dtype`: a pair the Plan checked with
+// pair_runs); false when memory ran out (nothing or part of it done).
 bool run_split(const Args& p, int dtype, int w_dtype) {
   static thread_local std::vector<Unit> units;      // reused: no allocation per call
   try {
@@ -177,7 +197,7 @@ bool run_split(const Args& p, int dtype, int w_dtype) {
       threads = static_cast<int>(std::min<int64_t>({static_cast<int64_t>(threads), n, 64}));
     }
   }
-  Split s{&p, units.data(), n, threads, w_dtype == dtype ? g_isa->run[dtype] : g_isa->f32_w[w_dtype]};
+  Split s{&p, units.data(), n, threads, kernels_for(*g_isa, dtype, w_dtype)};
   if (threads <= 1) {
     split_worker(&s);
   } else {
@@ -192,6 +212,12 @@ const void* ptr(int64_t v) { return reinterpret_cast<const void*>(static_cast<ui
 
 struct ArgError { const char* type; std::string msg; };   // (type: "value" or "type")
 
+// The weight scales a Plan takes (fp8 storage): per slice a pointer and the (slot, rank) strides.
+struct Scales {
+  bool has_a = false, has_b = false;
+  std::vector<int64_t> a, a_ss, a_sr, b, b_ss, b_sr;
+};
+
 // The arguments that do not change from call to call for one layer (its weights, scalings and
 // ranks), validated and converted once. A call then passes only the batch: rows, x, y, h and the
 // metadata (converting ~20 Python arguments on every call would cost more than a small kernel).
@@ -201,14 +227,16 @@ class Plan {
        const std::vector<int64_t>& a_ss, const std::vector<int64_t>& a_sr, const std::vector<int64_t>& a_sk,
        const std::vector<int64_t>& b, const std::vector<int64_t>& widths, const std::vector<int64_t>& b_ss,
        const std::vector<int64_t>& b_sn, const std::vector<int64_t>& b_sr, int64_t scal, int64_t ranks,
-       bool ranks64, int64_t s_rn, int64_t s_rs, int w_dtype, int64_t offs = 0, bool offs64 = false, int64_t rows = 0)
+       bool ranks64, int64_t s_rn, int64_t s_rs, int w_dtype, int64_t offs = 0, bool offs64 = false, int64_t rows = 0,
+       const Scales* scales = nullptr)
       : dtype_(dtype), w_dtype_(w_dtype), a_ss_(a_ss), a_sr_(a_sr), a_sk_(a_sk), widths_(widths), b_ss_(b_ss), b_sn_(b_sn), b_sr_(b_sr) {
     if (op < kAdd || op > kExpand) throw ArgError{"value", "op: unknown op code " + std::to_string(op)};
     if (dtype < kF16 || dtype > kF32) throw ArgError{"value", "dtype: unknown dtype code " + std::to_string(dtype)};
-    if (w_dtype != dtype && !(dtype == kF32 && (w_dtype == kF16 || w_dtype == kBF16)))
+    if (!pair_runs(dtype, w_dtype))
       throw ArgError{"value", "w_dtype: weights stored in dtype code " + std::to_string(w_dtype) +
                                   " are not supported with activations of dtype code " + std::to_string(dtype) +
-                                  " (the same dtype, or fp16 / bf16 weights with fp32 activations)"};
+                                  " (the same dtype, fp16 / bf16 weights with fp32 activations, fp16 weights with "
+                                  "bf16 activations, or fp8 e4m3 weights with any)"};
     if (K < 0 || R < 0 || S < 0) throw ArgError{"value", "K, R, S: sizes must be >= 0"};
     if (op != kExpand && a.empty()) throw ArgError{"value", "a: no lora_a slices given"};
     if (op != kShrink && (b.empty() || widths.size() != b.size() || b_ss.size() != b.size()))
@@ -231,6 +259,31 @@ class Plan {
     p_.ranks = ranks ? ptr(ranks) : nullptr; p_.ranks64 = ranks64; p_.s_rn = s_rn; p_.s_rs = s_rs;
     if (offs != 0 && rows < 0) throw ArgError{"value", "rows: must be >= 0"};
     p_.offs = offs ? ptr(offs) : nullptr; p_.offs64 = offs64; p_.rows = rows;
+    // the weight scales (fp8 storage requires those of the sides the op reads)
+    const bool need_a = op != kExpand, need_b = op != kShrink;
+    if (scales != nullptr && scales->has_a && need_a) {
+      if (scales->a.size() != a.size() || scales->a_ss.size() != a.size() || scales->a_sr.size() != a.size())
+        throw ArgError{"value", "a_scale: one scale pointer and two strides per lora_a slice"};
+      for (int64_t v : scales->a) {
+        if (v == 0 && R > 0 && S > 0) throw ArgError{"value", "a_scale: null pointer"};
+        a_sc_.push_back(static_cast<const float*>(ptr(v)));
+      }
+      a_sc_ss_ = scales->a_ss; a_sc_sr_ = scales->a_sr;
+      p_.a_sc = a_sc_.data(); p_.a_sc_ss = a_sc_ss_.data(); p_.a_sc_sr = a_sc_sr_.data();
+    }
+    if (scales != nullptr && scales->has_b && need_b) {
+      if (scales->b.size() != b.size() || scales->b_ss.size() != b.size() || scales->b_sr.size() != b.size())
+        throw ArgError{"value", "b_scale: one scale pointer and two strides per lora_b slice"};
+      for (int64_t v : scales->b) {
+        if (v == 0 && R > 0 && S > 0) throw ArgError{"value", "b_scale: null pointer"};
+        b_sc_.push_back(static_cast<const float*>(ptr(v)));
+      }
+      b_sc_ss_ = scales->b_ss; b_sc_sr_ = scales->b_sr;
+      p_.b_sc = b_sc_.data(); p_.b_sc_ss = b_sc_ss_.data(); p_.b_sc_sr = b_sc_sr_.data();
+    }
+    if (w_dtype == kE4M3 && ((need_a && p_.a_sc == nullptr) || (need_b && p_.b_sc == nullptr)))
+      throw ArgError{"value", std::string(need_a && p_.a_sc == nullptr ? "a_scale" : "b_scale") +
+                                  ": fp8 (e4m3) weights need their scales"};
   }
   Plan(const Plan&) = delete;
   Plan& operator=(const Plan&) = delete;
@@ -287,6 +340,8 @@ class Plan {
   int dtype_, w_dtype_;
   std::vector<const void*> a_, b_;
   std::vector<int64_t> a_ss_, a_sr_, a_sk_, widths_, b_ss_, b_sn_, b_sr_;
+  std::vector<const float*> a_sc_, b_sc_;
+  std::vector<int64_t> a_sc_ss_, a_sc_sr_, b_sc_ss_, b_sc_sr_;
   int64_t n_total_ = 0;
 };
 
@@ -397,12 +452,15 @@ int plan_init(PyObject* self, PyObject* args, PyObject* kwargs) {
   int op, dtype, ranks64, offs64 = 0, w_dtype = -1;
   long long K, R, S, scal, ranks, s_rn, s_rs, offs = 0, rows = 0;
   PyObject *a, *a_ss, *a_sr, *a_sk, *b, *widths, *b_ss, *b_sn, *b_sr;
+  PyObject *asc = Py_None, *asc_ss = Py_None, *asc_sr = Py_None, *bsc = Py_None, *bsc_ss = Py_None, *bsc_sr = Py_None;
   static const char* names[] = {"op", "dtype", "K", "R", "S", "a", "a_ss", "a_sr", "a_sk", "b", "widths", "b_ss",
                                 "b_sn", "b_sr", "scal", "ranks", "ranks64", "s_rn", "s_rs", "offs", "offs64",
-                                "rows", "w_dtype", nullptr};
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiLLLOOOOOOOOOLLpLL|LpLi:Plan", const_cast<char**>(names), &op,
+                                "rows", "w_dtype", "a_scale", "a_scale_ss", "a_scale_sr", "b_scale", "b_scale_ss",
+                                "b_scale_sr", nullptr};
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiLLLOOOOOOOOOLLpLL|LpLiOOOOOO:Plan", const_cast<char**>(names), &op,
                                    &dtype, &K, &R, &S, &a, &a_ss, &a_sr, &a_sk, &b, &widths, &b_ss, &b_sn, &b_sr,
-                                   &scal, &ranks, &ranks64, &s_rn, &s_rs, &offs, &offs64, &rows, &w_dtype))
+                                   &scal, &ranks, &ranks64, &s_rn, &s_rs, &offs, &offs64, &rows, &w_dtype, &asc,
+                                   &asc_ss, &asc_sr, &bsc, &bsc_ss, &bsc_sr))
     return -1;
   if (w_dtype < 0) w_dtype = dtype;       // (not given: the weights have the activations' dtype)
   std::vector<int64_t> va, vass, vasr, vask, vb, vw, vbss, vbsn, vbsr;
@@ -411,10 +469,21 @@ int plan_init(PyObject* self, PyObject* args, PyObject* kwargs) {
   if (!i64_list(a_ss, na, vass, "a_ss") || !i64_list(a_sr, na, vasr, "a_sr") || !i64_list(a_sk, na, vask, "a_sk") ||
       !i64_list(b_ss, nb, vbss, "b_ss") || !i64_list(b_sn, nb, vbsn, "b_sn") || !i64_list(b_sr, nb, vbsr, "b_sr"))
     return -1;
+  Scales sc;         // (a_scale / b_scale: lists of pointers, their strides lists or ints; None: no scales)
+  sc.has_a = asc != Py_None;
+  sc.has_b = bsc != Py_None;
+  if (sc.has_a && (!i64_list(asc, -1, sc.a, "a_scale") ||
+                   !i64_list(asc_ss, static_cast<Py_ssize_t>(sc.a.size()), sc.a_ss, "a_scale_ss") ||
+                   !i64_list(asc_sr, static_cast<Py_ssize_t>(sc.a.size()), sc.a_sr, "a_scale_sr")))
+    return -1;
+  if (sc.has_b && (!i64_list(bsc, -1, sc.b, "b_scale") ||
+                   !i64_list(bsc_ss, static_cast<Py_ssize_t>(sc.b.size()), sc.b_ss, "b_scale_ss") ||
+                   !i64_list(bsc_sr, static_cast<Py_ssize_t>(sc.b.size()), sc.b_sr, "b_scale_sr")))
+    return -1;
   PyPlan* pp = reinterpret_cast<PyPlan*>(self);
   try {
     Plan* plan = new Plan(op, dtype, K, R, S, va, vass, vasr, vask, vb, vw, vbss, vbsn, vbsr, scal, ranks,
-                          ranks64 != 0, s_rn, s_rs, w_dtype, offs, offs64 != 0, rows);
+                          ranks64 != 0, s_rn, s_rs, w_dtype, offs, offs64 != 0, rows, &sc);
     delete pp->plan;
     pp->plan = plan;
   } catch (const ArgError& e) {
@@ -491,9 +560,11 @@ PyMethodDef plan_methods[] = {
 
 PyType_Slot plan_slots[] = {
     {Py_tp_doc, const_cast<char*>("Plan(op, dtype, K, R, S, a, a_ss, a_sr, a_sk, b, widths, b_ss, b_sn, b_sr, scal, "
-                                  "ranks, ranks64, s_rn, s_rs[, offs, offs64, rows, w_dtype]): one layer's static arguments "
-                                  "(strides per slice: a list, or an int for all; w_dtype: the weights' storage dtype, "
-                                  "default dtype); add() / add_rows() / run() per batch")},
+                                  "ranks, ranks64, s_rn, s_rs[, offs, offs64, rows, w_dtype, a_scale, a_scale_ss, a_scale_sr, b_scale, "
+                                  "b_scale_ss, b_scale_sr]): one layer's static arguments (strides per slice: a list, or "
+                                  "an int for all; w_dtype: the weights' storage dtype, default dtype, 3 for fp8 e4m3; "
+                                  "a_scale / b_scale: per slice the pointer of the float32 [S, R] scales of fp8 "
+                                  "weights, with their slot and rank strides); add() / add_rows() / run() per batch")},
     {Py_tp_new, reinterpret_cast<void*>(PyType_GenericNew)},
     {Py_tp_init, reinterpret_cast<void*>(plan_init)},
     {Py_tp_dealloc, reinterpret_cast<void*>(plan_dealloc)},

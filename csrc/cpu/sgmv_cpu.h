@@ -10,7 +10,10 @@
 //                       (except f16 on v4: those CPUs run the v3 fp16 kernels); the v3 and
 //                       baseline 16-bit files also hold the fp32-activation kernels for weights
 //                       stored in their dtype (adapter_dtype: run_f32_wbf16 / run_f32_wf16;
-//                       x86-64-v4 CPUs run v3's)
+//                       x86-64-v4 CPUs run v3's); the v3 and baseline fp16 files also the
+//                       bf16-activation kernels for fp16 weights (run_bf16_wf16)
+//   kernels_<isa>_e4m3.cpp  x86-64-v3 and baseline: the kernels for fp8 (e4m3) weights with fp32,
+//                       fp16 and bf16 activations (run_<dtype>_we4m3; x86-64-v4 CPUs run v3's)
 //   bindings_cpu.cpp    the Python module (plain C API, no pybind11: it compiles in about a
 //                       second and a call costs less), work units, threads, ISA choice at load
 //                       time, and the batch-metadata build
@@ -53,7 +56,8 @@
 namespace openlora {
 namespace cpu {
 
-enum DType : int { kF16 = 0, kBF16 = 1, kF32 = 2 };  // same codes as the CUDA binding
+enum DType : int { kF16 = 0, kBF16 = 1, kF32 = 2,    // same codes as the CUDA binding
+                   kE4M3 = 3 };                       // (weights only: fp8 storage with scales)
 enum Op : int { kAdd = 0, kShrink = 1, kExpand = 2 };
 constexpr int kBlockRows = 4;      // rows sharing one pass over the weights
 constexpr int64_t kUnitRows = 32;  // rows of one work unit (a multiple of kBlockRows)
@@ -65,6 +69,7 @@ constexpr int kPanelRows = 8;        // units of at least this many rows shrink 
 
 struct f16 { uint16_t bits; };
 struct bf16 { uint16_t bits; };
+struct e4m3 { uint8_t bits; };   // fp8 e4m3fn: sign, 4 exponent bits (bias 7), 3 mantissa bits; no inf
 
 inline float bits_f32(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t f32_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
@@ -112,6 +117,16 @@ inline bf16 to_bf16(float f) {
 
 inline float to_f32(float f) { return f; }
 
+// fp8 e4m3fn -> float, exact (every e4m3 value is a float; S.1111.111 is NaN, as in torch):
+// the exponent rebiased by 120, subnormals (exponent 0) renormalised by a subtraction of 2^-6.
+inline float to_f32(e4m3 v) {
+  const uint32_t mag = v.bits & 0x7fu;
+  uint32_t o = (mag << 20) + (120u << 23);
+  if (mag < 8u) o = f32_bits(bits_f32(o + (1u << 23)) - bits_f32(121u << 23));
+  if (mag == 0x7fu) o = 0x7fc00000u;
+  return bits_f32(o | (static_cast<uint32_t>(v.bits & 0x80u) << 24));
+}
+
 template <typename T> inline T from_f32(float f);
 template <> inline float from_f32<float>(float f) { return f; }
 template <> inline f16 from_f32<f16>(float f) { return to_f16(f); }
@@ -124,8 +139,9 @@ template <> inline bf16 from_f32<bf16>(float f) { return to_bf16(f); }
 struct Args {
   int op = kAdd;
   int64_t T = 0, K = 0, R = 0, S = 0;
-  // x and y have the call's dtype; a and b that of the weights (the same, or a 16-bit storage
-  // dtype with fp32 x / y: the kernel is picked by the pair, bindings_cpu.cpp)
+  // x and y have the call's dtype; a and b that of the weights (the same, a 16-bit storage dtype
+  // with fp32 x / y, fp16 with bf16 x / y, or fp8 e4m3 with any: the kernel is picked by the
+  // pair, bindings_cpu.cpp)
   const void* x = nullptr; int64_t sx_t = 0, sx_k = 1;
   void* y = nullptr; int64_t sy_t = 0, sy_n = 1;
   void* h = nullptr; int h_dtype = kF32; int64_t sh_n = 0, sh_t = 0, sh_r = 1;   // [n, T, R]
@@ -139,6 +155,12 @@ struct Args {
   // rows per slice (the slot strides are then 0). Offsets are clamped to [0, rows] and ranks to
   // rows - offset, so no offset makes a read out of bounds.
   const void* offs = nullptr; bool offs64 = false; int64_t rows = 0;
+  // Weight scales per rank row (optional; fp8 storage requires them), float32, one pointer and two
+  // strides (slot, rank) per slice: a_sc for lora_a (the shrink's h_j *= a_sc(s, j)), b_sc for
+  // lora_b (the expand reads b_sc(s, j) * h_j). Addressed like the weights' rank rows: slot s,
+  // rank j at slot * ss + (roff + j) * sr (packed: a slot stride of 0 and the unit's row offset).
+  const float* const* a_sc = nullptr; const int64_t* a_sc_ss = nullptr; const int64_t* a_sc_sr = nullptr;
+  const float* const* b_sc = nullptr; const int64_t* b_sc_ss = nullptr; const int64_t* b_sc_sr = nullptr;
   const int32_t* sorted = nullptr;      // [T]
   const int32_t* seg = nullptr;         // [2, S]: start, length
 };
@@ -195,6 +217,7 @@ using RunFn = void (*)(const Args& p, const Unit* units, int64_t n, int64_t* nex
 using dtype_f16 = f16;
 using dtype_bf16 = bf16;
 using dtype_f32 = float;
+using dtype_e4m3 = e4m3;
 
 // x86-64-v4 / v3 kernels are built with GCC 11+ on x86-64 (#pragma GCC target("arch=...")); with
 // another compiler or target their entry points are stubs and only the baseline runs.
@@ -209,8 +232,12 @@ using dtype_f32 = float;
   void run_f32(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);               \
   void run_f32_wf16(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);          \
   void run_f32_wbf16(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);         \
+  void run_bf16_wf16(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);         \
+  void run_f16_we4m3(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);         \
+  void run_bf16_we4m3(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);        \
+  void run_f32_we4m3(const Args&, const Unit*, int64_t, int64_t*, int64_t, const Scratch&);         \
   }
-OLK_DECLARE_ISA(v4)      // kernels_v4_*.cpp (no fp16: x86-64-v4 CPUs run v3's)
+OLK_DECLARE_ISA(v4)      // kernels_v4_*.cpp (no fp16, no mixed pairs: x86-64-v4 CPUs run v3's)
 OLK_DECLARE_ISA(v3)      // kernels_v3_*.cpp
 OLK_DECLARE_ISA(base)    // kernels_base_*.cpp
 #undef OLK_DECLARE_ISA

@@ -22,6 +22,13 @@ static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 template <typename T>
 constexpr int64_t lines_of(int64_t elems) { return (elems * static_cast<int64_t>(sizeof(T)) + 63) / 64; }
 
+// A weight as the kernels compute with it: its value, except fp8 e4m3's value * 2^-8 (see
+// e4m3_bits_to_f32), whose 2^8 per side is w_unit, multiplied into the scales (scale_h).
+template <typename TW> static inline float wval(TW v) { return to_f32(v); }
+static inline float wval(e4m3 v) { return to_f32(v) * (1.f / 256.f); }
+template <typename TW> static inline float w_unit(const TW*) { return 1.f; }
+static inline float w_unit(const e4m3*) { return 256.f; }
+
 // ------------------------------------------------------------------ eight-float vectors
 // GCC / Clang vector extensions: the same source becomes AVX-512 / AVX2 / SSE / NEON code.
 // (Older compilers, without __builtin_shufflevector, build scalar loops in their place.)
@@ -104,6 +111,80 @@ static inline vf8 load8(const f16* p) {
 #endif
 }
 
+// fp8 e4m3 weights are read as value * 2^-8 (wval below; the 2^8 rides on the scales, scale_h:
+// powers of two, so the same bits as the values themselves). That unit is what F16C widens
+// without a multiply: the fp16 bits of value * 2^-8 are the e4m3 byte's bits moved up by 7
+// (fp16's exponent bias is 8 more than e4m3's; e4m3 subnormals become fp16 subnormals).
+//
+// The baseline's conversion (no F16C; also the widths F16C does not serve): value * 2^-8 of each
+// e4m3 byte (in 32-bit lanes) built in fp32 bits: the exponent rebiased by 112, subnormals
+// renormalised by a subtraction of 2^-14, NaN (S.1111.111) kept.
+template <typename VU, typename VF>
+static inline VF e4m3_bits_to_f32(VU w) {
+  const VU mag = w & 0x7fu;
+  VU o = (mag << 20) + (112u << 23);
+  const VU is_sub = (VU)((mag & 0x78u) == 0u);
+  const VU is_nan = (VU)(mag == 0x7fu);
+  const VU o1 = o + (1u << 23), m = VU{} + (113u << 23);
+  VF f, magic;
+  std::memcpy(&f, &o1, sizeof(f));
+  std::memcpy(&magic, &m, sizeof(f));
+  f -= magic;                                   // subnormals: 2^-14 (1 + m / 8) - 2^-14, exact
+  VU sub;
+  std::memcpy(&sub, &f, sizeof(sub));
+  o = (is_sub & sub) | (~is_sub & o);
+  o = (is_nan & 0x7fc00000u) | (~is_nan & o);
+  o |= (w & 0x80u) << 24;
+  std::memcpy(&f, &o, sizeof(f));
+  return f;
+}
+#if OLK_F16C
+// fp16 bits of value * 2^-8 of each e4m3 byte, sign-extended into 16-bit lanes (v): shifted up by
+// 7 (the sign lands in bits 15 and 14, the mask clears 14), then NaN's (magnitude 0x7f) exponent
+// filled up to fp16's NaN: adding 0x80 carries into bit 14 for that magnitude only.
+static inline __m256i e4m3_f16_bits(__m256i v) {
+  const __m256i h = _mm256_and_si256(_mm256_slli_epi16(v, 7), _mm256_set1_epi16(static_cast<short>(0xbf80)));
+  const __m256i nan = _mm256_and_si256(_mm256_add_epi16(h, _mm256_set1_epi16(0x80)), _mm256_set1_epi16(0x4000));
+  return _mm256_or_si256(h, nan);
+}
+static inline __m128i e4m3_f16_bits(__m128i v) {
+  const __m128i h = _mm_and_si128(_mm_slli_epi16(v, 7), _mm_set1_epi16(static_cast<short>(0xbf80)));
+  const __m128i nan = _mm_and_si128(_mm_add_epi16(h, _mm_set1_epi16(0x80)), _mm_set1_epi16(0x4000));
+  return _mm_or_si128(h, nan);
+}
+static inline vf8 as_vf8(__m256 v) { vf8 f; std::memcpy(&f, &v, 32); return f; }
+// sixteen weights (as value * 2^-8): elements 0-7 and 8-15
+static inline void load16_e4m3(const e4m3* p, vf8& lo, vf8& hi) {
+  const __m256i h = e4m3_f16_bits(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  lo = as_vf8(_mm256_cvtph_ps(_mm256_castsi256_si128(h)));
+  hi = as_vf8(_mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)));
+}
+#endif
+typedef uint8_t vb8 __attribute__((vector_size(8)));
+static inline vf8 load8(const e4m3* p) {     // eight weights, as value * 2^-8
+#if OLK_F16C
+  return as_vf8(_mm256_cvtph_ps(e4m3_f16_bits(_mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))))));
+#else
+  vb8 b;
+  std::memcpy(&b, p, 8);
+  return e4m3_bits_to_f32<vu8, vf8>(__builtin_convertvector(b, vu8));
+#endif
+}
+typedef uint8_t vbw __attribute__((vector_size(kW)));
+static inline vfw loadw(const e4m3* p) {
+#if OLK_F16C
+  if (kW == 8) {
+    const vf8 v = load8(p);
+    vfw f;
+    std::memcpy(&f, &v, sizeof(f) < sizeof(v) ? sizeof(f) : sizeof(v));
+    return f;
+  }
+#endif
+  vbw b;
+  std::memcpy(&b, p, sizeof(b));
+  return e4m3_bits_to_f32<vuw, vfw>(__builtin_convertvector(b, vuw));
+}
+
 // Transposes the 8 x 8 block r[c][l] into o[l][c] (24 shuffles).
 static inline void transpose8(const vf8 r[8], vf8 o[8]) {
   vf8 t[8], u[8];
@@ -153,6 +234,17 @@ template <> struct Pair16<bf16> {
     std::memcpy(&u, p, 32);
     lo = as_f(u << 16);
     hi = as_f(u & 0xffff0000u);
+  }
+};
+template <> struct Pair16<e4m3> {   // elements 0-7 and 8-15 (as value * 2^-8): one 16-byte load
+  static constexpr bool kEvenOdd = false;
+  static inline void load(const e4m3* p, vf8& lo, vf8& hi) {
+#if OLK_F16C
+    load16_e4m3(p, lo, hi);
+#else
+    lo = load8(p);
+    hi = load8(p + 8);
+#endif
   }
 };
 
@@ -229,10 +321,10 @@ static inline void dot_block(const TX* const* xr, const TA* a, int64_t a_sr, int
   const TA* a3 = a + (JB > 3 ? 3 * a_sr : 0);
 #pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
   for (int64_t k = 0; k < K; ++k) {
-    const float v0 = to_f32(a0[k]);
-    const float v1 = JB > 1 ? to_f32(a1[k]) : 0.f;
-    const float v2 = JB > 2 ? to_f32(a2[k]) : 0.f;
-    const float v3 = JB > 3 ? to_f32(a3[k]) : 0.f;
+    const float v0 = wval(a0[k]);
+    const float v1 = JB > 1 ? wval(a1[k]) : 0.f;
+    const float v2 = JB > 2 ? wval(a2[k]) : 0.f;
+    const float v3 = JB > 3 ? wval(a3[k]) : 0.f;
     const float w0 = to_f32(x0[k]);
     s00 += w0 * v0; if (JB > 1) s01 += w0 * v1; if (JB > 2) s02 += w0 * v2; if (JB > 3) s03 += w0 * v3;
     if (MB > 1) {
@@ -305,8 +397,16 @@ static void make_panel(const TW* w, int64_t s_c, int64_t s_j, int64_t c0, int64_
     for (int j = 0; j < rank; ++j) {
       const TW* src = w + j * s_j + c0;
       float* dst = P + j * ldp;
+      int64_t c = 0;
+#if defined(OLK_VEC)
+      if (same_type<TW, e4m3>::value)    // (fp8: the vector conversion, eight at a time)
+        for (; c + 8 <= nc; c += 8) {
+          const vf8 v = load8(src + c);
+          std::memcpy(dst + c, &v, 32);
+        }
+#endif
 #pragma omp simd
-      for (int64_t c = 0; c < nc; ++c) dst[c] = to_f32(src[c]);
+      for (int64_t cc = c; cc < nc; ++cc) dst[cc] = wval(src[cc]);
     }
     return;
   }
@@ -326,14 +426,14 @@ static void make_panel(const TW* w, int64_t s_c, int64_t s_j, int64_t c0, int64_
       }
       for (; j < rank; ++j) {
         OLK_UNROLL
-        for (int i = 0; i < 8; ++i) P[j * ldp + c + i] = to_f32(col[i * s_c + j]);
+        for (int i = 0; i < 8; ++i) P[j * ldp + c + i] = wval(col[i * s_c + j]);
       }
     }
   }
 #endif
   for (; c < nc; ++c) {
     const TW* col = w + (c0 + c) * s_c;
-    for (int j = 0; j < rank; ++j) P[j * ldp + c] = to_f32(col[j * s_j]);
+    for (int j = 0; j < rank; ++j) P[j * ldp + c] = wval(col[j * s_j]);
   }
 }
 
@@ -374,8 +474,18 @@ static inline void expand_chunk(const TW* w, int64_t w_sr, int rank, const float
   for (int j = 0; j < rank; ++j) {
     const TW* wrow = w + j * w_sr;
     vfw b[V];
-    OLK_UNROLL
-    for (int v = 0; v < V; ++v) b[v] = loadw(wrow + v * kW);
+    if (same_type<TW, e4m3>::value && kW == 8 && V % 2 == 0) {   // fp8: sixteen columns per conversion
+      OLK_UNROLL
+      for (int v = 0; v < V; v += 2) {
+        vf8 lo, hi;
+        Pair16<e4m3>::load(reinterpret_cast<const e4m3*>(wrow) + v * kW, lo, hi);
+        std::memcpy(&b[v], &lo, sizeof(vfw) < 32 ? sizeof(vfw) : 32);
+        std::memcpy(&b[v + 1], &hi, sizeof(vfw) < 32 ? sizeof(vfw) : 32);
+      }
+    } else {
+      OLK_UNROLL
+      for (int v = 0; v < V; ++v) b[v] = loadw(wrow + v * kW);
+    }
     OLK_UNROLL
     for (int m = 0; m < MB; ++m) {
       const float c = h[m * hs + j];
@@ -419,7 +529,7 @@ static inline void expand_chunk(const TW* w, int64_t w_sr, int rank, const float
     for (int m = 0; m < MB; ++m) c[m] = h[m * hs + j];
 #pragma omp simd
     for (int n = 0; n < NC; ++n) {
-      const float bv = to_f32(wrow[n]);
+      const float bv = wval(wrow[n]);
       for (int m = 0; m < MB; ++m) acc[m][n] += c[m] * bv;
     }
     pf.step(lines_of<TW>(NC));
@@ -438,7 +548,7 @@ static void expand_tail(const TW* w, int64_t w_sr, int rank, const float* h, int
     OLK_UNROLL
     for (int m = 0; m < MB; ++m) {
       const float c = h[m * hs + j];
-      for (int64_t n = 0; n < nc; ++n) acc[m][n] += c * to_f32(wrow[n]);
+      for (int64_t n = 0; n < nc; ++n) acc[m][n] += c * wval(wrow[n]);
     }
   }
   update_y<TY, MB, kW>(yr, col, sy_n, nc, scale, acc);
@@ -561,6 +671,19 @@ static inline vf8 dot8_columns(const TW* w, int64_t w_sn, int rank, const float*
       }
     }
   }
+  if (same_type<TW, e4m3>::value) {    // fp8: sixteen ranks per conversion, the same sums as below
+    const int r16e = rank / 16 * 16;
+    for (; j0 < r16e; j0 += 16) {
+      const vf8 h0 = load8(h + j0), h1 = load8(h + j0 + 8);
+      OLK_UNROLL
+      for (int c = 0; c < 8; ++c) {
+        vf8 lo, hi;
+        Pair16<e4m3>::load(reinterpret_cast<const e4m3*>(w + c * w_sn + j0), lo, hi);
+        acc[c] += lo * h0;
+        acc[c] += hi * h1;
+      }
+    }
+  }
   const int r8 = rank / 8 * 8;
   for (; j0 < r8; j0 += 8) {
     const vf8 hv = load8(h + j0);
@@ -571,7 +694,7 @@ static inline vf8 dot8_columns(const TW* w, int64_t w_sn, int rank, const float*
     OLK_UNROLL
     for (int c = 0; c < 8; ++c) {
       float t = 0.f;
-      for (int j = r8; j < rank; ++j) t += to_f32(w[c * w_sn + j]) * h[j];
+      for (int j = r8; j < rank; ++j) t += wval(w[c * w_sn + j]) * h[j];
       acc[c][0] += t;
     }
   }
@@ -612,7 +735,7 @@ static void expand_dot_rows(const TW* w, int64_t w_sn, int rank, const float* h,
     for (int m = 0; m < n; ++m) {
       const float* hm = h + m * hs;
       float t = 0.f;
-      for (int j = 0; j < rank; ++j) t += to_f32(wc[j]) * hm[j];
+      for (int j = 0; j < rank; ++j) t += wval(wc[j]) * hm[j];
       TY* y = yr[m] + (col + c0) * sy_n;
       *y = from_f32<TY>(to_f32(*y) + scale * t);
     }
@@ -686,7 +809,7 @@ static inline void dot_pairs(const float* const* xf, const TW* a, int64_t a_sr, 
     for (int m = 0; m < MB; ++m)
       OLK_UNROLL
       for (int j = 0; j < JB; ++j)
-        for (int64_t k = kb; k < K; ++k) t[m * JB + j] += xf[m][k] * to_f32(a[j * a_sr + k]);
+        for (int64_t k = kb; k < K; ++k) t[m * JB + j] += xf[m][k] * wval(a[j * a_sr + k]);
   }
   OLK_UNROLL
   for (int i = 0; i < MB * JB; ++i) out[i] = t[i];
@@ -739,8 +862,30 @@ static inline float load_h(const Args& p, int64_t off) {
   }
 }
 
-// T: x's and y's dtype (the activations); TW: the weights' (their storage dtype: T, or a 16-bit
-// one for fp32 activations). Weights are converted to fp32 where they are loaded.
+// h[m * hs + j] *= the weights' scales of rank j for the unit's n rows (fp8 storage: a_sc for a
+// shrink, b_sc for an expand, their product for an add; nothing for a side without scales), each
+// side's scale times w_unit (2^8 for e4m3, read as value * 2^-8: exact). So a scale costs a
+// multiply per rank and row, never one per weight.
+template <typename TW>
+static inline void scale_h(const Args& p, const Unit& u, int n, float* h, int64_t hs) {
+  const int64_t i = u.slice;
+  const float* as = p.op != kExpand && p.a_sc != nullptr ? p.a_sc[i] : nullptr;
+  const float* bs = p.op != kShrink && p.b_sc != nullptr ? p.b_sc[i] : nullptr;
+  if (as == nullptr && bs == nullptr) return;
+  const float unit = w_unit(static_cast<const TW*>(nullptr));
+  const float unit2 = as != nullptr && bs != nullptr ? unit * unit : unit;
+  int64_t sa = 0, sb = 0;
+  if (as != nullptr) { as += u.slot * p.a_sc_ss[i] + u.roff * p.a_sc_sr[i]; sa = p.a_sc_sr[i]; }
+  if (bs != nullptr) { bs += u.slot * p.b_sc_ss[i] + u.roff * p.b_sc_sr[i]; sb = p.b_sc_sr[i]; }
+  for (int j = 0; j < u.rank; ++j) {
+    const float f = (as != nullptr ? as[j * sa] : 1.f) * (bs != nullptr ? bs[j * sb] : 1.f) * unit2;
+    for (int m = 0; m < n; ++m) h[m * hs + j] *= f;
+  }
+}
+
+// T: x's and y's dtype (the activations); TW: the weights' (their storage dtype: T, a 16-bit one
+// for fp32 activations, fp16 for bf16 ones, or fp8 e4m3 for any, with scales). Weights are
+// converted to fp32 where they are loaded.
 template <typename T, typename TW>
 static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher& pf) {
   const int64_t i = u.slice, hs = p.R;
@@ -804,6 +949,7 @@ static void run_unit(const Args& p, const Unit& u, const Scratch& s, Prefetcher&
       }
     }
   }
+  scale_h<TW>(p, u, n, h, hs);
   if (p.op == kShrink) {
     float* ho = static_cast<float*>(p.h);
     for (int m = 0; m < n; ++m)

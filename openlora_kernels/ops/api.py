@@ -23,7 +23,10 @@ from ..checks import check_batch_meta, check_ranks
 from ..metadata import LoRABatchMeta, build_batch_meta
 from . import backward as _backward
 from . import custom_ops  # noqa: F401  (registers torch.ops.openlora.*)
+from . import fp8 as _fp8
 from . import packed as _packed
+# fp8 storage's dtype and quantizer, re-exported: the pool and the patching reach them here
+from .fp8 import FP8, WeightScales, dequantize_rows, quantize_rows  # noqa: F401
 from .backends import resolve_backend
 
 TensorOrList = Union[torch.Tensor, Sequence[torch.Tensor]]
@@ -33,23 +36,21 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # weights on load and accumulate in float32 (docs/kernels.md, "Storage dtypes"). Which mixed
 # pairs a backend runs: its module's MIXED_STORAGE (checked once the backend is resolved).
 STORAGE_DTYPES = {
-    torch.float32: (torch.float32, torch.bfloat16, torch.float16),
-    torch.bfloat16: (torch.bfloat16,),
-    torch.float16: (torch.float16,),
+    torch.float32: (torch.float32, torch.bfloat16, torch.float16, _fp8.FP8),
+    torch.bfloat16: (torch.bfloat16, torch.float16, _fp8.FP8),
+    torch.float16: (torch.float16, _fp8.FP8),
     torch.float64: (torch.float64,),
 }
-_FP8 = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
-             if hasattr(torch, n))
+_FP8 = _fp8.FP8_DTYPES
 
 
 def _storage_ok(w_dtype: torch.dtype, act: torch.dtype, nm: str, act_name: str) -> None:
     """Refuses a weight dtype that is no storage dtype for activations of dtype ``act``."""
     if w_dtype in STORAGE_DTYPES.get(act, (act,)):
         return
-    if w_dtype in _FP8:
-        raise TypeError(f"{nm}: storage dtype {w_dtype} (fp8) is not supported on any backend yet "
-                        "(adapter_dtype float8 needs per-output-channel scales, not implemented); "
-                        "store the adapters in bfloat16 / float16 instead")
+    if w_dtype in _FP8 and w_dtype is not _fp8.FP8:
+        raise TypeError(f"{nm}: storage dtype {w_dtype} is not supported; the fp8 storage dtype is "
+                        "torch.float8_e4m3fn (with per-rank scales, ops/fp8.py)")
     allowed = ", ".join(str(d).replace("torch.", "") for d in STORAGE_DTYPES.get(act, (act,)))
     raise TypeError(f"{nm}: dtype {w_dtype} does not match {act_name}'s dtype {act} (storage dtypes for "
                     f"{str(act).replace('torch.', '')} activations: {allowed})")
@@ -278,6 +279,71 @@ def forbid_backward(t: torch.Tensor, what: str) -> torch.Tensor:
     return _ForbidBackward.apply(t, str(what))
 
 
+# ------------------------------------------------------------------------- fp8 weight scales
+
+
+def _check_scales(v, nm: str, w_list: List[torch.Tensor], w_name: str, packed, R: int):
+    """The scales of one side's weights (``a_scales`` for lora_a, ``b_scales`` for lora_b) as a
+    tuple of float32 [S, R] tensors per slice (ops/fp8.py), or None: required when the weights
+    are fp8 (float8_e4m3fn), refused otherwise. Padded form: [S, R] per slice; packed form:
+    [rows] per slice (one scale per buffer row, addressed by the offsets like the weights),
+    returned as slot-stride-0 [S, R] views."""
+    fp8 = w_list[0].dtype is _fp8.FP8
+    if v is None:
+        if fp8:
+            raise TypeError(f"{nm}: required, {w_name} is stored in float8_e4m3fn (one float32 scale per rank "
+                            "row: ops/fp8.py quantize_rows makes both)")
+        return None
+    if not fp8:
+        raise TypeError(f"{nm}: given, but {w_name} is stored in {w_list[0].dtype}; scales go with float8_e4m3fn "
+                        "weights only")
+    s_list, is_list = _as_list(v, nm)
+    if len(s_list) != len(w_list):
+        raise ValueError(f"{nm}: {len(s_list)} scale tensors given, but {w_name} has {len(w_list)} slices")
+    S = w_list[0].shape[0]
+    out = []
+    for i, t in enumerate(s_list):
+        n = f"{nm}[{i}]" if is_list else nm
+        if t.dtype != torch.float32:
+            raise TypeError(f"{n}: expected dtype float32, got {t.dtype}")
+        _same_device(t, n, w_list[0].device)
+        if packed is not None:
+            if t.dim() != 1 or t.shape[0] != packed.rows:
+                raise ValueError(f"{n}: expected shape [{packed.rows}] (one scale per row of the packed buffer), "
+                                 f"got {tuple(t.shape)}")
+            t = t.as_strided((S, R), (0, t.stride(0)), t.storage_offset())
+        elif tuple(t.shape) != (S, R):
+            raise ValueError(f"{n}: expected shape [{S}, {R}] (one scale per slot and rank row), got {tuple(t.shape)}")
+        out.append(t)
+    return tuple(out)
+
+
+def _weight_scales(a_scales, b_scales, a_list, b_list, packed, R: int) -> Optional[_fp8.WeightScales]:
+    """WeightScales of a call (None: no fp8 weights)."""
+    sa = _check_scales(a_scales, "a_scales", a_list, "lora_a", packed, R) if a_list is not None else None
+    sb = _check_scales(b_scales, "b_scales", b_list, "lora_b", packed, R) if b_list is not None else None
+    if a_list is None and a_scales is not None:
+        raise TypeError("a_scales: this op takes no lora_a")
+    if b_list is None and b_scales is not None:
+        raise TypeError("b_scales: this op takes no lora_b")
+    if sa is None and sb is None:
+        return None
+    return _fp8.WeightScales(sa, sb)
+
+
+def _fp8_eager(scales, grad: bool) -> None:
+    """fp8 weights run inference only, eagerly."""
+    if scales is None:
+        return
+    if grad:
+        raise NotImplementedError("a_scales / b_scales: gradients through fp8 (float8_e4m3fn) weights are not "
+                                  "implemented (inference only: run under torch.no_grad(), or store the adapter "
+                                  "in bfloat16 / float32 to train it)")
+    if torch.compiler.is_compiling():
+        raise NotImplementedError("a_scales / b_scales: fp8 weights are not registered with torch.compile yet "
+                                  "(run them eagerly, or store the adapters in bfloat16)")
+
+
 # ---------------------------------------------------------------------------------- the ops
 
 
@@ -298,7 +364,8 @@ def _no_packed_grad(packed) -> None:
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: TensorOrList, indices: Indices,
              scalings: torch.Tensor, ranks: Optional[torch.Tensor] = None, *, offsets: Optional[torch.Tensor] = None,
-             max_rank: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
+             max_rank: Optional[int] = None, a_scales: Optional[TensorOrList] = None,
+             b_scales: Optional[TensorOrList] = None, backend: str = "auto") -> torch.Tensor:
     """Add each row's LoRA delta into ``y`` in place and return ``y``.
 
     ``y[t, cols_i] += scalings[s] * (x[t] @ A_i[s, :r_s].T) @ B_i[s, :, :r_s].T`` for every row t
@@ -318,6 +385,10 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: Ten
             [rows, K] and ``lora_b`` [N, rows] (or lists of such), ``ranks`` is required and
             ``max_rank`` (int) bounds them. Backends "torch" and "cpu"; inference only.
         max_rank: with ``offsets``, the largest rank a slot may have.
+        a_scales, b_scales: required when lora_a / lora_b are stored in ``torch.float8_e4m3fn``
+            (ops/fp8.py): float32 [S, R] per slice (packed form: [rows], one per buffer row),
+            ``A_i[s, j, :] * a_scales_i[s, j]`` and ``B_i[s, :, j] * b_scales_i[s, j]`` being the
+            weights. Inference only, eager only; backends "torch", "cpu", "triton".
         backend: "auto", "torch", "triton" or "cuda" (see :func:`available_backends`).
 
     Example::
@@ -346,13 +417,15 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_b: Ten
     ranks = _check_ranks(ranks, S, len(a_list), x.device)
     if packed is not None:
         _packed.check_offsets_arg(offsets, S, x.device)
+    scales = _weight_scales(a_scales, b_scales, a_list, b_list, packed, R)
     meta = _meta_for(indices, x.shape[0], S, x.device)
     name = resolve_backend(backend, x.device)
     check_storage(name, x.dtype, a_list, b_list)
+    _fp8_eager(scales, grad)
     if grad:
         _no_packed_grad(packed)
         return _add_autograd(y, x, a_list, b_list, scalings, ranks, meta, name)
-    return _launch_add(y, x, a_list, b_list, scalings, ranks, meta, name, packed)
+    return _launch_add(y, x, a_list, b_list, scalings, ranks, meta, name, packed, scales)
 
 
 def _add_autograd(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, name: str) -> torch.Tensor:
@@ -372,15 +445,17 @@ def _not_compiled(packed) -> None:
                                   "(run it eagerly, or use the padded [S, R, K] form)")
 
 
-def _launch_add(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, name: str, packed=None) -> torch.Tensor:
+def _launch_add(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, name: str, packed=None,
+                scales=None) -> torch.Tensor:
     S, R, K = a_list[0].shape
     if x.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0 or K == 0:
         return y      # no row, column, slot, rank or input feature: a zero delta, y is not written
     if torch.compiler.is_compiling():
         _not_compiled(packed)
+        _fp8_eager(scales, False)
         torch.ops.openlora.add_lora(y, x, a_list, b_list, scalings, ranks, *meta.tensors(), meta.block_m, name)
     else:
-        custom_ops.run_add_lora(y, x, a_list, b_list, scalings, ranks, meta, name, packed)
+        custom_ops.run_add_lora(y, x, a_list, b_list, scalings, ranks, meta, name, packed, scales)
     return y
 
 
@@ -421,17 +496,19 @@ class BoundLoRA:
     goes through :func:`add_lora`'s full checks, so errors name the argument as usual. The
     weights' values may change between calls (slot loads), not their shapes, dtype, device or
     storage. A backend that offers ``bind`` (the native CPU one) converts the weight arguments
-    once here, too.
+    once here, too. fp8 weights take their ``a_scales`` / ``b_scales`` here (as in
+    :func:`add_lora`); a pool writing new scales in place keeps them valid, like the weights.
     """
 
     __slots__ = ("lora_a", "lora_b", "scalings", "ranks", "backend", "_a", "_b", "_name", "_dtype", "_device",
                  "_S", "_R", "_K", "_N", "_bound", "_add_rows", "_weights", "_dev", "_ranks_host", "_ranks_seen", "_fast",
-                 "offsets", "max_rank", "_packed")
+                 "offsets", "max_rank", "_packed", "a_scales", "b_scales", "_scales")
     # (_weights: every weight tensor argument, for the requires-grad test of a call)
 
     def __init__(self, lora_a: TensorOrList, lora_b: TensorOrList, scalings: torch.Tensor,
                  ranks: Optional[torch.Tensor] = None, *, offsets: Optional[torch.Tensor] = None,
-                 max_rank: Optional[int] = None, backend: str = "auto", dtype: Optional[torch.dtype] = None):
+                 max_rank: Optional[int] = None, a_scales: Optional[TensorOrList] = None,
+                 b_scales: Optional[TensorOrList] = None, backend: str = "auto", dtype: Optional[torch.dtype] = None):
         # The checks of add_lora, against an empty x / y shaped like the weights, of the
         # activations' dtype: ``dtype`` (None: the weights' own; else the weights are stored in
         # a storage dtype of it, e.g. bfloat16 weights for float32 activations, STORAGE_DTYPES).
@@ -453,6 +530,8 @@ class BoundLoRA:
         if self._packed is not None:
             _packed.check_offsets_arg(offsets, S, x.device)
         self.lora_a, self.lora_b, self.scalings, self.backend = lora_a, lora_b, scalings, backend
+        self.a_scales, self.b_scales = a_scales, b_scales
+        self._scales = _weight_scales(a_scales, b_scales, a_list, self._b, self._packed, R)
         self._a, self._name = a_list, resolve_backend(backend, x.device)
         check_storage(self._name, x.dtype, a_list, self._b)
         self._weights = (*a_list, *self._b, scalings)
@@ -466,6 +545,8 @@ class BoundLoRA:
         if S == 0 or R == 0 or K == 0 or self._N == 0:
             bind = None        # a zero delta: the calls only check their arguments (_launch_add)
         mixed = {"act_dtype": x.dtype} if a_list[0].dtype is not x.dtype else {}
+        if self._scales is not None:
+            mixed["scales"] = self._scales
         if self._packed is not None:
             if not getattr(mod, "SUPPORTS_PACKED", False):
                 bind = None    # the general path (the reference's reading, or the backend's error)
@@ -483,7 +564,8 @@ class BoundLoRA:
     def __call__(self, y: torch.Tensor, x: torch.Tensor, indices: Indices) -> torch.Tensor:
         if _grad_enabled() and self._wants_grad(y, x):     # the autograd path: add_lora's
             return add_lora(y, x, self.lora_a, self.lora_b, indices, self.scalings, self.ranks, offsets=self.offsets,
-                            max_rank=self.max_rank, backend=self.backend)
+                            max_rank=self.max_rank, a_scales=self.a_scales, b_scales=self.b_scales,
+                            backend=self.backend)
         if type(indices) is LoRABatchMeta and type(x) is torch.Tensor and type(y) is torch.Tensor:
             fast = self._fast
             if fast is not None and not _is_compiling():
@@ -507,9 +589,10 @@ class BoundLoRA:
                         check_batch_meta(indices)     # (memoised on the object)
                     bound(y, x, indices)
                     return y
-                return _launch_add(y, x, self._a, self._b, self.scalings, self.ranks, indices, self._name, self._packed)
+                return _launch_add(y, x, self._a, self._b, self.scalings, self.ranks, indices, self._name, self._packed,
+                                   self._scales)
         return add_lora(y, x, self.lora_a, self.lora_b, indices, self.scalings, self.ranks, offsets=self.offsets,
-                        max_rank=self.max_rank, backend=self.backend)
+                        max_rank=self.max_rank, a_scales=self.a_scales, b_scales=self.b_scales, backend=self.backend)
 
     def add_rows(self, y: torch.Tensor, x: torch.Tensor, rows) -> bool:
         """The patched-layer fast path of the native CPU backend: ``y += delta(x)`` for a
@@ -562,7 +645,7 @@ class BoundLoRA:
 
 def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: Optional[torch.Tensor] = None,
                 *, offsets: Optional[torch.Tensor] = None, max_rank: Optional[int] = None,
-                backend: str = "auto") -> torch.Tensor:
+                a_scales: Optional[TensorOrList] = None, backend: str = "auto") -> torch.Tensor:
     """First half of :func:`add_lora`: ``h[i, t, :r_s] = x[t] @ A_i[s, :r_s].T``.
 
     Returns a new [n_slices, T, R] float32 tensor; rows with slot -1 and columns at or beyond a
@@ -571,7 +654,8 @@ def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: 
     autograd: dx[t] = sum_i dh[i, t, :r] @ A_i[s, :r], dA_i[s] = sum over s's rows of
     dh[i, t, :r]ᵀ x[t] (float32 accumulation; zero beyond ranks, on unused slots, from -1 rows).
     ``offsets`` / ``max_rank``: the packed form, as in :func:`add_lora` (``lora_a`` [rows, K]; h is
-    [n, T, min(max_rank, rows)]).
+    [n, T, min(max_rank, rows)]). ``a_scales``: with fp8 lora_a, as in :func:`add_lora`
+    (h is then ``a_scales[s, j] * x[t] @ A_i[s, j]``).
     """
     grad = torch.is_grad_enabled() and _any_requires_grad(x, lora_a)
     _tensor(x, "x", 2)
@@ -584,14 +668,16 @@ def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: 
         _packed.check_offsets_arg(offsets, S, x.device)
         if grad:
             _no_packed_grad(packed)
+    scales = _weight_scales(a_scales, None, a_list, None, packed, R)
     meta = _meta_for(indices, x.shape[0], S, x.device)
     name = resolve_backend(backend, x.device)
     check_storage(name, x.dtype, a_list)
-    if packed is not None:
+    _fp8_eager(scales, grad)
+    if packed is not None or scales is not None:
         if x.shape[0] == 0 or S == 0 or R == 0 or K == 0:
             return x.new_zeros((len(a_list), x.shape[0], R), dtype=torch.float32)
         _not_compiled(packed if torch.compiler.is_compiling() else None)
-        return custom_ops.run_shrink(x, a_list, ranks, meta, name, packed=packed)
+        return custom_ops.run_shrink(x, a_list, ranks, meta, name, packed=packed, scales=scales)
     if grad:          # the registered op, so that autograd records it (degenerate sizes too)
         if not torch.compiler.is_compiling():
             custom_ops.remember_meta(meta)
@@ -606,7 +692,7 @@ def lora_shrink(x: torch.Tensor, lora_a: TensorOrList, indices: Indices, ranks: 
 
 def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices: Indices, scalings: torch.Tensor,
                 ranks: Optional[torch.Tensor] = None, *, offsets: Optional[torch.Tensor] = None,
-                backend: str = "auto") -> torch.Tensor:
+                b_scales: Optional[TensorOrList] = None, backend: str = "auto") -> torch.Tensor:
     """Second half of :func:`add_lora`: ``y[t, cols_i] += scalings[s] * h[i, t, :r_s] @ B_i[s, :, :r_s].T``.
 
     ``h`` is [n_slices, T, R] (float32 from :func:`lora_shrink`, or float16/bfloat16). Returns ``y``.
@@ -615,7 +701,7 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices:
     dh[i, t, :r] = scale_s * dy[t, cols_i] @ B_i[s, :, :r] (0 beyond ranks and on -1 rows), dB
     and dscalings as for :func:`add_lora`; y's gradient passes through unchanged.
     ``offsets``: the packed form, as in :func:`add_lora` (``lora_b`` [N, rows], the slots' rank
-    bound is h's dim 2).
+    bound is h's dim 2). ``b_scales``: with fp8 lora_b, as in :func:`add_lora`.
     """
     grad = torch.is_grad_enabled() and _any_requires_grad(y, h, lora_b, scalings)
     packed = None
@@ -646,14 +732,16 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: TensorOrList, indices:
         _packed.check_offsets_arg(offsets, S, y.device)
         if h.shape[2] != b_list[0].shape[2]:
             raise ValueError(f"h: has {h.shape[2]} ranks, but the packed buffers have only {b_list[0].shape[2]} rows")
+    scales = _weight_scales(None, b_scales, None, b_list, packed, h.shape[2])
     meta = _meta_for(indices, y.shape[0], S, y.device)
     name = resolve_backend(backend, y.device)
     check_storage(name, y.dtype, (), b_list)
-    if packed is not None:
+    _fp8_eager(scales, grad)
+    if packed is not None or scales is not None:
         if y.shape[0] == 0 or y.shape[1] == 0 or S == 0 or h.shape[2] == 0:
             return y
         _not_compiled(packed if torch.compiler.is_compiling() else None)
-        custom_ops.run_expand(y, h, b_list, scalings, ranks, meta, name, packed=packed)
+        custom_ops.run_expand(y, h, b_list, scalings, ranks, meta, name, packed=packed, scales=scales)
         return y
     if grad:
         _check_in_place(y)
@@ -721,6 +809,9 @@ def lora_backward(dy: torch.Tensor, x: torch.Tensor, lora_a: TensorOrList, lora_
             raise TypeError(f"{nm}: expected a bool, got {type(v).__name__}")
     name = resolve_backend(backend, x.device)
     check_storage(name, x.dtype, a_list, b_list)
+    if a_list[0].dtype is _fp8.FP8:
+        raise NotImplementedError("lora_a: gradients through fp8 (float8_e4m3fn) weights are not implemented "
+                                  "(inference only)")
     n = len(a_list)
     with torch.no_grad():
         if torch.compiler.is_compiling():
@@ -823,6 +914,9 @@ def add_lora_embedding(y: torch.Tensor, ids: torch.Tensor, lora_a: torch.Tensor,
     _same_device(lora_a, "lora_a", y.device)
     if lora_a.dtype != y.dtype:
         _storage_ok(lora_a.dtype, y.dtype, "lora_a", "y")
+    if lora_a.dtype is _fp8.FP8:
+        raise TypeError("lora_a: fp8 (float8_e4m3fn) storage is not supported for embedding LoRAs (their shrink "
+                        "is a gather); store them in the embedding's dtype or bfloat16")
     h = lora_embedding_shrink(ids, lora_a, indices, ranks, offsets=offsets, max_rank=max_rank)
     return lora_expand(y, h, lora_b, indices, scalings, ranks, offsets=offsets, backend=backend)
 

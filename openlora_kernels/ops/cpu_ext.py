@@ -6,7 +6,9 @@ y, with no gathered weight copies and no per-slot PyTorch ops (whose fixed cost 
 CPU batches), split over PyTorch's own OpenMP threads. Any weight layout is read as it is: the
 pool's rank-major B directly, the usual [S, N, R] B (and vLLM's) through 8 x 8 register
 transposes into a small fp32 panel, per-slice buffers of different strides each with its own
-strides (no copy). ``auto`` picks this backend for CPU tensors when the module is built
+strides (no copy). Weights may be stored narrower than the activations (MIXED_STORAGE), fp8
+(e4m3) ones with float32 scales per rank row (``scales=``, ops/fp8.py: converted exactly on load,
+the scales multiplied into the rank-sized h). ``auto`` picks this backend for CPU tensors when the module is built
 (``pip install`` compiles it with the machine's C++ compiler; without one the backend reports
 itself unavailable and ``auto`` uses "torch").
 
@@ -32,8 +34,13 @@ _state = {}
 # The native expand writes y in the weights' dtype (ops/backward.py: multi-slice dx sums 16-bit parts)
 EXPAND_FP32_Y = False
 # Weights stored in another dtype than the activations (adapter_dtype): (activation, weight)
-# pairs the kernels run, converting the weights to fp32 where they are loaded (csrc/cpu).
-MIXED_STORAGE = frozenset({(torch.float32, torch.bfloat16), (torch.float32, torch.float16)})
+# pairs the kernels run, converting the weights to fp32 where they are loaded (csrc/cpu). fp8
+# (e4m3) weights come with their per-rank scales (ops/fp8.py), applied to the rank-sized h.
+MIXED_STORAGE = frozenset({(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                           (torch.bfloat16, torch.float16)}
+                          | {(act, torch.float8_e4m3fn) for act in (torch.float32, torch.float16, torch.bfloat16)})
+# The binding's codes of the weights' storage dtypes (fp8 e4m3: weights only).
+_W_CODES = {**DTYPE_CODES, torch.float8_e4m3fn: 3}
 # The LoRA backward's segmented weight-gradient products (dA, dB) run on PyTorch's GEMMs: the
 # torch backend's segment / padded strategies (ops/torch_ref.py).
 weight_grads = torch_ref.weight_grads
@@ -103,16 +110,32 @@ def _ranks_args(ranks: Optional[torch.Tensor]):
     return (ranks.data_ptr(), ranks.dtype == torch.int64, *rank_strides(ranks))
 
 
+def _scale_args(name: str, tensors):
+    """The Plan's keywords for one side's weight scales (float32 [S, R] per slice, any strides):
+    pointers, slot strides, rank strides; none for None."""
+    if tensors is None:
+        return {}
+    tensors = list(tensors)
+    for t in tensors:
+        if t.dtype != torch.float32 or t.dim() != 2:
+            raise TypeError(f"{name}: expected float32 [S, R] scales, got {t.dtype} {tuple(t.shape)}")
+    return {name: [t.data_ptr() for t in tensors], name + "_ss": [t.stride(0) for t in tensors],
+            name + "_sr": [t.stride(1) for t in tensors]}
+
+
 def _plan(op: int, dtype: torch.dtype, K: int, R: int, S: int, a_list=(), b_list=(), scalings=None, ranks=None,
-          packed=None):
+          packed=None, scales=None):
     """The C++ Plan holding one layer's static arguments (weights, scalings, ranks, the packed
-    form's offsets). Each slice keeps its own strides: the tensors are used as they are, whatever
-    their layout (no copy). ``dtype``: x's / y's; the weights may be stored in another
-    (MIXED_STORAGE)."""
+    form's offsets, fp8 weights' scales). Each slice keeps its own strides: the tensors are used
+    as they are, whatever their layout (no copy). ``dtype``: x's / y's; the weights may be stored
+    in another (MIXED_STORAGE). ``scales``: an fp8.WeightScales (its ``a`` for a shrink or an
+    add, its ``b`` for an expand or an add), or None."""
     a_list, b_list = list(a_list), list(b_list)
     w_dtype = (a_list or b_list)[0].dtype
     rp, r64, srn, srs = _ranks_args(ranks)
     offs = packed.offsets if packed is not None else None
+    a_sc = scales.a if scales is not None and a_list else None
+    b_sc = scales.b if scales is not None and b_list else None
     plan = _module().Plan(
         op, DTYPE_CODES[dtype], K, R, S,
         [A.data_ptr() for A in a_list], [A.stride(0) for A in a_list], [A.stride(1) for A in a_list],
@@ -121,8 +144,10 @@ def _plan(op: int, dtype: torch.dtype, K: int, R: int, S: int, a_list=(), b_list
         [B.stride(1) for B in b_list], [B.stride(2) for B in b_list],
         scalings.data_ptr() if scalings is not None else 0, rp, r64, srn, srs,
         offs.data_ptr() if offs is not None else 0, offs is not None and offs.dtype == torch.int64,
-        packed.rows if packed is not None else 0, DTYPE_CODES[w_dtype])
-    return plan, (a_list, b_list, scalings, ranks, offs)   # the tensors the plan points into: keep them alive
+        packed.rows if packed is not None else 0, _W_CODES[w_dtype],
+        **_scale_args("a_scale", a_sc), **_scale_args("b_scale", b_sc))
+    # the tensors the plan points into: keep them alive (the scales beside the offsets)
+    return plan, (a_list, b_list, scalings, ranks, (offs, a_sc, b_sc))
 
 
 def _meta_ptrs(meta: LoRABatchMeta):
@@ -168,10 +193,10 @@ class BoundAdd:
 
     __slots__ = ("_plan", "_keep", "add_rows")
 
-    def __init__(self, a_list, b_list, scalings, ranks, packed=None, act_dtype=None):
+    def __init__(self, a_list, b_list, scalings, ranks, packed=None, act_dtype=None, scales=None):
         S, R, K = a_list[0].shape
         self._plan, self._keep = _plan(_module().OP_ADD, act_dtype or a_list[0].dtype, K, R, S, a_list, b_list,
-                                       scalings, ranks, packed)
+                                       scalings, ranks, packed, scales)
         # add_rows(T, x.data_ptr(), y.data_ptr(), *row_args(meta)[1:]) for contiguous x [T, K] and
         # y [T, N] of the plan's dtype: no checks at all (BoundLoRA.add_rows makes them).
         self.add_rows = self._plan.add_rows
@@ -180,38 +205,42 @@ class BoundAdd:
         _add(self._plan, y, x, meta, _checked_ptrs)
 
 
-def bind(a_list, b_list, scalings, ranks, packed=None, act_dtype=None) -> BoundAdd:
+def bind(a_list, b_list, scalings, ranks, packed=None, act_dtype=None, scales=None) -> BoundAdd:
     """A callable ``(y, x, meta) -> None`` equal to ``add_lora(y, x, a_list, b_list, meta, scalings, ranks)``
-    (x and y of ``act_dtype``: None for the weights' dtype)."""
-    return BoundAdd(a_list, b_list, scalings, ranks, packed, act_dtype)
+    (x and y of ``act_dtype``: None for the weights' dtype; ``scales``: fp8 weights' WeightScales)."""
+    return BoundAdd(a_list, b_list, scalings, ranks, packed, act_dtype, scales)
 
 
-def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, packed=None) -> None:
+def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, packed=None, scales=None) -> None:
     S, R, K = a_list[0].shape
     if x.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0 or K == 0:
         return      # a zero delta: y is not written
-    plan, _keep = _plan(_module().OP_ADD, x.dtype, K, R, S, a_list, b_list, scalings, ranks, packed)
+    plan, _keep = _plan(_module().OP_ADD, x.dtype, K, R, S, a_list, b_list, scalings, ranks, packed, scales)
     _add(plan, y, x, meta)
 
 
-def shrink(x, a_list, ranks, meta: LoRABatchMeta, out: Optional[torch.Tensor] = None, packed=None) -> torch.Tensor:
+def shrink(x, a_list, ranks, meta: LoRABatchMeta, out: Optional[torch.Tensor] = None, packed=None,
+           scales=None) -> torch.Tensor:
+    """h [n, T, R] float32 = x A_i^T per slice (fp8 A: times scales.a per rank)."""
     S, R, K = a_list[0].shape
     h = torch_ref.new_h(out, len(a_list), x.shape[0], R, x.device)
     if x.shape[0] == 0 or S == 0 or R == 0 or K == 0:
         return h
-    plan, _keep = _plan(_module().OP_SHRINK, x.dtype, K, R, S, a_list=a_list, ranks=ranks, packed=packed)
+    plan, _keep = _plan(_module().OP_SHRINK, x.dtype, K, R, S, a_list=a_list, ranks=ranks, packed=packed,
+                        scales=scales)
     T, srt, seg, _ = _meta_ptrs(meta)
     plan.run(T, x.data_ptr(), x.stride(0), x.stride(1), 0, 0, 1,
              h.data_ptr(), DTYPE_CODES[h.dtype], h.stride(0), h.stride(1), h.stride(2), srt, seg)
     return h
 
 
-def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta, packed=None) -> None:
+def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta, packed=None, scales=None) -> None:
+    """y[:, cols_i] += scalings * h_i B_i^T per slice (fp8 B: h times scales.b per rank first)."""
     S, _, R = b_list[0].shape
     if y.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0:
         return
     plan, _keep = _plan(_module().OP_EXPAND, y.dtype, 0, R, S, b_list=b_list, scalings=scalings, ranks=ranks,
-                        packed=packed)
+                        packed=packed, scales=scales)
     T, srt, seg, _ = _meta_ptrs(meta)
     plan.run(T, 0, 0, 1, y.data_ptr(), y.stride(0), y.stride(1),
              h.data_ptr(), DTYPE_CODES[h.dtype], h.stride(0), h.stride(1), h.stride(2), srt, seg)

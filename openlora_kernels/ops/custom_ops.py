@@ -106,62 +106,70 @@ def _meta(token_slots, sorted_tokens, seg_info, tile_info, num_slots: int, block
 # The value checks (metadata contents, ranks <= R) run here, before the backend: on CPU always,
 # on GPU in debug mode; each memoises its verdict, so a layer's call pays a lookup.
 
-def _packed_call(backend: str, what: str, packed, ranks, a_list=None, b_list=None):
-    """(module, a_list, b_list, ranks, packed) for a backend call in the packed form: the
+def _packed_call(backend: str, what: str, packed, ranks, a_list=None, b_list=None, scales=None):
+    """(module, a_list, b_list, ranks, packed, scales) for a backend call in the packed form: the
     backends with native packed addressing get it as it is; the reference ("torch") reads the
-    slots' rows into padded stacks (ops/packed.py)."""
+    slots' rows (and their fp8 scales) into padded stacks (ops/packed.py)."""
     from . import packed as _packed
     _packed.check_offsets(packed, ranks)
     mod = backend_module(backend)
     if getattr(mod, "SUPPORTS_PACKED", False):
-        return mod, a_list, b_list, ranks, packed
+        return mod, a_list, b_list, ranks, packed, scales
     if backend != "torch":
         raise NotImplementedError(f"offsets: the packed weight form is not implemented on backend {backend!r} "
                                   "yet (use backend 'cpu' or 'torch', or the padded [S, R, K] form)")
     a_pad, b_pad, eff = _packed.padded_from(packed, ranks, a_list, b_list)
-    return mod, a_pad, b_pad, eff, None
+    if scales is not None:
+        scales = _packed.padded_scales(packed, scales)
+    return mod, a_pad, b_pad, eff, None, scales
 
 
-def run_add_lora(y, x, lora_a, lora_b, scalings, ranks, meta: LoRABatchMeta, backend: str, packed=None) -> None:
+def _extra(packed, scales) -> dict:
+    """The optional keyword arguments of a backend call (a backend without fp8 or packed support
+    never sees them: the api refused those calls before)."""
+    kw = {}
+    if packed is not None:
+        kw["packed"] = packed
+    if scales is not None:
+        kw["scales"] = scales
+    return kw
+
+
+def run_add_lora(y, x, lora_a, lora_b, scalings, ranks, meta: LoRABatchMeta, backend: str, packed=None,
+                 scales=None) -> None:
+    """``scales``: the fp8 weights' WeightScales (ops/fp8.py), or None."""
     check_batch_meta(meta)
     if ranks is not None:
         check_ranks(ranks, lora_a[0].shape[1])
+    mod = backend_module(backend)
     if packed is not None:
-        mod, lora_a, lora_b, ranks, packed = _packed_call(backend, "add_lora", packed, ranks, lora_a, lora_b)
-        if packed is not None:
-            mod.add_lora(y, x, lora_a, lora_b, scalings, ranks, meta, packed=packed)
-        else:
-            mod.add_lora(y, x, lora_a, lora_b, scalings, ranks, meta)
-        return
-    backend_module(backend).add_lora(y, x, lora_a, lora_b, scalings, ranks, meta)
+        mod, lora_a, lora_b, ranks, packed, scales = _packed_call(backend, "add_lora", packed, ranks, lora_a, lora_b,
+                                                                  scales)
+    mod.add_lora(y, x, lora_a, lora_b, scalings, ranks, meta, **_extra(packed, scales))
 
 
 def run_shrink(x, lora_a, ranks, meta: LoRABatchMeta, backend: str, out: Optional[torch.Tensor] = None,
-               packed=None) -> torch.Tensor:
+               packed=None, scales=None) -> torch.Tensor:
     """``out``: internal, an [n, T, R] float32 tensor (any strides) to write h into instead of a new one."""
     check_batch_meta(meta)
     if ranks is not None:
         check_ranks(ranks, lora_a[0].shape[1])
+    mod = backend_module(backend)
     if packed is not None:
-        mod, lora_a, _, ranks, packed = _packed_call(backend, "lora_shrink", packed, ranks, a_list=lora_a)
-        if packed is not None:
-            return mod.shrink(x, lora_a, ranks, meta, out=out, packed=packed)
-        return mod.shrink(x, lora_a, ranks, meta, out=out)
-    return backend_module(backend).shrink(x, lora_a, ranks, meta, out=out)
+        mod, lora_a, _, ranks, packed, scales = _packed_call(backend, "lora_shrink", packed, ranks, a_list=lora_a,
+                                                             scales=scales)
+    return mod.shrink(x, lora_a, ranks, meta, out=out, **_extra(packed, scales))
 
 
-def run_expand(y, h, lora_b, scalings, ranks, meta: LoRABatchMeta, backend: str, packed=None) -> None:
+def run_expand(y, h, lora_b, scalings, ranks, meta: LoRABatchMeta, backend: str, packed=None, scales=None) -> None:
     check_batch_meta(meta)
     if ranks is not None:
         check_ranks(ranks, lora_b[0].shape[2])
+    mod = backend_module(backend)
     if packed is not None:
-        mod, _, lora_b, ranks, packed = _packed_call(backend, "lora_expand", packed, ranks, b_list=lora_b)
-        if packed is not None:
-            mod.expand(y, h, lora_b, scalings, ranks, meta, packed=packed)
-        else:
-            mod.expand(y, h, lora_b, scalings, ranks, meta)
-        return
-    backend_module(backend).expand(y, h, lora_b, scalings, ranks, meta)
+        mod, _, lora_b, ranks, packed, scales = _packed_call(backend, "lora_expand", packed, ranks, b_list=lora_b,
+                                                             scales=scales)
+    mod.expand(y, h, lora_b, scalings, ranks, meta, **_extra(packed, scales))
 
 
 @torch.library.custom_op("openlora::add_lora", mutates_args=("y",))

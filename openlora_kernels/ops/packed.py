@@ -181,3 +181,23 @@ def padded_from(packed: Packed, ranks: Optional[torch.Tensor], a_list=None, b_li
         b_pad = [buffer_of(B, rows, 2)[:, idx].permute(1, 0, 2) if rows else B.new_zeros(B.shape)
                  for B in b_list]                                                                   # [S, N, R]
     return a_pad, b_pad, eff
+
+
+def padded_scales(packed: Packed, scales):
+    """The fp8 scales (ops/fp8.WeightScales of slot-stride-0 [S, R'] views over [rows] vectors)
+    gathered like :func:`padded_from` gathers the weights: [S, R'] per slice, slot s's row j
+    being the scale of buffer row ``offsets[s] + j`` (clamped into the buffer)."""
+    from .fp8 import WeightScales
+
+    def gather(views_):
+        if views_ is None:
+            return None
+        S, R = views_[0].shape
+        rows = packed.rows
+        if not rows:
+            return tuple(v.new_ones((S, R)) for v in views_)
+        off = packed.offsets.to(torch.int64).clamp(0, rows)
+        idx = (off[:, None] + torch.arange(R, device=off.device)[None, :]).clamp(max=rows - 1)
+        return tuple(v.as_strided((rows,), (v.stride(1),), v.storage_offset())[idx] for v in views_)
+
+    return WeightScales(gather(scales.a), gather(scales.b))

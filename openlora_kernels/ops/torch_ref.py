@@ -40,6 +40,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from ..metadata import LoRABatchMeta
+from .fp8 import FP8, dequantized
 
 # Elements of gathered weights held at once by the gather strategy.
 _GATHER_BUDGET = 1 << 22
@@ -47,7 +48,12 @@ _GATHER_BUDGET = 1 << 22
 EXPAND_FP32_Y = True
 # Weights stored in another dtype than the activations (adapter_dtype): every operand is taken to
 # float32 before its product here anyway, so every storage dtype of a float32 call runs.
-MIXED_STORAGE = frozenset({(torch.float32, torch.bfloat16), (torch.float32, torch.float16)})
+# fp8 (float8_e4m3fn) weights come with per-rank scales (ops/fp8.py): read here as the float32
+# weights they stand for (fp8.dequantized; a transient float32 copy per call: the readable
+# statement of the semantics, not a fast path).
+MIXED_STORAGE = frozenset({(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                           (torch.bfloat16, torch.float16)}
+                          | {(act, FP8) for act in (torch.float32, torch.bfloat16, torch.float16)})
 
 
 def _slice_ranks(ranks: Optional[torch.Tensor], i: int) -> Optional[torch.Tensor]:
@@ -435,9 +441,12 @@ def _strategy(meta: LoRABatchMeta, R: int, K: int, N: int) -> str:
 
 
 def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torch.Tensor], meta: LoRABatchMeta,
-           out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """h [n, T, R] float32 (into ``out`` when given: internal, any strides)."""
+           out: Optional[torch.Tensor] = None, scales=None) -> torch.Tensor:
+    """h [n, T, R] float32 (into ``out`` when given: internal, any strides). ``scales``: the
+    fp8 weights' WeightScales (ops/fp8.py)."""
     S, R, K = a_list[0].shape
+    if scales is not None:
+        a_list, _ = dequantized(a_list, None, scales)
     if x.shape[0] == 0 or S == 0 or R == 0 or K == 0:
         return new_h(out, len(a_list), x.shape[0], R, x.device, acc_dtype(x.dtype))
     how = _strategy(meta, R, K, 0)
@@ -448,8 +457,10 @@ def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torc
     return _shrink_gather(x, a_list, ranks, meta, out)
 
 
-def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
+def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta, scales=None) -> None:
     N = sum(B.shape[1] for B in b_list)
+    if scales is not None:
+        _, b_list = dequantized(None, b_list, scales)
     if y.shape[0] == 0 or N == 0 or b_list[0].shape[0] == 0 or h.shape[2] == 0:
         return
     how = _strategy(meta, h.shape[2], 0, N)
@@ -461,10 +472,12 @@ def expand(y, h, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
         _expand_segment(y, h, b_list, scalings, ranks, meta)
 
 
-def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta) -> None:
+def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, scales=None) -> None:
     S, R, K = a_list[0].shape
     if x.shape[0] == 0 or y.shape[1] == 0 or S == 0 or R == 0 or K == 0:
         return      # a zero delta: y is not written
+    if scales is not None:
+        a_list, b_list = dequantized(a_list, b_list, scales)
     how = _strategy(meta, R, K, y.shape[1])
     if how == "padded" and _add_padded(y, x, a_list, b_list, scalings, ranks, meta):
         return

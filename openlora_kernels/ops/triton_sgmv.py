@@ -48,6 +48,23 @@ offsets are computed in int64.
           rounded to the 16-bit input dtype for the tensor cores, as the forward's tensor-core paths
           round h; float32 inputs use input_precision="ieee".
 
+* fp8 storage (ops/fp8.py): weights in float8_e4m3fn with one fp32 scale per rank row (a_scale
+          [S, R], b_scale [S, R] per slice, any strides; the packed form's slot-stride-0 views
+          are addressed like A's rows: base + slot * stride_s + (roff + j) * stride_r). W_SCALED
+          (constexpr; off: the code of the unscaled compilations is unchanged) makes the kernels
+          load the R-sized scale vectors (masked to the rank) and apply them to the rank-sized
+          intermediate: the shrink multiplies its h by a_scale, the expand its h tile by b_scale
+          (in fp32) before the product, the fused kernel folds a_scale * b_scale * scaling into h
+          once. fp8 tiles are upcast where loaded: to the activations' dtype for the 16-bit
+          tensor-core dot (exact: every e4m3 value is an fp16 and a bf16 value), to fp32
+          everywhere else; h is rounded to the activations' dtype for a 16-bit dot, never to fp8.
+          add_lora with scales takes the fused kernel or shrink + expand, never the segment plan.
+          No 16-byte vector loads of fp8 B (b_access needs B and y of one element size).
+* mixed 16-bit storage (bf16 activations, fp16 weights): FP32_DOT (both operands to fp32), with
+          the fp32 configurations (_cfg_dtype; the 16-bit ones spill with fp32 dots), no 16-byte
+          vectors in the tensor-core expand, never the segment plan (its kernels and configs are
+          the activations' dtype's).
+
 Interpreter (TRITON_INTERPRET=1): its bf16 tl.dot is wrong, so bf16 dots are upcast to fp32 there.
 """
 from __future__ import annotations
@@ -62,6 +79,7 @@ import triton.language as tl
 from ..metadata import TENSOR_CORE_MIN_M, LoRABatchMeta
 from .backends import triton_interpreter_enabled
 from .configs import device_facts, kernel_config, next_pow2
+from .fp8 import WeightScales
 from .launch_args import rank_strides, same_strides, slice_columns, slice_groups
 from .torch_ref import new_h
 
@@ -72,7 +90,11 @@ EXPAND_FP32_Y = True
 # product (FP32_DOT, chosen by the activations' dtype: fp32 dots, input_precision="ieee"), so
 # add_lora and lora_shrink accumulate in fp32 from exact weights; a lone lora_expand with a float32
 # y and 16-bit B keeps the backward's rule above (its tensor-core path rounds h to B's dtype).
-MIXED_STORAGE = frozenset({(torch.float32, torch.bfloat16), (torch.float32, torch.float16)})
+# fp8 (e4m3) weights come with their scales (ops/fp8.py; ``scales=``) for any activation dtype;
+# bf16 activations with fp16 weights take fp32 dots.
+MIXED_STORAGE = frozenset({(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                           (torch.bfloat16, torch.float16),
+                           *((act, torch.float8_e4m3fn) for act in (torch.float16, torch.bfloat16, torch.float32))})
 
 MAX_SLICES_PER_LAUNCH = 4
 # Per-slice ints are selected by program id (_pick); Triton turns an int argument equal to 1
@@ -158,15 +180,23 @@ def _mac_rowvec(a, b, part):
 
 @triton.jit
 def _mac(a, b, acc, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr):
-    """acc[M, N] += a[M, K] @ b[K, N] in fp32."""
+    """acc[M, N] += a[M, K] @ b[K, N] in fp32 (a 16-bit dot takes b in a's dtype: an fp8 weight
+    tile is upcast exactly; a no-op for b of a's dtype)."""
     if USE_DOT:
         if FP32_DOT:
             acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b.to(a.dtype), acc)
     else:
         acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
     return acc
+
+
+@triton.jit
+def _rank_scales(s_ptr, slot64, roff, offs_r, r_mask, stride_ss, stride_sr):
+    """[len(offs_r)] fp32 scales of one slot's rank rows (fp8 storage, ops/fp8.py): scale[slot,
+    roff + j] at ``s_ptr + slot * stride_ss + (roff + j) * stride_sr`` (int64), 0 outside ``r_mask``."""
+    return tl.load(s_ptr + slot64 * stride_ss + (roff + offs_r.to(tl.int64)) * stride_sr, mask=r_mask, other=0.0)
 
 
 @triton.jit
@@ -262,15 +292,17 @@ def _sgmv_shrink_kernel(
     sorted_ptr,                         # [T] int32: rows sorted by slot
     tile_ptr,                           # [3, G] int32: (slot, start, end) per tile
     offs_ptr, rows_p,                   # packed form: [S] first row of each slot, rows of the buffers
+    sa0_ptr, sa1_ptr, sa2_ptr, sa3_ptr,  # W_SCALED: [S, R] fp32 a_scale per slice (any strides, shared)
     G, T, K, R, S,
     stride_xt, stride_xk,
     stride_as, stride_ar, stride_ak,
     stride_hn, stride_ht, stride_hr,
     stride_rn, stride_rs,
+    stride_sas, stride_sar,             # a_scale's slot and rank strides (packed: 0 and the vector's)
     slice_base,                         # global index of this launch's slice 0
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, HAS_RANKS: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
-    HAS_OFFS: tl.constexpr,
+    HAS_OFFS: tl.constexpr, W_SCALED: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -297,6 +329,9 @@ def _sgmv_shrink_kernel(
     acc = _shrink_rows(x_ptr, a_ptr, rows, m_mask, offs_r, r_mask, k_lo, k_hi,
                        stride_xt, stride_xk, stride_ar, stride_ak,
                        BLOCK_M, BLOCK_R, BLOCK_K, USE_DOT, FP32_DOT)
+    if W_SCALED:        # h_j *= a_scale_j (each K split its share: the sum is scaled the same)
+        acc = acc * _rank_scales(_pick(sid, sa0_ptr, sa1_ptr, sa2_ptr, sa3_ptr), slot.to(tl.int64), roff, offs_r,
+                                 r_mask, stride_sas, stride_sar)[None, :]
 
     h_ptrs = h_ptr + gsid.to(tl.int64) * stride_hn + rows[:, None] * stride_ht + offs_r[None, :] * stride_hr
     mask = m_mask[:, None] & r_mask[None, :]
@@ -314,6 +349,7 @@ def _sgmv_expand_kernel(
     scal_ptr,                           # [S] fp32
     ranks_ptr, sorted_ptr, tile_ptr,    # as in the shrink kernel
     offs_ptr, rows_p,
+    sb0_ptr, sb1_ptr, sb2_ptr, sb3_ptr,  # W_SCALED: [S, R] fp32 b_scale per slice (any strides, shared)
     G, T, R, S,
     n0, n1, n2, n3,                     # N_i of each slice
     c0, c1, c2, c3,                     # first column of each slice in y
@@ -323,10 +359,11 @@ def _sgmv_expand_kernel(
     stride_hn, stride_ht, stride_hr,
     stride_yt, stride_yn,
     stride_rn, stride_rs,
+    stride_sbs, stride_sbr,             # b_scale's slot and rank strides
     slice_base,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_RANKS: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
-    B_LAYOUT: tl.constexpr, VEC: tl.constexpr, HAS_OFFS: tl.constexpr,
+    B_LAYOUT: tl.constexpr, VEC: tl.constexpr, HAS_OFFS: tl.constexpr, W_SCALED: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -349,6 +386,7 @@ def _sgmv_expand_kernel(
     b_ptr = (_pick(sid, b0_ptr, b1_ptr, b2_ptr, b3_ptr) + slot.to(tl.int64) * _mult(_pick(sid, bs0, bs1, bs2, bs3), VEC)
              + _mult(roff * stride_br, VEC))   # (VEC > 1 only where the rank stride is a multiple of it)
     h_base = h_ptr + gsid.to(tl.int64) * stride_hn + rows[:, None] * stride_ht
+    sb_ptr = _pick(sid, sb0_ptr, sb1_ptr, sb2_ptr, sb3_ptr)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
@@ -357,7 +395,12 @@ def _sgmv_expand_kernel(
         ht = tl.load(h_base + offs_r[None, :] * stride_hr,
                      mask=m_mask[:, None] & r_mask[None, :], other=0.0)              # [BM, BR]
         bt = _load_b(b_ptr, offs_r, offs_n, rank, n_i, stride_br, stride_bn, B_LAYOUT, VEC)   # [BR, BN]
-        if USE_DOT and not FP32_DOT:
+        if W_SCALED:    # h_j * b_scale_j in fp32; a 16-bit dot rounds it to y's dtype (and _mac takes B there)
+            ht = ht.to(tl.float32) * _rank_scales(sb_ptr, slot.to(tl.int64), roff, offs_r, r_mask,
+                                                  stride_sbs, stride_sbr)[None, :]
+            if USE_DOT and not FP32_DOT:
+                ht = ht.to(y_ptr.dtype.element_ty)
+        elif USE_DOT and not FP32_DOT:
             ht = ht.to(bt.dtype)
         acc = _mac(ht, bt, acc, USE_DOT, FP32_DOT)
 
@@ -380,6 +423,8 @@ def _sgmv_fused_kernel(
     scal_ptr,                           # [S] fp32
     ranks_ptr,
     offs_ptr, rows_p,                   # packed form (see the shrink kernel)
+    sa0_ptr, sa1_ptr, sa2_ptr, sa3_ptr,  # W_SCALED: [S, R] fp32 a_scale per slice (strides shared)
+    sb0_ptr, sb1_ptr, sb2_ptr, sb3_ptr,  # W_SCALED: [S, R] fp32 b_scale per slice (strides shared)
     G, K, R, S,
     n0, n1, n2, n3,
     c0, c1, c2, c3,
@@ -390,11 +435,12 @@ def _sgmv_fused_kernel(
     stride_bn,
     stride_yt, stride_yn,
     stride_rn, stride_rs,
+    stride_sas, stride_sar, stride_sbs, stride_sbr,   # the scales' slot and rank strides
     slice_base,
     tiles_per_chunk,                    # output tiles of BLOCK_N handled by one program
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, R_PAD: tl.constexpr,
     HAS_RANKS: tl.constexpr, USE_DOT: tl.constexpr, FP32_DOT: tl.constexpr,
-    B_LAYOUT: tl.constexpr, VEC: tl.constexpr, HAS_OFFS: tl.constexpr,
+    B_LAYOUT: tl.constexpr, VEC: tl.constexpr, HAS_OFFS: tl.constexpr, W_SCALED: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -421,7 +467,14 @@ def _sgmv_fused_kernel(
     h = _shrink_rows(x_ptr, a_ptr, rows, m_mask, offs_r, r_mask, 0, K,
                      stride_xt, stride_xk, stride_ar, stride_ak,
                      BLOCK_M, R_PAD, BLOCK_K, USE_DOT, FP32_DOT)
-    h = h * tl.load(scal_ptr + slot)
+    if W_SCALED:        # a_scale * b_scale * scaling folded into h once
+        asc = _rank_scales(_pick(sid, sa0_ptr, sa1_ptr, sa2_ptr, sa3_ptr), slot64, roff, offs_r, r_mask,
+                           stride_sas, stride_sar)
+        bsc = _rank_scales(_pick(sid, sb0_ptr, sb1_ptr, sb2_ptr, sb3_ptr), slot64, roff, offs_r, r_mask,
+                           stride_sbs, stride_sbr)
+        h = h * (asc * bsc * tl.load(scal_ptr + slot))[None, :]
+    else:
+        h = h * tl.load(scal_ptr + slot)
 
     # Expand: y[rows, cols] += h @ B[slot, cols, :rank].T over this program's output tiles.
     stride_br = _pick(sid, br0, br1, br2, br3)
@@ -429,7 +482,10 @@ def _sgmv_fused_kernel(
              + _mult(roff * stride_br, VEC))   # (VEC > 1 only where the rank stride is a multiple of it)
     col0 = _pick(sid, c0, c1, c2, c3)
     if USE_DOT and not FP32_DOT:
-        hd = h.to(b_ptr.dtype.element_ty)
+        if W_SCALED:    # (h in the activations' dtype, never fp8: _mac takes the fp8 B tile there)
+            hd = h.to(x_ptr.dtype.element_ty)
+        else:
+            hd = h.to(b_ptr.dtype.element_ty)
     else:
         hd = h
     for nt in range(nt_lo, nt_hi):
@@ -525,6 +581,63 @@ def _fp32_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and triton_interpreter_enabled())
 
 
+_SIXTEEN = (torch.float16, torch.bfloat16)
+
+
+def _mixed16(act: torch.dtype, w: torch.dtype) -> bool:
+    """16-bit weights of the other 16-bit dtype than the activations (bf16 x, fp16 weights)."""
+    return w != act and w in _SIXTEEN and act in _SIXTEEN
+
+
+def _dot32(act: torch.dtype, w: torch.dtype) -> bool:
+    """FP32_DOT of a shrink / fused launch: fp32 activations (bf16 under the interpreter), or a
+    mixed 16-bit pair. fp8 weights take the activations' rule (their tiles are upcast to x's
+    dtype for a 16-bit dot)."""
+    return _fp32_dot(act) or _mixed16(act, w)
+
+
+def _cfg_dtype(act: torch.dtype, w: torch.dtype) -> torch.dtype:
+    """The dtype of a launch's configuration key: float32 for a mixed 16-bit pair (its dots are
+    fp32: the fp32 tile sizes keep it free of spills), else the activations'."""
+    return torch.float32 if _mixed16(act, w) else act
+
+
+def _norm_scales(scales: Optional[WeightScales], packed) -> Optional[WeightScales]:
+    """The scales as the kernels take them (one slot stride and one rank stride per side, float32):
+    each side's tensors as given when they already share their strides, else copies (padded:
+    contiguous [S, R]; packed: a contiguous copy of the [rows] vector behind each view, viewed
+    again with slot stride 0, so the offsets still address it). None stays None."""
+    if scales is None:
+        return None
+    return WeightScales(a=_norm_side(scales.a, packed), b=_norm_side(scales.b, packed))
+
+
+def _norm_side(ts, packed):
+    """One side of :func:`_norm_scales` (a tuple of per-slice tensors, or None)."""
+    if ts is None:
+        return None
+    ts = tuple(ts)
+    if all(t.dtype == torch.float32 for t in ts) and len({t.stride() for t in ts}) == 1:
+        return ts
+    out = []
+    for t in ts:
+        if packed is None:
+            out.append(t.to(torch.float32).contiguous())
+        else:
+            vec = t.as_strided((packed.rows,), (t.stride(1),), t.storage_offset()).to(torch.float32).contiguous()
+            out.append(vec.as_strided(tuple(t.shape), (0, 1)))
+    return tuple(out)
+
+
+def _scale_args(ts, base: int, cnt: int, like: torch.Tensor):
+    """(4 pointer tensors, slot stride, rank stride, W_SCALED) of one side's scales for the launch
+    of slices base .. base + cnt (``ts``: normalised per-slice tensors), or placeholders (never
+    read) and zeros when the side has none."""
+    if ts is None:
+        return [like] * MAX_SLICES_PER_LAUNCH, 0, 0, False
+    return _pad4(ts[base:base + cnt]), ts[0].stride(0), ts[0].stride(1), True
+
+
 def _ranks_args(ranks: Optional[torch.Tensor], like: torch.Tensor):
     """(pointer tensor, stride over slices, stride over slots, HAS_RANKS)."""
     return (like if ranks is None else ranks, *rank_strides(ranks), ranks is not None)
@@ -577,7 +690,9 @@ SUPPORTS_PACKED = True
 
 
 def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torch.Tensor],
-           meta: LoRABatchMeta, out: Optional[torch.Tensor] = None, packed=None) -> torch.Tensor:
+           meta: LoRABatchMeta, out: Optional[torch.Tensor] = None, packed=None,
+           scales: Optional[WeightScales] = None) -> torch.Tensor:
+    """h = x A^T per slice ([n, T, R] fp32); ``scales.a`` (fp8 storage): h_j *= a_scale[slot, j]."""
     T, K = x.shape
     S, R, _ = a_list[0].shape
     n = len(a_list)
@@ -585,89 +700,113 @@ def shrink(x: torch.Tensor, a_list: Sequence[torch.Tensor], ranks: Optional[torc
     if T == 0 or R == 0 or S == 0 or K == 0 or meta.num_tiles == 0:
         return h
     a_list = same_strides(a_list, (0, 1, 2))
-    cfg = kernel_config("shrink", block_m=meta.block_m, K=K, N=0, R=R, n_slices=n, dtype=x.dtype, device=x.device)
+    cfg = kernel_config("shrink", block_m=meta.block_m, K=K, N=0, R=R, n_slices=n,
+                        dtype=_cfg_dtype(x.dtype, a_list[0].dtype), device=x.device)
     rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
     op, rows_p, has_o = _offs_args(packed, meta.token_slots)
+    sa_list = _norm_side(scales.a, packed) if scales is not None else None
     A0 = a_list[0]
     for base, cnt in slice_groups(n, MAX_SLICES_PER_LAUNCH):
         a = _pad4(a_list[base:base + cnt])
+        sa, ss, sr, scaled = _scale_args(sa_list, base, cnt, meta.token_slots)
         grid = (meta.num_tiles, triton.cdiv(R, cfg["BLOCK_R"]), cnt * cfg["SPLIT_K"])
         _sgmv_shrink_kernel[grid](
             x, a[0], a[1], a[2], a[3], h, rk, meta.sorted_tokens, meta.tile_info, op, rows_p,
+            sa[0], sa[1], sa[2], sa[3],
             meta.num_tiles, T, K, R, S,
             x.stride(0), x.stride(1),
             A0.stride(0), A0.stride(1), A0.stride(2),
             h.stride(0), h.stride(1), h.stride(2),
-            srn, srs, base,
+            srn, srs, ss, sr, base,
             BLOCK_M=meta.block_m, BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], SPLIT_K=cfg["SPLIT_K"],
-            HAS_RANKS=has_r, USE_DOT=meta.block_m >= TENSOR_CORE_MIN_M, FP32_DOT=_fp32_dot(x.dtype),
-            HAS_OFFS=has_o, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            HAS_RANKS=has_r, USE_DOT=meta.block_m >= TENSOR_CORE_MIN_M, FP32_DOT=_dot32(x.dtype, A0.dtype),
+            HAS_OFFS=has_o, W_SCALED=scaled, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return h
 
 
 def expand(y: torch.Tensor, h: torch.Tensor, b_list: Sequence[torch.Tensor], scalings: torch.Tensor,
-           ranks: Optional[torch.Tensor], meta: LoRABatchMeta, packed=None, fp32_h: bool = False) -> None:
+           ranks: Optional[torch.Tensor], meta: LoRABatchMeta, packed=None, fp32_h: bool = False,
+           scales: Optional[WeightScales] = None) -> None:
     """y += scale * h B^T. ``fp32_h``: products in fp32 from the fp32 h even when B is 16-bit
     (add_lora's route for fp32 activations with 16-bit storage); otherwise a 16-bit B's
-    tensor-core path rounds h to B's dtype."""
+    tensor-core path rounds h to B's dtype (bf16 y with fp16 B: fp32 products). ``scales.b``
+    (fp8 storage): h_j *= b_scale[slot, j] in fp32 first, the tensor-core path rounding the
+    result to y's dtype (fp32 y: fp32 products)."""
     T, N = y.shape
     S, _, R = b_list[0].shape
     n = len(b_list)
     if T == 0 or R == 0 or N == 0 or S == 0 or meta.num_tiles == 0:
         return
     b_list = same_strides(b_list, (1,))
-    cfg = kernel_config("expand", block_m=meta.block_m, K=0, N=N, R=R, n_slices=n, dtype=y.dtype, device=y.device)
+    cfg = kernel_config("expand", block_m=meta.block_m, K=0, N=N, R=R, n_slices=n,
+                        dtype=_cfg_dtype(y.dtype, b_list[0].dtype), device=y.device)
     rk, srn, srs, has_r = _ranks_args(ranks, meta.token_slots)
     op, rows_p, has_o = _offs_args(packed, meta.token_slots)
     cols = slice_columns(b_list)
     B0 = b_list[0]
+    sb_list = _norm_side(scales.b, packed) if scales is not None else None
+    if sb_list is not None:
+        fp32_dot = _fp32_dot(y.dtype) or (fp32_h and h.dtype == torch.float32)
+    else:
+        fp32_dot = _fp32_dot(B0.dtype) or (fp32_h and h.dtype == torch.float32) or _mixed16(y.dtype, B0.dtype)
     for base, cnt in slice_groups(n, MAX_SLICES_PER_LAUNCH):
         b = b_list[base:base + cnt]
+        sb, ss, sr, scaled = _scale_args(sb_list, base, cnt, meta.token_slots)
         widths = [B.shape[1] for B in b]
         grid = (meta.num_tiles, triton.cdiv(max(widths), cfg["BLOCK_N"]), cnt)
         bp, nn, cc, bs = _pad4(b), _pad4(widths, 0), _pad4(cols[base:base + cnt], 0), _pad4([B.stride(0) for B in b], 0)
         br = _pad4([B.stride(2) for B in b], 0)
         layout, vec = b_access(b, y, cols[base:base + cnt])
         vec = _vec_packed(layout, vec, packed)
+        if meta.block_m >= TENSOR_CORE_MIN_M and _mixed16(y.dtype, B0.dtype):
+            vec = 1         # (fp32 dots of 16-bit tiles: sm_90 compiles them without 16-byte loads anyway)
         _sgmv_expand_kernel[grid](
             h, bp[0], bp[1], bp[2], bp[3], y, scalings, rk, meta.sorted_tokens, meta.tile_info, op, rows_p,
+            sb[0], sb[1], sb[2], sb[3],
             meta.num_tiles, T, R, S,
             nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
             br[0], br[1], br[2], br[3],
             B0.stride(1),
             h.stride(0), h.stride(1), h.stride(2),
             y.stride(0), y.stride(1),
-            srn, srs, base,
+            srn, srs, ss, sr, base,
             BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=cfg["BLOCK_R"],
-            HAS_RANKS=has_r, USE_DOT=meta.block_m >= TENSOR_CORE_MIN_M,
-            FP32_DOT=_fp32_dot(B0.dtype) or (fp32_h and h.dtype == torch.float32),
-            B_LAYOUT=layout, VEC=vec, HAS_OFFS=has_o,
+            HAS_RANKS=has_r, USE_DOT=meta.block_m >= TENSOR_CORE_MIN_M, FP32_DOT=fp32_dot,
+            B_LAYOUT=layout, VEC=vec, HAS_OFFS=has_o, W_SCALED=scaled,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
 
 
 def fused_launches(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
                    scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta,
-                   packed=None) -> List[tuple]:
+                   packed=None, scales: Optional[WeightScales] = None) -> List[tuple]:
     """The launches of :func:`fused` as (kernel, grid, args, kwargs), one per group of up to 4
-    slices (empty for a zero delta). a_list / b_list must already share their strides."""
+    slices (empty for a zero delta). a_list / b_list must already share their strides;
+    ``scales`` (fp8 storage) needs both sides (normalised here, _norm_scales: as given when they
+    already share their strides, so a bound plan's tail holds the caller's scale pointers)."""
     T, K = x.shape
     N = y.shape[1]
     S, R, _ = a_list[0].shape
     n = len(a_list)
     if T == 0 or R == 0 or N == 0 or S == 0 or K == 0 or meta.num_tiles == 0:
         return []
-    cfg = kernel_config("fused", block_m=meta.block_m, K=K, N=N, R=R, n_slices=n, dtype=x.dtype, device=x.device)
+    cfg = kernel_config("fused", block_m=meta.block_m, K=K, N=N, R=R, n_slices=n,
+                        dtype=_cfg_dtype(x.dtype, a_list[0].dtype), device=x.device)
     use_dot = meta.block_m >= TENSOR_CORE_MIN_M
     r_pad = max(next_pow2(R), 16) if use_dot else next_pow2(R)
     rk, srn, srs, has_r = _ranks_args(ranks, scalings)
     op, rows_p, has_o = _offs_args(packed, scalings)
     cols = slice_columns(b_list)
     A0, B0 = a_list[0], b_list[0]
+    if scales is not None and (scales.a is None or scales.b is None):
+        raise ValueError("scales: add_lora with fp8 weights needs both a and b scales")
+    scales = _norm_scales(scales, packed)
     out = []
     for base, cnt in slice_groups(n, MAX_SLICES_PER_LAUNCH):
         a, b = a_list[base:base + cnt], b_list[base:base + cnt]
+        sa, sas, sar, scaled = _scale_args(scales.a if scales is not None else None, base, cnt, scalings)
+        sb, sbs, sbr, _ = _scale_args(scales.b if scales is not None else None, base, cnt, scalings)
         widths = [B.shape[1] for B in b]
         n_tiles = triton.cdiv(max(widths), cfg["BLOCK_N"])
         chunks = cfg["N_CHUNKS"]
@@ -682,6 +821,7 @@ def fused_launches(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tens
         br = _pad4([B.stride(2) for B in b], 0)
         args = (x, y, meta.sorted_tokens, meta.tile_info, T,
                 ap[0], ap[1], ap[2], ap[3], bp[0], bp[1], bp[2], bp[3], scalings, rk, op, rows_p,
+                sa[0], sa[1], sa[2], sa[3], sb[0], sb[1], sb[2], sb[3],
                 meta.num_tiles, K, R, S,
                 nn[0], nn[1], nn[2], nn[3], cc[0], cc[1], cc[2], cc[3], bs[0], bs[1], bs[2], bs[3],
                 br[0], br[1], br[2], br[3],
@@ -689,25 +829,30 @@ def fused_launches(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tens
                 A0.stride(0), A0.stride(1), A0.stride(2),
                 B0.stride(1),
                 y.stride(0), y.stride(1),
-                srn, srs, base, per_chunk)
+                srn, srs, sas, sar, sbs, sbr, base, per_chunk)
         layout, vec = b_access(b, y, cols[base:base + cnt])
         vec = _vec_packed(layout, vec, packed)
         kwargs = dict(BLOCK_M=meta.block_m, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], R_PAD=r_pad,
-                      HAS_RANKS=has_r, USE_DOT=use_dot, FP32_DOT=_fp32_dot(x.dtype), B_LAYOUT=layout, VEC=vec,
-                      HAS_OFFS=has_o, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                      HAS_RANKS=has_r, USE_DOT=use_dot, FP32_DOT=_dot32(x.dtype, A0.dtype), B_LAYOUT=layout,
+                      VEC=vec, HAS_OFFS=has_o, W_SCALED=scaled, num_warps=cfg["num_warps"],
+                      num_stages=cfg["num_stages"])
         out.append((_sgmv_fused_kernel, (meta.num_tiles, chunks, cnt), args, kwargs))
     return out
 
 
 def fused(y: torch.Tensor, x: torch.Tensor, a_list: Sequence[torch.Tensor], b_list: Sequence[torch.Tensor],
-          scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta, packed=None) -> None:
+          scalings: torch.Tensor, ranks: Optional[torch.Tensor], meta: LoRABatchMeta, packed=None,
+          scales: Optional[WeightScales] = None) -> None:
     a_list = same_strides(a_list, (0, 1, 2))
     b_list = same_strides(b_list, (1,))
-    for kernel, grid, args, kwargs in fused_launches(y, x, a_list, b_list, scalings, ranks, meta, packed):
+    for kernel, grid, args, kwargs in fused_launches(y, x, a_list, b_list, scalings, ranks, meta, packed, scales):
         kernel[grid](*args, **kwargs)
 
 
-def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, packed=None) -> None:
+def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, packed=None,
+             scales: Optional[WeightScales] = None) -> None:
+    """y += scalings * (x A^T) B^T per slice; ``scales`` (fp8 storage, ops/fp8.py): the fused kernel
+    or shrink + expand (the segment plan takes no scales)."""
     T, K = x.shape
     S, R, _ = a_list[0].shape
     if T == 0 or K == 0 or R == 0 or S == 0 or y.shape[1] == 0:
@@ -716,14 +861,17 @@ def add_lora(y, x, a_list, b_list, scalings, ranks, meta: LoRABatchMeta, packed=
                           dtype=x.dtype, device=x.device)
     if route["FUSED"]:
         from .triton_segment import decode_plan, segment
-        # (the packed form's per-slot row offsets are the fused and split kernels'; not the segment plan's)
-        if packed is None and decode_plan(x, y, a_list, meta, route) == "segment":
+        # (the packed form's per-slot row offsets, fp8 scales and mixed 16-bit pairs are the fused
+        # and split kernels'; not the segment plan's)
+        if (packed is None and scales is None and not _mixed16(x.dtype, a_list[0].dtype)
+                and decode_plan(x, y, a_list, meta, route) == "segment"):
             segment(y, x, a_list, b_list, scalings, ranks, meta)
         else:
-            fused(y, x, a_list, b_list, scalings, ranks, meta, packed)
+            fused(y, x, a_list, b_list, scalings, ranks, meta, packed, scales)
     else:
-        expand(y, shrink(x, a_list, ranks, meta, packed=packed), b_list, scalings, ranks, meta, packed,
-               fp32_h=x.dtype == torch.float32)
+        scales = _norm_scales(scales, packed)
+        expand(y, shrink(x, a_list, ranks, meta, packed=packed, scales=scales), b_list, scalings, ranks, meta,
+               packed, fp32_h=x.dtype == torch.float32, scales=scales)
 
 
 # ------------------------------------------------------------------------------- bound plans
@@ -833,13 +981,19 @@ class BoundAdd:
     """``add_lora`` on the Triton backend for one layer's fixed weights (see "bound plans" above)."""
 
     __slots__ = ("_a", "_b", "_scal", "_ranks", "_plans", "_ok", "_dev_index", "_stream", "_current",
-                 "_hooks", "plan_hits", "_packed", "__weakref__")
+                 "_hooks", "plan_hits", "_packed", "_scales", "__weakref__")
 
-    def __init__(self, a_list, b_list, scalings, ranks, packed=None):
+    def __init__(self, a_list, b_list, scalings, ranks, packed=None, scales: Optional[WeightScales] = None):
         self._packed = packed
+        self._scales = scales
         a2, b2 = same_strides(a_list, (0, 1, 2)), same_strides(b_list, (1,))
-        # strided copies would go stale when the pool writes a slot: such weights take the general path
+        s2 = _norm_scales(scales, packed)
+        # strided copies would go stale when the pool writes a slot: such weights (or scales) take
+        # the general path
         self._ok = (all(p is q for p, q in zip(a2, a_list)) and all(p is q for p, q in zip(b2, b_list))
+                    and (scales is None or (s2.a is not None and s2.b is not None
+                                            and all(p is q for p, q in zip(s2.a, scales.a))
+                                            and all(p is q for p, q in zip(s2.b, scales.b))))
                     and not triton_interpreter_enabled())
         self._a, self._b, self._scal, self._ranks = list(a_list), list(b_list), scalings, ranks
         dev = a_list[0].device
@@ -850,7 +1004,7 @@ class BoundAdd:
         self.plan_hits = 0
 
     def _general(self, y, x, meta) -> None:
-        add_lora(y, x, self._a, self._b, self._scal, self._ranks, meta, self._packed)
+        add_lora(y, x, self._a, self._b, self._scal, self._ranks, meta, self._packed, self._scales)
 
     def fast(self, y, x, meta: LoRABatchMeta) -> bool:
         """Launch through the plan of this call's key; False, having done nothing, when there is none
@@ -908,7 +1062,8 @@ class BoundAdd:
         from . import triton_segment
         if not route["FUSED"]:
             return self._general(y, x, meta)
-        seg = self._packed is None and triton_segment.decode_plan(x, y, self._a, meta, route) == "segment"
+        seg = (self._packed is None and self._scales is None and not _mixed16(x.dtype, self._a[0].dtype)
+               and triton_segment.decode_plan(x, y, self._a, meta, route) == "segment")
         from triton.runtime import driver
         self._current, self._stream = _device_getters(driver.active)
         enter, exit_ = _launch_hooks()
@@ -925,7 +1080,9 @@ class BoundAdd:
             dyn_names = {triton_segment._seg_shrink_kernel: (triton_segment.SHRINK_DYNAMIC, 0),
                          triton_segment._seg_expand_kernel: (triton_segment.EXPAND_DYNAMIC, 1)}
         else:
-            launches = fused_launches(y, x, self._a, self._b, self._scal, self._ranks, meta, self._packed)
+            # (fp8: the scale tensors are in the launch arguments, so in the plan's tail as pointers)
+            launches = fused_launches(y, x, self._a, self._b, self._scal, self._ranks, meta, self._packed,
+                                      self._scales)
             dyn_names = {_sgmv_fused_kernel: (_PLAN_DYNAMIC, 0)}
         plan = []
         for kernel, grid, args, kwargs in launches:
@@ -946,11 +1103,13 @@ class BoundAdd:
             self._hooks = (getattr(enter, "calls", ()), getattr(exit_, "calls", ()))
 
 
-def bind(a_list, b_list, scalings, ranks, packed=None, act_dtype=None) -> BoundAdd:
+def bind(a_list, b_list, scalings, ranks, packed=None, act_dtype=None,
+         scales: Optional[WeightScales] = None) -> BoundAdd:
     """A callable ``(y, x, meta) -> None`` equal to ``add_lora(y, x, a_list, b_list, scalings, ranks, meta)``
     (what ``BoundLoRA`` calls on this backend; see "bound plans" above). ``act_dtype``: x's and
-    y's dtype when the weights are stored in another (the launches take it from x and y)."""
-    return BoundAdd(a_list, b_list, scalings, ranks, packed)
+    y's dtype when the weights are stored in another (the launches take it from x and y);
+    ``scales``: the fp8 weights' scales (ops/fp8.py), bound with them."""
+    return BoundAdd(a_list, b_list, scalings, ranks, packed, scales)
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
