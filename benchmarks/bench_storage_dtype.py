@@ -28,6 +28,10 @@ base model: the median over rounds of its time over the base model's in the same
     lora_calls_<dtype>        the 28 native LoRA calls of a forward alone (each patched layer's
                               add_rows on the batch's rows), no model: the kernels' own time
 
+fp8's scale axis: PEFT's adapters quantized and dequantized with lora_B's scales per rank row
+(what we store) and per output channel (the alternative, N scales per adapter and layer),
+against PEFT's float32 result, on the openlora_fp8 row (``sim_diff_vs_lora_effect_b_per_*``).
+
 Error: each storage's logits against PEFT's float32 mixed batch (``adapter_names=``), as the
 largest absolute difference and relative to the LoRA's own effect on the logits (max |PEFT -
 base|): fp32 storage only reorders sums; bf16 rounds every weight to 8 significant bits (relative
@@ -58,6 +62,22 @@ from benchmarks.common import RESULTS_DIR, env_info, no_lora_math, progress, wri
 TARGET_BF16_VS_BASE = 1.15
 DEFAULT_OUT = os.path.join(RESULTS_DIR, "storage_dtype_cpu.csv")
 STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
+
+
+def peft_fp8(peft_model, b_axis: str):
+    """A copy of ``peft_model`` whose LoRA weights are quantized to fp8 e4m3 and dequantized:
+    lora_A with a scale per row; lora_B per rank row (``b_axis="rank"``: what adapter_dtype=fp8
+    stores, ops/fp8.py) or per output channel (``"output"``: a scale per row of B)."""
+    from openlora_kernels.ops.fp8 import dequantize_rows, quantize_rows
+
+    m = copy.deepcopy(peft_model)
+    with torch.no_grad():
+        for pn, prm in m.named_parameters():
+            if "lora_A" in pn or ("lora_B" in pn and b_axis == "output"):
+                prm.copy_(dequantize_rows(*quantize_rows(prm.float())))
+            elif "lora_B" in pn:
+                prm.copy_(dequantize_rows(*quantize_rows(prm.float().T)).T)
+    return m
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,6 +131,13 @@ def rows(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             err[tag] = (d, d / effect)
             print(f"{tag} storage: max |ours - peft fp32| = {d:.3g} ({d / effect:.3g} of the LoRA's effect "
                   f"{effect:.3g})")
+        # fp8's scale axis for lora_B, simulated on PEFT: per rank row (ours: a column of B) against
+        # per output channel (a row of B, N scales per adapter and layer); lora_A per row in both
+        sim = {axis: peft_fp8(peft_model, axis)(input_ids=ids, use_cache=False, adapter_names=row_names).logits
+               for axis in ("rank", "output")}
+        fp8_sim = {axis: (lg - ref).abs().max().item() / effect for axis, lg in sim.items()}
+        print(f"fp8, simulated on PEFT: B scaled per rank row {fp8_sim['rank']:.3g} of the effect, per output "
+              f"channel {fp8_sim['output']:.3g}")
 
     def slot_weights(lm):
         return [t for ls in lm.pool.layers.values() if ls.a is not None
@@ -211,6 +238,9 @@ def rows(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         if name == f"openlora_{tag}" and tag in err:
             row["max_abs_diff_vs_peft_fp32"], row["diff_vs_lora_effect"] = err[tag]
             row["slot_bytes"] = sum(t.numel() * t.element_size() for t in slot_weights(models[tag]))
+        if name == "openlora_fp8":
+            row["sim_diff_vs_lora_effect_b_per_rank"] = fp8_sim["rank"]
+            row["sim_diff_vs_lora_effect_b_per_output"] = fp8_sim["output"]
         out.append(row)
     return out
 

@@ -57,6 +57,10 @@ def test_bench_storage_dtype_rows_at_a_tiny_shape(tmp_path):
     assert by["openlora_fp8"]["slot_bytes"] < by["openlora_bf16"]["slot_bytes"]
     assert by["openlora_bf16"]["max_abs_diff_vs_peft_fp32"] < by["openlora_fp8"]["max_abs_diff_vs_peft_fp32"]
     assert by["openlora_fp8"]["diff_vs_lora_effect"] < 0.3 and "floor_fp8" in by
+    # ours is PEFT on the weights quantized as we store them (B per rank row), up to fp32 sums
+    fp8 = by["openlora_fp8"]
+    assert abs(fp8["diff_vs_lora_effect"] - fp8["sim_diff_vs_lora_effect_b_per_rank"]) < 1e-4
+    assert 0 < fp8["sim_diff_vs_lora_effect_b_per_output"] < 0.3
     out = str(tmp_path / "storage.csv")
     bench_storage_dtype.main(argv + ["--out", out])
     assert {r["contender"] for r in common.read_rows(out)} == set(by)
