@@ -30,7 +30,9 @@ base model: the median over rounds of its time over the base model's in the same
 
 fp8's scale axis: PEFT's adapters quantized and dequantized with lora_B's scales per rank row
 (what we store) and per output channel (the alternative, N scales per adapter and layer),
-against PEFT's float32 result, on the openlora_fp8 row (``sim_diff_vs_lora_effect_b_per_*``).
+against PEFT's float32 result, on the openlora_fp8 row (``sim_diff_vs_lora_effect_b_per_*``);
+and the range of that error over six draws of each scale times a random factor in [1, 2)
+(``sim_jitter_b_per_*_min`` / ``_max``: the same precision, other roundings).
 
 Error: each storage's logits against PEFT's float32 mixed batch (``adapter_names=``), as the
 largest absolute difference and relative to the LoRA's own effect on the logits (max |PEFT -
@@ -64,19 +66,31 @@ DEFAULT_OUT = os.path.join(RESULTS_DIR, "storage_dtype_cpu.csv")
 STORAGE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn}
 
 
-def peft_fp8(peft_model, b_axis: str):
+def peft_fp8(peft_model, b_axis: str, jitter: Optional[int] = None):
     """A copy of ``peft_model`` whose LoRA weights are quantized to fp8 e4m3 and dequantized:
     lora_A with a scale per row; lora_B per rank row (``b_axis="rank"``: what adapter_dtype=fp8
-    stores, ops/fp8.py) or per output channel (``"output"``: a scale per row of B)."""
-    from openlora_kernels.ops.fp8 import dequantize_rows, quantize_rows
+    stores, ops/fp8.py) or per output channel (``"output"``: a scale per row of B). ``jitter``: a
+    seed; each scale is then multiplied by a random factor in [1, 2): the same precision (the
+    row's largest value still inside e4m3's range, 3 mantissa bits for all), another rounding of
+    each value: how much of an error is the particular rounding pattern."""
+    from openlora_kernels.ops.fp8 import FP8, FP8_MAX, dequantize_rows, quantize_rows
+
+    g = torch.Generator().manual_seed(jitter) if jitter is not None else None
+
+    def q(w):
+        if g is None:
+            return dequantize_rows(*quantize_rows(w))
+        amax = w.abs().amax(-1)
+        sc = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax)) * (1 + torch.rand(amax.shape, generator=g))
+        return dequantize_rows((w / sc[..., None]).to(FP8), sc)
 
     m = copy.deepcopy(peft_model)
     with torch.no_grad():
         for pn, prm in m.named_parameters():
             if "lora_A" in pn or ("lora_B" in pn and b_axis == "output"):
-                prm.copy_(dequantize_rows(*quantize_rows(prm.float())))
+                prm.copy_(q(prm.float()))
             elif "lora_B" in pn:
-                prm.copy_(dequantize_rows(*quantize_rows(prm.float().T)).T)
+                prm.copy_(q(prm.float().T).T)
     return m
 
 
@@ -138,6 +152,11 @@ def rows(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         fp8_sim = {axis: (lg - ref).abs().max().item() / effect for axis, lg in sim.items()}
         print(f"fp8, simulated on PEFT: B scaled per rank row {fp8_sim['rank']:.3g} of the effect, per output "
               f"channel {fp8_sim['output']:.3g}")
+        jit = {axis: sorted((peft_fp8(peft_model, axis, seed)(input_ids=ids, use_cache=False, adapter_names=row_names)
+                             .logits - ref).abs().max().item() / effect for seed in range(6))
+               for axis in ("rank", "output")}
+        for axis, v in jit.items():
+            print(f"fp8, simulated, B per {axis}, scales x U[1, 2) (6 draws): {v[0]:.3g} .. {v[-1]:.3g} of the effect")
 
     def slot_weights(lm):
         return [t for ls in lm.pool.layers.values() if ls.a is not None
@@ -239,8 +258,9 @@ def rows(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
             row["max_abs_diff_vs_peft_fp32"], row["diff_vs_lora_effect"] = err[tag]
             row["slot_bytes"] = sum(t.numel() * t.element_size() for t in slot_weights(models[tag]))
         if name == "openlora_fp8":
-            row["sim_diff_vs_lora_effect_b_per_rank"] = fp8_sim["rank"]
-            row["sim_diff_vs_lora_effect_b_per_output"] = fp8_sim["output"]
+            for axis in ("rank", "output"):
+                row[f"sim_diff_vs_lora_effect_b_per_{axis}"] = fp8_sim[axis]
+                row[f"sim_jitter_b_per_{axis}_min"], row[f"sim_jitter_b_per_{axis}_max"] = jit[axis][0], jit[axis][-1]
         out.append(row)
     return out
 

@@ -61,6 +61,8 @@ def test_bench_storage_dtype_rows_at_a_tiny_shape(tmp_path):
     fp8 = by["openlora_fp8"]
     assert abs(fp8["diff_vs_lora_effect"] - fp8["sim_diff_vs_lora_effect_b_per_rank"]) < 1e-4
     assert 0 < fp8["sim_diff_vs_lora_effect_b_per_output"] < 0.3
+    for axis in ("rank", "output"):
+        assert 0 < fp8[f"sim_jitter_b_per_{axis}_min"] <= fp8[f"sim_jitter_b_per_{axis}_max"] < 0.3
     out = str(tmp_path / "storage.csv")
     bench_storage_dtype.main(argv + ["--out", out])
     assert {r["contender"] for r in common.read_rows(out)} == set(by)
