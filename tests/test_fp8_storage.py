@@ -42,16 +42,8 @@ ACTS = [torch.float32, torch.bfloat16, torch.float16]
 ACT_IDS = ["fp32", "bf16", "fp16"]
 BACKENDS = ["torch", "cpu", "triton"]
 
-# (T, K, widths, S, R, ranks, rank-major B)
-CASES = {
-    "decode1": (1, 37, [29], 3, 8, None, False),
-    "decode3_mixed": (3, 70, [45], 5, 16, "mixed", True),
-    "odd_mixed": (13, 70, [45], 5, 16, "mixed", False),
-    "long_rank_major": (70, 66, [40], 3, 16, "mixed", True),
-    "qkv_per_slice": (11, 48, [40, 12, 12], 4, 16, "per_slice", True),
-    "five_slices": (7, 24, [9, 1, 17, 5, 3], 3, 8, "mixed", False),
-}
-TRITON_CASES = ["decode1", "decode3_mixed", "long_rank_major", "qkv_per_slice"]   # (the interpreter is slow)
+# the shapes of tests/test_storage_dtype.py: (T, K, widths, S, R, ranks, rank-major B)
+from test_storage_dtype import CASES, TRITON_CASES  # noqa: E402
 
 
 def usable(backend, act):
