@@ -282,17 +282,8 @@ def test_quantize_rows():
 # ------------------------------------------------------------------------------ model level
 
 
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    from hf_models import lora_configs, make_model, peft_model, save_adapters
-
-    base = make_model("llama")
-    paths = save_adapters(base, lora_configs("llama"), str(tmp_path_factory.mktemp("fp8")))
-    refs = {n: peft_model(base, p) for n, p in paths.items()}
-    return base, paths, refs
-
-
-ROWS = ["attn", None, "mlp", "mix", "mlp"]
+# the tiny llama and its three PEFT adapters, and the batch's rows, of tests/test_storage_dtype.py
+from test_storage_dtype import ROWS, _as_stored, llama  # noqa: E402,F401  (llama: a fixture)
 
 
 def _dequantized_peft(r):
@@ -301,12 +292,8 @@ def _dequantized_peft(r):
     r = copy.deepcopy(r)
     with torch.no_grad():
         for pn, prm in r.named_parameters():
-            if "lora_A" in pn:
-                q, s = quantize_rows(prm.float())
-                prm.copy_(dequantize_rows(q, s).to(prm.dtype))
-            elif "lora_B" in pn:
-                q, s = quantize_rows(prm.float().T)
-                prm.copy_(dequantize_rows(q, s).T.to(prm.dtype))
+            if "lora_A" in pn or "lora_B" in pn:
+                prm.copy_(_as_stored(pn, prm, FP8).to(prm.dtype))
     return r
 
 
